@@ -1,0 +1,228 @@
+//! Types shared by the dnsproxy eBPF programs and the userspace daemon: map keys and
+//! values (`#[repr(C)]`, explicit padding, integer flags), counter indices and
+//! constants. Every address in a map is 16 bytes in network order; an IPv4 address is
+//! stored IPv4-mapped (`::ffff:a.b.c.d`), so one key type serves both families.
+//! Ports in maps are in host order, so `bpftool map dump` prints them readably.
+#![no_std]
+
+/// Version of the pinned map/program layout. Pins live under
+/// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Default port the userspace DNS server listens on (127.0.0.1 and ::1).
+pub const DEFAULT_LISTEN_PORT: u16 = 15053;
+
+/// The DNS port the programs intercept.
+pub const DNS_PORT: u16 = 53;
+
+/// Map names in the object, also their pin file names (bpffs refuses names with `.`;
+/// the kernel keeps 15 characters of a map name).
+pub mod map_names {
+    pub const CONFIG: &str = "dp_config";
+    pub const DNS_SERVERS: &str = "dp_dns_servers";
+    pub const POLICY: &str = "dp_policy";
+    pub const STATS: &str = "dp_stats";
+    pub const SOCK_ORIG: &str = "dp_sock_orig";
+    /// Every map the daemon pins.
+    pub const ALL: [&str; 5] = [CONFIG, DNS_SERVERS, POLICY, STATS, SOCK_ORIG];
+}
+
+/// Program names as they appear in the object (function names) and as pin file names.
+pub const PROGRAMS: [&str; 8] = [
+    "dnsproxy_connect4",
+    "dnsproxy_connect6",
+    "dnsproxy_sendmsg4",
+    "dnsproxy_sendmsg6",
+    "dnsproxy_recvmsg4",
+    "dnsproxy_recvmsg6",
+    "dnsproxy_getpeername4",
+    "dnsproxy_getpeername6",
+];
+
+/// A 16-byte address in network byte order; IPv4 is IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Addr {
+    pub octets: [u8; 16],
+}
+
+impl Addr {
+    /// `::ffff:a.b.c.d` for an IPv4 address given as the kernel's network-order u32.
+    #[inline(always)]
+    pub const fn from_ipv4_be(ip4_be: u32) -> Self {
+        let b = ip4_be.to_ne_bytes();
+        Addr {
+            octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
+        }
+    }
+
+    /// The address from the kernel's `user_ip6` words (network order in memory).
+    #[inline(always)]
+    pub const fn from_ipv6_words(w: [u32; 4]) -> Self {
+        let a = w[0].to_ne_bytes();
+        let b = w[1].to_ne_bytes();
+        let c = w[2].to_ne_bytes();
+        let d = w[3].to_ne_bytes();
+        Addr {
+            octets: [
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+                d[2], d[3],
+            ],
+        }
+    }
+
+    /// Words as `user_ip6` wants them.
+    #[inline(always)]
+    pub const fn ipv6_words(&self) -> [u32; 4] {
+        let o = &self.octets;
+        [
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ]
+    }
+
+    /// True for `::ffff:a.b.c.d`.
+    #[inline(always)]
+    pub const fn is_ipv4_mapped(&self) -> bool {
+        let o = &self.octets;
+        o[0] == 0
+            && o[1] == 0
+            && o[2] == 0
+            && o[3] == 0
+            && o[4] == 0
+            && o[5] == 0
+            && o[6] == 0
+            && o[7] == 0
+            && o[8] == 0
+            && o[9] == 0
+            && o[10] == 0xff
+            && o[11] == 0xff
+    }
+
+    /// The IPv4 address as the kernel's network-order u32 (meaningful when mapped).
+    #[inline(always)]
+    pub const fn ipv4_be(&self) -> u32 {
+        let o = &self.octets;
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]])
+    }
+}
+
+/// `127.0.0.1` as stored in maps.
+pub const LOOPBACK4: Addr = Addr {
+    octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1],
+};
+/// `::1`.
+pub const LOOPBACK6: Addr = Addr {
+    octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+};
+
+/// Value of the single-entry `DNSPROXY_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Port of the userspace DNS listener (host order). 0 = redirect disabled.
+    pub listen_port: u16,
+    /// Port intercepted on the DNS servers (host order), normally 53.
+    pub dns_port: u16,
+    /// 1: capture every socket in the attached cgroup (local/dev mode);
+    /// 0: capture only network namespaces present in `dp_policy`.
+    pub capture_all: u32,
+    /// Process id (tgid, as the kernel sees it) of the daemon: its own sockets are never
+    /// rewritten, so its upstream queries cannot loop back into it.
+    pub daemon_tgid: u32,
+    pub _pad: u32,
+}
+
+/// Key of `DNSPROXY_DNS_SERVERS`: an address whose port-53 traffic is redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsServer {
+    pub addr: Addr,
+}
+
+/// Value of `DNSPROXY_DNS_SERVERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsServerInfo {
+    /// Reserved, must be 1 (presence is what matters).
+    pub enabled: u32,
+    pub _pad: u32,
+}
+
+/// Value of `DNSPROXY_POLICY`, keyed by network-namespace cookie (u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsPolicy {
+    /// 1: redirect DNS of sockets in this netns.
+    pub capture_dns: u32,
+    /// Flags for later use (e.g. VIP translation); 0 today.
+    pub flags: u32,
+}
+
+/// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
+/// traffic from `rewritten` is reported as coming from `original`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOrig {
+    pub original: Addr,
+    pub rewritten: Addr,
+    pub original_port: u16,
+    pub rewritten_port: u16,
+    /// Why the rewrite happened (a `REWRITE_*` value).
+    pub kind: u32,
+}
+
+/// `SockOrig::kind`: DNS redirected to the local proxy.
+pub const REWRITE_DNS: u32 = 1;
+
+/// Indices of the per-CPU counters in `DNSPROXY_STATS`. Every decision a program takes
+/// increments exactly one of these.
+pub mod stat {
+    /// Not DNS to a configured server (nothing to do).
+    pub const PASSED: u32 = 0;
+    /// DNS to a configured server, rewritten to the local listener.
+    pub const REDIRECTED: u32 = 1;
+    /// DNS to a configured server, captured, but no listener in the netns: left alone.
+    pub const FAIL_OPEN: u32 = 2;
+    /// DNS to a configured server from a netns that is not captured.
+    pub const NOT_CAPTURED: u32 = 3;
+    /// Socket storage could not be allocated: left alone (the reply could not be restored).
+    pub const NO_STORAGE: u32 = 4;
+    /// recvmsg/getpeername source rewritten back to the original address.
+    pub const RESTORED: u32 = 5;
+    /// recvmsg/getpeername from the listener, but no remembered original.
+    pub const RESTORE_MISS: u32 = 6;
+    /// Configuration missing (listen port 0): left alone.
+    pub const UNCONFIGURED: u32 = 7;
+    /// DNS from the daemon itself (its upstream queries): left alone.
+    pub const OWN_TRAFFIC: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+
+    /// Names, indexed by counter, as shown by `dnsproxy maps` and `/metrics`.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "passed",
+        "redirected",
+        "fail_open",
+        "not_captured",
+        "no_storage",
+        "restored",
+        "restore_miss",
+        "unconfigured",
+        "own_traffic",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all are #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for DnsServer {}
+    unsafe impl aya::Pod for DnsServerInfo {}
+    unsafe impl aya::Pod for NetnsPolicy {}
+    unsafe impl aya::Pod for SockOrig {}
+}

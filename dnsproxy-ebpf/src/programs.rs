@@ -1,0 +1,306 @@
+//! Program entry points (thin) and the `try_*` logic behind them.
+
+use core::{mem::size_of, ptr};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::warn;
+use dnsproxy_common::{
+    Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, NetnsPolicy, REWRITE_DNS,
+    SockOrig, stat,
+};
+use network_types::ip::IpProto;
+
+/// Verdict of every program: let the syscall proceed (possibly rewritten).
+const ALLOW: i32 = 1;
+
+#[btf_map(name = "dp_config")]
+static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map(name = "dp_dns_servers")]
+static DNS_SERVERS: HashMap<DnsServer, DnsServerInfo, 64> = HashMap::new();
+
+#[btf_map(name = "dp_policy")]
+static POLICY: HashMap<u64, NetnsPolicy, 16384> = HashMap::new();
+
+#[btf_map(name = "dp_stats")]
+static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "dp_sock_orig")]
+static SOCK_ORIG: SkStorage<SockOrig> = SkStorage::new();
+
+// === entry points ===
+
+#[cgroup_sock_addr(connect4)]
+pub fn dnsproxy_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn dnsproxy_connect6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, Family::V6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dnsproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dnsproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, Family::V6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dnsproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dnsproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, Family::V6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn dnsproxy_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn dnsproxy_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, Family::V6);
+    ALLOW
+}
+
+// === shared logic ===
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU's program writes it while running.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn sock_addr(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+/// Reads the destination (connect/sendmsg) or peer (recvmsg/getpeername) address.
+/// `user_ip6` is read word by word: the verifier only takes 4-byte context loads.
+#[inline(always)]
+fn read_addr(ctx: &SockAddrContext, family: Family) -> Addr {
+    let sa = sock_addr(ctx);
+    // SAFETY: ctx points to the kernel's bpf_sock_addr for this call.
+    unsafe {
+        match family {
+            Family::V4 => Addr::from_ipv4_be(ptr::read_volatile(&(*sa).user_ip4)),
+            Family::V6 => Addr::from_ipv6_words([
+                ptr::read_volatile(&(*sa).user_ip6[0]),
+                ptr::read_volatile(&(*sa).user_ip6[1]),
+                ptr::read_volatile(&(*sa).user_ip6[2]),
+                ptr::read_volatile(&(*sa).user_ip6[3]),
+            ]),
+        }
+    }
+}
+
+/// Port in host order; `user_port` holds the network-order u16 in a u32.
+#[inline(always)]
+fn read_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: as in read_addr.
+    let raw = unsafe { ptr::read_volatile(&(*sock_addr(ctx)).user_port) };
+    u16::from_be(raw as u16)
+}
+
+/// Writes address and port. For V4 the address must be IPv4-mapped.
+#[inline(always)]
+fn write_addr_port(ctx: &SockAddrContext, family: Family, addr: &Addr, port: u16) {
+    let sa = sock_addr(ctx);
+    // SAFETY: as in read_addr; 4-byte stores only.
+    unsafe {
+        match family {
+            Family::V4 => ptr::write_volatile(&mut (*sa).user_ip4, addr.ipv4_be()),
+            Family::V6 => {
+                let w = addr.ipv6_words();
+                ptr::write_volatile(&mut (*sa).user_ip6[0], w[0]);
+                ptr::write_volatile(&mut (*sa).user_ip6[1], w[1]);
+                ptr::write_volatile(&mut (*sa).user_ip6[2], w[2]);
+                ptr::write_volatile(&mut (*sa).user_ip6[3], w[3]);
+            }
+        }
+        ptr::write_volatile(&mut (*sa).user_port, u32::from(port.to_be()));
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<Config> {
+    CONFIG.get(0).copied()
+}
+
+/// Captured: everything in the attached cgroup (local mode), or the socket's netns
+/// has a policy entry asking for DNS capture (node mode).
+#[inline(always)]
+fn captured(ctx: &SockAddrContext, cfg: &Config) -> bool {
+    if cfg.capture_all != 0 {
+        return true;
+    }
+    // SAFETY: helper accepted for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only read, and copied at once.
+    match unsafe { POLICY.get(cookie) } {
+        Some(policy) => policy.capture_dns != 0,
+        None => false,
+    }
+}
+
+/// The local listener for `local` (loopback of the matching family) exists right now
+/// in the socket's network namespace.
+#[inline(always)]
+fn listener_exists(ctx: &SockAddrContext, local: &Addr, port: u16, protocol: u32) -> bool {
+    // SAFETY: zeroed is a valid bpf_sock_tuple (plain integers).
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if local.is_ipv4_mapped() {
+        tuple.__bindgen_anon_1.ipv4.saddr = local.ipv4_be();
+        tuple.__bindgen_anon_1.ipv4.daddr = local.ipv4_be();
+        tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+        size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        let w = local.ipv6_words();
+        tuple.__bindgen_anon_1.ipv6.saddr = w;
+        tuple.__bindgen_anon_1.ipv6.daddr = w;
+        tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+        size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: helpers accepted for cgroup sock_addr programs; the tuple lives on the stack.
+    let sk = unsafe {
+        if protocol == IpProto::Tcp as u32 {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: sk came from a lookup helper and is released exactly once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+/// connect/sendmsg: DNS to a configured server → the local listener.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, family: Family) {
+    let Some(cfg) = config() else {
+        count(stat::UNCONFIGURED);
+        return;
+    };
+    if cfg.listen_port == 0 {
+        count(stat::UNCONFIGURED);
+        return;
+    }
+    if read_port(ctx) != cfg.dns_port {
+        count(stat::PASSED);
+        return;
+    }
+    let dst = read_addr(ctx, family);
+    if DNS_SERVERS.get_ptr(DnsServer { addr: dst }).is_none() {
+        count(stat::PASSED);
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if cfg.daemon_tgid != 0 && tgid == cfg.daemon_tgid {
+        count(stat::OWN_TRAFFIC);
+        return;
+    }
+    if !captured(ctx, &cfg) {
+        count(stat::NOT_CAPTURED);
+        return;
+    }
+    // A v4-mapped destination on a dual-stack socket travels over IPv4: the IPv4
+    // listener serves it, written back as ::ffff:127.0.0.1.
+    let local = if dst.is_ipv4_mapped() {
+        LOOPBACK4
+    } else {
+        LOOPBACK6
+    };
+    // SAFETY: 4-byte context read.
+    let protocol = unsafe { ptr::read_volatile(&(*sock_addr(ctx)).protocol) };
+    if !listener_exists(ctx, &local, cfg.listen_port, protocol) {
+        count(stat::FAIL_OPEN);
+        return;
+    }
+    let orig = SockOrig {
+        original: dst,
+        rewritten: local,
+        original_port: cfg.dns_port,
+        rewritten_port: cfg.listen_port,
+        kind: REWRITE_DNS,
+    };
+    // SAFETY: the storage belongs to this socket; the kernel frees it with the socket.
+    let slot = unsafe { SOCK_ORIG.get_or_insert_ptr_mut(ctx, None) };
+    if slot.is_null() {
+        warn!(ctx, "dnsproxy: no socket storage, DNS not redirected");
+        count(stat::NO_STORAGE);
+        return;
+    }
+    // SAFETY: non-null pointer into this socket's storage; written whole.
+    unsafe { *slot = orig };
+    write_addr_port(ctx, family, &local, cfg.listen_port);
+    count(stat::REDIRECTED);
+}
+
+/// recvmsg/getpeername: traffic from the address we rewrote to is reported as coming
+/// from the address the application asked for.
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, family: Family) {
+    let peer = read_addr(ctx, family);
+    let port = read_port(ctx);
+    // SAFETY: lookup without create; the storage belongs to this socket.
+    let slot = unsafe { SOCK_ORIG.get_ptr_mut(ctx) };
+    if slot.is_null() {
+        let from_listener = match config() {
+            Some(cfg) => {
+                cfg.listen_port != 0
+                    && port == cfg.listen_port
+                    && (peer == LOOPBACK4 || peer == LOOPBACK6)
+            }
+            None => false,
+        };
+        count(if from_listener {
+            stat::RESTORE_MISS
+        } else {
+            stat::PASSED
+        });
+        return;
+    }
+    // SAFETY: non-null pointer into this socket's storage; copied out whole.
+    let orig = unsafe { *slot };
+    if orig.rewritten != peer || orig.rewritten_port != port {
+        count(stat::PASSED);
+        return;
+    }
+    write_addr_port(ctx, family, &orig.original, orig.original_port);
+    count(stat::RESTORED);
+}

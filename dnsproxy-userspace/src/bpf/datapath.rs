@@ -1,0 +1,234 @@
+//! Loads the embedded eBPF object, fills its maps, attaches the eight programs to the
+//! capture cgroup with bpf_links and pins links and maps under the pin directory.
+use std::{
+    fs::File,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use dnsproxy_common::{Config, DnsServer, DnsServerInfo, PROGRAMS, map_names};
+
+use super::{
+    BpfError, pinned,
+    system::{self, PinDirLock},
+    to_map_addr,
+};
+
+/// The object built by build.rs from dnsproxy-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dnsproxy-bpf"));
+
+/// What the data path needs to know.
+#[derive(Clone, Debug)]
+pub struct DataPathOptions {
+    /// cgroup v2 directory the programs attach to.
+    pub cgroup: PathBuf,
+    /// bpffs directory for pins.
+    pub pin_dir: PathBuf,
+    /// Port of the local DNS listener.
+    pub listen_port: u16,
+    /// Addresses whose port-53 traffic is redirected.
+    pub dns_servers: Vec<IpAddr>,
+    /// Capture every socket in the cgroup (local mode).
+    pub capture_all: bool,
+}
+
+/// The attached data path. Dropping it leaves pins in place; call [`DataPath::shutdown`].
+pub struct DataPath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    _lock: PinDirLock,
+}
+
+fn load_err(e: impl std::fmt::Display) -> BpfError {
+    BpfError::Load(e.to_string())
+}
+
+fn map_err(map: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
+    move |e| BpfError::Map {
+        map: map.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl DataPath {
+    /// Loads, configures, attaches and pins. Stale pins of an earlier run in the same
+    /// pin directory are removed first (the lock guarantees no live daemon owns them).
+    pub fn start(opts: &DataPathOptions) -> Result<Self, BpfError> {
+        system::ensure_bpffs(&opts.pin_dir)?;
+        let lock = system::lock_pin_dir(&opts.pin_dir)?;
+        let stale = pinned::remove_pins(&opts.pin_dir)?;
+        if stale > 0 {
+            tracing::info!(pin_dir = %opts.pin_dir.display(), removed = stale, "removed stale pins of an earlier run");
+        }
+
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+            BpfError::Load(format!("{e} ({})", error_chain(&e)))
+        })?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_kernel_logger(logger),
+            Err(e) => tracing::debug!("no eBPF logger: {e}"),
+        }
+
+        let mut dp = DataPath {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            _lock: lock,
+        };
+        dp.write_config(Config {
+            listen_port: opts.listen_port,
+            dns_port: dnsproxy_common::DNS_PORT,
+            capture_all: u32::from(opts.capture_all),
+            daemon_tgid: std::process::id(),
+            _pad: 0,
+        })?;
+        dp.set_dns_servers(&opts.dns_servers)?;
+        dp.pin_maps()?;
+        dp.attach(&opts.cgroup)?;
+        Ok(dp)
+    }
+
+    fn write_config(&mut self, cfg: Config) -> Result<(), BpfError> {
+        let name = map_names::CONFIG;
+        let map = self.ebpf.map_mut(name).ok_or_else(|| missing(name))?;
+        let mut array: Array<_, Config> = Array::try_from(map).map_err(map_err(name))?;
+        array.set(0, cfg, 0).map_err(map_err(name))
+    }
+
+    /// Replaces the set of captured DNS server addresses.
+    pub fn set_dns_servers(&mut self, servers: &[IpAddr]) -> Result<(), BpfError> {
+        let name = map_names::DNS_SERVERS;
+        let map = self.ebpf.map_mut(name).ok_or_else(|| missing(name))?;
+        let mut hash: HashMap<_, DnsServer, DnsServerInfo> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let wanted: Vec<DnsServer> = servers
+            .iter()
+            .map(|ip| DnsServer { addr: to_map_addr(*ip) })
+            .collect();
+        let stale: Vec<DnsServer> = hash
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in wanted {
+            let info = DnsServerInfo { enabled: 1, _pad: 0 };
+            hash.insert(key, info, 0).map_err(map_err(name))?;
+        }
+        for key in stale {
+            hash.remove(&key).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    fn pin_maps(&mut self) -> Result<(), BpfError> {
+        for name in map_names::ALL {
+            let map = self.ebpf.map(name).ok_or_else(|| missing(name))?;
+            let path = self.pin_dir.join(name);
+            map.pin(&path).map_err(|e| BpfError::Pin {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        let links_dir = self.pin_dir.join(pinned::LINKS_DIR);
+        std::fs::create_dir_all(&links_dir).map_err(|e| BpfError::Pin {
+            path: links_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        for name in PROGRAMS {
+            let attach_err = |reason: String| BpfError::Attach {
+                program: name.to_owned(),
+                cgroup: cgroup.display().to_string(),
+                reason,
+            };
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+            program
+                .load()
+                .map_err(|e| load_err(format!("{name}: {e} ({})", error_chain(&e))))?;
+            let id = program
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(format!("{e} ({})", error_chain(&e))))?;
+            let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                attach_err(e.to_string())
+            })?;
+            let path = links_dir.join(name);
+            fd_link.pin(&path).map_err(|e| BpfError::Pin {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Stops: with `keep_pins` the programs stay attached (the data path fails open
+    /// while no daemon listens); otherwise links and maps are unpinned, which detaches.
+    pub fn shutdown(self, keep_pins: bool) -> Result<(), BpfError> {
+        if keep_pins {
+            tracing::info!(pin_dir = %self.pin_dir.display(), "leaving the data path attached and pinned (--keep-pins)");
+            return Ok(());
+        }
+        let removed = pinned::remove_pins(&self.pin_dir)?;
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        tracing::info!(removed, "detached and unpinned the data path");
+        Ok(())
+    }
+}
+
+fn missing(name: &str) -> BpfError {
+    BpfError::Load(format!("map {name} missing from the object"))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    if parts.is_empty() {
+        "no further detail".to_owned()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// Forwards `aya-log-ebpf` records from the kernel to the `log`/`tracing` pipeline.
+fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the
+        // logger, and always reports that same fd.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else {
+            return;
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

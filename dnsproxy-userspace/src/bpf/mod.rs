@@ -1,0 +1,102 @@
+//! The kernel side as the daemon sees it: environment checks (`system`), loading,
+//! attaching and pinning the programs (`datapath`), and reading pinned maps (`pinned`).
+pub mod datapath;
+pub mod pinned;
+pub mod system;
+
+use std::net::IpAddr;
+
+use dnsproxy_common::Addr;
+
+/// The 16-byte map form of an address (IPv4 becomes IPv4-mapped).
+pub fn to_map_addr(ip: IpAddr) -> Addr {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    Addr { octets }
+}
+
+/// The address a map holds, IPv4-mapped shown as IPv4.
+pub fn from_map_addr(addr: &Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr.octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Errors of the kernel side, each saying what is missing and how to get it.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// Not running as root.
+    #[error("dnsproxy run needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run it with sudo")]
+    NotRoot,
+    /// No cgroup v2 hierarchy is mounted.
+    #[error("no cgroup v2 (cgroup2) mount found in /proc/self/mountinfo: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
+    NoCgroup2,
+    /// The kernel exposes no BTF.
+    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): it needs CONFIG_DEBUG_INFO_BTF=y")]
+    NoBtf,
+    /// bpffs is not mounted and could not be mounted.
+    #[error("bpffs is not mounted at {path} and mounting it failed: {source}")]
+    BpffsMount {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The pin directory is not on bpffs.
+    #[error("{path} is not on a bpf filesystem (bpffs)")]
+    NotBpffs { path: String },
+    /// Another daemon holds the pin directory.
+    #[error("another dnsproxy is running with pin directory {path}")]
+    PinDirBusy { path: String },
+    /// The cgroup could not be opened or created.
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The path given as cgroup is not in a cgroup v2 hierarchy.
+    #[error("{path} is not a cgroup v2 directory (no cgroup.procs)")]
+    NotCgroup2 { path: String },
+    /// Loading the object or a program failed (the verifier log is part of the error).
+    #[error("loading the eBPF data path: {0}")]
+    Load(String),
+    /// Attaching a program failed.
+    #[error("attaching {program} to {cgroup}: {reason}")]
+    Attach {
+        program: String,
+        cgroup: String,
+        reason: String,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {reason}")]
+    Map { map: String, reason: String },
+    /// Pinning or unpinning failed.
+    #[error("pin {path}: {reason}")]
+    Pin { path: String, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_addresses_round_trip() {
+        for ip in ["10.96.0.10", "127.0.0.1", "fd00::10", "::1", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let back = from_map_addr(&to_map_addr(ip));
+            let want = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+                v4 => v4,
+            };
+            assert_eq!(back, want);
+        }
+        assert_eq!(to_map_addr("127.0.0.1".parse().unwrap()), dnsproxy_common::LOOPBACK4);
+        assert_eq!(to_map_addr("::1".parse().unwrap()), dnsproxy_common::LOOPBACK6);
+        assert_eq!(
+            to_map_addr("10.96.0.10".parse().unwrap()),
+            Addr::from_ipv4_be(u32::from_ne_bytes([10, 96, 0, 10]))
+        );
+    }
+}

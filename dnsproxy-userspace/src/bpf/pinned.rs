@@ -1,0 +1,180 @@
+//! Reading and removing pinned state: used by `dnsproxy maps`, `dnsproxy cleanup`,
+//! `/metrics`, and the daemon's own start and stop.
+use std::{net::IpAddr, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use dnsproxy_common::{Config, DnsServer, DnsServerInfo, NetnsPolicy, map_names, stat};
+use serde::Serialize;
+
+use super::{BpfError, from_map_addr};
+
+/// Subdirectory of the pin directory holding the pinned links.
+pub const LINKS_DIR: &str = "links";
+
+fn open(pin_dir: &Path, name: &str) -> Result<Map, BpfError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| BpfError::Map {
+        map: path.display().to_string(),
+        reason: format!("{e} (is a dnsproxy daemon running, or were pins kept?)"),
+    })?;
+    Map::from_map_data(data).map_err(|e| BpfError::Map {
+        map: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
+    move |e| BpfError::Map {
+        map: name.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+/// The per-CPU counters, summed over CPUs, by name.
+pub fn read_stats(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, BpfError> {
+    let name = map_names::STATS;
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let mut out = Vec::with_capacity(stat::NAMES.len());
+    for (index, counter) in stat::NAMES.iter().enumerate() {
+        let values = stats.get(&(index as u32), 0).map_err(map_err(name))?;
+        out.push((*counter, values.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// Everything `dnsproxy maps` shows.
+#[derive(Debug, Serialize)]
+pub struct MapsDump {
+    pub pin_dir: String,
+    pub config: ConfigDump,
+    pub dns_servers: Vec<IpAddr>,
+    pub policy: Vec<PolicyDump>,
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
+    pub links: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigDump {
+    pub listen_port: u16,
+    pub dns_port: u16,
+    pub capture_all: bool,
+    pub daemon_tgid: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyDump {
+    pub netns_cookie: u64,
+    pub capture_dns: bool,
+    pub flags: u32,
+}
+
+/// Reads every pinned map under `pin_dir`.
+pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
+    let name = map_names::CONFIG;
+    let config: Array<_, Config> = Array::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let cfg = config.get(&0, 0).map_err(map_err(name))?;
+
+    let name = map_names::DNS_SERVERS;
+    let servers: HashMap<_, DnsServer, DnsServerInfo> =
+        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let mut dns_servers: Vec<IpAddr> = servers
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| from_map_addr(&k.addr))
+        .collect();
+    dns_servers.sort();
+
+    let name = map_names::POLICY;
+    let policy_map: HashMap<_, u64, NetnsPolicy> =
+        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let mut policy: Vec<PolicyDump> = policy_map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(cookie, p)| PolicyDump {
+            netns_cookie: cookie,
+            capture_dns: p.capture_dns != 0,
+            flags: p.flags,
+        })
+        .collect();
+    policy.sort_by_key(|p| p.netns_cookie);
+
+    let counters = read_stats(pin_dir)?.into_iter().collect();
+    let mut links: Vec<String> = std::fs::read_dir(pin_dir.join(LINKS_DIR))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    links.sort();
+
+    Ok(MapsDump {
+        pin_dir: pin_dir.display().to_string(),
+        config: ConfigDump {
+            listen_port: cfg.listen_port,
+            dns_port: cfg.dns_port,
+            capture_all: cfg.capture_all != 0,
+            daemon_tgid: cfg.daemon_tgid,
+        },
+        dns_servers,
+        policy,
+        counters,
+        links,
+    })
+}
+
+impl std::fmt::Display for MapsDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "pin dir:     {}", self.pin_dir)?;
+        let c = &self.config;
+        writeln!(
+            f,
+            "config:      listen_port={} dns_port={} capture_all={} daemon_tgid={}",
+            c.listen_port, c.dns_port, c.capture_all, c.daemon_tgid
+        )?;
+        let servers: Vec<String> = self.dns_servers.iter().map(ToString::to_string).collect();
+        writeln!(f, "dns servers: {}", servers.join(", "))?;
+        if self.policy.is_empty() {
+            writeln!(f, "policy:      (no netns entries)")?;
+        } else {
+            writeln!(f, "policy:")?;
+            for p in &self.policy {
+                writeln!(
+                    f,
+                    "  netns cookie {:<20} capture_dns={} flags={:#x}",
+                    p.netns_cookie, p.capture_dns, p.flags
+                )?;
+            }
+        }
+        writeln!(f, "counters:")?;
+        for (name, value) in &self.counters {
+            writeln!(f, "  {name:<14} {value}")?;
+        }
+        writeln!(f, "links:       {}", self.links.join(", "))
+    }
+}
+
+/// Removes pinned links (detaching them) and pinned maps under `pin_dir`; returns how
+/// many pins were removed. Missing directories are not an error.
+pub fn remove_pins(pin_dir: &Path) -> Result<usize, BpfError> {
+    let mut removed = 0;
+    for dir in [pin_dir.join(LINKS_DIR), pin_dir.to_path_buf()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.is_dir() {
+                continue;
+            }
+            std::fs::remove_file(&path).map_err(|e| BpfError::Pin {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            removed += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir.join(LINKS_DIR));
+    Ok(removed)
+}

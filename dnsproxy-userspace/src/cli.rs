@@ -1,0 +1,118 @@
+//! Command-line interface: every flag of every subcommand, with its default.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::upstream_addr::UpstreamAddr;
+
+/// Default directory for pinned maps and links (versioned by layout).
+pub fn default_pin_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/dnsproxy/v{}",
+        dnsproxy_common::LAYOUT_VERSION
+    ))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dnsproxy",
+    version,
+    about = "eBPF-based transparent DNS interceptor: redirects DNS aimed at the cluster DNS \
+             server to a local proxy that answers service names and forwards the rest"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the data path, serve DNS on 127.0.0.1/::1, until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Run a command inside the captured cgroup (its exit code is passed through).
+    Exec(ExecArgs),
+    /// Decode the pinned maps (config, DNS servers, policy, counters).
+    Maps(MapsArgs),
+    /// Detach and remove pinned state left by `run --keep-pins` or a crashed daemon.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory to attach to (created if missing).
+    /// Default: a `dnsproxy` directory under the cgroup2 mount.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+
+    /// DNS server address whose port-53 traffic is captured (repeatable).
+    /// Default: the nameservers of --resolv-conf.
+    #[arg(long = "dns-server", value_name = "IP")]
+    pub dns_servers: Vec<std::net::IpAddr>,
+
+    /// Upstream server, IP or IP:PORT or [IPv6]:PORT (repeatable, tried in order).
+    /// Default: the DNS servers on port 53.
+    #[arg(long = "upstream", value_name = "IP[:PORT]")]
+    pub upstreams: Vec<UpstreamAddr>,
+
+    /// A YAML file or a directory of Kubernetes-style manifests (ServiceEntry, ...).
+    #[arg(long, value_name = "PATH")]
+    pub registry: Option<PathBuf>,
+
+    /// Port of the local DNS listener on 127.0.0.1 and ::1.
+    #[arg(long, default_value_t = dnsproxy_common::DEFAULT_LISTEN_PORT)]
+    pub listen_port: u16,
+
+    /// Admin HTTP address (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    pub admin: SocketAddr,
+
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir())]
+    pub pin_dir: PathBuf,
+
+    /// On exit, leave programs attached and maps pinned (the data path then fails open
+    /// to the real DNS server until a daemon listens again). `dnsproxy cleanup` removes them.
+    #[arg(long)]
+    pub keep_pins: bool,
+
+    /// resolv.conf read for the default DNS servers.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+
+    /// Per-upstream timeout, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub upstream_timeout_ms: u64,
+
+    /// TTL of locally answered records, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub ttl: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// cgroup v2 directory to run in. Default: the same as `run`'s default.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct MapsArgs {
+    /// bpffs directory of the pinned maps.
+    #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir())]
+    pub pin_dir: PathBuf,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// bpffs directory of the pinned maps and links.
+    #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir())]
+    pub pin_dir: PathBuf,
+}

@@ -1,0 +1,163 @@
+//! `dnsproxy`: the eBPF-based transparent DNS interceptor.
+mod admin;
+mod bpf;
+mod cli;
+mod dns;
+mod exec;
+mod registry;
+mod resolv_conf;
+mod upstream_addr;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use crate::{
+    bpf::{
+        datapath::{DataPath, DataPathOptions},
+        pinned, system,
+    },
+    cli::{Cli, Command, RunArgs},
+    dns::{forwarder::Forwarder, handler::Handler, metrics::Metrics, server::Listeners},
+};
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Exec(args) => system::default_cgroup()
+            .map_err(anyhow::Error::from)
+            .and_then(|default| {
+                exec::exec_in_cgroup(args.cgroup.as_deref().unwrap_or(&default), &args.command)
+            })
+            .map(|()| 127),
+        Command::Maps(args) => pinned::dump(&args.pin_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|dump| {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&dump)?);
+                } else {
+                    print!("{dump}");
+                }
+                Ok(0)
+            }),
+        Command::Cleanup(args) => pinned::remove_pins(&args.pin_dir)
+            .map(|n| {
+                let _ = std::fs::remove_dir(&args.pin_dir);
+                println!("removed {n} pins from {}", args.pin_dir.display());
+                0
+            })
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("dnsproxy: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
+    system::require_root()?;
+    system::require_btf()?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => system::default_cgroup()?,
+    };
+    system::ensure_cgroup(&cgroup)?;
+    let dns_servers = if args.dns_servers.is_empty() {
+        resolv_conf::read_nameservers(&args.resolv_conf)?
+    } else {
+        args.dns_servers.clone()
+    };
+    let upstreams: Vec<SocketAddr> = if args.upstreams.is_empty() {
+        dns_servers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect()
+    } else {
+        args.upstreams.iter().map(|u| u.0).collect()
+    };
+    let table = match &args.registry {
+        Some(path) => registry::files::load(path)
+            .with_context(|| format!("loading the registry {}", path.display()))?,
+        None => registry::NameTable::default(),
+    };
+
+    let listeners = Listeners::bind(args.listen_port).await?;
+    let admin_listener = admin::bind(args.admin).await?;
+
+    tracing::info!(
+        cgroup = %cgroup.display(),
+        dns_servers = ?dns_servers,
+        upstreams = ?upstreams,
+        listen = ?listeners.local_addrs(),
+        admin = %args.admin,
+        pin_dir = %args.pin_dir.display(),
+        hosts = table.len(),
+        "starting dnsproxy (local mode)"
+    );
+
+    let datapath = DataPath::start(&DataPathOptions {
+        cgroup: cgroup.clone(),
+        pin_dir: args.pin_dir.clone(),
+        listen_port: args.listen_port,
+        dns_servers: dns_servers.clone(),
+        capture_all: true,
+    })?;
+
+    let metrics = Arc::new(Metrics::default());
+    let forwarder = Forwarder::new(
+        upstreams,
+        Duration::from_millis(args.upstream_timeout_ms),
+        metrics.clone(),
+    );
+    let table = Arc::new(RwLock::new(Arc::new(table)));
+    let handler = Arc::new(Handler::new(table, forwarder, args.ttl, metrics.clone()));
+    let admin_state = Arc::new(admin::AdminState {
+        ready: Default::default(),
+        metrics,
+        pin_dir: args.pin_dir.clone(),
+    });
+
+    let dns_task = tokio::spawn(listeners.serve(handler));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!("ready: DNS to {dns_servers:?} from {} is redirected here", cgroup.display());
+
+    let signal = shutdown_signal().await;
+    tracing::info!("{signal}: shutting down");
+    admin_state.ready.store(false, Ordering::Release);
+    dns_task.abort();
+    admin_task.abort();
+    datapath.shutdown(args.keep_pins)?;
+    Ok(0)
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
