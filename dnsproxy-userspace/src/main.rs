@@ -33,6 +33,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -81,6 +82,11 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
 async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
     system::require_root()?;
     system::require_btf()?;
+    let table = match &args.registry {
+        Some(path) => registry::files::load(path)
+            .with_context(|| format!("loading the registry {}", path.display()))?,
+        None => registry::NameTable::default(),
+    };
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => system::default_cgroup()?,
@@ -95,11 +101,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
         dns_servers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect()
     } else {
         args.upstreams.iter().map(|u| u.0).collect()
-    };
-    let table = match &args.registry {
-        Some(path) => registry::files::load(path)
-            .with_context(|| format!("loading the registry {}", path.display()))?,
-        None => registry::NameTable::default(),
     };
 
     let listeners = Listeners::bind(args.listen_port).await?;

@@ -1,1 +1,224 @@
-fn main() {}
+//! `cargo xtask`: everything that drives rustup, cargo, apt or sudo.
+//!
+//! * `setup`  — install the pinned eBPF nightly (+ rust-src) and bpf-linker if missing;
+//!   with `--test-tools`, also the Debian packages the end-to-end tests run.
+//! * `run`    — setup, build, then `dnsproxy run` on the bundled `examples/` registry.
+//! * `test`   — setup (with test tools), then every test, privileged ones included.
+//!
+//! Every step checks before it installs, so running it again changes nothing.
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker version whose LLVM matches the pinned nightly.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+/// Commands the end-to-end tests run, and the Debian package that provides each.
+const TEST_TOOLS: [(&str, &str); 8] = [
+    ("dig", "dnsutils"),
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("unshare", "util-linux"),
+    ("getent", "libc-bin"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces that are missing.
+    Setup {
+        /// Also install the packages the end-to-end tests need.
+        #[arg(long)]
+        test_tools: bool,
+    },
+    /// Build and run `dnsproxy run` with the bundled examples/ registry (as root).
+    Run {
+        /// Extra arguments for `dnsproxy run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, then run every test (unit and end-to-end).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    match Cli::parse().command {
+        Cmd::Setup { test_tools } => setup(&root, test_tools),
+        Cmd::Run { args } => {
+            setup(&root, false)?;
+            cargo(&root, &["build", "--package", "dnsproxy-userspace"])?;
+            let bin = target_dir(&root).join("debug/dnsproxy");
+            let mut cmd = as_root(&bin);
+            cmd.arg("run").arg("--registry").arg(root.join("examples"));
+            cmd.args(&args);
+            eprintln!("xtask: running {cmd:?}");
+            eprintln!("xtask: in another terminal: sudo {} exec -- getent hosts aliyun.com", bin.display());
+            // Become dnsproxy, so Ctrl-C reaches it directly and it unpins on the way out.
+            Err(cmd.exec()).context("starting dnsproxy")
+        }
+        Cmd::Test { args } => {
+            setup(&root, true)?;
+            cargo(&root, &["build", "--package", "dnsproxy-userspace"])?;
+            let bin = target_dir(&root).join("debug/dnsproxy");
+            let mut cmd = Command::new(env_or("CARGO", "cargo"));
+            cmd.current_dir(&root)
+                .env("PATH", path_with_cargo_bin())
+                .env("DNSPROXY_BIN", &bin)
+                .args(["test", "--workspace", "--exclude", "dnsproxy-ebpf"])
+                .args(&args);
+            run(&mut cmd)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn env_or(key: &str, default: &str) -> OsString {
+    std::env::var_os(key).unwrap_or_else(|| default.into())
+}
+
+/// PATH with `$CARGO_HOME/bin` first, where rustup and bpf-linker live.
+fn path_with_cargo_bin() -> OsString {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    let mut paths = vec![cargo_home.join("bin")];
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(paths).expect("valid PATH")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// `program` as root: directly when we are root, else through sudo.
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg("--preserve-env=RUST_LOG").arg(program);
+        cmd
+    }
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(env_or("CARGO", "cargo"))
+        .current_dir(root)
+        .env("PATH", path_with_cargo_bin())
+        .args(args))
+}
+
+/// Output of a command that succeeded, or None.
+fn output_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.env("PATH", path_with_cargo_bin()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup(root: &Path, test_tools: bool) -> anyhow::Result<()> {
+    let toolchain_file = root.join("dnsproxy-ebpf/bpf-toolchain");
+    let toolchain = std::fs::read_to_string(&toolchain_file)
+        .with_context(|| format!("reading {}", toolchain_file.display()))?;
+    let toolchain = toolchain.trim();
+
+    let has_rust_src = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .is_some_and(|out| out.lines().any(|l| l.starts_with("rust-src")));
+    if has_rust_src {
+        eprintln!("xtask: toolchain {toolchain} with rust-src: present");
+    } else {
+        eprintln!("xtask: installing toolchain {toolchain} with rust-src (builds the eBPF programs)");
+        run(Command::new("rustup")
+            .env("PATH", path_with_cargo_bin())
+            .args(["toolchain", "install", toolchain, "--profile", "minimal", "--component", "rust-src"]))?;
+    }
+
+    let linker = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
+    } else {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with {toolchain}'s LLVM)");
+        run(Command::new("cargo")
+            .env("PATH", path_with_cargo_bin())
+            .arg(format!("+{toolchain}"))
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]))?;
+    }
+
+    if test_tools {
+        let mut missing: Vec<&str> = TEST_TOOLS
+            .iter()
+            .filter(|(tool, _)| output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none())
+            .map(|(_, package)| *package)
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            eprintln!("xtask: test tools (dig, bpftool, ip, nsenter, unshare, getent, curl, python3): present");
+        } else {
+            eprintln!("xtask: installing Debian packages for the tests: {}", missing.join(" "));
+            let apt = |args: &[&str]| {
+                let mut cmd = as_root(Path::new("apt-get"));
+                cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+                run(&mut cmd)
+            };
+            apt(&["update", "-q"])?;
+            let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+            install.extend(missing);
+            apt(&install)?;
+        }
+    }
+    Ok(())
+}

@@ -50,8 +50,23 @@ pub struct MapsDump {
     pub config: ConfigDump,
     pub dns_servers: Vec<IpAddr>,
     pub policy: Vec<PolicyDump>,
-    pub counters: std::collections::BTreeMap<&'static str, u64>,
+    pub counters: Counters,
     pub links: Vec<String>,
+}
+
+/// Counters in their declared order (a JSON object, name → value).
+#[derive(Debug)]
+pub struct Counters(pub Vec<(&'static str, u64)>);
+
+impl Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -99,7 +114,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .collect();
     policy.sort_by_key(|p| p.netns_cookie);
 
-    let counters = read_stats(pin_dir)?.into_iter().collect();
+    let counters = Counters(read_stats(pin_dir)?);
     let mut links: Vec<String> = std::fs::read_dir(pin_dir.join(LINKS_DIR))
         .map(|rd| {
             rd.filter_map(Result::ok)
@@ -148,7 +163,7 @@ impl std::fmt::Display for MapsDump {
             }
         }
         writeln!(f, "counters:")?;
-        for (name, value) in &self.counters {
+        for (name, value) in &self.counters.0 {
             writeln!(f, "  {name:<14} {value}")?;
         }
         writeln!(f, "links:       {}", self.links.join(", "))

@@ -91,6 +91,12 @@ pub fn load_into(text: &str, table: &mut NameTable) -> Result<usize, ManifestErr
                 address: a.clone(),
             })?);
         }
+        if addrs.is_empty() {
+            // Without addresses the host is left to upstream DNS until auto-allocation
+            // gives it a VIP (an empty record would answer NODATA for a real host).
+            tracing::debug!(name = %obj.metadata.name, "ServiceEntry without addresses: not answered locally");
+            continue;
+        }
         for host in &spec.hosts {
             table.add(host, addrs.iter().copied());
         }
@@ -120,9 +126,15 @@ apiVersion: v1
 kind: ConfigMap
 metadata: {name: ignored}
 ---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: no-addresses}
+spec: {hosts: [forwarded.example], resolution: DNS}
+---
 "#;
         let mut t = NameTable::default();
         assert_eq!(load_into(text, &mut t).unwrap(), 1);
+        assert!(t.lookup("forwarded.example").is_none());
         let r = t.lookup("www.aliyun.com").unwrap();
         assert_eq!(r.v4.len(), 1);
         assert_eq!(r.v6.len(), 1);
