@@ -3,7 +3,7 @@
 //! constants. Every address in a map is 16 bytes in network order; an IPv4 address is
 //! stored IPv4-mapped (`::ffff:a.b.c.d`), so one key type serves both families.
 //! Ports in maps are in host order, so `bpftool map dump` prints them readably.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Version of the pinned map/program layout. Pins live under
 /// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
@@ -225,4 +225,36 @@ mod user {
     unsafe impl aya::Pod for DnsServerInfo {}
     unsafe impl aya::Pod for NetnsPolicy {}
     unsafe impl aya::Pod for SockOrig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_round_trip() {
+        let be = u32::from_ne_bytes([10, 96, 0, 10]);
+        let a = Addr::from_ipv4_be(be);
+        assert!(a.is_ipv4_mapped());
+        assert_eq!(a.ipv4_be(), be);
+        assert_eq!(&a.octets[10..], &[0xff, 0xff, 10, 96, 0, 10]);
+        assert!(LOOPBACK4.is_ipv4_mapped());
+        assert!(!LOOPBACK6.is_ipv4_mapped());
+    }
+
+    #[test]
+    fn ipv6_words_round_trip() {
+        let octets = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let a = Addr { octets };
+        assert_eq!(Addr::from_ipv6_words(a.ipv6_words()), a);
+        assert_eq!(a.ipv6_words()[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Config>(), 16);
+        assert_eq!(core::mem::size_of::<SockOrig>(), 40);
+        assert_eq!(core::mem::size_of::<NetnsPolicy>(), 8);
+        assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
+    }
 }
