@@ -52,7 +52,9 @@ impl Addr {
     pub const fn from_ipv4_be(ip4_be: u32) -> Self {
         let b = ip4_be.to_ne_bytes();
         Addr {
-            octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
+            octets: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+            ],
         }
     }
 

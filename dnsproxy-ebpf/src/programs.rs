@@ -6,7 +6,10 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
+    },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };

@@ -1,5 +1,6 @@
-//! Admin HTTP endpoint: `/healthz` (alive), `/readyz` (serving with the data path
-//! attached), `/metrics` (Prometheus text: DNS counters and the eBPF counters).
+//! Admin HTTP endpoint: `/healthz` (alive), `/readyz` (serving, with the data path
+//! attached and the first registry sync done), `/metrics` (Prometheus text: DNS, cache
+//! and eBPF counters), `/debug/ndsz` (the name table as JSON, like Istio's).
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -15,12 +16,18 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{bpf::pinned, dns::metrics::Metrics};
+use crate::{
+    bpf::pinned,
+    dns::{handler::Handler, metrics::Metrics},
+    registry::Registry,
+};
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
+    pub handler: Arc<Handler>,
+    pub registry: Arc<Registry>,
     pub pin_dir: PathBuf,
 }
 
@@ -62,8 +69,13 @@ async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<(
     let head = String::from_utf8_lossy(&buf[..n]);
     let path = head.split_whitespace().nth(1).unwrap_or("/");
     let (status, body) = route(path, state);
+    let content_type = if path.starts_with("/debug/") {
+        "application/json"
+    } else {
+        "text/plain; version=0.0.4"
+    };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await
@@ -75,6 +87,7 @@ fn route(path: &str, state: &AdminState) -> (&'static str, String) {
         "/readyz" if state.ready.load(Ordering::Acquire) => ("200 OK", "ready\n".to_owned()),
         "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
         "/metrics" => ("200 OK", render_metrics(state)),
+        "/debug/ndsz" => ("200 OK", render_ndsz(state)),
         _ => ("404 Not Found", "not found\n".to_owned()),
     }
 }
@@ -82,13 +95,18 @@ fn route(path: &str, state: &AdminState) -> (&'static str, String) {
 fn render_metrics(state: &AdminState) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    state.metrics.render(&mut out);
+    state.metrics.render(&mut out, state.handler.cache_len());
     match pinned::read_stats(&state.pin_dir) {
         Ok(stats) => {
-            out.push_str("# HELP dnsproxy_ebpf_decisions_total Data-path decisions, summed over CPUs.\n");
+            out.push_str(
+                "# HELP dnsproxy_ebpf_decisions_total Data-path decisions, summed over CPUs.\n",
+            );
             out.push_str("# TYPE dnsproxy_ebpf_decisions_total counter\n");
             for (name, value) in stats {
-                let _ = writeln!(out, "dnsproxy_ebpf_decisions_total{{decision=\"{name}\"}} {value}");
+                let _ = writeln!(
+                    out,
+                    "dnsproxy_ebpf_decisions_total{{decision=\"{name}\"}} {value}"
+                );
             }
         }
         Err(e) => {
@@ -96,4 +114,14 @@ fn render_metrics(state: &AdminState) -> String {
         }
     }
     out
+}
+
+/// The name table: host → addresses (or alias), sources and alternative names.
+fn render_ndsz(state: &AdminState) -> String {
+    let table = state.registry.table();
+    let dump = serde_json::json!({
+        "clusterDomain": table.cluster_domain(),
+        "hosts": table.dump(),
+    });
+    serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
 }

@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load and attach the data path, serve DNS on 127.0.0.1/::1, until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command inside the captured cgroup (its exit code is passed through).
     Exec(ExecArgs),
     /// Decode the pinned maps (config, DNS servers, policy, counters).
@@ -86,6 +86,37 @@ pub struct RunArgs {
     /// TTL of locally answered records, in seconds.
     #[arg(long, default_value_t = 30)]
     pub ttl: u32,
+
+    /// Ask every upstream at once and take the first good answer (default: one after
+    /// the other, in order).
+    #[arg(long)]
+    pub upstream_parallel: bool,
+
+    /// Most upstream answers kept in the cache (0 disables caching).
+    #[arg(long, default_value_t = 10_000)]
+    pub cache_size: usize,
+
+    /// Kubernetes cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Namespace of the clients (local mode): decides Kubernetes short names and the
+    /// search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+
+    /// Further search domain whose suffixed queries are answered with a CNAME to the
+    /// known host (repeatable).
+    #[arg(long = "search-domain", value_name = "DOMAIN")]
+    pub search_domains: Vec<String>,
+
+    /// Directory for state kept across restarts (auto-allocated VIPs in vips.json).
+    #[arg(long, default_value = "/var/lib/dnsproxy")]
+    pub state_dir: PathBuf,
+
+    /// How often the --registry path is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub registry_poll_ms: u64,
 }
 
 #[derive(Debug, Args)]

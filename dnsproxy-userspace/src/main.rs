@@ -10,7 +10,7 @@ mod upstream_addr;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, RwLock, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -23,7 +23,13 @@ use crate::{
         pinned, system,
     },
     cli::{Cli, Command, RunArgs},
-    dns::{forwarder::Forwarder, handler::Handler, metrics::Metrics, server::Listeners},
+    dns::{
+        cache::Cache, forwarder::Forwarder, handler::Handler, local::ClientContext,
+        metrics::Metrics, server::Listeners,
+    },
+    registry::{
+        Registry, TableConfig, allocator::VipAllocator, manifest::Objects, table::normalize,
+    },
 };
 
 fn main() -> std::process::ExitCode {
@@ -37,7 +43,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Exec(args) => system::default_cgroup()
             .map_err(anyhow::Error::from)
             .and_then(|default| {
@@ -82,11 +88,19 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
 async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
     system::require_root()?;
     system::require_btf()?;
-    let table = match &args.registry {
+    let objects = match &args.registry {
         Some(path) => registry::files::load(path)
             .with_context(|| format!("loading the registry {}", path.display()))?,
-        None => registry::NameTable::default(),
+        None => Objects::default(),
     };
+    let allocator = VipAllocator::load(&args.state_dir)?;
+    let registry = Arc::new(Registry::new(
+        &objects,
+        allocator,
+        TableConfig {
+            cluster_domain: args.cluster_domain.clone(),
+        },
+    )?);
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => system::default_cgroup()?,
@@ -98,7 +112,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
         args.dns_servers.clone()
     };
     let upstreams: Vec<SocketAddr> = if args.upstreams.is_empty() {
-        dns_servers.iter().map(|ip| SocketAddr::new(*ip, 53)).collect()
+        dns_servers
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect()
     } else {
         args.upstreams.iter().map(|u| u.0).collect()
     };
@@ -113,7 +130,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
         listen = ?listeners.local_addrs(),
         admin = %args.admin,
         pin_dir = %args.pin_dir.display(),
-        hosts = table.len(),
+        vip_state = %args.state_dir.join("vips.json").display(),
+        namespace = %args.namespace,
+        hosts = registry.table().len(),
         "starting dnsproxy (local mode)"
     );
 
@@ -125,30 +144,62 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
         capture_all: true,
     })?;
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&upstreams));
     let forwarder = Forwarder::new(
         upstreams,
         Duration::from_millis(args.upstream_timeout_ms),
+        args.upstream_parallel,
         metrics.clone(),
     );
-    let table = Arc::new(RwLock::new(Arc::new(table)));
-    let handler = Arc::new(Handler::new(table, forwarder, args.ttl, metrics.clone()));
+    let handler = Arc::new(Handler::new(
+        registry.clone(),
+        forwarder,
+        Cache::new(args.cache_size),
+        args.ttl,
+        metrics.clone(),
+    ));
     let admin_state = Arc::new(admin::AdminState {
         ready: Default::default(),
         metrics,
+        handler: handler.clone(),
+        registry: registry.clone(),
         pin_dir: args.pin_dir.clone(),
     });
+    let ctx = Arc::new(ClientContext {
+        namespace: args.namespace.clone(),
+        extra_search: args.search_domains.iter().map(|d| normalize(d)).collect(),
+    });
 
-    let dns_task = tokio::spawn(listeners.serve(handler));
+    let watch_task = args.registry.clone().map(|path| {
+        let registry = registry.clone();
+        tokio::spawn(registry::files::watch(
+            path,
+            Duration::from_millis(args.registry_poll_ms),
+            move |objects| {
+                if let Err(e) = registry.update(&objects) {
+                    tracing::error!(
+                        "registry not updated, the last good table stays in service: {e}"
+                    );
+                }
+            },
+        ))
+    });
+    let dns_task = tokio::spawn(listeners.serve(handler, ctx));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
     admin_state.ready.store(true, Ordering::Release);
-    tracing::info!("ready: DNS to {dns_servers:?} from {} is redirected here", cgroup.display());
+    tracing::info!(
+        "ready: DNS to {dns_servers:?} from {} is redirected here",
+        cgroup.display()
+    );
 
     let signal = shutdown_signal().await;
     tracing::info!("{signal}: shutting down");
     admin_state.ready.store(false, Ordering::Release);
     dns_task.abort();
     admin_task.abort();
+    if let Some(t) = watch_task {
+        t.abort();
+    }
     datapath.shutdown(args.keep_pins)?;
     Ok(0)
 }

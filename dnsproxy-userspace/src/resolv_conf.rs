@@ -52,7 +52,10 @@ mod tests {
         let text = "# comment\nsearch default.svc.cluster.local\nnameserver 10.96.0.10\n\
                     nameserver fe80::1%eth0 # scoped\nnameserver bogus\noptions ndots:5\n\
                     nameserver fd00::10\n";
-        let got: Vec<String> = parse_nameservers(text).iter().map(|a| a.to_string()).collect();
+        let got: Vec<String> = parse_nameservers(text)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         assert_eq!(got, ["10.96.0.10", "fe80::1", "fd00::10"]);
     }
 

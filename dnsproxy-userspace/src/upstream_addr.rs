@@ -42,12 +42,30 @@ mod tests {
             want: Option<&'static str>,
         }
         let cases = [
-            Case { input: "10.96.0.10", want: Some("10.96.0.10:53") },
-            Case { input: "10.96.0.10:5353", want: Some("10.96.0.10:5353") },
-            Case { input: "fd00::10", want: Some("[fd00::10]:53") },
-            Case { input: "[fd00::10]:54", want: Some("[fd00::10]:54") },
-            Case { input: "dns.example", want: None },
-            Case { input: "10.96.0.10:99999", want: None },
+            Case {
+                input: "10.96.0.10",
+                want: Some("10.96.0.10:53"),
+            },
+            Case {
+                input: "10.96.0.10:5353",
+                want: Some("10.96.0.10:5353"),
+            },
+            Case {
+                input: "fd00::10",
+                want: Some("[fd00::10]:53"),
+            },
+            Case {
+                input: "[fd00::10]:54",
+                want: Some("[fd00::10]:54"),
+            },
+            Case {
+                input: "dns.example",
+                want: None,
+            },
+            Case {
+                input: "10.96.0.10:99999",
+                want: None,
+            },
         ];
         for c in cases {
             let got = c.input.parse::<UpstreamAddr>().ok().map(|a| a.to_string());

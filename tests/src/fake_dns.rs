@@ -47,7 +47,8 @@ impl Drop for FakeDns {
 }
 
 fn serve_udp(sock: UdpSocket, signal: Signal) {
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut buf = [0u8; 4096];
     while !signal.stop.load(Ordering::SeqCst) {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
@@ -68,7 +69,9 @@ fn serve_tcp(listener: TcpListener, signal: Signal) {
             continue;
         };
         stream.set_nonblocking(false).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let mut len = [0u8; 2];
         if stream.read_exact(&mut len).is_err() {
             continue;
@@ -102,8 +105,16 @@ pub fn answer(q: &[u8]) -> Option<Vec<u8>> {
     }
     let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
     let rdata: Vec<u8> = match qtype {
-        1 => FAKE_A.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec(),
-        28 => FAKE_AAAA.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec(),
+        1 => FAKE_A
+            .parse::<std::net::Ipv4Addr>()
+            .unwrap()
+            .octets()
+            .to_vec(),
+        28 => FAKE_AAAA
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+            .to_vec(),
         _ => Vec::new(),
     };
     let mut r = Vec::with_capacity(question_end + 32);

@@ -100,7 +100,10 @@ pub fn dnsproxy_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("DNSPROXY_BIN") {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
@@ -116,7 +119,12 @@ pub fn dnsproxy_bin() -> PathBuf {
 /// A name unique to this process and call, short enough for every kernel name limit.
 pub fn unique_name(tag: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("dpt{}{}{}", tag, std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "dpt{}{}{}",
+        tag,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs `cmd`, killing it after `limit`. Panics if it cannot start.
@@ -183,9 +191,35 @@ impl Netns {
             name,
         };
         must(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        must(Command::new("ip").args(["-n", &ns.name, "addr", "add", "10.96.0.10/32", "dev", "lo"]));
         must(Command::new("ip").args([
-            "-n", &ns.name, "-6", "addr", "add", "fd00::10/128", "dev", "lo", "nodad",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            "10.96.0.10/32",
+            "dev",
+            "lo",
+        ]));
+        // A second "cluster DNS" address, for upstream failover tests.
+        must(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            "10.96.0.11/32",
+            "dev",
+            "lo",
+        ]));
+        must(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "-6",
+            "addr",
+            "add",
+            "fd00::10/128",
+            "dev",
+            "lo",
+            "nodad",
         ]));
         ns
     }
@@ -193,7 +227,8 @@ impl Netns {
     /// `program` run inside this netns (`nsenter --net`, which keeps /sys mounts intact).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path.display())).arg(program);
+        cmd.arg(format!("--net={}", self.path.display()))
+            .arg(program);
         cmd
     }
 
@@ -219,7 +254,9 @@ impl Default for Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -232,7 +269,9 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new() -> Self {
-        let path = cgroup2_root().expect("cgroup2 mount").join(unique_name("c"));
+        let path = cgroup2_root()
+            .expect("cgroup2 mount")
+            .join(unique_name("c"));
         std::fs::create_dir(&path).expect("create cgroup");
         Cgroup { path }
     }
@@ -275,6 +314,8 @@ pub struct DaemonOptions<'a> {
     pub cgroup: &'a Cgroup,
     pub pin_dir: PathBuf,
     pub registry: PathBuf,
+    /// State directory (auto-allocated VIPs).
+    pub state_dir: PathBuf,
     /// Run the daemon itself inside the captured cgroup.
     pub inside_cgroup: bool,
     pub extra_args: Vec<String>,
@@ -286,17 +327,28 @@ impl Daemon {
         let bin = dnsproxy_bin();
         let mut cmd = opts.netns.command(&bin);
         if opts.inside_cgroup {
-            cmd.arg("exec").arg("--cgroup").arg(&opts.cgroup.path).arg("--").arg(&bin);
+            cmd.arg("exec")
+                .arg("--cgroup")
+                .arg(&opts.cgroup.path)
+                .arg("--")
+                .arg(&bin);
         }
         cmd.arg("run")
             .arg("--cgroup")
             .arg(&opts.cgroup.path)
-            .args(["--dns-server", CLUSTER_DNS_V4, "--dns-server", CLUSTER_DNS_V6])
+            .args([
+                "--dns-server",
+                CLUSTER_DNS_V4,
+                "--dns-server",
+                CLUSTER_DNS_V6,
+            ])
             .arg("--registry")
             .arg(&opts.registry)
             .arg("--pin-dir")
             .arg(&opts.pin_dir)
-            .args(["--upstream-timeout-ms", "1000"])
+            .arg("--state-dir")
+            .arg(&opts.state_dir)
+            .args(["--upstream-timeout-ms", "1000", "--registry-poll-ms", "200"])
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,dns=debug")
             .stdin(Stdio::null())
@@ -324,10 +376,17 @@ impl Daemon {
                 panic!("dnsproxy exited early ({status}):\n{}", self.log_text());
             }
             let ready = netns.within(|| http_get("127.0.0.1:15021", "/readyz"));
-            if ready.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            if ready
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "dnsproxy not ready in 30 s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "dnsproxy not ready in 30 s:\n{}",
+                self.log_text()
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -358,7 +417,11 @@ impl Daemon {
                 .arg(&self.pin_dir),
             Duration::from_secs(10),
         );
-        assert!(out.status.success(), "maps: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "maps: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -372,7 +435,9 @@ impl Daemon {
 pub fn json_counter(json: &str, name: &str) -> u64 {
     let counters = &json[json.find("\"counters\"").expect("counters in maps output")..];
     let key = format!("\"{name}\":");
-    let at = counters.find(&key).unwrap_or_else(|| panic!("no counter {name} in {json}"));
+    let at = counters
+        .find(&key)
+        .unwrap_or_else(|| panic!("no counter {name} in {json}"));
     counters[at + key.len()..]
         .trim_start()
         .split(|c: char| !c.is_ascii_digit())
@@ -408,7 +473,11 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     let addr: SocketAddr = addr.parse().ok()?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -425,19 +494,30 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// An environment whose registry holds [`REGISTRY_YAML`].
     pub fn new() -> Self {
+        Self::with_registry(REGISTRY_YAML)
+    }
+
+    /// An environment whose registry directory holds `registry_yaml` as services.yaml.
+    pub fn with_registry(registry_yaml: &str) -> Self {
         let netns = Netns::new();
         let cgroup = Cgroup::new();
         let fake = FakeDns::start(&netns);
         let dir = std::env::temp_dir().join(unique_name("d"));
         std::fs::create_dir_all(dir.join("registry")).unwrap();
-        std::fs::write(dir.join("registry/services.yaml"), REGISTRY_YAML).unwrap();
+        std::fs::write(dir.join("registry/services.yaml"), registry_yaml).unwrap();
         std::fs::write(
             dir.join("resolv.conf"),
             "nameserver 10.96.0.10\noptions timeout:2 attempts:1\n",
         )
         .unwrap();
-        TestEnv { fake, cgroup, netns, dir }
+        TestEnv {
+            fake,
+            cgroup,
+            netns,
+            dir,
+        }
     }
 
     pub fn daemon_options(&self) -> DaemonOptions<'_> {
@@ -446,6 +526,7 @@ impl TestEnv {
             cgroup: &self.cgroup,
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("p")),
             registry: self.dir.join("registry"),
+            state_dir: self.dir.join("state"),
             inside_cgroup: false,
             extra_args: Vec::new(),
         }
@@ -455,10 +536,31 @@ impl TestEnv {
         Daemon::start(self.daemon_options())
     }
 
+    /// Replaces the resolv.conf that [`TestEnv::captured_getent`] mounts.
+    pub fn write_resolv_conf(&self, text: &str) {
+        std::fs::write(self.dir.join("resolv.conf"), text).unwrap();
+    }
+
+    /// GET `path` on the daemon's admin endpoint (inside the netns); the body.
+    pub fn admin(&self, path: &'static str) -> String {
+        let response = self
+            .netns
+            .within(move || http_get("127.0.0.1:15021", path))
+            .unwrap_or_else(|| panic!("admin {path} did not answer"));
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    }
+
     /// `args` run inside the netns and the captured cgroup.
     pub fn captured(&self, args: &[&str]) -> Output {
         let mut cmd = self.netns.command(dnsproxy_bin());
-        cmd.arg("exec").arg("--cgroup").arg(&self.cgroup.path).arg("--").args(args);
+        cmd.arg("exec")
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .arg("--")
+            .args(args);
         run_with_timeout(&mut cmd, Duration::from_secs(20))
     }
 

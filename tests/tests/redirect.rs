@@ -35,14 +35,39 @@ fn dig_udp_and_tcp_are_answered_by_dnsproxy_as_if_from_the_cluster_dns() {
     let env = TestEnv::new();
     let daemon = env.start_daemon();
 
-    let udp = env.captured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test", "A"]);
+    let udp = env.captured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "registry.test",
+        "A",
+    ]);
     assert_eq!(dig_answers(&udp), ["240.240.1.1"], "{}", stdout(&udp));
-    assert!(stdout(&udp).contains(" aa "), "authoritative local answer: {}", stdout(&udp));
-    assert_eq!(dig_server(&udp), ";; SERVER: 10.96.0.10#53(10.96.0.10) (UDP)");
+    assert!(
+        stdout(&udp).contains(" aa "),
+        "authoritative local answer: {}",
+        stdout(&udp)
+    );
+    assert_eq!(
+        dig_server(&udp),
+        ";; SERVER: 10.96.0.10#53(10.96.0.10) (UDP)"
+    );
 
-    let tcp = env.captured(&["dig", "+tcp", "+time=3", "+tries=1", "@10.96.0.10", "registry.test", "A"]);
+    let tcp = env.captured(&[
+        "dig",
+        "+tcp",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "registry.test",
+        "A",
+    ]);
     assert_eq!(dig_answers(&tcp), ["240.240.1.1"], "{}", stdout(&tcp));
-    assert_eq!(dig_server(&tcp), ";; SERVER: 10.96.0.10#53(10.96.0.10) (TCP)");
+    assert_eq!(
+        dig_server(&tcp),
+        ";; SERVER: 10.96.0.10#53(10.96.0.10) (TCP)"
+    );
 
     assert_eq!(env.fake.queries(), 0, "the fake cluster DNS saw nothing");
     assert!(daemon.counter("redirected") >= 2);
@@ -62,11 +87,26 @@ fn ipv6_and_dual_stack_mapped_destinations_are_redirected() {
     let env = TestEnv::new();
     let daemon = env.start_daemon();
 
-    let v6 = env.captured(&["dig", "+time=3", "+tries=1", "@fd00::10", "registry.test", "AAAA"]);
+    let v6 = env.captured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@fd00::10",
+        "registry.test",
+        "AAAA",
+    ]);
     assert_eq!(dig_answers(&v6), ["2001:2::1:1"], "{}", stdout(&v6));
     assert_eq!(dig_server(&v6), ";; SERVER: fd00::10#53(fd00::10) (UDP)");
 
-    let v6tcp = env.captured(&["dig", "+tcp", "+time=3", "+tries=1", "@fd00::10", "registry.test", "A"]);
+    let v6tcp = env.captured(&[
+        "dig",
+        "+tcp",
+        "+time=3",
+        "+tries=1",
+        "@fd00::10",
+        "registry.test",
+        "A",
+    ]);
     assert_eq!(dig_answers(&v6tcp), ["240.240.1.1"], "{}", stdout(&v6tcp));
 
     let mapped = python(
@@ -147,7 +187,11 @@ fn glibc_getent_resolves_through_dnsproxy() {
 
     // v4.registry.test has no AAAA: glibc gets NODATA for AAAA and uses the A answer.
     let out = env.captured_getent(&["hosts", "v4.registry.test"]);
-    assert!(out.status.success(), "getent: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "getent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout(&out).starts_with("240.240.1.2 "), "{}", stdout(&out));
 
     let out = env.captured_getent(&["ahostsv4", "registry.test"]);
@@ -164,9 +208,19 @@ fn unknown_names_are_forwarded_to_the_cluster_dns() {
     let env = TestEnv::new();
     let daemon = env.start_daemon();
 
-    let out = env.captured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "elsewhere.test", "A"]);
+    let out = env.captured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "elsewhere.test",
+        "A",
+    ]);
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
-    assert_eq!(dig_server(&out), ";; SERVER: 10.96.0.10#53(10.96.0.10) (UDP)");
+    assert_eq!(
+        dig_server(&out),
+        ";; SERVER: 10.96.0.10#53(10.96.0.10) (UDP)"
+    );
     assert!(!stdout(&out).contains(" aa "), "relayed, not authoritative");
     assert_eq!(env.fake.queries(), 1, "dnsproxy forwarded exactly once");
     assert!(daemon.counter("redirected") >= 1);
@@ -182,8 +236,20 @@ fn processes_outside_the_cgroup_are_not_redirected() {
     let daemon = env.start_daemon();
     let before = daemon.counter("redirected");
 
-    let out = env.uncaptured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test", "A"]);
-    assert_eq!(dig_answers(&out), [FAKE_A], "answered by the fake cluster DNS: {}", stdout(&out));
+    let out = env.uncaptured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "registry.test",
+        "A",
+    ]);
+    assert_eq!(
+        dig_answers(&out),
+        [FAKE_A],
+        "answered by the fake cluster DNS: {}",
+        stdout(&out)
+    );
     assert_eq!(env.fake.queries(), 1);
     assert_eq!(daemon.counter("redirected"), before);
 }
@@ -206,7 +272,14 @@ fn with_the_daemon_stopped_captured_processes_fail_open_to_the_cluster_dns() {
 
     // Programs still attached (pinned links), no listener: the query goes to the real
     // (fake) cluster DNS instead of timing out.
-    let out = env.captured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test", "A"]);
+    let out = env.captured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "registry.test",
+        "A",
+    ]);
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(env.fake.queries(), 1);
     assert!(daemon.counter("fail_open") >= 1, "{}", daemon.maps_json());
@@ -222,8 +295,20 @@ fn sigterm_without_keep_pins_detaches_everything() {
     assert!(daemon.pin_dir.join("links/dnsproxy_connect4").exists());
     assert!(daemon.stop().success());
     assert!(!daemon.pin_dir.exists(), "pins removed on SIGTERM");
-    let out = env.captured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test", "A"]);
-    assert_eq!(dig_answers(&out), [FAKE_A], "no program left to redirect: {}", stdout(&out));
+    let out = env.captured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "registry.test",
+        "A",
+    ]);
+    assert_eq!(
+        dig_answers(&out),
+        [FAKE_A],
+        "no program left to redirect: {}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -238,7 +323,14 @@ fn the_daemons_own_upstream_queries_are_not_captured() {
     opts.inside_cgroup = true;
     let daemon = Daemon::start(opts);
 
-    let out = env.captured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "elsewhere.test", "A"]);
+    let out = env.captured(&[
+        "dig",
+        "+time=3",
+        "+tries=1",
+        "@10.96.0.10",
+        "elsewhere.test",
+        "A",
+    ]);
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(env.fake.queries(), 1);
     assert!(daemon.counter("own_traffic") >= 1, "{}", daemon.maps_json());
@@ -255,24 +347,48 @@ fn clear_errors_for_a_taken_port_and_a_broken_registry() {
 
     // Second daemon in the same netns: port 15053 is taken.
     let mut cmd = env.netns.command(dnsproxy_bin());
-    cmd.args(["run", "--dns-server", "10.96.0.10", "--admin", "127.0.0.1:15022", "--pin-dir"])
-        .arg(format!("/sys/fs/bpf/{}", unique_name("p")))
-        .arg("--cgroup")
-        .arg(&env.cgroup.path);
+    cmd.args([
+        "run",
+        "--dns-server",
+        "10.96.0.10",
+        "--admin",
+        "127.0.0.1:15022",
+        "--pin-dir",
+    ])
+    .arg(format!("/sys/fs/bpf/{}", unique_name("p")))
+    .arg("--cgroup")
+    .arg(&env.cgroup.path);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("127.0.0.1:15053 (udp) is already in use"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:15053 (tcp) is already in use"),
+        "{err}"
+    );
 
     let broken = env.dir.join("broken.yaml");
-    std::fs::write(&broken, "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec: {hosts: [").unwrap();
+    std::fs::write(
+        &broken,
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec: {hosts: [",
+    )
+    .unwrap();
     let mut cmd = env.netns.command(dnsproxy_bin());
-    cmd.args(["run", "--dns-server", "10.96.0.10", "--listen-port", "15054", "--registry"])
-        .arg(&broken)
-        .arg("--cgroup")
-        .arg(&env.cgroup.path);
+    cmd.args([
+        "run",
+        "--dns-server",
+        "10.96.0.10",
+        "--listen-port",
+        "15054",
+        "--registry",
+    ])
+    .arg(&broken)
+    .arg("--cgroup")
+    .arg(&env.cgroup.path);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("broken.yaml") && err.contains("document 0"), "{err}");
+    assert!(
+        err.contains("broken.yaml") && err.contains("document 0"),
+        "{err}"
+    );
 }

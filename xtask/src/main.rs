@@ -72,7 +72,10 @@ fn main() -> anyhow::Result<()> {
             cmd.arg("run").arg("--registry").arg(root.join("examples"));
             cmd.args(&args);
             eprintln!("xtask: running {cmd:?}");
-            eprintln!("xtask: in another terminal: sudo {} exec -- getent hosts aliyun.com", bin.display());
+            eprintln!(
+                "xtask: in another terminal: sudo {} exec -- getent hosts aliyun.com",
+                bin.display()
+            );
             // Become dnsproxy, so Ctrl-C reaches it directly and it unpins on the way out.
             Err(cmd.exec()).context("starting dnsproxy")
         }
@@ -115,7 +118,9 @@ fn path_with_cargo_bin() -> OsString {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
     let mut paths = vec![cargo_home.join("bin")];
-    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     std::env::join_paths(paths).expect("valid PATH")
 }
 
@@ -216,35 +221,58 @@ fn setup(root: &Path, test_tools: bool) -> anyhow::Result<()> {
     if has_rust_src {
         eprintln!("xtask: toolchain {toolchain} with rust-src: present");
     } else {
-        eprintln!("xtask: installing toolchain {toolchain} with rust-src (builds the eBPF programs)");
+        eprintln!(
+            "xtask: installing toolchain {toolchain} with rust-src (builds the eBPF programs)"
+        );
         run(Command::new("rustup")
             .env("PATH", path_with_cargo_bin())
-            .args(["toolchain", "install", toolchain, "--profile", "minimal", "--component", "rust-src"]))?;
+            .args([
+                "toolchain",
+                "install",
+                toolchain,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
     }
 
     let linker = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if linker.contains(BPF_LINKER_VERSION) {
         eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
     } else {
-        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with {toolchain}'s LLVM)");
+        eprintln!(
+            "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with {toolchain}'s LLVM)"
+        );
         run(Command::new("cargo")
             .env("PATH", path_with_cargo_bin())
             .arg(format!("+{toolchain}"))
-            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]))?;
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+            ]))?;
     }
 
     if test_tools {
         let mut missing: Vec<&str> = TEST_TOOLS
             .iter()
-            .filter(|(tool, _)| output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none())
+            .filter(|(tool, _)| {
+                output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none()
+            })
             .map(|(_, package)| *package)
             .collect();
         missing.sort_unstable();
         missing.dedup();
         if missing.is_empty() {
-            eprintln!("xtask: test tools (dig, bpftool, ip, nsenter, unshare, getent, curl, python3): present");
+            eprintln!(
+                "xtask: test tools (dig, bpftool, ip, nsenter, unshare, getent, curl, python3): present"
+            );
         } else {
-            eprintln!("xtask: installing Debian packages for the tests: {}", missing.join(" "));
+            eprintln!(
+                "xtask: installing Debian packages for the tests: {}",
+                missing.join(" ")
+            );
             let apt = |args: &[&str]| {
                 let mut cmd = as_root(Path::new("apt-get"));
                 cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);

@@ -66,9 +66,9 @@ impl DataPath {
             tracing::info!(pin_dir = %opts.pin_dir.display(), removed = stale, "removed stale pins of an earlier run");
         }
 
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-            BpfError::Load(format!("{e} ({})", error_chain(&e)))
-        })?;
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| BpfError::Load(format!("{e} ({})", error_chain(&e))))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_kernel_logger(logger),
             Err(e) => tracing::debug!("no eBPF logger: {e}"),
@@ -107,7 +107,9 @@ impl DataPath {
             HashMap::try_from(map).map_err(map_err(name))?;
         let wanted: Vec<DnsServer> = servers
             .iter()
-            .map(|ip| DnsServer { addr: to_map_addr(*ip) })
+            .map(|ip| DnsServer {
+                addr: to_map_addr(*ip),
+            })
             .collect();
         let stale: Vec<DnsServer> = hash
             .keys()
@@ -115,7 +117,10 @@ impl DataPath {
             .filter(|k| !wanted.contains(k))
             .collect();
         for key in wanted {
-            let info = DnsServerInfo { enabled: 1, _pad: 0 };
+            let info = DnsServerInfo {
+                enabled: 1,
+                _pad: 0,
+            };
             hash.insert(key, info, 0).map_err(map_err(name))?;
         }
         for key in stale {
@@ -164,10 +169,12 @@ impl DataPath {
             let id = program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(format!("{e} ({})", error_chain(&e))))?;
-            let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
-            let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-                attach_err(e.to_string())
-            })?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| attach_err(e.to_string()))?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
             let path = links_dir.join(name);
             fd_link.pin(&path).map_err(|e| BpfError::Pin {
                 path: path.display().to_string(),

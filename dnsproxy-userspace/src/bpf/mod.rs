@@ -33,10 +33,14 @@ pub enum BpfError {
     #[error("dnsproxy run needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run it with sudo")]
     NotRoot,
     /// No cgroup v2 hierarchy is mounted.
-    #[error("no cgroup v2 (cgroup2) mount found in /proc/self/mountinfo: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
+    #[error(
+        "no cgroup v2 (cgroup2) mount found in /proc/self/mountinfo: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
     NoCgroup2,
     /// The kernel exposes no BTF.
-    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): it needs CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): it needs CONFIG_DEBUG_INFO_BTF=y"
+    )]
     NoBtf,
     /// bpffs is not mounted and could not be mounted.
     #[error("bpffs is not mounted at {path} and mounting it failed: {source}")]
@@ -83,7 +87,13 @@ mod tests {
 
     #[test]
     fn map_addresses_round_trip() {
-        for ip in ["10.96.0.10", "127.0.0.1", "fd00::10", "::1", "::ffff:1.2.3.4"] {
+        for ip in [
+            "10.96.0.10",
+            "127.0.0.1",
+            "fd00::10",
+            "::1",
+            "::ffff:1.2.3.4",
+        ] {
             let ip: IpAddr = ip.parse().unwrap();
             let back = from_map_addr(&to_map_addr(ip));
             let want = match ip {
@@ -92,8 +102,14 @@ mod tests {
             };
             assert_eq!(back, want);
         }
-        assert_eq!(to_map_addr("127.0.0.1".parse().unwrap()), dnsproxy_common::LOOPBACK4);
-        assert_eq!(to_map_addr("::1".parse().unwrap()), dnsproxy_common::LOOPBACK6);
+        assert_eq!(
+            to_map_addr("127.0.0.1".parse().unwrap()),
+            dnsproxy_common::LOOPBACK4
+        );
+        assert_eq!(
+            to_map_addr("::1".parse().unwrap()),
+            dnsproxy_common::LOOPBACK6
+        );
         assert_eq!(
             to_map_addr("10.96.0.10".parse().unwrap()),
             Addr::from_ipv4_be(u32::from_ne_bytes([10, 96, 0, 10]))

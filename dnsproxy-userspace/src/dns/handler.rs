@@ -1,133 +1,215 @@
-//! One query in, one answer out: local answers from the name table, everything else
-//! forwarded. Malformed input gets FORMERR (or is dropped when not even a header).
-use std::{
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-};
+//! One query in, one answer out. The handler composes the two resolvers: the name table
+//! (`local`) first, then the cache and the upstream forwarder. Malformed input gets
+//! FORMERR (or is dropped when not even a header), other opcodes NOTIMP.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use hickory_proto::{
-    op::{Edns, Message, MessageType, OpCode, ResponseCode},
-    rr::{RData, Record, RecordType, rdata},
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Record, RecordType},
 };
-use rand::seq::SliceRandom as _;
 
 use super::{
     MIN_UDP_PAYLOAD, Protocol,
+    cache::{Cache, CachedAnswer, Key},
     forwarder::Forwarder,
+    local::{self, ClientContext},
     metrics::{Metrics, Outcome},
 };
-use crate::registry::NameTable;
+use crate::registry::{Registry, table::normalize};
 
-/// UDP payload size we advertise in EDNS answers.
+/// UDP payload size we advertise in EDNS answers and upstream queries.
 pub const EDNS_PAYLOAD: u16 = 1232;
-
-/// Shared, swappable name table: readers clone the `Arc` and never wait for a reload.
-pub type SharedTable = Arc<RwLock<Arc<NameTable>>>;
 
 /// Answers queries.
 pub struct Handler {
-    table: SharedTable,
+    registry: Arc<Registry>,
     forwarder: Forwarder,
+    cache: Cache,
     ttl: u32,
     metrics: Arc<Metrics>,
 }
 
+/// Where an upstream-path answer came from.
+enum Upstream {
+    Cache(CachedAnswer),
+    Server(Message, SocketAddr),
+}
+
 impl Handler {
-    pub fn new(table: SharedTable, forwarder: Forwarder, ttl: u32, metrics: Arc<Metrics>) -> Self {
-        Self { table, forwarder, ttl, metrics }
+    pub fn new(
+        registry: Arc<Registry>,
+        forwarder: Forwarder,
+        cache: Cache,
+        ttl: u32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            registry,
+            forwarder,
+            cache,
+            ttl,
+            metrics,
+        }
+    }
+
+    /// Answers held in the cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
     }
 
     /// The answer to `query` from `client`, or `None` when nothing should be sent.
-    pub async fn handle(&self, query: &[u8], protocol: Protocol, client: SocketAddr) -> Option<Vec<u8>> {
+    pub async fn handle(
+        &self,
+        query: &[u8],
+        protocol: Protocol,
+        client: SocketAddr,
+        ctx: &ClientContext,
+    ) -> Option<Vec<u8>> {
         let request = match Message::from_vec(query) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(target: "dns", %client, %protocol, error = %e, "malformed query");
-                self.metrics.request(protocol, Outcome::Rejected);
+                self.metrics
+                    .request(RecordType::NULL, protocol, Outcome::Rejected);
                 return formerr_from_header(query);
             }
         };
         if request.metadata.message_type != MessageType::Query {
             return None;
         }
+        let qtype = request
+            .queries
+            .first()
+            .map_or(RecordType::NULL, Query::query_type);
         if request.metadata.op_code != OpCode::Query {
-            self.metrics.request(protocol, Outcome::Rejected);
+            self.metrics.request(qtype, protocol, Outcome::Rejected);
             return encode(&error_reply(&request, ResponseCode::NotImp));
         }
         if request.queries.len() != 1 {
-            self.metrics.request(protocol, Outcome::Rejected);
+            self.metrics.request(qtype, protocol, Outcome::Rejected);
             return encode(&error_reply(&request, ResponseCode::FormErr));
         }
         let question = &request.queries[0];
-        let name = question.name().to_ascii();
-        let qtype = question.query_type();
         let edns = request.edns.as_ref().map(Edns::max_payload);
 
-        let local = self.local_answer(&request);
-        let (reply, outcome) = match local {
-            Some(msg) => {
-                let answers = msg.answers.len();
-                tracing::debug!(target: "dns", %client, %protocol, question = %name, %qtype, ?edns, found = true, answers, "answered locally");
-                (encode(&msg)?, Outcome::Local)
-            }
-            None => match self.forwarder.forward(&request, protocol).await {
-                Ok(fwd) => {
-                    tracing::debug!(target: "dns", %client, %protocol, question = %name, %qtype, ?edns, found = false, upstream = %fwd.upstream, "forwarded");
-                    (fwd.reply, Outcome::Forwarded)
+        let table = self.registry.table();
+        let (reply, outcome) = if let Some(local) =
+            local::answer(&table, question.name(), qtype, ctx, self.ttl)
+        {
+            let mut reply = response_to(&request);
+            reply.metadata.authoritative = true;
+            reply.add_answers(local.answers);
+            if let Some(target) = local.chase {
+                // An alias to a name we do not know: append the target's records.
+                let chased = Query::query(target, qtype);
+                if let Some(upstream) = self.upstream(&chased).await {
+                    let (answers, _, _) = upstream_sections(upstream);
+                    reply.add_answers(answers);
                 }
-                Err(e) => {
-                    tracing::debug!(target: "dns", %client, %protocol, question = %name, %qtype, ?edns, found = false, error = %e, "SERVFAIL");
-                    self.metrics.request(protocol, Outcome::ServFail);
+            }
+            if let Some(soa) = local.soa {
+                reply.add_authority(soa);
+            }
+            let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
+            tracing::debug!(target: "dns", %client, %protocol, question = %question.name(), %qtype, ?edns, found = true, ?answers, "answered locally");
+            (reply, Outcome::Local)
+        } else {
+            match self.upstream(question).await {
+                Some(upstream) => {
+                    let outcome = match &upstream {
+                        Upstream::Cache(_) => Outcome::Cached,
+                        Upstream::Server(..) => Outcome::Forwarded,
+                    };
+                    let via = match &upstream {
+                        Upstream::Cache(_) => "cache".to_owned(),
+                        Upstream::Server(_, server) => server.to_string(),
+                    };
+                    let mut reply = response_to(&request);
+                    let code = match &upstream {
+                        Upstream::Cache(c) => c.response_code,
+                        Upstream::Server(m, _) => m.metadata.response_code,
+                    };
+                    reply.metadata.response_code = code;
+                    let (mut answers, authorities, additionals) = upstream_sections(upstream);
+                    // Owner names in the case the client used (the cache holds the
+                    // first asker's spelling).
+                    for r in answers.iter_mut().filter(|r| r.name == *question.name()) {
+                        r.name = question.name().clone();
+                    }
+                    reply.add_answers(answers);
+                    reply.add_authorities(authorities);
+                    reply.add_additionals(additionals);
+                    tracing::debug!(target: "dns", %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
+                    (reply, outcome)
+                }
+                None => {
+                    tracing::debug!(target: "dns", %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, "SERVFAIL: every upstream failed");
+                    self.metrics.request(qtype, protocol, Outcome::ServFail);
                     return encode(&error_reply(&request, ResponseCode::ServFail));
                 }
-            },
+            }
         };
-        self.metrics.request(protocol, outcome);
+        self.metrics.request(qtype, protocol, outcome);
+        let bytes = encode(&reply)?;
         Some(match protocol {
-            Protocol::Tcp => reply,
-            Protocol::Udp => fit_udp(reply, &request),
+            Protocol::Tcp => bytes,
+            Protocol::Udp if bytes.len() <= udp_limit(&request) => bytes,
+            // Too large for the client's UDP limit: question only, TC set, so the
+            // client retries over TCP.
+            Protocol::Udp => encode(&reply.truncate()).unwrap_or(bytes),
         })
     }
 
-    /// A/AAAA for a known host (NODATA for the family it lacks); `None` to forward.
-    fn local_answer(&self, request: &Message) -> Option<Message> {
-        let question = &request.queries[0];
-        let qtype = question.query_type();
-        if !matches!(qtype, RecordType::A | RecordType::AAAA) {
-            return None;
-        }
-        let table = self.table.read().expect("name table lock").clone();
-        let record = table.lookup(&question.name().to_ascii())?;
-        let mut reply = response_to(request);
-        reply.metadata.authoritative = true;
-        let name = question.name().clone();
-        let mut answers: Vec<Record> = match qtype {
-            RecordType::A => record
-                .v4
-                .iter()
-                .map(|ip| Record::from_rdata(name.clone(), self.ttl, RData::A(rdata::A(*ip))))
-                .collect(),
-            _ => record
-                .v6
-                .iter()
-                .map(|ip| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(rdata::AAAA(*ip))))
-                .collect(),
+    /// The cache, else the upstream servers (whose answer is then cached);
+    /// `None` when every upstream failed.
+    async fn upstream(&self, question: &Query) -> Option<Upstream> {
+        let key = Key {
+            name: normalize(&question.name().to_ascii()),
+            qtype: question.query_type(),
+            qclass: question.query_class(),
         };
-        answers.shuffle(&mut rand::rng());
-        reply.add_answers(answers);
-        Some(reply)
+        if let Some(hit) = self.cache.get(&key, Instant::now()) {
+            self.metrics
+                .cache_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some(Upstream::Cache(hit));
+        }
+        self.metrics
+            .cache_misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match self.forwarder.forward(question).await {
+            Ok(fwd) => {
+                self.cache.insert(key, &fwd.reply, Instant::now());
+                Some(Upstream::Server(fwd.reply, fwd.upstream))
+            }
+            Err(e) => {
+                tracing::debug!(target: "dns", question = %question.name(), error = %e, "upstream failed");
+                None
+            }
+        }
     }
 }
 
-/// A response skeleton: same ID, opcode, RD and question; RA set; EDNS echoed.
-fn response_to(request: &Message) -> Message {
+/// Answer, authority and additional records of an upstream answer (OPT excluded:
+/// hickory keeps EDNS apart, and ours is set per client).
+fn upstream_sections(upstream: Upstream) -> (Vec<Record>, Vec<Record>, Vec<Record>) {
+    match upstream {
+        Upstream::Cache(c) => (c.answers, c.authorities, c.additionals),
+        Upstream::Server(m, _) => (m.answers, m.authorities, m.additionals),
+    }
+}
+
+/// A response skeleton: same ID, opcode, RD and question as sent; RA set; EDNS echoed.
+pub fn response_to(request: &Message) -> Message {
     let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
     reply.metadata.recursion_desired = request.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
+    reply.metadata.checking_disabled = request.metadata.checking_disabled;
     reply.add_queries(request.queries.iter().cloned());
-    if request.edns.is_some() {
+    if let Some(req_edns) = &request.edns {
         let mut edns = Edns::new();
         edns.set_max_payload(EDNS_PAYLOAD);
+        edns.set_dnssec_ok(req_edns.flags().dnssec_ok);
         reply.set_edns(edns);
     }
     reply
@@ -156,7 +238,7 @@ fn formerr_from_header(query: &[u8]) -> Option<Vec<u8>> {
     }
     let mut reply = vec![0u8; 12];
     reply[..2].copy_from_slice(&query[..2]);
-    // QR=1, opcode copied, RD copied; RCODE=FORMERR(1); all counts zero.
+    // QR=1, opcode and RD copied; RCODE=FORMERR(1); all counts zero.
     reply[2] = 0x80 | (query[2] & 0x79);
     reply[3] = 0x01;
     Some(reply)
@@ -170,18 +252,6 @@ fn udp_limit(request: &Message) -> usize {
             .as_ref()
             .map_or(MIN_UDP_PAYLOAD, |e| e.max_payload().max(MIN_UDP_PAYLOAD)),
     )
-}
-
-/// Answers too large for the client's UDP limit are cut to the question with TC set,
-/// so the client retries over TCP.
-fn fit_udp(reply: Vec<u8>, request: &Message) -> Vec<u8> {
-    if reply.len() <= udp_limit(request) {
-        return reply;
-    }
-    match Message::from_vec(&reply) {
-        Ok(msg) => encode(&msg.truncate()).unwrap_or(reply),
-        Err(_) => reply,
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! The DNS server on the local listener: `server` (sockets), `handler` (one query →
-//! one answer), `forwarder` (upstream), `metrics` (counters for /metrics).
+//! one answer), `local` (answers from the name table), `cache` and `forwarder`
+//! (upstream), `metrics` (counters for /metrics).
+pub mod cache;
 pub mod forwarder;
 pub mod handler;
+pub mod local;
 pub mod metrics;
 pub mod server;
 

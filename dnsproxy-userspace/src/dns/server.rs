@@ -1,17 +1,20 @@
-//! Sockets of the local listener: UDP and TCP on 127.0.0.1 and ::1. Binding is separate
-//! from serving so that "port in use" is reported before the data path is attached.
+//! Sockets of the local listener: UDP and TCP on 127.0.0.1 and ::1. UDP uses one
+//! SO_REUSEPORT socket per core, so queries spread over cores without a shared lock.
+//! Binding is separate from serving so that "port in use" is reported before the data
+//! path is attached.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
+use socket2::{Domain, Socket, Type};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use super::{Protocol, handler::Handler};
+use super::{Protocol, handler::Handler, local::ClientContext};
 
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -20,8 +23,13 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// The port is taken.
-    #[error("{addr} ({protocol}) is already in use: is another DNS proxy running? choose another --listen-port")]
-    InUse { addr: SocketAddr, protocol: Protocol },
+    #[error(
+        "{addr} ({protocol}) is already in use: is another DNS proxy running? choose another --listen-port"
+    )]
+    InUse {
+        addr: SocketAddr,
+        protocol: Protocol,
+    },
     /// Any other bind failure.
     #[error("cannot listen on {addr} ({protocol}): {source}")]
     Other {
@@ -41,30 +49,46 @@ fn bind_error(addr: SocketAddr, protocol: Protocol, source: std::io::Error) -> B
     if source.kind() == std::io::ErrorKind::AddrInUse {
         BindError::InUse { addr, protocol }
     } else {
-        BindError::Other { addr, protocol, source }
+        BindError::Other {
+            addr,
+            protocol,
+            source,
+        }
     }
 }
 
+fn udp_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
 impl Listeners {
-    /// Binds UDP+TCP on 127.0.0.1:`port` (required) and [::1]:`port` (skipped, with a
-    /// warning, when the network namespace has no IPv6 loopback).
+    /// Binds UDP (one socket per core) and TCP on 127.0.0.1:`port` (required) and
+    /// [::1]:`port` (skipped, with a warning, when the netns has no IPv6 loopback).
+    /// The TCP listener does not share its port, so a second daemon fails here.
     pub async fn bind(port: u16) -> Result<Self, BindError> {
+        let per_core = std::thread::available_parallelism().map_or(1, usize::from);
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
-        for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
             let addr = SocketAddr::new(ip, port);
-            let u = UdpSocket::bind(addr).await;
-            let t = TcpListener::bind(addr).await;
-            match (u, t) {
-                (Ok(u), Ok(t)) => {
-                    udp.push(u);
-                    tcp.push(t);
-                }
-                (Err(e), _) if ip.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) if ip.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
                     tracing::warn!(%addr, "no IPv6 loopback here: serving IPv4 only");
+                    continue;
                 }
-                (Err(e), _) => return Err(bind_error(addr, Protocol::Udp, e)),
-                (_, Err(e)) => return Err(bind_error(addr, Protocol::Tcp, e)),
+                Err(e) => return Err(bind_error(addr, Protocol::Tcp, e)),
+            };
+            tcp.push(listener);
+            for _ in 0..per_core {
+                udp.push(udp_reuseport(addr).map_err(|e| bind_error(addr, Protocol::Udp, e))?);
             }
         }
         Ok(Self { udp, tcp })
@@ -72,23 +96,26 @@ impl Listeners {
 
     /// Addresses actually bound, for the start-up log.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.udp.iter().filter_map(|s| s.local_addr().ok()).collect()
+        self.tcp
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
     }
 
     /// Serves until the task is dropped.
-    pub async fn serve(self, handler: Arc<Handler>) {
+    pub async fn serve(self, handler: Arc<Handler>, ctx: Arc<ClientContext>) {
         let mut tasks = tokio::task::JoinSet::new();
         for sock in self.udp {
-            tasks.spawn(serve_udp(Arc::new(sock), handler.clone()));
+            tasks.spawn(serve_udp(Arc::new(sock), handler.clone(), ctx.clone()));
         }
         for listener in self.tcp {
-            tasks.spawn(serve_tcp(listener, handler.clone()));
+            tasks.spawn(serve_tcp(listener, handler.clone(), ctx.clone()));
         }
         while tasks.join_next().await.is_some() {}
     }
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, handler: Arc<Handler>) {
+async fn serve_udp(sock: Arc<UdpSocket>, handler: Arc<Handler>, ctx: Arc<ClientContext>) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, client) = match sock.recv_from(&mut buf).await {
@@ -99,11 +126,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, handler: Arc<Handler>) {
             }
         };
         let query = buf[..n].to_vec();
-        let sock = sock.clone();
-        let handler = handler.clone();
+        let (sock, handler, ctx) = (sock.clone(), handler.clone(), ctx.clone());
         // Each query on its own task: a slow upstream must not hold up local answers.
         tokio::spawn(async move {
-            if let Some(reply) = handler.handle(&query, Protocol::Udp, client).await
+            if let Some(reply) = handler.handle(&query, Protocol::Udp, client, &ctx).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
                 tracing::debug!(target: "dns", %client, error = %e, "UDP send failed");
@@ -112,11 +138,16 @@ async fn serve_udp(sock: Arc<UdpSocket>, handler: Arc<Handler>) {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, handler: Arc<Handler>) {
+async fn serve_tcp(listener: TcpListener, handler: Arc<Handler>, ctx: Arc<ClientContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
-                tokio::spawn(serve_tcp_client(stream, client, handler.clone()));
+                tokio::spawn(serve_tcp_client(
+                    stream,
+                    client,
+                    handler.clone(),
+                    ctx.clone(),
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TCP accept failed");
@@ -126,19 +157,28 @@ async fn serve_tcp(listener: TcpListener, handler: Arc<Handler>) {
     }
 }
 
-async fn serve_tcp_client(mut stream: TcpStream, client: SocketAddr, handler: Arc<Handler>) {
+async fn serve_tcp_client(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    handler: Arc<Handler>,
+    ctx: Arc<ClientContext>,
+) {
     loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await,
+            Ok(Ok(_))
+        ) {
+            return;
         }
         let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
         }
-        let Some(reply) = handler.handle(&query, Protocol::Tcp, client).await else {
+        let Some(reply) = handler.handle(&query, Protocol::Tcp, client, &ctx).await else {
             continue;
         };
         let Ok(reply_len) = u16::try_from(reply.len()) else {

@@ -1,8 +1,12 @@
 //! The registry source for local mode: a YAML file, or every `*.yaml`/`*.yml` file of a
-//! directory (sorted by name). A broken file fails the whole load, naming the file.
-use std::path::{Path, PathBuf};
+//! directory (sorted by name), polled for changes. A broken file is reported with its
+//! path and reason, and the last good objects stay in service.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
 
-use super::{NameTable, manifest};
+use super::manifest::{self, Objects};
 
 /// Errors loading manifests from disk.
 #[derive(Debug, thiserror::Error)]
@@ -42,23 +46,59 @@ fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
-/// Builds a name table from `path`.
-pub fn load(path: &Path) -> Result<NameTable, LoadError> {
-    let mut table = NameTable::default();
+/// Reads every object under `path`; fails on the first broken file.
+pub fn load(path: &Path) -> Result<Objects, LoadError> {
+    let mut objects = Objects::default();
     for file in manifest_files(path)? {
         let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Read {
             path: file.clone(),
             source,
         })?;
-        let used = manifest::load_into(&text, &mut table).map_err(|source| {
-            LoadError::Manifest {
+        let used =
+            manifest::parse_into(&text, &mut objects).map_err(|source| LoadError::Manifest {
                 path: file.clone(),
                 source,
-            }
-        })?;
+            })?;
         tracing::debug!(file = %file.display(), objects = used, "loaded manifests");
     }
-    Ok(table)
+    Ok(objects)
+}
+
+/// What changes when a manifest file changes: names, sizes, modification times.
+fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    manifest_files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta.and_then(|m| m.modified().ok());
+            (f, len, mtime)
+        })
+        .collect()
+}
+
+/// Polls `path` every `interval` and calls `apply` with the new objects after each
+/// change that loads cleanly. Runs until the task is dropped.
+pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Objects)) {
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load(&path) {
+            Ok(objects) => {
+                tracing::info!(path = %path.display(), "registry changed: reloaded");
+                apply(objects);
+            }
+            Err(e) => {
+                tracing::error!("registry not reloaded, the last good table stays in service: {e}")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -75,8 +115,10 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
-        assert_eq!(load(&dir).unwrap().len(), 1);
+        assert_eq!(load(&dir).unwrap().service_entries.len(), 1);
+        let before = fingerprint(&dir);
         std::fs::write(dir.join("b.yml"), "spec: [").unwrap();
+        assert_ne!(before, fingerprint(&dir));
         let err = load(&dir).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(err.contains("b.yml"), "{err}");

@@ -1,10 +1,10 @@
-//! Kubernetes-style manifests as far as the name table needs them. Objects we do not
-//! use, and fields we do not use, are tolerated (as kubectl does).
-use std::net::IpAddr;
+//! Kubernetes and Istio objects as far as the name table needs them, in the shape of
+//! their JSON/YAML (camelCase). The same types are read from YAML files and, in node
+//! mode, from the Kubernetes API, so everything after the source is shared. Fields we
+//! do not use are tolerated, as kubectl does.
+use std::{collections::BTreeMap, net::IpAddr};
 
-use serde::Deserialize;
-
-use super::NameTable;
+use serde::{Deserialize, Serialize};
 
 /// Errors in one manifest document.
 #[derive(Debug, thiserror::Error)]
@@ -15,42 +15,171 @@ pub enum ManifestError {
         index: usize,
         source: serde_yaml::Error,
     },
+    /// A `kind` we use, with a field of the wrong shape.
+    #[error("document {index} ({kind} {name}): {source}")]
+    Spec {
+        index: usize,
+        kind: String,
+        name: String,
+        source: serde_yaml::Error,
+    },
     /// An address in `spec.addresses` is neither an IP nor a host CIDR.
     #[error("ServiceEntry {name}: address `{address}` is not an IP or a /32 or /128 CIDR")]
     BadAddress { name: String, address: String },
 }
 
-#[derive(Debug, Deserialize)]
+/// `metadata` of any object.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct Object {
+pub struct ObjectMeta {
     #[serde(default)]
-    api_version: String,
+    pub name: String,
     #[serde(default)]
-    kind: String,
+    pub namespace: Option<String>,
     #[serde(default)]
-    metadata: Metadata,
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
-    spec: serde_yaml::Value,
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resource_version: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct Metadata {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
+impl ObjectMeta {
+    /// The namespace, `default` when unset (as kubectl applies it).
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct ServiceEntrySpec {
+// === ServiceEntry ===
+
+/// Istio `ServiceEntry` (`networking.istio.io/v1` and `v1beta1`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
     #[serde(default)]
-    hosts: Vec<String>,
+    pub metadata: ObjectMeta,
     #[serde(default)]
-    addresses: Vec<String>,
+    pub spec: ServiceEntrySpec,
+    #[serde(default)]
+    pub status: Option<ServiceEntryStatus>,
 }
 
-/// Parses an address of `spec.addresses`: an IP, or a single-host CIDR.
-fn parse_address(s: &str) -> Option<IpAddr> {
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServiceEntryPort>,
+    #[serde(default)]
+    pub resolution: Resolution,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryPort {
+    pub number: u16,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+/// `spec.resolution`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    #[default]
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+/// An endpoint of a ServiceEntry (a WorkloadEntry spec).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryStatus {
+    #[serde(default)]
+    pub addresses: Vec<StatusAddress>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusAddress {
+    #[serde(default)]
+    pub value: String,
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// Label that opts a ServiceEntry out of auto-allocation.
+pub const AUTOALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
+
+impl ServiceEntry {
+    /// `spec.addresses` parsed (IPs, or /32 and /128 CIDRs).
+    pub fn spec_addresses(&self) -> Result<Vec<IpAddr>, ManifestError> {
+        self.spec
+            .addresses
+            .iter()
+            .map(|a| {
+                parse_host_address(a).ok_or_else(|| ManifestError::BadAddress {
+                    name: format!("{}/{}", self.metadata.namespace(), self.metadata.name),
+                    address: a.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Addresses Istio already allocated for `host` (`status.addresses`).
+    pub fn status_addresses(&self, host: &str) -> Vec<IpAddr> {
+        self.status
+            .iter()
+            .flat_map(|s| &s.addresses)
+            .filter(|a| {
+                a.host
+                    .as_deref()
+                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
+            })
+            .filter_map(|a| parse_host_address(&a.value))
+            .collect()
+    }
+
+    /// Whether hosts of this entry without addresses get VIPs: resolution not NONE and
+    /// not opted out by label (wildcards are excluded per host).
+    pub fn wants_autoallocation(&self) -> bool {
+        self.spec.resolution != Resolution::None
+            && self
+                .metadata
+                .labels
+                .get(AUTOALLOCATE_LABEL)
+                .map(String::as_str)
+                != Some("false")
+    }
+}
+
+/// An IP, or a single-host CIDR.
+pub fn parse_host_address(s: &str) -> Option<IpAddr> {
     match s.split_once('/') {
         None => s.parse().ok(),
         Some((ip, len)) => {
@@ -61,48 +190,191 @@ fn parse_address(s: &str) -> Option<IpAddr> {
     }
 }
 
-/// Adds the objects of a (multi-document) YAML text to `table`.
-/// Returns how many objects were used.
-pub fn load_into(text: &str, table: &mut NameTable) -> Result<usize, ManifestError> {
+// === Service ===
+
+/// Kubernetes `Service` (v1).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    #[serde(default)]
+    pub external_name: Option<String>,
+}
+
+/// What a Service resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// Virtual IPs (one per family).
+    ClusterIp(Vec<IpAddr>),
+    /// No virtual IP: the ready endpoints' addresses.
+    Headless,
+    /// A CNAME to another name.
+    ExternalName(String),
+}
+
+impl Service {
+    pub fn kind(&self) -> ServiceKind {
+        if self.spec.type_.as_deref() == Some("ExternalName")
+            && let Some(target) = &self.spec.external_name
+        {
+            return ServiceKind::ExternalName(target.trim_end_matches('.').to_ascii_lowercase());
+        }
+        let mut ips: Vec<&str> = self.spec.cluster_ips.iter().map(String::as_str).collect();
+        if ips.is_empty() {
+            ips.extend(self.spec.cluster_ip.as_deref());
+        }
+        if ips.is_empty() || ips.iter().any(|ip| ip.eq_ignore_ascii_case("none")) {
+            return ServiceKind::Headless;
+        }
+        ServiceKind::ClusterIp(ips.iter().filter_map(|ip| ip.parse().ok()).collect())
+    }
+}
+
+// === EndpointSlice ===
+
+/// Kubernetes `EndpointSlice` (discovery.k8s.io/v1).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: String,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointConditions {
+    /// Unset means ready (the API's documented default).
+    #[serde(default)]
+    pub ready: Option<bool>,
+}
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl EndpointSlice {
+    pub fn service_name(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .get(SERVICE_NAME_LABEL)
+            .map(String::as_str)
+    }
+}
+
+// === documents ===
+
+/// Every object the name table is built from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    pub service_entries: Vec<ServiceEntry>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+}
+
+/// Adds the objects of a (multi-document) YAML text to `objects`; returns how many
+/// were used. `kind: List` documents are unpacked.
+pub fn parse_into(text: &str, objects: &mut Objects) -> Result<usize, ManifestError> {
     let mut used = 0;
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(doc)
             .map_err(|source| ManifestError::Yaml { index, source })?;
-        if value.is_null() {
-            continue;
-        }
-        let obj: Object = serde_yaml::from_value(value)
-            .map_err(|source| ManifestError::Yaml { index, source })?;
-        let is_istio = obj.api_version.starts_with("networking.istio.io/");
-        if !(is_istio && obj.kind == "ServiceEntry") {
-            tracing::debug!(kind = %obj.kind, name = %obj.metadata.name, "manifest object not used");
-            continue;
-        }
-        let spec: ServiceEntrySpec = serde_yaml::from_value(obj.spec)
-            .map_err(|source| ManifestError::Yaml { index, source })?;
-        let mut addrs = Vec::with_capacity(spec.addresses.len());
-        for a in &spec.addresses {
-            addrs.push(parse_address(a).ok_or_else(|| ManifestError::BadAddress {
-                name: format!(
-                    "{}/{}",
-                    obj.metadata.namespace.as_deref().unwrap_or("default"),
-                    obj.metadata.name
-                ),
-                address: a.clone(),
-            })?);
-        }
-        if addrs.is_empty() {
-            // Without addresses the host is left to upstream DNS until auto-allocation
-            // gives it a VIP (an empty record would answer NODATA for a real host).
-            tracing::debug!(name = %obj.metadata.name, "ServiceEntry without addresses: not answered locally");
-            continue;
-        }
-        for host in &spec.hosts {
-            table.add(host, addrs.iter().copied());
-        }
-        used += 1;
+        used += add_value(index, value, objects)?;
     }
     Ok(used)
+}
+
+fn add_value(
+    index: usize,
+    value: serde_yaml::Value,
+    objects: &mut Objects,
+) -> Result<usize, ManifestError> {
+    if value.is_null() {
+        return Ok(0);
+    }
+    let meta: TypeMeta = serde_yaml::from_value(value.clone())
+        .map_err(|source| ManifestError::Yaml { index, source })?;
+    let spec_err = |source| ManifestError::Spec {
+        index,
+        kind: meta.kind.clone(),
+        name: meta.metadata.name.clone(),
+        source,
+    };
+    let group = meta.api_version.split('/').next().unwrap_or("");
+    match (group, meta.kind.as_str()) {
+        (_, "List") => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            let mut used = 0;
+            for item in items {
+                used += add_value(index, item, objects)?;
+            }
+            Ok(used)
+        }
+        ("networking.istio.io", "ServiceEntry") => {
+            let se: ServiceEntry = serde_yaml::from_value(value).map_err(spec_err)?;
+            se.spec_addresses()?;
+            objects.service_entries.push(se);
+            Ok(1)
+        }
+        ("v1", "Service") => {
+            objects
+                .services
+                .push(serde_yaml::from_value(value).map_err(spec_err)?);
+            Ok(1)
+        }
+        ("discovery.k8s.io", "EndpointSlice") => {
+            objects
+                .endpoint_slices
+                .push(serde_yaml::from_value(value).map_err(spec_err)?);
+            Ok(1)
+        }
+        _ => {
+            tracing::debug!(kind = %meta.kind, name = %meta.metadata.name, "manifest object not used");
+            Ok(0)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -110,34 +382,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_entry_hosts_and_addresses() {
+    fn reads_every_kind_we_use() {
         let text = r#"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: aliyun, namespace: default}
 spec:
-  hosts: [aliyun.com, www.aliyun.com]
+  hosts: [aliyun.com]
   addresses: [240.240.0.10/32, "2001:2::a"]
-  ports: [{number: 443, name: tls, protocol: TLS}]
-  resolution: DNS
+  ports: [{number: 443, name: tls, protocol: TLS, targetPort: 8443}]
+  resolution: DNS_ROUND_ROBIN
   unknownField: tolerated
 ---
 apiVersion: v1
-kind: ConfigMap
-metadata: {name: ignored}
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec: {clusterIP: 10.0.0.5, clusterIPs: [10.0.0.5, "fd00::5"], ports: [{port: 9080}]}
 ---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: no-addresses}
-spec: {hosts: [forwarded.example], resolution: DNS}
----
+apiVersion: v1
+kind: List
+items:
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: db-abc, labels: {kubernetes.io/service-name: db}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.1.0.7], hostname: db-0, conditions: {ready: true}}]
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: ignored}
 "#;
-        let mut t = NameTable::default();
-        assert_eq!(load_into(text, &mut t).unwrap(), 1);
-        assert!(t.lookup("forwarded.example").is_none());
-        let r = t.lookup("www.aliyun.com").unwrap();
-        assert_eq!(r.v4.len(), 1);
-        assert_eq!(r.v6.len(), 1);
+        let mut o = Objects::default();
+        assert_eq!(parse_into(text, &mut o).unwrap(), 3);
+        assert_eq!(
+            o.service_entries[0].spec.resolution,
+            Resolution::DnsRoundRobin
+        );
+        assert_eq!(o.service_entries[0].spec.ports[0].target_port, Some(8443));
+        assert_eq!(o.service_entries[0].spec_addresses().unwrap().len(), 2);
+        assert_eq!(
+            o.services[0].kind(),
+            ServiceKind::ClusterIp(vec![
+                "10.0.0.5".parse().unwrap(),
+                "fd00::5".parse().unwrap()
+            ])
+        );
+        assert_eq!(o.endpoint_slices[0].service_name(), Some("db"));
+        assert_eq!(o.endpoint_slices[0].metadata.namespace(), "default");
+    }
+
+    #[test]
+    fn service_kinds() {
+        let svc = |yaml: &str| -> Service { serde_yaml::from_str(yaml).unwrap() };
+        assert_eq!(svc("spec: {clusterIP: None}").kind(), ServiceKind::Headless);
+        assert_eq!(
+            svc("spec: {type: ExternalName, externalName: Api.Example.COM.}").kind(),
+            ServiceKind::ExternalName("api.example.com".into())
+        );
     }
 
     #[test]
@@ -160,12 +460,19 @@ spec: {hosts: [forwarded.example], resolution: DNS}
             },
             Case {
                 name: "hosts not a list",
-                text: "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: 5}\n",
-                want: "document 0",
+                text: "---\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: 5}\n",
+                want: "(ServiceEntry x): invalid type: integer `5`",
+            },
+            Case {
+                name: "unknown resolution",
+                text: "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: y}\nspec: {resolution: MAGIC}\n",
+                want: "unknown variant `MAGIC`",
             },
         ];
         for c in cases {
-            let err = load_into(c.text, &mut NameTable::default()).unwrap_err().to_string();
+            let err = parse_into(c.text, &mut Objects::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(c.want), "{}: {err}", c.name);
         }
     }

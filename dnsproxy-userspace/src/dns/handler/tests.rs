@@ -1,30 +1,82 @@
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Name, RData, RecordType},
+    rr::{Name, RData, rdata},
 };
 
 use super::*;
-use crate::{dns::forwarder::Forwarder, registry::NameTable};
+use crate::registry::{
+    allocator::VipAllocator,
+    manifest::{Objects, parse_into},
+};
+
+const REGISTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: aliyun, namespace: default}
+spec: {hosts: [aliyun.com, alibabacloud.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed}
+spec: {hosts: [fixed.test], addresses: [240.241.0.1, 240.241.0.2], resolution: STATIC}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: v4only}
+spec: {hosts: [v4only.test], addresses: [240.241.0.9], resolution: STATIC}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {clusterIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: default}
+spec: {type: ExternalName, externalName: fixed.test}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: outside, namespace: default}
+spec: {type: ExternalName, externalName: upstream-only.test}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: big}
+spec:
+  hosts: [big.test]
+  addresses: [240.242.0.1, 240.242.0.2, 240.242.0.3, 240.242.0.4, 240.242.0.5, 240.242.0.6, 240.242.0.7, 240.242.0.8,
+              240.242.0.9, 240.242.0.10, 240.242.0.11, 240.242.0.12, 240.242.0.13, 240.242.0.14, 240.242.0.15, 240.242.0.16,
+              240.242.0.17, 240.242.0.18, 240.242.0.19, 240.242.0.20, 240.242.0.21, 240.242.0.22, 240.242.0.23, 240.242.0.24,
+              240.242.0.25, 240.242.0.26, 240.242.0.27, 240.242.0.28, 240.242.0.29, 240.242.0.30, 240.242.0.31, 240.242.0.32]
+  resolution: STATIC
+"#;
 
 fn client() -> SocketAddr {
     "127.0.0.1:40000".parse().unwrap()
 }
 
-fn handler_with(upstreams: Vec<SocketAddr>) -> Handler {
-    let mut table = NameTable::default();
-    let ips: Vec<IpAddr> = ["240.240.0.1", "240.240.0.2", "2001:2::1"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    table.add("aliyun.com", ips);
-    table.add("v4only.test", ["240.240.0.9".parse().unwrap()]);
-    let big: Vec<IpAddr> = (1..=60).map(|i| format!("240.240.1.{i}").parse().unwrap()).collect();
-    table.add("big.test", big);
-    let metrics = Arc::new(Metrics::default());
-    let forwarder = Forwarder::new(upstreams, Duration::from_millis(300), metrics.clone());
-    Handler::new(Arc::new(RwLock::new(Arc::new(table))), forwarder, 30, metrics)
+fn ctx() -> ClientContext {
+    ClientContext {
+        namespace: "default".into(),
+        extra_search: vec![],
+    }
+}
+
+fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
+    let mut objects = Objects::default();
+    parse_into(REGISTRY, &mut objects).unwrap();
+    let registry = Registry::new(&objects, VipAllocator::in_memory(), Default::default()).unwrap();
+    let metrics = Arc::new(Metrics::new(&upstreams));
+    let forwarder = Forwarder::new(
+        upstreams,
+        Duration::from_millis(300),
+        parallel,
+        metrics.clone(),
+    );
+    Handler::new(Arc::new(registry), forwarder, Cache::new(100), 30, metrics)
 }
 
 fn query(name: &str, qtype: RecordType, edns: bool) -> Message {
@@ -40,140 +92,353 @@ fn query(name: &str, qtype: RecordType, edns: bool) -> Message {
 }
 
 async fn ask(h: &Handler, m: &Message, proto: Protocol) -> Message {
-    let bytes = h.handle(&m.to_vec().unwrap(), proto, client()).await.expect("an answer");
+    let bytes = h
+        .handle(&m.to_vec().unwrap(), proto, client(), &ctx())
+        .await
+        .expect("an answer");
     Message::from_vec(&bytes).unwrap()
 }
 
+/// Answer records as "owner TYPE data" strings, sorted (answers are shuffled).
+fn records(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .answers
+        .iter()
+        .map(|r| format!("{} {} {}", r.name, r.record_type(), r.data))
+        .collect();
+    v.sort();
+    v
+}
+
 #[tokio::test]
-async fn local_answers() {
+async fn local_answer_rules() {
     struct Case {
         name: &'static str,
         query: Message,
-        want_rcode: ResponseCode,
-        want_answers: Vec<&'static str>,
-        want_edns: bool,
+        want: Vec<String>,
+        want_soa: bool,
     }
-    let cases = [
+    let h = handler_with(vec![], false);
+    let vip = |host: &str| -> String {
+        match &h.registry.table().get(host).unwrap().target {
+            crate::registry::table::Target::Addresses(a) => a.ipv4[0].to_string(),
+            t => panic!("{t:?}"),
+        }
+    };
+    let aliyun = vip("aliyun.com");
+    let alibaba = vip("alibabacloud.com");
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let cases = vec![
         Case {
-            name: "A for a known host, case-insensitive, question echoed as sent",
-            query: query("AliYun.Com.", RecordType::A, false),
-            want_rcode: ResponseCode::NoError,
-            want_answers: vec!["240.240.0.1", "240.240.0.2"],
-            want_edns: false,
+            name: "A for an auto-allocated host",
+            query: query("aliyun.com.", RecordType::A, false),
+            want: vec![format!("aliyun.com. A {aliyun}")],
+            want_soa: false,
         },
         Case {
-            name: "AAAA for a known host",
-            query: query("aliyun.com.", RecordType::AAAA, true),
-            want_rcode: ResponseCode::NoError,
-            want_answers: vec!["2001:2::1"],
-            want_edns: true,
+            name: "question echoed as sent (case kept)",
+            query: query("AliYun.COM.", RecordType::A, false),
+            want: vec![format!("AliYun.COM. A {aliyun}")],
+            want_soa: false,
         },
         Case {
-            name: "AAAA for a v4-only host is NODATA",
+            name: "seed: search-suffix query answered with CNAME + A",
+            query: query(
+                "alibabacloud.com.default.svc.cluster.local.",
+                RecordType::A,
+                true,
+            ),
+            want: {
+                let mut v = vec![
+                    "alibabacloud.com.default.svc.cluster.local. CNAME alibabacloud.com."
+                        .to_owned(),
+                    format!("alibabacloud.com. A {alibaba}"),
+                ];
+                v.sort();
+                v
+            },
+            want_soa: false,
+        },
+        Case {
+            name: "every search domain, not only the first",
+            query: query("fixed.test.cluster.local.", RecordType::A, false),
+            want: s(&[
+                "fixed.test. A 240.241.0.1",
+                "fixed.test. A 240.241.0.2",
+                "fixed.test.cluster.local. CNAME fixed.test.",
+            ]),
+            want_soa: false,
+        },
+        Case {
+            name: "AAAA of an auto-allocated host",
+            query: query("aliyun.com.", RecordType::AAAA, false),
+            want: vec![format!("aliyun.com. AAAA 2001:2::{}", {
+                let o: std::net::Ipv4Addr = aliyun.parse().unwrap();
+                format!("{:x}", u16::from_be_bytes([o.octets()[2], o.octets()[3]]))
+            })],
+            want_soa: false,
+        },
+        Case {
+            name: "NODATA with SOA for the missing family",
             query: query("v4only.test.", RecordType::AAAA, false),
-            want_rcode: ResponseCode::NoError,
-            want_answers: vec![],
-            want_edns: false,
+            want: vec![],
+            want_soa: true,
+        },
+        Case {
+            name: "Kubernetes short name in the client's namespace",
+            query: query("reviews.", RecordType::A, false),
+            want: s(&["reviews. A 10.0.0.5"]),
+            want_soa: false,
+        },
+        Case {
+            name: "svc.ns form",
+            query: query("reviews.default.", RecordType::A, false),
+            want: s(&["reviews.default. A 10.0.0.5"]),
+            want_soa: false,
+        },
+        Case {
+            name: "ExternalName: CNAME then the target's records",
+            query: query("ext.default.svc.cluster.local.", RecordType::A, false),
+            want: s(&[
+                "ext.default.svc.cluster.local. CNAME fixed.test.",
+                "fixed.test. A 240.241.0.1",
+                "fixed.test. A 240.241.0.2",
+            ]),
+            want_soa: false,
+        },
+        Case {
+            name: "PTR of a ClusterIP",
+            query: query("5.0.0.10.in-addr.arpa.", RecordType::PTR, false),
+            want: s(&["5.0.0.10.in-addr.arpa. PTR reviews.default.svc.cluster.local."]),
+            want_soa: false,
+        },
+        Case {
+            name: "PTR of an auto-allocated VIP",
+            query: query(
+                &{
+                    let o: std::net::Ipv4Addr = aliyun.parse().unwrap();
+                    let o = o.octets();
+                    format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+                },
+                RecordType::PTR,
+                false,
+            ),
+            want: vec![format!("{} PTR aliyun.com.", {
+                let o: std::net::Ipv4Addr = aliyun.parse().unwrap();
+                let o = o.octets();
+                format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+            })],
+            want_soa: false,
         },
     ];
-    let h = handler_with(vec![]);
     for c in cases {
         let reply = ask(&h, &c.query, Protocol::Udp).await;
         assert_eq!(reply.metadata.id, 0x1234, "{}", c.name);
-        assert_eq!(reply.metadata.response_code, c.want_rcode, "{}", c.name);
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NoError,
+            "{}",
+            c.name
+        );
         assert!(reply.metadata.authoritative, "{}: AA", c.name);
         assert_eq!(reply.queries, c.query.queries, "{}: question", c.name);
-        assert_eq!(reply.edns.is_some(), c.want_edns, "{}: edns", c.name);
-        let mut got: Vec<String> = reply
-            .answers
-            .iter()
-            .map(|r| {
-                assert_eq!(r.ttl, 30, "{}: ttl", c.name);
-                match &r.data {
-                    RData::A(a) => a.0.to_string(),
-                    RData::AAAA(a) => a.0.to_string(),
-                    other => panic!("{}: unexpected {other:?}", c.name),
-                }
-            })
-            .collect();
-        got.sort();
-        assert_eq!(got, c.want_answers, "{}", c.name);
+        assert_eq!(
+            reply.edns.is_some(),
+            c.query.edns.is_some(),
+            "{}: EDNS echoed",
+            c.name
+        );
+        assert_eq!(records(&reply), c.want, "{}", c.name);
+        assert!(reply.answers.iter().all(|r| r.ttl == 30), "{}: TTL", c.name);
+        assert_eq!(
+            reply
+                .authorities
+                .iter()
+                .any(|r| r.record_type() == RecordType::SOA),
+            c.want_soa,
+            "{}: SOA",
+            c.name
+        );
     }
 }
 
 #[tokio::test]
 async fn rejects_what_it_cannot_answer() {
-    let h = handler_with(vec![]);
+    let h = handler_with(vec![], false);
 
     let mut two = query("aliyun.com.", RecordType::A, false);
-    two.add_query(Query::query(Name::from_ascii("v4only.test.").unwrap(), RecordType::A));
-    assert_eq!(ask(&h, &two, Protocol::Udp).await.metadata.response_code, ResponseCode::FormErr);
+    two.add_query(Query::query(
+        Name::from_ascii("v4only.test.").unwrap(),
+        RecordType::A,
+    ));
+    assert_eq!(
+        ask(&h, &two, Protocol::Udp).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
 
     let mut status = query("aliyun.com.", RecordType::A, false);
     status.metadata.op_code = OpCode::Status;
-    assert_eq!(ask(&h, &status, Protocol::Tcp).await.metadata.response_code, ResponseCode::NotImp);
+    assert_eq!(
+        ask(&h, &status, Protocol::Tcp).await.metadata.response_code,
+        ResponseCode::NotImp
+    );
 
     // A header followed by garbage: FORMERR with the same ID.
-    let garbage = [0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    let reply = h.handle(&garbage, Protocol::Udp, client()).await.expect("formerr");
+    let garbage = [
+        0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xff, 0xff,
+    ];
+    let reply = h
+        .handle(&garbage, Protocol::Udp, client(), &ctx())
+        .await
+        .expect("formerr");
     let reply = Message::from_vec(&reply).unwrap();
     assert_eq!(reply.metadata.id, 0xabcd);
     assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
 
     // Too short to be a header: dropped.
-    assert!(h.handle(&[1, 2, 3], Protocol::Udp, client()).await.is_none());
+    assert!(
+        h.handle(&[1, 2, 3], Protocol::Udp, client(), &ctx())
+            .await
+            .is_none()
+    );
     // A response is never answered.
     let mut resp = query("aliyun.com.", RecordType::A, false);
     resp.metadata.message_type = MessageType::Response;
-    assert!(h.handle(&resp.to_vec().unwrap(), Protocol::Udp, client()).await.is_none());
+    assert!(
+        h.handle(&resp.to_vec().unwrap(), Protocol::Udp, client(), &ctx())
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test]
 async fn udp_answers_over_the_limit_are_truncated() {
-    let h = handler_with(vec![]);
+    let h = handler_with(vec![], false);
     let small = ask(&h, &query("big.test.", RecordType::A, false), Protocol::Udp).await;
-    assert!(small.metadata.truncation, "60 A records exceed 512 bytes");
+    assert!(small.metadata.truncation, "32 A records exceed 512 bytes");
     assert!(small.answers.is_empty());
     let edns = ask(&h, &query("big.test.", RecordType::A, true), Protocol::Udp).await;
     assert!(!edns.metadata.truncation);
-    assert_eq!(edns.answers.len(), 60);
+    assert_eq!(edns.answers.len(), 32);
     let tcp = ask(&h, &query("big.test.", RecordType::A, false), Protocol::Tcp).await;
-    assert_eq!(tcp.answers.len(), 60);
+    assert_eq!(tcp.answers.len(), 32);
 }
 
 #[tokio::test]
-async fn servfail_when_every_upstream_fails() {
+async fn servfail_within_the_timeout_when_every_upstream_fails() {
     // A bound but silent loopback socket: the query times out.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let h = handler_with(vec![silent.local_addr().unwrap()]);
+    let h = handler_with(vec![silent.local_addr().unwrap()], false);
     let started = std::time::Instant::now();
-    let reply = ask(&h, &query("unknown.test.", RecordType::A, false), Protocol::Udp).await;
+    let reply = ask(
+        &h,
+        &query("unknown.test.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
     assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(reply.metadata.id, 0x1234);
-    assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by the timeout"
+    );
+}
+
+/// A loopback upstream answering every query with 198.51.100.7 (TTL 60), counting them.
+async fn answering_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            assert!(q.edns.is_some(), "upstream queries carry EDNS");
+            let mut r = response_to(&q);
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
+            ));
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    (addr, count)
 }
 
 #[tokio::test]
-async fn forwards_with_the_clients_id_and_fails_over() {
-    // First upstream silent, second answers on loopback with a fixed address.
+async fn forwards_with_the_clients_id_fails_over_and_caches() {
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        let (n, from) = upstream.recv_from(&mut buf).await.unwrap();
-        let q = Message::from_vec(&buf[..n]).unwrap();
-        let mut r = response_to(&q);
-        r.add_answer(Record::from_rdata(
-            q.queries[0].name().clone(),
-            60,
-            RData::A(rdata::A("198.51.100.7".parse().unwrap())),
-        ));
-        upstream.send_to(&r.to_vec().unwrap(), from).await.unwrap();
-    });
-    let h = handler_with(vec![silent.local_addr().unwrap(), upstream_addr]);
-    let reply = ask(&h, &query("elsewhere.test.", RecordType::A, false), Protocol::Udp).await;
+    let (upstream, count) = answering_upstream().await;
+    let h = handler_with(vec![silent.local_addr().unwrap(), upstream], false);
+
+    let reply = ask(
+        &h,
+        &query("elsewhere.test.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
     assert_eq!(reply.metadata.id, 0x1234);
-    assert_eq!(reply.answers.len(), 1);
+    assert_eq!(records(&reply), ["elsewhere.test. A 198.51.100.7"]);
     assert!(!reply.metadata.authoritative);
+    assert!(reply.edns.is_none(), "no EDNS to a client that sent none");
+
+    let again = ask(
+        &h,
+        &query("ELSEWHERE.test.", RecordType::A, false),
+        Protocol::Tcp,
+    )
+    .await;
+    assert_eq!(
+        records(&again),
+        ["ELSEWHERE.test. A 198.51.100.7"],
+        "cached, question as sent"
+    );
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "second answer from the cache"
+    );
+    assert_eq!(h.cache_len(), 1);
+}
+
+#[tokio::test]
+async fn parallel_mode_takes_the_first_good_answer() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (upstream, _) = answering_upstream().await;
+    let h = handler_with(vec![silent.local_addr().unwrap(), upstream], true);
+    let started = std::time::Instant::now();
+    let reply = ask(
+        &h,
+        &query("fast.test.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
+    assert_eq!(records(&reply), ["fast.test. A 198.51.100.7"]);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "did not wait for the silent server"
+    );
+}
+
+#[tokio::test]
+async fn external_name_to_an_unknown_target_is_chased_upstream() {
+    let (upstream, _) = answering_upstream().await;
+    let h = handler_with(vec![upstream], false);
+    let reply = ask(
+        &h,
+        &query("outside.default.svc.cluster.local.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
+    assert_eq!(
+        records(&reply),
+        [
+            "outside.default.svc.cluster.local. CNAME upstream-only.test.",
+            "upstream-only.test. A 198.51.100.7"
+        ]
+    );
 }

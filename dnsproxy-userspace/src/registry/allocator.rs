@@ -1,0 +1,248 @@
+//! Auto-allocated virtual IPs for ServiceEntry hosts: one index per host gives one IPv4
+//! in 240.240.0.0/16 and one IPv6 in 2001:2::/48. An address never moves while its
+//! host exists: existing assignments are kept (and persisted, so they survive a daemon
+//! restart), new hosts take a slot derived from a stable hash of their name (probing
+//! past taken slots), so adding or removing other entries reshuffles nothing (unlike
+//! Istio's allocator, istio#44837) and the same set of hosts gets the same addresses.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Usable slots: 240.240.0.1 .. 240.240.255.254.
+const SLOTS: u32 = 65534;
+
+/// Errors of the allocator's state file.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocatorError {
+    /// The state file exists but cannot be read or parsed.
+    #[error("VIP state {path}: {reason} (move it away to start with fresh allocations)")]
+    State { path: PathBuf, reason: String },
+    /// Every slot is taken.
+    #[error("no free auto-allocated VIP left for {host} (65534 in use)")]
+    Exhausted { host: String },
+}
+
+/// A host's auto-allocated addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vips {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+impl Vips {
+    fn from_slot(slot: u32) -> Self {
+        let [_, _, hi, lo] = slot.to_be_bytes();
+        Vips {
+            v4: Ipv4Addr::new(240, 240, hi, lo),
+            v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, slot as u16),
+        }
+    }
+
+    pub fn addrs(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.v4), IpAddr::V6(self.v6)]
+    }
+}
+
+/// The slot of an address inside the ranges, if it is one.
+fn slot_of(ip: IpAddr) -> Option<u32> {
+    let slot = match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            (o[0] == 240 && o[1] == 240).then(|| u32::from(o[2]) << 8 | u32::from(o[3]))?
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            (s[..7] == [0x2001, 2, 0, 0, 0, 0, 0]).then_some(u32::from(s[7]))?
+        }
+    };
+    (1..=SLOTS).contains(&slot).then_some(slot)
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    /// host → slot.
+    hosts: BTreeMap<String, u32>,
+}
+
+/// Host → slot, kept across restarts in `state_path`.
+#[derive(Debug)]
+pub struct VipAllocator {
+    hosts: BTreeMap<String, u32>,
+    state_path: Option<PathBuf>,
+}
+
+/// FNV-1a: stable across builds and runs, unlike the standard library's hasher.
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+impl VipAllocator {
+    /// An allocator without persistence.
+    #[cfg(test)]
+    pub fn in_memory() -> Self {
+        VipAllocator {
+            hosts: BTreeMap::new(),
+            state_path: None,
+        }
+    }
+
+    /// Loads `state_dir/vips.json` if present.
+    pub fn load(state_dir: &Path) -> Result<Self, AllocatorError> {
+        let path = state_dir.join("vips.json");
+        let err = |reason: String| AllocatorError::State {
+            path: path.clone(),
+            reason,
+        };
+        let hosts = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                serde_json::from_str::<StateFile>(&text)
+                    .map_err(|e| err(e.to_string()))?
+                    .hosts
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        if let Some((host, _)) = hosts.iter().find(|(_, s)| !(1..=SLOTS).contains(*s)) {
+            return Err(err(format!("slot of {host} out of range")));
+        }
+        Ok(VipAllocator {
+            hosts,
+            state_path: Some(path),
+        })
+    }
+
+    /// Makes the allocation cover exactly `wanted` hosts; `reserved` addresses (given
+    /// by users or by Istio) are never handed out. Returns host → VIPs.
+    pub fn sync(
+        &mut self,
+        wanted: &BTreeSet<String>,
+        reserved: &HashSet<IpAddr>,
+    ) -> Result<BTreeMap<String, Vips>, AllocatorError> {
+        let before = self.hosts.clone();
+        self.hosts.retain(|host, _| wanted.contains(host));
+        let reserved_slots: HashSet<u32> = reserved.iter().filter_map(|ip| slot_of(*ip)).collect();
+        let mut taken: HashSet<u32> = self.hosts.values().copied().collect();
+        taken.extend(&reserved_slots);
+        for host in wanted {
+            if self.hosts.contains_key(host) {
+                continue;
+            }
+            let start = (stable_hash(host) % u64::from(SLOTS)) as u32;
+            let slot = (0..SLOTS)
+                .map(|i| (start + i) % SLOTS + 1)
+                .find(|s| !taken.contains(s))
+                .ok_or_else(|| AllocatorError::Exhausted { host: host.clone() })?;
+            taken.insert(slot);
+            self.hosts.insert(host.clone(), slot);
+        }
+        if self.hosts != before {
+            self.persist();
+        }
+        Ok(self
+            .hosts
+            .iter()
+            .map(|(h, s)| (h.clone(), Vips::from_slot(*s)))
+            .collect())
+    }
+
+    /// Writes the state atomically (temp file + rename). A failure is logged, not
+    /// fatal: allocations stay valid in memory and are retried on the next change.
+    fn persist(&self) {
+        let Some(path) = &self.state_path else {
+            return;
+        };
+        let state = StateFile {
+            hosts: self.hosts.clone(),
+        };
+        let result = (|| -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?,
+            )?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "cannot persist VIP allocations");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(hosts: &[&str]) -> BTreeSet<String> {
+        hosts.iter().map(|h| h.to_string()).collect()
+    }
+
+    #[test]
+    fn addresses_are_in_range_and_paired() {
+        let mut a = VipAllocator::in_memory();
+        let got = a
+            .sync(&set(&["aliyun.com", "alibabacloud.com"]), &HashSet::new())
+            .unwrap();
+        for vips in got.values() {
+            assert_eq!(&vips.v4.octets()[..2], &[240, 240]);
+            assert_eq!(&vips.v6.segments()[..2], &[0x2001, 2]);
+            assert_eq!(slot_of(IpAddr::V4(vips.v4)), slot_of(IpAddr::V6(vips.v6)));
+        }
+        assert_ne!(got["aliyun.com"], got["alibabacloud.com"]);
+    }
+
+    #[test]
+    fn stable_under_churn_and_deterministic() {
+        let mut a = VipAllocator::in_memory();
+        let first = a
+            .sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new())
+            .unwrap();
+        // Remove one, add others: the survivors keep their addresses.
+        let second = a
+            .sync(&set(&["a.com", "c.com", "d.com", "e.com"]), &HashSet::new())
+            .unwrap();
+        assert_eq!(first["a.com"], second["a.com"]);
+        assert_eq!(first["c.com"], second["c.com"]);
+        // The same set on a fresh allocator gets the same addresses.
+        let mut fresh = VipAllocator::in_memory();
+        let again = fresh
+            .sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new())
+            .unwrap();
+        assert_eq!(first, again);
+    }
+
+    #[test]
+    fn reserved_and_colliding_slots_are_skipped() {
+        let mut a = VipAllocator::in_memory();
+        let natural = a.sync(&set(&["x.com"]), &HashSet::new()).unwrap()["x.com"];
+        let mut b = VipAllocator::in_memory();
+        let reserved: HashSet<IpAddr> = [IpAddr::V4(natural.v4)].into();
+        let moved = b.sync(&set(&["x.com"]), &reserved).unwrap()["x.com"];
+        assert_ne!(natural, moved);
+    }
+
+    #[test]
+    fn survives_a_restart_through_the_state_file() {
+        let dir = std::env::temp_dir().join(format!("vips-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut a = VipAllocator::load(&dir).unwrap();
+        let first = a.sync(&set(&["b.com"]), &HashSet::new()).unwrap();
+        // A new process, where a.com arrives first and could hash onto b.com's slot:
+        // the state file keeps b.com where it was.
+        let mut b = VipAllocator::load(&dir).unwrap();
+        let second = b.sync(&set(&["a.com", "b.com"]), &HashSet::new()).unwrap();
+        assert_eq!(first["b.com"], second["b.com"]);
+        std::fs::write(dir.join("vips.json"), "{not json").unwrap();
+        let err = VipAllocator::load(&dir).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("vips.json"), "{err}");
+    }
+}

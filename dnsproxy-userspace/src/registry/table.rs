@@ -1,0 +1,384 @@
+//! The name table: built from [`Objects`] (whatever their source), read on every query.
+//! Lookups are hash-map hits: exact names, then Kubernetes short names, then search
+//! suffixes, then wildcard suffixes (one probe per label).
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+
+use super::{
+    allocator::{AllocatorError, VipAllocator},
+    manifest::{Objects, Resolution, ServiceKind},
+};
+
+/// Lower-cases and strips the trailing dot, the form table keys use.
+pub fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Addresses of a name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Addrs {
+    pub ipv4: Vec<Ipv4Addr>,
+    pub ipv6: Vec<Ipv6Addr>,
+}
+
+impl Addrs {
+    fn add(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) if !self.ipv4.contains(&v4) => self.ipv4.push(v4),
+            IpAddr::V6(v6) if !self.ipv6.contains(&v6) => self.ipv6.push(v6),
+            _ => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ipv4.is_empty() && self.ipv6.is_empty()
+    }
+}
+
+/// What a name resolves to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Target {
+    Addresses(Addrs),
+    /// An alias (ExternalName Service): answered with CNAME, then the target.
+    Cname(String),
+}
+
+/// One name of the table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Host {
+    /// Canonical name: lower case, no trailing dot (for a wildcard, `*.suffix`).
+    pub name: String,
+    pub target: Target,
+    /// Where it came from, e.g. `ServiceEntry default/aliyun`.
+    pub sources: Vec<String>,
+    /// Names that also reach it from a client in the same namespace (Kubernetes
+    /// short names), for the debug dump.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alt_hosts: Vec<String>,
+}
+
+/// How a query name was matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Match<'a> {
+    /// The name itself (or a short name of it, or a wildcard): answered under the
+    /// question name.
+    Direct(&'a Host),
+    /// `base.<search domain>`: answered as CNAME to `base`, then `base`'s records.
+    SearchSuffix { base: &'a str, host: &'a Host },
+}
+
+/// The table.
+#[derive(Clone, Debug, Default)]
+pub struct NameTable {
+    cluster_domain: String,
+    exact: HashMap<String, Host>,
+    /// `*.example.com` is stored under `example.com`.
+    wildcards: HashMap<String, Host>,
+    reverse: HashMap<IpAddr, String>,
+}
+
+/// Settings of the table that do not come from objects.
+#[derive(Clone, Debug)]
+pub struct TableConfig {
+    pub cluster_domain: String,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+impl NameTable {
+    /// Builds the table; auto-allocates VIPs for ServiceEntry hosts that need them.
+    pub fn build(
+        objects: &Objects,
+        allocator: &mut VipAllocator,
+        cfg: &TableConfig,
+    ) -> Result<Self, AllocatorError> {
+        let mut b = Builder {
+            table: NameTable {
+                cluster_domain: normalize(&cfg.cluster_domain),
+                ..Default::default()
+            },
+        };
+        b.add_services(objects);
+        b.add_service_entries(objects, allocator)?;
+        Ok(b.table)
+    }
+
+    /// The cluster domain (e.g. `cluster.local`).
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
+    /// Number of names (exact and wildcard).
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcards.len()
+    }
+
+    /// The Kubernetes search domains of a client in `namespace`.
+    pub fn search_domains(&self, namespace: &str) -> [String; 3] {
+        let cd = &self.cluster_domain;
+        [
+            format!("{namespace}.svc.{cd}"),
+            format!("svc.{cd}"),
+            cd.clone(),
+        ]
+    }
+
+    /// Exact name, else the most specific wildcard covering it.
+    pub fn get(&self, name: &str) -> Option<&Host> {
+        if let Some(h) = self.exact.get(name) {
+            return Some(h);
+        }
+        let mut rest = name;
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if let Some(h) = self.wildcards.get(suffix) {
+                return Some(h);
+            }
+            rest = suffix;
+        }
+        None
+    }
+
+    /// Matches a (normalized) query name from a client in `namespace`.
+    pub fn resolve<'a>(
+        &'a self,
+        name: &'a str,
+        namespace: &str,
+        extra_search: &[String],
+    ) -> Option<Match<'a>> {
+        if let Some(h) = self.exact.get(name) {
+            return Some(Match::Direct(h));
+        }
+        if let Some(h) = self.short_name(name, namespace) {
+            return Some(Match::Direct(h));
+        }
+        let search = self.search_domains(namespace);
+        for domain in search.iter().chain(extra_search) {
+            let Some(base) = name
+                .strip_suffix(domain.as_str())
+                .and_then(|b| b.strip_suffix('.'))
+            else {
+                continue;
+            };
+            if let Some(host) = self.get(base) {
+                return Some(Match::SearchSuffix { base, host });
+            }
+        }
+        self.get(name).map(Match::Direct)
+    }
+
+    /// `svc`, `svc.ns`, `svc.ns.svc` → the Service `svc.ns.svc.<cluster domain>`.
+    fn short_name(&self, name: &str, namespace: &str) -> Option<&Host> {
+        let cd = &self.cluster_domain;
+        let full = match name.matches('.').count() {
+            0 => format!("{name}.{namespace}.svc.{cd}"),
+            1 => format!("{name}.svc.{cd}"),
+            2 if name.ends_with(".svc") => format!("{name}.{cd}"),
+            _ => return None,
+        };
+        self.exact.get(&full)
+    }
+
+    /// The name a VIP or ClusterIP belongs to (PTR).
+    pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
+        self.reverse.get(&ip).map(String::as_str)
+    }
+
+    /// Every name, sorted, for `/debug/ndsz`.
+    pub fn dump(&self) -> BTreeMap<&str, &Host> {
+        self.exact
+            .iter()
+            .chain(self.wildcards.iter())
+            .map(|(_, h)| (h.name.as_str(), h))
+            .collect()
+    }
+}
+
+struct Builder {
+    table: NameTable,
+}
+
+impl Builder {
+    fn add_addrs(&mut self, name: &str, addrs: &[IpAddr], source: &str, ptr: bool) {
+        let wildcard = name.strip_prefix("*.");
+        let map = if wildcard.is_some() {
+            &mut self.table.wildcards
+        } else {
+            &mut self.table.exact
+        };
+        let key = wildcard.unwrap_or(name).to_owned();
+        let host = map.entry(key).or_insert_with(|| Host {
+            name: name.to_owned(),
+            target: Target::Addresses(Addrs::default()),
+            sources: Vec::new(),
+            alt_hosts: Vec::new(),
+        });
+        match &mut host.target {
+            Target::Addresses(a) => addrs.iter().for_each(|ip| a.add(*ip)),
+            Target::Cname(t) => {
+                tracing::warn!(%name, cname = %t, %source, "name is an alias already: addresses ignored");
+                return;
+            }
+        }
+        if !host.sources.iter().any(|s| s == source) {
+            host.sources.push(source.to_owned());
+        }
+        if ptr && wildcard.is_none() {
+            for ip in addrs {
+                self.table
+                    .reverse
+                    .entry(*ip)
+                    .or_insert_with(|| name.to_owned());
+            }
+        }
+    }
+
+    fn add_services(&mut self, objects: &Objects) {
+        let cd = self.table.cluster_domain.clone();
+        // Ready endpoint addresses and hostnames per (namespace, service).
+        type Ready = (Vec<IpAddr>, Vec<(String, IpAddr)>);
+        let mut endpoints: HashMap<(String, String), Ready> = HashMap::new();
+        for slice in &objects.endpoint_slices {
+            let Some(svc) = slice.service_name() else {
+                continue;
+            };
+            let entry = endpoints
+                .entry((slice.metadata.namespace().to_owned(), svc.to_owned()))
+                .or_default();
+            for ep in &slice.endpoints {
+                if ep.conditions.ready == Some(false) {
+                    continue;
+                }
+                for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                    entry.0.push(ip);
+                    if let Some(h) = &ep.hostname {
+                        entry.1.push((normalize(h), ip));
+                    }
+                }
+            }
+        }
+        for svc in &objects.services {
+            let ns = svc.metadata.namespace();
+            let name = normalize(&svc.metadata.name);
+            let fqdn = format!("{name}.{ns}.svc.{cd}");
+            let source = format!("Service {ns}/{name}");
+            match svc.kind() {
+                ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &source, true),
+                ServiceKind::Headless => {
+                    let Some((ips, hostnames)) = endpoints.get(&(ns.to_owned(), name.clone()))
+                    else {
+                        continue;
+                    };
+                    if ips.is_empty() {
+                        continue;
+                    }
+                    self.add_addrs(&fqdn, ips, &source, false);
+                    for (hostname, ip) in hostnames {
+                        self.add_addrs(&format!("{hostname}.{fqdn}"), &[*ip], &source, true);
+                    }
+                }
+                ServiceKind::ExternalName(target) => {
+                    self.table.exact.insert(
+                        fqdn.clone(),
+                        Host {
+                            name: fqdn.clone(),
+                            target: Target::Cname(target),
+                            sources: vec![source],
+                            alt_hosts: Vec::new(),
+                        },
+                    );
+                }
+            }
+            if let Some(h) = self.table.exact.get_mut(&fqdn) {
+                h.alt_hosts = vec![
+                    name.clone(),
+                    format!("{name}.{ns}"),
+                    format!("{name}.{ns}.svc"),
+                ];
+            }
+        }
+    }
+
+    fn add_service_entries(
+        &mut self,
+        objects: &Objects,
+        allocator: &mut VipAllocator,
+    ) -> Result<(), AllocatorError> {
+        // Pass 1: which hosts need a VIP, which addresses are taken by users or Istio.
+        let mut wanted = BTreeSet::new();
+        let mut reserved = HashSet::new();
+        for se in &objects.service_entries {
+            let spec_addrs = se.spec_addresses().unwrap_or_default();
+            reserved.extend(spec_addrs.iter().copied());
+            for host in &se.spec.hosts {
+                let host = normalize(host);
+                let status = se.status_addresses(&host);
+                reserved.extend(status.iter().copied());
+                if spec_addrs.is_empty()
+                    && status.is_empty()
+                    && se.wants_autoallocation()
+                    && !host.starts_with("*.")
+                {
+                    wanted.insert(host);
+                }
+            }
+        }
+        let vips = allocator.sync(&wanted, &reserved)?;
+
+        // Pass 2: the names.
+        for se in &objects.service_entries {
+            let ns = se.metadata.namespace();
+            let source = format!("ServiceEntry {ns}/{}", se.metadata.name);
+            if !se.spec.export_to.is_empty() && se.spec.export_to.iter().any(|e| e != "*") {
+                tracing::info!(%source, export_to = ?se.spec.export_to, "exportTo is ignored: every client sees this entry");
+            }
+            let spec_addrs = se.spec_addresses().unwrap_or_default();
+            for host in &se.spec.hosts {
+                let host = normalize(host);
+                let mut addrs = spec_addrs.clone();
+                if addrs.is_empty() {
+                    addrs = se.status_addresses(&host);
+                }
+                if addrs.is_empty()
+                    && let Some(v) = vips.get(&host)
+                {
+                    addrs = v.addrs().to_vec();
+                }
+                if addrs.is_empty() && se.spec.resolution == Resolution::Static {
+                    // No VIP: answer with the endpoints themselves, like a headless Service.
+                    addrs = se
+                        .spec
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| e.address.parse().ok())
+                        .collect();
+                    self.add_addrs(&host, &addrs, &source, false);
+                    continue;
+                }
+                if addrs.is_empty() {
+                    tracing::debug!(%host, %source, "no address: left to upstream DNS");
+                    continue;
+                }
+                self.add_addrs(&host, &addrs, &source, true);
+            }
+        }
+        self.table
+            .exact
+            .retain(|_, h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

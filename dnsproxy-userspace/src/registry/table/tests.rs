@@ -1,0 +1,295 @@
+use super::*;
+use crate::registry::manifest::parse_into;
+
+const OBJECTS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: aliyun, namespace: default}
+spec: {hosts: [aliyun.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS, location: MESH_EXTERNAL}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: alibabacloud, namespace: default}
+spec: {hosts: [alibabacloud.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: opted-out, labels: {networking.istio.io/enable-autoallocate-ip: "false"}}
+spec: {hosts: [no-vip.example], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: none}
+spec: {hosts: [none.example], resolution: NONE}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild}
+spec: {hosts: ["*.wild.example"], addresses: [240.241.0.1], resolution: NONE}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-istio}
+spec: {hosts: [istio.example], resolution: DNS}
+status: {addresses: [{value: 240.240.9.9, host: istio.example}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static-eps, labels: {networking.istio.io/enable-autoallocate-ip: "false"}}
+spec: {hosts: [static.example], resolution: STATIC, endpoints: [{address: 192.0.2.1}, {address: 192.0.2.2}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static-vip}
+spec: {hosts: [static-vip.example], resolution: STATIC, endpoints: [{address: 192.0.2.3}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {clusterIP: 10.0.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec: {clusterIP: None}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: data, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.1.0.7], hostname: db-0, conditions: {ready: true}}
+- {addresses: [10.1.0.8], hostname: db-1}
+- {addresses: [10.1.0.9], hostname: db-2, conditions: {ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: default}
+spec: {type: ExternalName, externalName: aliyun.com}
+"#;
+
+fn table() -> NameTable {
+    let mut objects = Objects::default();
+    parse_into(OBJECTS, &mut objects).unwrap();
+    NameTable::build(
+        &objects,
+        &mut VipAllocator::in_memory(),
+        &TableConfig::default(),
+    )
+    .unwrap()
+}
+
+fn v4s(h: &Host) -> Vec<String> {
+    match &h.target {
+        Target::Addresses(a) => {
+            let mut v: Vec<String> = a.ipv4.iter().map(|i| i.to_string()).collect();
+            v.sort();
+            v
+        }
+        Target::Cname(t) => vec![format!("CNAME {t}")],
+    }
+}
+
+#[test]
+fn resolution_rules() {
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Direct(&'static str),
+        Search(&'static str),
+        Nothing,
+    }
+    struct Case {
+        name: &'static str,
+        query: &'static str,
+        namespace: &'static str,
+        want: Want,
+    }
+    let cases = [
+        Case {
+            name: "exact SE host",
+            query: "aliyun.com",
+            namespace: "default",
+            want: Want::Direct("aliyun.com"),
+        },
+        Case {
+            name: "search suffix, own namespace",
+            query: "alibabacloud.com.default.svc.cluster.local",
+            namespace: "default",
+            want: Want::Search("alibabacloud.com"),
+        },
+        Case {
+            name: "search suffix, svc domain",
+            query: "alibabacloud.com.svc.cluster.local",
+            namespace: "default",
+            want: Want::Search("alibabacloud.com"),
+        },
+        Case {
+            name: "search suffix, cluster domain",
+            query: "aliyun.com.cluster.local",
+            namespace: "other",
+            want: Want::Search("aliyun.com"),
+        },
+        Case {
+            name: "search suffix of another namespace is not ours",
+            query: "aliyun.com.other.svc.cluster.local",
+            namespace: "default",
+            want: Want::Nothing,
+        },
+        Case {
+            name: "service FQDN",
+            query: "reviews.default.svc.cluster.local",
+            namespace: "other",
+            want: Want::Direct("reviews.default.svc.cluster.local"),
+        },
+        Case {
+            name: "short name in own namespace",
+            query: "reviews",
+            namespace: "default",
+            want: Want::Direct("reviews.default.svc.cluster.local"),
+        },
+        Case {
+            name: "short name elsewhere",
+            query: "reviews",
+            namespace: "other",
+            want: Want::Nothing,
+        },
+        Case {
+            name: "svc.ns",
+            query: "reviews.default",
+            namespace: "other",
+            want: Want::Direct("reviews.default.svc.cluster.local"),
+        },
+        Case {
+            name: "svc.ns.svc",
+            query: "reviews.default.svc",
+            namespace: "other",
+            want: Want::Direct("reviews.default.svc.cluster.local"),
+        },
+        Case {
+            name: "wildcard one level",
+            query: "a.wild.example",
+            namespace: "default",
+            want: Want::Direct("*.wild.example"),
+        },
+        Case {
+            name: "wildcard two levels",
+            query: "a.b.wild.example",
+            namespace: "default",
+            want: Want::Direct("*.wild.example"),
+        },
+        Case {
+            name: "wildcard apex is not covered",
+            query: "wild.example",
+            namespace: "default",
+            want: Want::Nothing,
+        },
+        Case {
+            name: "wildcard via search suffix",
+            query: "x.wild.example.default.svc.cluster.local",
+            namespace: "default",
+            want: Want::Search("x.wild.example"),
+        },
+        Case {
+            name: "opted out of auto-allocation",
+            query: "no-vip.example",
+            namespace: "default",
+            want: Want::Nothing,
+        },
+        Case {
+            name: "resolution NONE without addresses",
+            query: "none.example",
+            namespace: "default",
+            want: Want::Nothing,
+        },
+        Case {
+            name: "unknown",
+            query: "example.org",
+            namespace: "default",
+            want: Want::Nothing,
+        },
+    ];
+    let t = table();
+    for c in cases {
+        let got = match t.resolve(c.query, c.namespace, &[]) {
+            Some(Match::Direct(h)) => Want::Direct(Box::leak(h.name.clone().into_boxed_str())),
+            Some(Match::SearchSuffix { base, .. }) => {
+                Want::Search(Box::leak(base.to_owned().into_boxed_str()))
+            }
+            None => Want::Nothing,
+        };
+        assert_eq!(got, c.want, "{}", c.name);
+    }
+}
+
+#[test]
+fn addresses_by_kind() {
+    let t = table();
+    let get = |n: &str| v4s(t.get(n).unwrap_or_else(|| panic!("{n} missing")));
+    let aliyun = get("aliyun.com");
+    assert_eq!(aliyun.len(), 1);
+    assert!(aliyun[0].starts_with("240.240."), "{aliyun:?}");
+    assert_eq!(
+        get("istio.example"),
+        ["240.240.9.9"],
+        "status.addresses honoured"
+    );
+    assert_eq!(
+        get("static.example"),
+        ["192.0.2.1", "192.0.2.2"],
+        "opted out: the endpoints"
+    );
+    assert!(
+        get("static-vip.example")[0].starts_with("240.240."),
+        "STATIC gets a VIP too"
+    );
+    assert_eq!(get("reviews.default.svc.cluster.local"), ["10.0.0.5"]);
+    assert_eq!(
+        get("db.data.svc.cluster.local"),
+        ["10.1.0.7", "10.1.0.8"],
+        "ready endpoints only"
+    );
+    assert_eq!(get("db-0.db.data.svc.cluster.local"), ["10.1.0.7"]);
+    assert!(
+        t.get("db-2.db.data.svc.cluster.local").is_none(),
+        "not ready"
+    );
+    assert_eq!(get("ext.default.svc.cluster.local"), ["CNAME aliyun.com"]);
+    // PTR for VIPs and ClusterIPs.
+    let vip: IpAddr = aliyun[0].parse().unwrap();
+    assert_eq!(t.reverse(vip), Some("aliyun.com"));
+    assert_eq!(
+        t.reverse("10.0.0.5".parse().unwrap()),
+        Some("reviews.default.svc.cluster.local")
+    );
+    match &t.get("aliyun.com").unwrap().target {
+        Target::Addresses(a) => assert_eq!(a.ipv6.len(), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn other_entries_do_not_move_a_vip() {
+    let mut objects = Objects::default();
+    parse_into(OBJECTS, &mut objects).unwrap();
+    let mut alloc = VipAllocator::in_memory();
+    let cfg = TableConfig::default();
+    let before = v4s(NameTable::build(&objects, &mut alloc, &cfg)
+        .unwrap()
+        .get("aliyun.com")
+        .unwrap());
+    objects
+        .service_entries
+        .retain(|se| se.metadata.name != "alibabacloud");
+    let mut more = Objects::default();
+    parse_into(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: n}\nspec: {hosts: [a.new, b.new, c.new], resolution: DNS}\n",
+        &mut more,
+    )
+    .unwrap();
+    objects.service_entries.extend(more.service_entries);
+    let after = v4s(NameTable::build(&objects, &mut alloc, &cfg)
+        .unwrap()
+        .get("aliyun.com")
+        .unwrap());
+    assert_eq!(before, after);
+}
