@@ -7,7 +7,7 @@
 
 /// Version of the pinned map/program layout. Pins live under
 /// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default port the userspace DNS server listens on (127.0.0.1 and ::1).
 pub const DEFAULT_LISTEN_PORT: u16 = 15053;
@@ -23,8 +23,18 @@ pub mod map_names {
     pub const POLICY: &str = "dp_policy";
     pub const STATS: &str = "dp_stats";
     pub const SOCK_ORIG: &str = "dp_sock_orig";
+    pub const VIPS: &str = "dp_vips";
+    pub const SERVICES: &str = "dp_services";
     /// Every map the daemon pins.
-    pub const ALL: [&str; 5] = [CONFIG, DNS_SERVERS, POLICY, STATS, SOCK_ORIG];
+    pub const ALL: [&str; 7] = [
+        CONFIG,
+        DNS_SERVERS,
+        POLICY,
+        STATS,
+        SOCK_ORIG,
+        VIPS,
+        SERVICES,
+    ];
 }
 
 /// Program names as they appear in the object (function names) and as pin file names.
@@ -178,6 +188,62 @@ pub struct SockOrig {
 
 /// `SockOrig::kind`: DNS redirected to the local proxy.
 pub const REWRITE_DNS: u32 = 1;
+/// `SockOrig::kind`: a VIP translated to one of its backends.
+pub const REWRITE_VIP: u32 = 2;
+
+/// Most backends one service (VIP, port, protocol) holds, inline in its map value.
+/// A power of two, so the kernel side can bound an index with a mask.
+pub const MAX_BACKENDS: usize = 16;
+
+/// Key of `dp_vips`: an address that is a virtual IP handed out by dnsproxy (or
+/// declared in a ServiceEntry). Its presence makes unknown ports and missing backends
+/// decisions of their own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipKey {
+    pub addr: Addr,
+}
+
+/// Value of `dp_vips`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Number of declared ports (informational).
+    pub ports: u32,
+    pub _pad: u32,
+}
+
+/// Key of `dp_services`: a VIP, a declared port (host order) and the IP protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    pub port: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// One backend of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `dp_services`: the backends inline, so an update replaces the whole set
+/// at once and the kernel never sees half of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Valid entries at the front of `backends`; 0 = the VIP fails closed.
+    pub count: u32,
+    pub _pad: u32,
+    pub backends: [Backend; MAX_BACKENDS],
+}
 
 /// Indices of the per-CPU counters in `DNSPROXY_STATS`. Every decision a program takes
 /// increments exactly one of these.
@@ -200,8 +266,14 @@ pub mod stat {
     pub const UNCONFIGURED: u32 = 7;
     /// DNS from the daemon itself (its upstream queries): left alone.
     pub const OWN_TRAFFIC: u32 = 8;
+    /// connect/sendmsg to a VIP rewritten to a backend.
+    pub const TRANSLATED: u32 = 9;
+    /// VIP with no backend: the syscall fails at once (EPERM).
+    pub const NO_BACKEND: u32 = 10;
+    /// VIP on a port its ServiceEntry does not declare: left alone.
+    pub const VIP_PORT_UNKNOWN: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 12;
 
     /// Names, indexed by counter, as shown by `dnsproxy maps` and `/metrics`.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -214,6 +286,9 @@ pub mod stat {
         "restore_miss",
         "unconfigured",
         "own_traffic",
+        "translated",
+        "no_backend",
+        "vip_port_unknown",
     ];
 }
 
@@ -227,6 +302,11 @@ mod user {
     unsafe impl aya::Pod for DnsServerInfo {}
     unsafe impl aya::Pod for NetnsPolicy {}
     unsafe impl aya::Pod for SockOrig {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ServiceValue {}
 }
 
 #[cfg(test)]
@@ -257,6 +337,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<Config>(), 16);
         assert_eq!(core::mem::size_of::<SockOrig>(), 40);
         assert_eq!(core::mem::size_of::<NetnsPolicy>(), 8);
+        assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
+        assert_eq!(core::mem::size_of::<Backend>(), 20);
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 8 + 20 * MAX_BACKENDS);
+        assert!(MAX_BACKENDS.is_power_of_two());
         assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
     }
 }

@@ -1,4 +1,6 @@
-//! Program entry points (thin) and the `try_*` logic behind them.
+//! Program entry points (thin) and the logic behind them: `rewrite_destination` for
+//! connect/sendmsg (DNS redirect, VIP translation), `restore_peer` for
+//! recvmsg/getpeername.
 
 use core::{mem::size_of, ptr};
 
@@ -7,21 +9,23 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
-        bpf_sk_release,
+        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
-    Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, NetnsPolicy, REWRITE_DNS,
-    SockOrig, stat,
+    Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, NetnsPolicy,
+    REWRITE_DNS, REWRITE_VIP, ServiceKey, ServiceValue, SockOrig, VipInfo, VipKey, stat,
 };
 use network_types::ip::IpProto;
 
-/// Verdict of every program: let the syscall proceed (possibly rewritten).
+/// Verdict: let the syscall proceed (possibly rewritten).
 const ALLOW: i32 = 1;
+/// Verdict: fail the syscall at once with EPERM (a VIP without backends).
+const DENY: i32 = 0;
 
 #[btf_map(name = "dp_config")]
 static CONFIG: Array<Config, 1> = Array::new();
@@ -38,30 +42,32 @@ static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "dp_sock_orig")]
 static SOCK_ORIG: SkStorage<SockOrig> = SkStorage::new();
 
+#[btf_map(name = "dp_vips")]
+static VIPS: HashMap<VipKey, VipInfo, 65536> = HashMap::new();
+
+#[btf_map(name = "dp_services")]
+static SERVICES: HashMap<ServiceKey, ServiceValue, 65536> = HashMap::new();
+
 // === entry points ===
 
 #[cgroup_sock_addr(connect4)]
 pub fn dnsproxy_connect4(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx, Family::V4);
-    ALLOW
+    rewrite_destination(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dnsproxy_connect6(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx, Family::V6);
-    ALLOW
+    rewrite_destination(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dnsproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx, Family::V4);
-    ALLOW
+    rewrite_destination(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dnsproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx, Family::V6);
-    ALLOW
+    rewrite_destination(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -212,32 +218,60 @@ fn listener_exists(ctx: &SockAddrContext, local: &Addr, port: u16, protocol: u32
     true
 }
 
-/// connect/sendmsg: DNS to a configured server → the local listener.
+/// connect/sendmsg: DNS to a configured server goes to the local listener, a VIP to
+/// one of its backends; everything else passes untouched.
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext, family: Family) {
+fn rewrite_destination(ctx: &SockAddrContext, family: Family) -> i32 {
     let Some(cfg) = config() else {
         count(stat::UNCONFIGURED);
-        return;
+        return ALLOW;
     };
     if cfg.listen_port == 0 {
         count(stat::UNCONFIGURED);
-        return;
+        return ALLOW;
     }
-    if read_port(ctx) != cfg.dns_port {
-        count(stat::PASSED);
-        return;
-    }
+    let port = read_port(ctx);
     let dst = read_addr(ctx, family);
-    if DNS_SERVERS.get_ptr(DnsServer { addr: dst }).is_none() {
-        count(stat::PASSED);
-        return;
+    if port == cfg.dns_port && DNS_SERVERS.get_ptr(DnsServer { addr: dst }).is_some() {
+        redirect_dns(ctx, family, &cfg, dst);
+        return ALLOW;
     }
+    if VIPS.get_ptr(VipKey { addr: dst }).is_some() {
+        return translate_vip(ctx, family, &cfg, dst, port);
+    }
+    count(stat::PASSED);
+    ALLOW
+}
+
+/// Remembers, in the socket's own storage, what `rewritten` stands for.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig: SockOrig) -> bool {
+    // SAFETY: the storage belongs to this socket; the kernel frees it with the socket.
+    let slot = unsafe { SOCK_ORIG.get_or_insert_ptr_mut(ctx, None) };
+    if slot.is_null() {
+        warn!(ctx, "dnsproxy: no socket storage");
+        return false;
+    }
+    // SAFETY: non-null pointer into this socket's storage; written whole.
+    unsafe { *slot = orig };
+    true
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: 4-byte context read.
+    unsafe { ptr::read_volatile(&(*sock_addr(ctx)).protocol) }
+}
+
+/// DNS to a configured server → the local listener, if one listens in this netns.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if cfg.daemon_tgid != 0 && tgid == cfg.daemon_tgid {
         count(stat::OWN_TRAFFIC);
         return;
     }
-    if !captured(ctx, &cfg) {
+    if !captured(ctx, cfg) {
         count(stat::NOT_CAPTURED);
         return;
     }
@@ -248,9 +282,7 @@ fn redirect(ctx: &SockAddrContext, family: Family) {
     } else {
         LOOPBACK6
     };
-    // SAFETY: 4-byte context read.
-    let protocol = unsafe { ptr::read_volatile(&(*sock_addr(ctx)).protocol) };
-    if !listener_exists(ctx, &local, cfg.listen_port, protocol) {
+    if !listener_exists(ctx, &local, cfg.listen_port, protocol(ctx)) {
         count(stat::FAIL_OPEN);
         return;
     }
@@ -261,17 +293,76 @@ fn redirect(ctx: &SockAddrContext, family: Family) {
         rewritten_port: cfg.listen_port,
         kind: REWRITE_DNS,
     };
-    // SAFETY: the storage belongs to this socket; the kernel frees it with the socket.
-    let slot = unsafe { SOCK_ORIG.get_or_insert_ptr_mut(ctx, None) };
-    if slot.is_null() {
-        warn!(ctx, "dnsproxy: no socket storage, DNS not redirected");
+    if !remember(ctx, orig) {
+        // Without the memory the reply could not be restored: leave DNS alone.
         count(stat::NO_STORAGE);
         return;
     }
-    // SAFETY: non-null pointer into this socket's storage; written whole.
-    unsafe { *slot = orig };
     write_addr_port(ctx, family, &local, cfg.listen_port);
     count(stat::REDIRECTED);
+}
+
+/// A VIP → one of its backends: random per connection for TCP, stable per socket for
+/// UDP. No backend → the syscall fails at once; an undeclared port → untouched.
+#[inline(always)]
+fn translate_vip(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr, port: u16) -> i32 {
+    if !captured(ctx, cfg) {
+        count(stat::NOT_CAPTURED);
+        return ALLOW;
+    }
+    let protocol = protocol(ctx);
+    let key = ServiceKey {
+        addr: dst,
+        port,
+        protocol: protocol as u8,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; updates replace it whole.
+    let Some(service) = (unsafe { SERVICES.get(key) }) else {
+        count(stat::VIP_PORT_UNKNOWN);
+        return ALLOW;
+    };
+    let n = service.count as usize;
+    if n == 0 || n > MAX_BACKENDS {
+        count(stat::NO_BACKEND);
+        return DENY;
+    }
+    let pick = if protocol == IpProto::Tcp as u32 {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_get_prandom_u32() }
+    } else {
+        // SAFETY: helper accepted for cgroup sock_addr programs.
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) as u32 }
+    };
+    let index = pick.checked_rem(n as u32).unwrap_or(0);
+    // The verifier does not bound `%`; the mask does, and the volatile read keeps the
+    // compiler from dropping the mask it can prove redundant.
+    // SAFETY: reading a local.
+    let index = unsafe { ptr::read_volatile(&index) } as usize & (MAX_BACKENDS - 1);
+    let Some(backend) = service.backends.get(index).copied() else {
+        count(stat::NO_BACKEND);
+        return DENY;
+    };
+    if family == Family::V4 && !backend.addr.is_ipv4_mapped() {
+        count(stat::NO_BACKEND);
+        return DENY;
+    }
+    let orig = SockOrig {
+        original: dst,
+        rewritten: backend.addr,
+        original_port: port,
+        rewritten_port: backend.port,
+        kind: REWRITE_VIP,
+    };
+    // Connectivity first: translate even when getpeername could not be restored.
+    let remembered = remember(ctx, orig);
+    write_addr_port(ctx, family, &backend.addr, backend.port);
+    count(if remembered {
+        stat::TRANSLATED
+    } else {
+        stat::NO_STORAGE
+    });
+    ALLOW
 }
 
 /// recvmsg/getpeername: traffic from the address we rewrote to is reported as coming

@@ -7,6 +7,7 @@ mod exec;
 mod registry;
 mod resolv_conf;
 mod upstream_addr;
+mod vip;
 
 use std::{
     net::SocketAddr,
@@ -145,15 +146,15 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
     })?;
 
     let metrics = Arc::new(Metrics::new(&upstreams));
-    let forwarder = Forwarder::new(
+    let forwarder = Arc::new(Forwarder::new(
         upstreams,
         Duration::from_millis(args.upstream_timeout_ms),
         args.upstream_parallel,
         metrics.clone(),
-    );
+    ));
     let handler = Arc::new(Handler::new(
         registry.clone(),
-        forwarder,
+        forwarder.clone(),
         Cache::new(args.cache_size),
         args.ttl,
         metrics.clone(),
@@ -186,6 +187,17 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
     });
     let dns_task = tokio::spawn(listeners.serve(handler, ctx));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    let (first_sync, synced) = tokio::sync::oneshot::channel();
+    let vip_task = tokio::spawn(
+        vip::sync::BackendSync {
+            registry: registry.clone(),
+            forwarder,
+            pin_dir: args.pin_dir.clone(),
+        }
+        .run(first_sync),
+    );
+    // Ready once VIPs have their first backends (bounded: resolution has timeouts).
+    let _ = synced.await;
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(
         "ready: DNS to {dns_servers:?} from {} is redirected here",
@@ -197,6 +209,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
     admin_state.ready.store(false, Ordering::Release);
     dns_task.abort();
     admin_task.abort();
+    vip_task.abort();
     if let Some(t) = watch_task {
         t.abort();
     }

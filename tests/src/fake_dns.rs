@@ -1,34 +1,54 @@
 //! A fake cluster DNS server inside a test netns (10.96.0.10:53 and [fd00::10]:53, UDP
 //! and TCP). It answers every A question with `FAKE_A` and every AAAA with `FAKE_AAAA`,
-//! so a test can tell its answers from dnsproxy's, and counts the queries it got.
+//! so a test can tell its answers from dnsproxy's, unless a test set the records of a
+//! name with [`FakeDns::set`]; it counts the queries it got.
 use std::{
+    collections::HashMap,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, UdpSocket},
-    sync::atomic::Ordering,
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    sync::{Arc, Mutex, atomic::Ordering},
     thread,
     time::Duration,
 };
 
 use crate::{FAKE_A, FAKE_AAAA, Netns, Signal, bind_in};
 
+/// Name (lower case, no trailing dot) → (addresses, TTL).
+type Records = Arc<Mutex<HashMap<String, (Vec<IpAddr>, u32)>>>;
+
 pub struct FakeDns {
     signal: Signal,
+    records: Records,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl FakeDns {
     pub fn start(netns: &Netns) -> Self {
         let signal = Signal::default();
+        let records = Records::default();
         let mut threads = Vec::new();
         for addr in ["10.96.0.10:53", "[fd00::10]:53"] {
             let addr: SocketAddr = addr.parse().unwrap();
             let (udp, tcp) = bind_in(netns, addr);
-            let s = signal.clone();
-            threads.push(thread::spawn(move || serve_udp(udp, s)));
-            let s = signal.clone();
-            threads.push(thread::spawn(move || serve_tcp(tcp, s)));
+            let (s, r) = (signal.clone(), records.clone());
+            threads.push(thread::spawn(move || serve_udp(udp, s, r)));
+            let (s, r) = (signal.clone(), records.clone());
+            threads.push(thread::spawn(move || serve_tcp(tcp, s, r)));
         }
-        FakeDns { signal, threads }
+        FakeDns {
+            signal,
+            records,
+            threads,
+        }
+    }
+
+    /// From now on, `name` resolves to `addrs` (A and AAAA by family; none = NODATA).
+    pub fn set(&self, name: &str, addrs: &[&str], ttl: u32) {
+        let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        self.records.lock().unwrap().insert(
+            name.trim_end_matches('.').to_ascii_lowercase(),
+            (addrs, ttl),
+        );
     }
 
     /// Queries answered so far.
@@ -46,7 +66,7 @@ impl Drop for FakeDns {
     }
 }
 
-fn serve_udp(sock: UdpSocket, signal: Signal) {
+fn serve_udp(sock: UdpSocket, signal: Signal, records: Records) {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut buf = [0u8; 4096];
@@ -54,14 +74,14 @@ fn serve_udp(sock: UdpSocket, signal: Signal) {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        if let Some(reply) = answer(&buf[..n]) {
+        if let Some(reply) = answer(&buf[..n], &records) {
             signal.count.fetch_add(1, Ordering::SeqCst);
             let _ = sock.send_to(&reply, from);
         }
     }
 }
 
-fn serve_tcp(listener: TcpListener, signal: Signal) {
+fn serve_tcp(listener: TcpListener, signal: Signal, records: Records) {
     listener.set_nonblocking(true).unwrap();
     while !signal.stop.load(Ordering::SeqCst) {
         let Ok((mut stream, _)) = listener.accept() else {
@@ -80,7 +100,7 @@ fn serve_tcp(listener: TcpListener, signal: Signal) {
         if stream.read_exact(&mut q).is_err() {
             continue;
         }
-        if let Some(reply) = answer(&q) {
+        if let Some(reply) = answer(&q, &records) {
             signal.count.fetch_add(1, Ordering::SeqCst);
             let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
             framed.extend_from_slice(&reply);
@@ -89,44 +109,53 @@ fn serve_tcp(listener: TcpListener, signal: Signal) {
     }
 }
 
-/// Builds the reply to a one-question query: header, the question as sent, and one
-/// A/AAAA record (none for other types).
-pub fn answer(q: &[u8]) -> Option<Vec<u8>> {
+/// Builds the reply to a one-question query: header, the question as sent, and the
+/// A/AAAA records of the name (none for other types).
+fn answer(q: &[u8], records: &Records) -> Option<Vec<u8>> {
     if q.len() < 12 || q[2] & 0x80 != 0 {
         return None;
     }
     let mut i = 12;
+    let mut labels = Vec::new();
     while i < q.len() && q[i] != 0 {
-        i += 1 + usize::from(q[i]);
+        let len = usize::from(q[i]);
+        labels.push(String::from_utf8_lossy(q.get(i + 1..i + 1 + len)?).to_ascii_lowercase());
+        i += 1 + len;
     }
     let question_end = i + 5;
     if question_end > q.len() {
         return None;
     }
+    let name = labels.join(".");
     let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-    let rdata: Vec<u8> = match qtype {
-        1 => FAKE_A
-            .parse::<std::net::Ipv4Addr>()
-            .unwrap()
-            .octets()
-            .to_vec(),
-        28 => FAKE_AAAA
-            .parse::<std::net::Ipv6Addr>()
-            .unwrap()
-            .octets()
-            .to_vec(),
-        _ => Vec::new(),
+    let (addrs, ttl): (Vec<IpAddr>, u32) = match records.lock().unwrap().get(&name) {
+        Some(set) => set.clone(),
+        None => (
+            vec![FAKE_A.parse().unwrap(), FAKE_AAAA.parse().unwrap()],
+            60,
+        ),
     };
-    let mut r = Vec::with_capacity(question_end + 32);
+    let rdatas: Vec<Vec<u8>> = addrs
+        .iter()
+        .filter_map(|ip| match (qtype, ip) {
+            (1, IpAddr::V4(v4)) => Some(v4.octets().to_vec()),
+            (28, IpAddr::V6(v6)) => Some(v6.octets().to_vec()),
+            _ => None,
+        })
+        .collect();
+    let mut r = Vec::with_capacity(question_end + 32 * rdatas.len());
     r.extend_from_slice(&q[..2]);
     r.push(0x80 | (q[2] & 0x01)); // QR, RD copied, not authoritative
     r.push(0x80); // RA
-    r.extend_from_slice(&[0, 1, 0, u8::from(!rdata.is_empty()), 0, 0, 0, 0]);
+    r.extend_from_slice(&[0, 1]);
+    r.extend_from_slice(&(rdatas.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
     r.extend_from_slice(&q[12..question_end]);
-    if !rdata.is_empty() {
+    for rdata in rdatas {
         r.extend_from_slice(&[0xc0, 0x0c]);
         r.extend_from_slice(&qtype.to_be_bytes());
-        r.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+        r.extend_from_slice(&[0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
         r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
         r.extend_from_slice(&rdata);
     }

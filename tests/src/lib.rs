@@ -224,6 +224,16 @@ impl Netns {
         ns
     }
 
+    /// Puts `cidr` (e.g. `203.0.113.10/32`, `2001:db8::10/128`) on this netns's `lo`.
+    pub fn add_addr(&self, cidr: &str) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &self.name, "addr", "add", cidr, "dev", "lo"]);
+        if cidr.contains(':') {
+            cmd.arg("nodad");
+        }
+        must(&mut cmd);
+    }
+
     /// `program` run inside this netns (`nsenter --net`, which keeps /sys mounts intact).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
@@ -571,18 +581,26 @@ impl TestEnv {
         run_with_timeout(&mut cmd, Duration::from_secs(20))
     }
 
-    /// glibc `getent` inside the captured cgroup, with this env's resolv.conf
-    /// bind-mounted over /etc/resolv.conf in a private mount namespace.
+    /// glibc `getent` inside the captured cgroup, see [`TestEnv::captured_with_resolv_conf`].
     pub fn captured_getent(&self, args: &[&str]) -> Output {
-        let script = format!(
-            "mount --bind {} /etc/resolv.conf && exec {} exec --cgroup {} -- getent {}",
-            self.dir.join("resolv.conf").display(),
-            dnsproxy_bin().display(),
-            self.cgroup.path.display(),
-            args.join(" ")
-        );
+        let mut all = vec!["getent"];
+        all.extend_from_slice(args);
+        self.captured_with_resolv_conf(&all)
+    }
+
+    /// `args` inside the netns and the captured cgroup, with this env's resolv.conf
+    /// bind-mounted over /etc/resolv.conf in a private mount namespace (glibc clients).
+    pub fn captured_with_resolv_conf(&self, args: &[&str]) -> Output {
         let mut cmd = self.netns.command("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#)
+            .arg("sh")
+            .arg(self.dir.join("resolv.conf"))
+            .arg(dnsproxy_bin())
+            .args(["exec", "--cgroup"])
+            .arg(&self.cgroup.path)
+            .arg("--")
+            .args(args);
         run_with_timeout(&mut cmd, Duration::from_secs(20))
     }
 }
@@ -630,6 +648,93 @@ pub fn dig_server(out: &Output) -> String {
 pub struct Signal {
     pub stop: Arc<AtomicBool>,
     pub count: Arc<AtomicUsize>,
+}
+
+/// A TCP server at `addr` inside `netns` that writes `hello from <addr>` to every
+/// connection and closes it; stops when dropped.
+pub struct BannerServer {
+    signal: Signal,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl BannerServer {
+    pub fn start(netns: &Netns, addr: &str) -> Self {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let (_udp, tcp) = bind_in(netns, addr);
+        tcp.set_nonblocking(true).unwrap();
+        let signal = Signal::default();
+        let s = signal.clone();
+        let thread = thread::spawn(move || {
+            while !s.stop.load(Ordering::SeqCst) {
+                match tcp.accept() {
+                    Ok((mut stream, peer)) => {
+                        s.count.fetch_add(1, Ordering::SeqCst);
+                        // One write: the client may read a single segment.
+                        let _ = stream.write_all(format!("hello from {addr} to {peer}\n").as_bytes());
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        BannerServer {
+            signal,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.signal.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for BannerServer {
+    fn drop(&mut self) {
+        self.signal.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP server at `addr` inside `netns` answering `echo from <addr>: <data>`.
+pub struct UdpEcho {
+    signal: Signal,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(netns: &Netns, addr: &str) -> Self {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let (udp, _tcp) = bind_in(netns, addr);
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let signal = Signal::default();
+        let s = signal.clone();
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.stop.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let mut reply = format!("echo from {addr}: ").into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = udp.send_to(&reply, from);
+                }
+            }
+        });
+        UdpEcho {
+            signal,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.signal.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Binds a UDP socket and a TCP listener at `addr` inside `netns`.

@@ -3,7 +3,10 @@
 use std::{net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use dnsproxy_common::{Config, DnsServer, DnsServerInfo, NetnsPolicy, map_names, stat};
+use dnsproxy_common::{
+    Config, DnsServer, DnsServerInfo, NetnsPolicy, ServiceKey, ServiceValue, VipInfo, VipKey,
+    map_names, stat,
+};
 use serde::Serialize;
 
 use super::{BpfError, from_map_addr};
@@ -52,6 +55,17 @@ pub struct MapsDump {
     pub policy: Vec<PolicyDump>,
     pub counters: Counters,
     pub links: Vec<String>,
+    pub vips: Vec<IpAddr>,
+    pub services: Vec<ServiceDump>,
+}
+
+/// One translated (VIP, port, protocol) and its backends.
+#[derive(Debug, Serialize)]
+pub struct ServiceDump {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub backends: Vec<std::net::SocketAddr>,
 }
 
 /// Counters in their declared order (a JSON object, name → value).
@@ -115,6 +129,33 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
     policy.sort_by_key(|p| p.netns_cookie);
 
     let counters = Counters(read_stats(pin_dir)?);
+
+    let name = map_names::VIPS;
+    let vip_map: HashMap<_, VipKey, VipInfo> =
+        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let mut vips: Vec<IpAddr> = vip_map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| from_map_addr(&k.addr))
+        .collect();
+    vips.sort();
+    let name = map_names::SERVICES;
+    let service_map: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let mut services: Vec<ServiceDump> = service_map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| ServiceDump {
+            vip: from_map_addr(&k.addr),
+            port: k.port,
+            protocol: if k.protocol == 17 { "udp" } else { "tcp" },
+            backends: v.backends[..(v.count as usize).min(v.backends.len())]
+                .iter()
+                .map(|b| std::net::SocketAddr::new(from_map_addr(&b.addr), b.port))
+                .collect(),
+        })
+        .collect();
+    services.sort_by_key(|s| (s.vip, s.port, s.protocol));
     let mut links: Vec<String> = std::fs::read_dir(pin_dir.join(LINKS_DIR))
         .map(|rd| {
             rd.filter_map(Result::ok)
@@ -136,6 +177,8 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         policy,
         counters,
         links,
+        vips,
+        services,
     })
 }
 
@@ -166,7 +209,22 @@ impl std::fmt::Display for MapsDump {
         for (name, value) in &self.counters.0 {
             writeln!(f, "  {name:<14} {value}")?;
         }
-        writeln!(f, "links:       {}", self.links.join(", "))
+        writeln!(f, "links:       {}", self.links.join(", "))?;
+        if self.services.is_empty() {
+            return writeln!(f, "services:    (no VIP translations)");
+        }
+        writeln!(f, "services:")?;
+        for s in &self.services {
+            let vip = std::net::SocketAddr::new(s.vip, s.port);
+            let backends: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
+            let backends = if backends.is_empty() {
+                "(no backend: fails closed)".to_owned()
+            } else {
+                backends.join(", ")
+            };
+            writeln!(f, "  {vip}/{:<4} -> {backends}", s.protocol)?;
+        }
+        Ok(())
     }
 }
 

@@ -23,7 +23,7 @@ pub const EDNS_PAYLOAD: u16 = 1232;
 /// Answers queries.
 pub struct Handler {
     registry: Arc<Registry>,
-    forwarder: Forwarder,
+    forwarder: Arc<Forwarder>,
     cache: Cache,
     ttl: u32,
     metrics: Arc<Metrics>,
@@ -38,7 +38,7 @@ enum Upstream {
 impl Handler {
     pub fn new(
         registry: Arc<Registry>,
-        forwarder: Forwarder,
+        forwarder: Arc<Forwarder>,
         cache: Cache,
         ttl: u32,
         metrics: Arc<Metrics>,

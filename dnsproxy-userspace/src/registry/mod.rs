@@ -20,6 +20,8 @@ pub struct Registry {
     table: ArcSwap<NameTable>,
     allocator: Mutex<VipAllocator>,
     config: TableConfig,
+    /// Bumped on every new table, for those who follow changes (the VIP backends).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -34,6 +36,7 @@ impl Registry {
             table: ArcSwap::from_pointee(table),
             allocator: Mutex::new(allocator),
             config,
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -47,6 +50,12 @@ impl Registry {
         let mut allocator = self.allocator.lock().expect("allocator lock");
         let table = NameTable::build(objects, &mut allocator, &self.config)?;
         self.table.store(Arc::new(table));
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// A receiver that wakes up after each table change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }

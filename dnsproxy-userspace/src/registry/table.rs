@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     allocator::{AllocatorError, VipAllocator},
-    manifest::{Objects, Resolution, ServiceKind},
+    manifest::{Objects, Resolution, ServiceEntryPort, ServiceKind, WorkloadEntry},
 };
 
 /// Lower-cases and strips the trailing dot, the form table keys use.
@@ -73,6 +73,19 @@ pub enum Match<'a> {
     SearchSuffix { base: &'a str, host: &'a Host },
 }
 
+/// A ServiceEntry host whose VIPs the data path translates to real backends.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VipService {
+    pub host: String,
+    /// Auto-allocated, `status.addresses` or `spec.addresses`.
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServiceEntryPort>,
+    pub resolution: Resolution,
+    pub endpoints: Vec<WorkloadEntry>,
+    pub source: String,
+}
+
 /// The table.
 #[derive(Clone, Debug, Default)]
 pub struct NameTable {
@@ -81,6 +94,7 @@ pub struct NameTable {
     /// `*.example.com` is stored under `example.com`.
     wildcards: HashMap<String, Host>,
     reverse: HashMap<IpAddr, String>,
+    vip_services: Vec<VipService>,
 }
 
 /// Settings of the table that do not come from objects.
@@ -188,6 +202,11 @@ impl NameTable {
             _ => return None,
         };
         self.exact.get(&full)
+    }
+
+    /// ServiceEntry hosts with VIPs to translate (ClusterIPs are kube-proxy's).
+    pub fn vip_services(&self) -> &[VipService] {
+        &self.vip_services
     }
 
     /// The name a VIP or ClusterIP belongs to (PTR).
@@ -371,6 +390,18 @@ impl Builder {
                     continue;
                 }
                 self.add_addrs(&host, &addrs, &source, true);
+                // NONE means "pass through to the address asked for"; wildcards have no
+                // single name to resolve backends from.
+                if se.spec.resolution != Resolution::None && !host.starts_with("*.") {
+                    self.table.vip_services.push(VipService {
+                        host: host.clone(),
+                        vips: addrs,
+                        ports: se.spec.ports.clone(),
+                        resolution: se.spec.resolution,
+                        endpoints: se.spec.endpoints.clone(),
+                        source: source.clone(),
+                    });
+                }
             }
         }
         self.table

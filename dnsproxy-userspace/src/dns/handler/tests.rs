@@ -76,7 +76,13 @@ fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
         parallel,
         metrics.clone(),
     );
-    Handler::new(Arc::new(registry), forwarder, Cache::new(100), 30, metrics)
+    Handler::new(
+        Arc::new(registry),
+        Arc::new(forwarder),
+        Cache::new(100),
+        30,
+        metrics,
+    )
 }
 
 fn query(name: &str, qtype: RecordType, edns: bool) -> Message {

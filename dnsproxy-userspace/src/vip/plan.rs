@@ -1,0 +1,293 @@
+//! From VIP services and resolved names to the content of the translation maps.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use dnsproxy_common::{Backend, MAX_BACKENDS, ServiceKey, ServiceValue};
+
+use crate::{
+    bpf::to_map_addr,
+    registry::{
+        manifest::{Resolution, ServiceEntryPort, WorkloadEntry},
+        table::{VipService, normalize},
+    },
+};
+
+/// IP protocol numbers.
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// The transport of a ServiceEntry port: UDP only when declared so, else TCP (HTTP,
+/// HTTPS, TLS, GRPC, TCP, MONGO, ... all run over TCP).
+pub fn port_protocol(port: &ServiceEntryPort) -> u8 {
+    match port.protocol.as_deref() {
+        Some(p) if p.eq_ignore_ascii_case("UDP") => UDP,
+        _ => TCP,
+    }
+}
+
+/// Backend port for an endpoint: its named port, else the target port, else the port.
+fn backend_port(port: &ServiceEntryPort, endpoint: Option<&WorkloadEntry>) -> u16 {
+    endpoint
+        .and_then(|e| e.ports.get(&port.name).copied())
+        .or(port.target_port)
+        .unwrap_or(port.number)
+}
+
+/// Names whose addresses a service needs from DNS: its endpoints' addresses that are
+/// not IPs, or the host itself when it has no endpoints.
+pub fn names_to_resolve(service: &VipService) -> Vec<String> {
+    match service.resolution {
+        Resolution::Dns | Resolution::DnsRoundRobin => {
+            if service.endpoints.is_empty() {
+                vec![service.host.clone()]
+            } else {
+                service
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.address.parse::<IpAddr>().is_err())
+                    .map(|e| normalize(&e.address))
+                    .collect()
+            }
+        }
+        Resolution::Static | Resolution::None => Vec::new(),
+    }
+}
+
+/// The translation maps' desired content.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub vips: BTreeMap<IpAddr, u32>,
+    pub services: BTreeMap<ServiceKeyOrd, ServiceValue>,
+}
+
+/// `ServiceKey` with an order, for deterministic diffs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceKeyOrd {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: u8,
+}
+
+impl ServiceKeyOrd {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: to_map_addr(self.vip),
+            port: self.port,
+            protocol: self.protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Computes the maps from `services` and the addresses resolved so far (`resolved`:
+/// name → addresses; a name missing from it has not been resolved yet).
+pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) -> Plan {
+    let mut out = Plan::default();
+    for svc in services {
+        for vip in &svc.vips {
+            *out.vips.entry(*vip).or_default() += svc.ports.len() as u32;
+            for port in &svc.ports {
+                // Candidate backends (address, port), same family as the VIP.
+                let mut backends: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+                let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
+                match svc.resolution {
+                    Resolution::Static => {
+                        for ep in &svc.endpoints {
+                            if let Ok(ip) = ep.address.parse::<IpAddr>() {
+                                backends.insert((ip, backend_port(port, Some(ep))));
+                            }
+                        }
+                    }
+                    Resolution::Dns | Resolution::DnsRoundRobin => {
+                        if svc.endpoints.is_empty() {
+                            for ip in resolved.get(&svc.host).into_iter().flatten() {
+                                backends.insert((*ip, backend_port(port, None)));
+                            }
+                        }
+                        for ep in &svc.endpoints {
+                            let ips: Vec<IpAddr> = match ep.address.parse::<IpAddr>() {
+                                Ok(ip) => vec![ip],
+                                Err(_) => resolved
+                                    .get(&normalize(&ep.address))
+                                    .cloned()
+                                    .unwrap_or_default(),
+                            };
+                            for ip in ips {
+                                backends.insert((ip, backend_port(port, Some(ep))));
+                            }
+                        }
+                    }
+                    Resolution::None => {}
+                }
+                let mut value = ServiceValue::default();
+                for (i, (ip, p)) in backends
+                    .iter()
+                    .filter(|(ip, _)| same_family(ip))
+                    .take(MAX_BACKENDS)
+                    .enumerate()
+                {
+                    value.backends[i] = Backend {
+                        addr: to_map_addr(*ip),
+                        port: *p,
+                        _pad: 0,
+                    };
+                    value.count = i as u32 + 1;
+                }
+                let key = ServiceKeyOrd {
+                    vip: *vip,
+                    port: port.number,
+                    protocol: port_protocol(port),
+                };
+                out.services.insert(key, value);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::manifest::ServiceEntryPort;
+
+    fn port(number: u16, name: &str, protocol: &str, target: Option<u16>) -> ServiceEntryPort {
+        ServiceEntryPort {
+            number,
+            name: name.into(),
+            protocol: Some(protocol.into()),
+            target_port: target,
+        }
+    }
+
+    fn svc(
+        resolution: Resolution,
+        endpoints: Vec<WorkloadEntry>,
+        ports: Vec<ServiceEntryPort>,
+    ) -> VipService {
+        VipService {
+            host: "aliyun.com".into(),
+            vips: vec!["240.240.0.5".parse().unwrap(), "2001:2::5".parse().unwrap()],
+            ports,
+            resolution,
+            endpoints,
+            source: "test".into(),
+        }
+    }
+
+    fn backends(plan: &Plan, vip: &str, port: u16, protocol: u8) -> Vec<String> {
+        let v = plan.services[&ServiceKeyOrd {
+            vip: vip.parse().unwrap(),
+            port,
+            protocol,
+        }];
+        v.backends[..v.count as usize]
+            .iter()
+            .map(|b| format!("{} {}", crate::bpf::from_map_addr(&b.addr), b.port))
+            .collect()
+    }
+
+    #[test]
+    fn dns_resolution_maps_the_host_by_family() {
+        let s = svc(
+            Resolution::Dns,
+            vec![],
+            vec![
+                port(443, "tls", "TLS", None),
+                port(53, "dns", "UDP", Some(5353)),
+            ],
+        );
+        let resolved: HashMap<String, Vec<IpAddr>> = [(
+            "aliyun.com".into(),
+            vec![
+                "203.0.113.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
+        )]
+        .into();
+        let p = plan(&[s], &resolved);
+        assert_eq!(backends(&p, "240.240.0.5", 443, TCP), ["203.0.113.10 443"]);
+        assert_eq!(backends(&p, "2001:2::5", 443, TCP), ["2001:db8::10 443"]);
+        assert_eq!(
+            backends(&p, "240.240.0.5", 53, UDP),
+            ["203.0.113.10 5353"],
+            "targetPort"
+        );
+        assert_eq!(p.vips.len(), 2);
+    }
+
+    #[test]
+    fn unresolved_or_empty_means_no_backend() {
+        let s = svc(Resolution::Dns, vec![], vec![port(443, "tls", "TLS", None)]);
+        let p = plan(&[s], &HashMap::new());
+        assert_eq!(backends(&p, "240.240.0.5", 443, TCP), Vec::<String>::new());
+    }
+
+    #[test]
+    fn static_endpoints_with_named_ports() {
+        let eps = vec![
+            WorkloadEntry {
+                address: "192.0.2.1".into(),
+                ports: [("http".to_string(), 8080)].into(),
+            },
+            WorkloadEntry {
+                address: "192.0.2.2".into(),
+                ports: Default::default(),
+            },
+        ];
+        let s = svc(
+            Resolution::Static,
+            eps,
+            vec![port(80, "http", "HTTP", Some(9090))],
+        );
+        let p = plan(&[s], &HashMap::new());
+        assert_eq!(
+            backends(&p, "240.240.0.5", 80, TCP),
+            ["192.0.2.1 8080", "192.0.2.2 9090"]
+        );
+        assert_eq!(
+            backends(&p, "2001:2::5", 80, TCP),
+            Vec::<String>::new(),
+            "no IPv6 endpoint"
+        );
+    }
+
+    #[test]
+    fn dns_endpoints_are_resolved_by_name() {
+        let eps = vec![WorkloadEntry {
+            address: "Backend.Example.".into(),
+            ports: Default::default(),
+        }];
+        let s = svc(
+            Resolution::DnsRoundRobin,
+            eps,
+            vec![port(443, "tls", "TLS", None)],
+        );
+        assert_eq!(names_to_resolve(&s), ["backend.example"]);
+        let resolved: HashMap<String, Vec<IpAddr>> = [(
+            "backend.example".into(),
+            vec!["198.51.100.1".parse().unwrap()],
+        )]
+        .into();
+        let p = plan(&[s], &resolved);
+        assert_eq!(backends(&p, "240.240.0.5", 443, TCP), ["198.51.100.1 443"]);
+    }
+
+    #[test]
+    fn at_most_max_backends() {
+        let eps: Vec<WorkloadEntry> = (1..=40)
+            .map(|i| WorkloadEntry {
+                address: format!("192.0.2.{i}"),
+                ports: Default::default(),
+            })
+            .collect();
+        let s = svc(
+            Resolution::Static,
+            eps,
+            vec![port(80, "http", "HTTP", None)],
+        );
+        let p = plan(&[s], &HashMap::new());
+        assert_eq!(backends(&p, "240.240.0.5", 80, TCP).len(), MAX_BACKENDS);
+    }
+}

@@ -1,0 +1,264 @@
+//! Keeps `dp_vips`/`dp_services` equal to the plan: follows registry changes, resolves
+//! DNS-resolution hosts upstream (A and AAAA) and re-resolves each name before its TTL
+//! runs out (within [`MIN_REFRESH`, `MAX_REFRESH`]). Services are written before their
+//! VIP appears and removed after it goes, each value whole.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use dnsproxy_common::{ServiceKey, ServiceValue, VipInfo, VipKey, map_names};
+use hickory_proto::{
+    op::{Query, ResponseCode},
+    rr::{Name, RData, RecordType},
+};
+use tokio::time::Instant;
+
+use super::plan::{Plan, names_to_resolve, plan};
+use crate::{
+    bpf::{BpfError, to_map_addr},
+    dns::forwarder::Forwarder,
+    registry::Registry,
+};
+
+/// Shortest and longest time between two resolutions of a name.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const MAX_REFRESH: Duration = Duration::from_secs(300);
+/// When a name could not be resolved (or has no address), ask again after this.
+const RETRY: Duration = Duration::from_secs(5);
+
+struct Resolved {
+    addrs: Vec<IpAddr>,
+    refresh_at: Instant,
+}
+
+/// Re-resolve a quarter of the TTL before it expires, within the bounds.
+fn refresh_after(ttl: u32) -> Duration {
+    Duration::from_secs(u64::from(ttl - ttl / 4)).clamp(MIN_REFRESH, MAX_REFRESH)
+}
+
+/// The task.
+pub struct BackendSync {
+    pub registry: Arc<Registry>,
+    pub forwarder: Arc<Forwarder>,
+    pub pin_dir: PathBuf,
+}
+
+/// A: and AAAA addresses of `name` and their smallest TTL; `Err` when the upstreams
+/// failed for both families.
+async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Vec<IpAddr>, u32), String> {
+    let fqdn = Name::from_ascii(format!("{name}.")).map_err(|e| e.to_string())?;
+    let (qa, qaaaa) = (
+        Query::query(fqdn.clone(), RecordType::A),
+        Query::query(fqdn, RecordType::AAAA),
+    );
+    let (a, aaaa) = tokio::join!(forwarder.forward(&qa), forwarder.forward(&qaaaa));
+    if let (Err(e), Err(_)) = (&a, &aaaa) {
+        return Err(e.to_string());
+    }
+    let mut addrs = Vec::new();
+    let mut ttl = u32::MAX;
+    for reply in [a, aaaa].into_iter().flatten().map(|f| f.reply) {
+        if reply.metadata.response_code != ResponseCode::NoError {
+            continue;
+        }
+        for r in &reply.answers {
+            let ip = match &r.data {
+                RData::A(a) => IpAddr::V4(a.0),
+                RData::AAAA(a) => IpAddr::V6(a.0),
+                _ => continue,
+            };
+            addrs.push(ip);
+            ttl = ttl.min(r.ttl);
+        }
+    }
+    Ok((addrs, ttl))
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &std::path::Path,
+    name: &str,
+) -> Result<BpfHashMap<MapData, K, V>, BpfError> {
+    let path = pin_dir.join(name);
+    let err = |reason: String| BpfError::Map {
+        map: path.display().to_string(),
+        reason,
+    };
+    let data = MapData::from_pin(&path).map_err(|e| err(e.to_string()))?;
+    let map = Map::from_map_data(data).map_err(|e| err(e.to_string()))?;
+    BpfHashMap::try_from(map).map_err(|e| err(e.to_string()))
+}
+
+/// Applies the difference between `old` and `new` to the pinned maps.
+fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfError> {
+    let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
+        open_hash(pin_dir, map_names::SERVICES)?;
+    let mut vips: BpfHashMap<_, VipKey, VipInfo> = open_hash(pin_dir, map_names::VIPS)?;
+    let map_err = |map: &str| {
+        let map = map.to_owned();
+        move |e: aya::maps::MapError| BpfError::Map {
+            map: map.clone(),
+            reason: e.to_string(),
+        }
+    };
+    for (key, value) in &new.services {
+        if old.services.get(key) != Some(value) {
+            services
+                .insert(key.key(), value, 0)
+                .map_err(map_err(map_names::SERVICES))?;
+        }
+    }
+    for (vip, ports) in &new.vips {
+        if old.vips.get(vip) != Some(ports) {
+            let info = VipInfo {
+                ports: *ports,
+                _pad: 0,
+            };
+            vips.insert(
+                VipKey {
+                    addr: to_map_addr(*vip),
+                },
+                info,
+                0,
+            )
+            .map_err(map_err(map_names::VIPS))?;
+        }
+    }
+    for vip in old.vips.keys().filter(|v| !new.vips.contains_key(v)) {
+        vips.remove(&VipKey {
+            addr: to_map_addr(*vip),
+        })
+        .map_err(map_err(map_names::VIPS))?;
+    }
+    for key in old
+        .services
+        .keys()
+        .filter(|k| !new.services.contains_key(k))
+    {
+        services
+            .remove(&key.key())
+            .map_err(map_err(map_names::SERVICES))?;
+    }
+    Ok(())
+}
+
+impl BackendSync {
+    /// Runs until the task is dropped; `first_sync` fires after the first write.
+    pub async fn run(self, first_sync: tokio::sync::oneshot::Sender<()>) {
+        let mut changes = self.registry.subscribe();
+        let mut resolved: HashMap<String, Resolved> = HashMap::new();
+        let mut written = Plan::default();
+        let mut first = Some(first_sync);
+        loop {
+            changes.borrow_and_update();
+            let table = self.registry.table();
+            let services = table.vip_services();
+            let wanted: BTreeSet<String> = services.iter().flat_map(names_to_resolve).collect();
+            resolved.retain(|name, _| wanted.contains(name));
+
+            let now = Instant::now();
+            let mut lookups = tokio::task::JoinSet::new();
+            for name in wanted
+                .iter()
+                .filter(|n| resolved.get(*n).is_none_or(|r| r.refresh_at <= now))
+            {
+                let (forwarder, name) = (self.forwarder.clone(), name.clone());
+                lookups.spawn(async move {
+                    let result = resolve(&forwarder, &name).await;
+                    (name, result)
+                });
+            }
+            while let Some(Ok((name, result))) = lookups.join_next().await {
+                let now = Instant::now();
+                match result {
+                    Ok((addrs, ttl)) if !addrs.is_empty() => {
+                        tracing::debug!(%name, ?addrs, ttl, "resolved VIP backends");
+                        resolved.insert(
+                            name,
+                            Resolved {
+                                addrs,
+                                refresh_at: now + refresh_after(ttl),
+                            },
+                        );
+                    }
+                    Ok(_) => {
+                        tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
+                        resolved.insert(
+                            name,
+                            Resolved {
+                                addrs: Vec::new(),
+                                refresh_at: now + RETRY,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        // Keep what we had: an upstream outage must not take backends away.
+                        tracing::warn!(%name, error = %e, "cannot resolve VIP backends, keeping the last ones");
+                        let entry = resolved.entry(name).or_insert(Resolved {
+                            addrs: Vec::new(),
+                            refresh_at: now,
+                        });
+                        entry.refresh_at = now + RETRY;
+                    }
+                }
+            }
+
+            let addrs: HashMap<String, Vec<IpAddr>> = resolved
+                .iter()
+                .map(|(n, r)| (n.clone(), r.addrs.clone()))
+                .collect();
+            let desired = plan(services, &addrs);
+            if desired != written {
+                match write(&self.pin_dir, &written, &desired) {
+                    Ok(()) => {
+                        tracing::info!(
+                            vips = desired.vips.len(),
+                            services = desired.services.len(),
+                            "VIP translation maps updated"
+                        );
+                        written = desired;
+                    }
+                    Err(e) => tracing::error!("cannot update the VIP translation maps: {e}"),
+                }
+            }
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+
+            let next = resolved.values().map(|r| r.refresh_at).min();
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_before_ttl_expiry_within_bounds() {
+        assert_eq!(refresh_after(60), Duration::from_secs(45));
+        assert_eq!(
+            refresh_after(2),
+            Duration::from_secs(2).min(Duration::from_secs(2))
+        );
+        assert_eq!(refresh_after(0), MIN_REFRESH);
+        assert_eq!(refresh_after(86_400), MAX_REFRESH);
+    }
+}
