@@ -670,7 +670,8 @@ impl BannerServer {
                     Ok((mut stream, peer)) => {
                         s.count.fetch_add(1, Ordering::SeqCst);
                         // One write: the client may read a single segment.
-                        let _ = stream.write_all(format!("hello from {addr} to {peer}\n").as_bytes());
+                        let _ =
+                            stream.write_all(format!("hello from {addr} to {peer}\n").as_bytes());
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }

@@ -173,7 +173,11 @@ fn seed_scenario_auto_allocated_vips_and_search_suffix_cnames() {
     let vip = vip_of(&env, "alibabacloud.com");
     let out = dig(&env, &["+short", "-x", &vip]);
     assert_eq!(stdout(&out).trim(), "alibabacloud.com.");
-    assert_eq!(env.fake.queries(), backend_lookups, "all answered by dnsproxy");
+    assert_eq!(
+        env.fake.queries(),
+        backend_lookups,
+        "all answered by dnsproxy"
+    );
 }
 
 #[test]

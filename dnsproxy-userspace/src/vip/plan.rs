@@ -121,10 +121,13 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
                     }
                     Resolution::None => {}
                 }
+                // An IPv6 VIP whose host has only IPv4 backends gets them IPv4-mapped:
+                // a dual-stack socket reaches them, and AAAA answers stay usable.
+                let v4_for_v6 = vip.is_ipv6() && !backends.iter().any(|(ip, _)| ip.is_ipv6());
                 let mut value = ServiceValue::default();
                 for (i, (ip, p)) in backends
                     .iter()
-                    .filter(|(ip, _)| same_family(ip))
+                    .filter(|(ip, _)| same_family(ip) || v4_for_v6)
                     .take(MAX_BACKENDS)
                     .enumerate()
                 {
@@ -248,8 +251,8 @@ mod tests {
         );
         assert_eq!(
             backends(&p, "2001:2::5", 80, TCP),
-            Vec::<String>::new(),
-            "no IPv6 endpoint"
+            ["192.0.2.1 8080", "192.0.2.2 9090"],
+            "no IPv6 endpoint: the IPv4 ones, mapped, for dual-stack sockets"
         );
     }
 
