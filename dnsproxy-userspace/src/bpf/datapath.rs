@@ -65,6 +65,14 @@ impl DataPath {
         if stale > 0 {
             tracing::info!(pin_dir = %opts.pin_dir.display(), removed = stale, "removed stale pins of an earlier run");
         }
+        Self::load_and_attach(opts, lock).inspect_err(|_| {
+            // Nothing half-done stays behind: no maps pinned without programs.
+            let _ = pinned::remove_pins(&opts.pin_dir);
+            let _ = std::fs::remove_dir(&opts.pin_dir);
+        })
+    }
+
+    fn load_and_attach(opts: &DataPathOptions, lock: PinDirLock) -> Result<Self, BpfError> {
 
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
