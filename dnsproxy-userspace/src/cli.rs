@@ -1,7 +1,7 @@
 //! Command-line interface: every flag of every subcommand, with its default.
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::upstream_addr::UpstreamAddr;
 
@@ -37,15 +37,51 @@ pub enum Command {
     Cleanup(CleanupArgs),
 }
 
+/// Where the daemon runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// A developer's kernel: capture everything in one cgroup, registry from files.
+    Local,
+    /// A Kubernetes node (DaemonSet): registry and capture policy from the API,
+    /// listeners inside each captured pod.
+    Node,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// local (default) or node.
+    #[arg(long, value_enum, default_value_t = Mode::Local)]
+    pub mode: Mode,
+
     /// cgroup v2 directory to attach to (created if missing).
-    /// Default: a `dnsproxy` directory under the cgroup2 mount.
+    /// Default: local mode a `dnsproxy` directory under the cgroup2 mount, node mode
+    /// the cgroup2 root.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
+    /// Node mode: this node's name (its pods are the ones served).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Node mode: capture pods that neither a namespace label nor a pod annotation
+    /// decides for.
+    #[arg(long, value_enum, default_value_t = Switch::Off)]
+    pub capture_default: Switch,
+
+    /// Node mode: where pod processes are found (the host's /proc: run with hostPID).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
+
     /// DNS server address whose port-53 traffic is captured (repeatable).
-    /// Default: the nameservers of --resolv-conf.
+    /// Default: local mode the nameservers of --resolv-conf, node mode the ClusterIP
+    /// of kube-system/kube-dns.
     #[arg(long = "dns-server", value_name = "IP")]
     pub dns_servers: Vec<std::net::IpAddr>,
 
@@ -71,7 +107,8 @@ pub struct RunArgs {
     pub pin_dir: PathBuf,
 
     /// On exit, leave programs attached and maps pinned (the data path then fails open
-    /// to the real DNS server until a daemon listens again). `dnsproxy cleanup` removes them.
+    /// to the real DNS server until a daemon listens again). `dnsproxy cleanup` removes
+    /// them. Always on in node mode, where a restarted daemon adopts them.
     #[arg(long)]
     pub keep_pins: bool,
 

@@ -1,8 +1,14 @@
 //! Loads the embedded eBPF object, fills its maps, attaches the eight programs to the
 //! capture cgroup with bpf_links and pins links and maps under the pin directory.
+//!
+//! With `adopt`, pinned state of an earlier daemon is taken over instead of replaced:
+//! its maps (policy entries, VIP translations) are reused as they are, and each pinned
+//! link is switched to the new program in one step (BPF_LINK_UPDATE), so the data path
+//! never goes away during a restart.
 use std::{
     fs::File,
     net::IpAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -35,6 +41,8 @@ pub struct DataPathOptions {
     pub dns_servers: Vec<IpAddr>,
     /// Capture every socket in the cgroup (local mode).
     pub capture_all: bool,
+    /// Take over pinned maps and links of an earlier daemon (node mode).
+    pub adopt: bool,
 }
 
 /// The attached data path. Dropping it leaves pins in place; call [`DataPath::shutdown`].
@@ -61,22 +69,37 @@ impl DataPath {
     pub fn start(opts: &DataPathOptions) -> Result<Self, BpfError> {
         system::ensure_bpffs(&opts.pin_dir)?;
         let lock = system::lock_pin_dir(&opts.pin_dir)?;
-        let stale = pinned::remove_pins(&opts.pin_dir)?;
-        if stale > 0 {
-            tracing::info!(pin_dir = %opts.pin_dir.display(), removed = stale, "removed stale pins of an earlier run");
+        if !opts.adopt {
+            let stale = pinned::remove_pins(&opts.pin_dir)?;
+            if stale > 0 {
+                tracing::info!(pin_dir = %opts.pin_dir.display(), removed = stale, "removed stale pins of an earlier run");
+            }
         }
         Self::load_and_attach(opts, lock).inspect_err(|_| {
-            // Nothing half-done stays behind: no maps pinned without programs.
-            let _ = pinned::remove_pins(&opts.pin_dir);
-            let _ = std::fs::remove_dir(&opts.pin_dir);
+            if !opts.adopt {
+                // Nothing half-done stays behind: no maps pinned without programs.
+                let _ = pinned::remove_pins(&opts.pin_dir);
+                let _ = std::fs::remove_dir(&opts.pin_dir);
+            }
         })
     }
 
     fn load_and_attach(opts: &DataPathOptions, lock: PinDirLock) -> Result<Self, BpfError> {
-
-        let mut ebpf = EbpfLoader::new()
+        // Every map lives at its pin path: reused when pinned already, else created there.
+        let mut loader = EbpfLoader::new();
+        let adopted = map_names::ALL
+            .iter()
+            .filter(|name| opts.pin_dir.join(name).exists())
+            .count();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, opts.pin_dir.join(name));
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| BpfError::Load(format!("{e} ({})", error_chain(&e))))?;
+        if adopted > 0 {
+            tracing::info!(maps = adopted, pin_dir = %opts.pin_dir.display(), "adopted pinned maps of an earlier daemon");
+        }
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_kernel_logger(logger),
             Err(e) => tracing::debug!("no eBPF logger: {e}"),
@@ -95,7 +118,6 @@ impl DataPath {
             _pad: 0,
         })?;
         dp.set_dns_servers(&opts.dns_servers)?;
-        dp.pin_maps()?;
         dp.attach(&opts.cgroup)?;
         Ok(dp)
     }
@@ -137,18 +159,6 @@ impl DataPath {
         Ok(())
     }
 
-    fn pin_maps(&mut self) -> Result<(), BpfError> {
-        for name in map_names::ALL {
-            let map = self.ebpf.map(name).ok_or_else(|| missing(name))?;
-            let path = self.pin_dir.join(name);
-            map.pin(&path).map_err(|e| BpfError::Pin {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        }
-        Ok(())
-    }
-
     fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
         let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {
             path: cgroup.display().to_string(),
@@ -174,6 +184,18 @@ impl DataPath {
             program
                 .load()
                 .map_err(|e| load_err(format!("{name}: {e} ({})", error_chain(&e))))?;
+            let path = links_dir.join(name);
+            if path.exists() {
+                // A link of an earlier daemon: switch it to this program in place.
+                let link = super::link::obj_get(&path).map_err(|e| {
+                    attach_err(format!("opening pinned link {}: {e}", path.display()))
+                })?;
+                let prog_fd = program.fd().map_err(|e| attach_err(e.to_string()))?;
+                super::link::update(link.as_fd(), prog_fd.as_fd())
+                    .map_err(|e| attach_err(format!("BPF_LINK_UPDATE: {e}")))?;
+                tracing::debug!(program = name, "pinned link now runs the new program");
+                continue;
+            }
             let id = program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(format!("{e} ({})", error_chain(&e))))?;
@@ -183,7 +205,6 @@ impl DataPath {
             let fd_link: FdLink = link
                 .try_into()
                 .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-            let path = links_dir.join(name);
             fd_link.pin(&path).map_err(|e| BpfError::Pin {
                 path: path.display().to_string(),
                 reason: e.to_string(),

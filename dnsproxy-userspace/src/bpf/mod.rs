@@ -1,6 +1,7 @@
 //! The kernel side as the daemon sees it: environment checks (`system`), loading,
 //! attaching and pinning the programs (`datapath`), and reading pinned maps (`pinned`).
 pub mod datapath;
+mod link;
 pub mod pinned;
 pub mod system;
 

@@ -26,6 +26,17 @@ fn open(pin_dir: &Path, name: &str) -> Result<Map, BpfError> {
     })
 }
 
+/// A pinned hash map, typed.
+pub fn open_hash<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>, BpfError> {
+    HashMap::try_from(open(pin_dir, name)?).map_err(|e| BpfError::Map {
+        map: pin_dir.join(name).display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
 fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
     move |e| BpfError::Map {
         map: name.to_owned(),

@@ -17,6 +17,18 @@ use super::{
 };
 use crate::registry::{Registry, table::normalize};
 
+/// Logs one query under target `dns`: at debug level, or at info level for a client
+/// whose pod asked for `dns:debug`, so its queries show without a global debug level.
+macro_rules! query_log {
+    ($ctx:expr, $($field:tt)+) => {
+        if $ctx.debug_log {
+            tracing::info!(target: "dns", pod = $ctx.pod.as_deref().unwrap_or(""), $($field)+)
+        } else {
+            tracing::debug!(target: "dns", $($field)+)
+        }
+    };
+}
+
 /// UDP payload size we advertise in EDNS answers and upstream queries.
 pub const EDNS_PAYLOAD: u16 = 1232;
 
@@ -68,7 +80,7 @@ impl Handler {
         let request = match Message::from_vec(query) {
             Ok(m) => m,
             Err(e) => {
-                tracing::debug!(target: "dns", %client, %protocol, error = %e, "malformed query");
+                query_log!(ctx, %client, %protocol, error = %e, "malformed query");
                 self.metrics
                     .request(RecordType::NULL, protocol, Outcome::Rejected);
                 return formerr_from_header(query);
@@ -111,7 +123,7 @@ impl Handler {
                 reply.add_authority(soa);
             }
             let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
-            tracing::debug!(target: "dns", %client, %protocol, question = %question.name(), %qtype, ?edns, found = true, ?answers, "answered locally");
+            query_log!(ctx, %client, %protocol, question = %question.name(), %qtype, ?edns, found = true, ?answers, "answered locally");
             (reply, Outcome::Local)
         } else {
             match self.upstream(question).await {
@@ -139,11 +151,11 @@ impl Handler {
                     reply.add_answers(answers);
                     reply.add_authorities(authorities);
                     reply.add_additionals(additionals);
-                    tracing::debug!(target: "dns", %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
+                    query_log!(ctx, %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
                     (reply, outcome)
                 }
                 None => {
-                    tracing::debug!(target: "dns", %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, "SERVFAIL: every upstream failed");
+                    query_log!(ctx, %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, "SERVFAIL: every upstream failed");
                     self.metrics.request(qtype, protocol, Outcome::ServFail);
                     return encode(&error_reply(&request, ResponseCode::ServFail));
                 }

@@ -24,12 +24,32 @@ pub struct LocalAnswer {
     pub chase: Option<Name>,
 }
 
-/// Who asks: the client's namespace decides short names and search domains.
-#[derive(Clone, Debug)]
+/// Who asks: the client's namespace decides short names and search domains; per-pod
+/// settings (node mode) decide auto-allocated VIPs and per-query logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientContext {
     pub namespace: String,
     /// Search domains beyond the Kubernetes ones.
     pub extra_search: Vec<String>,
+    /// Answer hosts whose only addresses are auto-allocated VIPs (else forward them).
+    pub auto_allocate: bool,
+    /// Log every query of this client at info level (`dns:debug` for one pod).
+    pub debug_log: bool,
+    /// `namespace/name` of the pod, for logs (node mode).
+    pub pod: Option<String>,
+}
+
+impl ClientContext {
+    /// A client of local mode.
+    pub fn local(namespace: &str, extra_search: Vec<String>) -> Self {
+        ClientContext {
+            namespace: namespace.to_owned(),
+            extra_search,
+            auto_allocate: true,
+            debug_log: false,
+            pod: None,
+        }
+    }
 }
 
 fn fqdn(name: &str) -> Option<Name> {
@@ -107,26 +127,34 @@ pub fn answer(
     if !matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::CNAME) {
         return None;
     }
-    let (mut owner, mut host, mut out) =
-        match table.resolve(&name, &client.namespace, &client.extra_search)? {
-            Match::Direct(host) => (qname.clone(), host, LocalAnswer::default()),
-            Match::SearchSuffix { base, host } => {
-                let target = fqdn(base)?;
-                let cname = Record::from_rdata(
-                    qname.clone(),
-                    ttl,
-                    RData::CNAME(rdata::CNAME(target.clone())),
-                );
-                (
-                    target,
-                    host,
-                    LocalAnswer {
-                        answers: vec![cname],
-                        ..Default::default()
-                    },
-                )
-            }
-        };
+    let matched = table.resolve(&name, &client.namespace, &client.extra_search)?;
+    let (Match::Direct(matched_host)
+    | Match::SearchSuffix {
+        host: matched_host, ..
+    }) = matched;
+    if matched_host.auto_allocated && !client.auto_allocate {
+        // This pod opted out of auto-allocation: the real name servers answer.
+        return None;
+    }
+    let (mut owner, mut host, mut out) = match matched {
+        Match::Direct(host) => (qname.clone(), host, LocalAnswer::default()),
+        Match::SearchSuffix { base, host } => {
+            let target = fqdn(base)?;
+            let cname = Record::from_rdata(
+                qname.clone(),
+                ttl,
+                RData::CNAME(rdata::CNAME(target.clone())),
+            );
+            (
+                target,
+                host,
+                LocalAnswer {
+                    answers: vec![cname],
+                    ..Default::default()
+                },
+            )
+        }
+    };
     for _ in 0..MAX_CNAME_HOPS {
         match &host.target {
             Target::Cname(alias) => {

@@ -42,6 +42,8 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub resource_version: Option<String>,
+    #[serde(default)]
+    pub uid: Option<String>,
 }
 
 impl ObjectMeta {
@@ -287,6 +289,44 @@ impl EndpointSlice {
             .get(SERVICE_NAME_LABEL)
             .map(String::as_str)
     }
+}
+
+// === Pod, Namespace (node mode: capture policy) ===
+
+/// Kubernetes `Pod` (v1), slimmed to what the capture policy reads.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(default)]
+    pub phase: Option<String>,
+}
+
+/// Kubernetes `Namespace` (v1): its labels carry the namespace capture policy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
 }
 
 // === documents ===

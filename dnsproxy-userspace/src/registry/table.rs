@@ -61,6 +61,8 @@ pub struct Host {
     /// short names), for the debug dump.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alt_hosts: Vec<String>,
+    /// Its only addresses are auto-allocated VIPs (pods may opt out of those).
+    pub auto_allocated: bool,
 }
 
 /// How a query name was matched.
@@ -242,6 +244,7 @@ impl Builder {
             target: Target::Addresses(Addrs::default()),
             sources: Vec::new(),
             alt_hosts: Vec::new(),
+            auto_allocated: false,
         });
         match &mut host.target {
             Target::Addresses(a) => addrs.iter().for_each(|ip| a.add(*ip)),
@@ -252,6 +255,8 @@ impl Builder {
         }
         if !host.sources.iter().any(|s| s == source) {
             host.sources.push(source.to_owned());
+            // Set again by the caller when this is the only, auto-allocated, source.
+            host.auto_allocated = false;
         }
         if ptr && wildcard.is_none() {
             for ip in addrs {
@@ -315,6 +320,7 @@ impl Builder {
                             target: Target::Cname(target),
                             sources: vec![source],
                             alt_hosts: Vec::new(),
+                            auto_allocated: false,
                         },
                     );
                 }
@@ -369,10 +375,12 @@ impl Builder {
                 if addrs.is_empty() {
                     addrs = se.status_addresses(&host);
                 }
+                let mut auto_allocated = false;
                 if addrs.is_empty()
                     && let Some(v) = vips.get(&host)
                 {
                     addrs = v.addrs().to_vec();
+                    auto_allocated = true;
                 }
                 if addrs.is_empty() && se.spec.resolution == Resolution::Static {
                     // No VIP: answer with the endpoints themselves, like a headless Service.
@@ -390,6 +398,12 @@ impl Builder {
                     continue;
                 }
                 self.add_addrs(&host, &addrs, &source, true);
+                if auto_allocated
+                    && let Some(h) = self.table.exact.get_mut(&host)
+                    && h.sources.len() == 1
+                {
+                    h.auto_allocated = true;
+                }
                 // NONE means "pass through to the address asked for"; wildcards have no
                 // single name to resolve backends from.
                 if se.spec.resolution != Resolution::None && !host.starts_with("*.") {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::HashMap as BpfHashMap;
 use dnsproxy_common::{ServiceKey, ServiceValue, VipInfo, VipKey, map_names};
 use hickory_proto::{
     op::{Query, ResponseCode},
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::plan::{Plan, names_to_resolve, plan};
 use crate::{
-    bpf::{BpfError, to_map_addr},
+    bpf::{BpfError, pinned, to_map_addr},
     dns::forwarder::Forwarder,
     registry::Registry,
 };
@@ -79,25 +79,33 @@ async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Vec<IpAddr>, u32)
     Ok((addrs, ttl))
 }
 
-fn open_hash<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &std::path::Path,
-    name: &str,
-) -> Result<BpfHashMap<MapData, K, V>, BpfError> {
-    let path = pin_dir.join(name);
-    let err = |reason: String| BpfError::Map {
-        map: path.display().to_string(),
-        reason,
-    };
-    let data = MapData::from_pin(&path).map_err(|e| err(e.to_string()))?;
-    let map = Map::from_map_data(data).map_err(|e| err(e.to_string()))?;
-    BpfHashMap::try_from(map).map_err(|e| err(e.to_string()))
+/// What the maps hold now (an adopted daemon's translations, or nothing), so that the
+/// first write also removes what is no longer wanted.
+fn read_current(pin_dir: &std::path::Path) -> Result<Plan, BpfError> {
+    let services: BpfHashMap<_, ServiceKey, ServiceValue> =
+        pinned::open_hash(pin_dir, map_names::SERVICES)?;
+    let vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
+    let mut plan = Plan::default();
+    for (k, v) in services.iter().filter_map(Result::ok) {
+        let key = super::plan::ServiceKeyOrd {
+            vip: crate::bpf::from_map_addr(&k.addr),
+            port: k.port,
+            protocol: k.protocol,
+        };
+        plan.services.insert(key, v);
+    }
+    for (k, v) in vips.iter().filter_map(Result::ok) {
+        plan.vips
+            .insert(crate::bpf::from_map_addr(&k.addr), v.ports);
+    }
+    Ok(plan)
 }
 
 /// Applies the difference between `old` and `new` to the pinned maps.
 fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfError> {
     let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
-        open_hash(pin_dir, map_names::SERVICES)?;
-    let mut vips: BpfHashMap<_, VipKey, VipInfo> = open_hash(pin_dir, map_names::VIPS)?;
+        pinned::open_hash(pin_dir, map_names::SERVICES)?;
+    let mut vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
     let map_err = |map: &str| {
         let map = map.to_owned();
         move |e: aya::maps::MapError| BpfError::Map {
@@ -151,7 +159,10 @@ impl BackendSync {
     pub async fn run(self, first_sync: tokio::sync::oneshot::Sender<()>) {
         let mut changes = self.registry.subscribe();
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
-        let mut written = Plan::default();
+        let mut written = read_current(&self.pin_dir).unwrap_or_else(|e| {
+            tracing::warn!("cannot read the VIP translation maps: {e}");
+            Plan::default()
+        });
         let mut first = Some(first_sync);
         loop {
             changes.borrow_and_update();

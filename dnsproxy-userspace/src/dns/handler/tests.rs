@@ -59,10 +59,7 @@ fn client() -> SocketAddr {
 }
 
 fn ctx() -> ClientContext {
-    ClientContext {
-        namespace: "default".into(),
-        extra_search: vec![],
-    }
+    ClientContext::local("default", vec![])
 }
 
 fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
@@ -447,4 +444,33 @@ async fn external_name_to_an_unknown_target_is_chased_upstream() {
             "upstream-only.test. A 198.51.100.7"
         ]
     );
+}
+
+#[tokio::test]
+async fn pods_that_opt_out_of_auto_allocation_are_forwarded() {
+    let (upstream, count) = answering_upstream().await;
+    let h = handler_with(vec![upstream], false);
+    let opted_out = ClientContext {
+        auto_allocate: false,
+        ..ctx()
+    };
+    let q = query("aliyun.com.", RecordType::A, false);
+    let bytes = h
+        .handle(&q.to_vec().unwrap(), Protocol::Udp, client(), &opted_out)
+        .await
+        .unwrap();
+    let reply = Message::from_vec(&bytes).unwrap();
+    assert_eq!(
+        records(&reply),
+        ["aliyun.com. A 198.51.100.7"],
+        "the real answer, not the VIP"
+    );
+    // Addresses given in the ServiceEntry are still answered locally.
+    let q = query("fixed.test.", RecordType::A, false);
+    let bytes = h
+        .handle(&q.to_vec().unwrap(), Protocol::Udp, client(), &opted_out)
+        .await
+        .unwrap();
+    assert!(Message::from_vec(&bytes).unwrap().metadata.authoritative);
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -1,0 +1,205 @@
+//! The capture policy of a pod (the seed's three scenarios): global default, namespace
+//! label, pod annotation (ours, or Istio's `proxy.istio.io/config` proxyMetadata);
+//! the most specific setting wins.
+use serde::Deserialize;
+
+use crate::registry::manifest::{Namespace, Pod};
+
+/// Pod annotation: `"true"` / `"false"`.
+pub const POD_ANNOTATION: &str = "dnsproxy.io/capture";
+/// Namespace label: `enabled` / `disabled`.
+pub const NAMESPACE_LABEL: &str = "dnsproxy.io/capture";
+/// Istio's per-pod proxy configuration (YAML).
+pub const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
+/// Istio's agent log level, e.g. `dns:debug` or `default:info,dns:debug`.
+pub const ISTIO_LOG_LEVEL: &str = "sidecar.istio.io/agentLogLevel";
+
+/// What applies to one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    pub capture: bool,
+    /// Which setting decided, for logs: `pod annotation`, `istio proxyMetadata`,
+    /// `namespace label`, `default`, `hostNetwork`, `not running`.
+    pub decided_by: &'static str,
+    /// Auto-allocated VIPs answered for this pod.
+    pub auto_allocate: bool,
+    /// Log every query of this pod.
+    pub dns_debug: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyConfig {
+    #[serde(default)]
+    proxy_metadata: std::collections::BTreeMap<String, String>,
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "enabled" | "on" | "1" => Some(true),
+        "false" | "disabled" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Decides for `pod` in `namespace` (None when the Namespace is not known yet).
+pub fn decide(pod: &Pod, namespace: Option<&Namespace>, capture_default: bool) -> PodPolicy {
+    let annotations = &pod.metadata.annotations;
+    let proxy_metadata = annotations
+        .get(ISTIO_PROXY_CONFIG)
+        .and_then(|yaml| match serde_yaml::from_str::<ProxyConfig>(yaml) {
+            Ok(cfg) => Some(cfg.proxy_metadata),
+            Err(e) => {
+                tracing::warn!(pod = %pod.metadata.name, error = %e, "unreadable {ISTIO_PROXY_CONFIG} annotation: ignored");
+                None
+            }
+        })
+        .unwrap_or_default();
+    let auto_allocate = proxy_metadata
+        .get("ISTIO_META_DNS_AUTO_ALLOCATE")
+        .and_then(|v| parse_bool(v))
+        .unwrap_or(true);
+    let dns_debug = annotations
+        .get(ISTIO_LOG_LEVEL)
+        .is_some_and(|levels| levels.split(',').any(|l| l.trim() == "dns:debug"));
+    let policy = |capture, decided_by| PodPolicy {
+        capture,
+        decided_by,
+        auto_allocate,
+        dns_debug,
+    };
+
+    if pod.spec.host_network {
+        // Its network namespace is the node's: capturing it would capture the node.
+        return policy(false, "hostNetwork");
+    }
+    if pod.status.phase.as_deref() != Some("Running") {
+        return policy(false, "not running");
+    }
+    if let Some(v) = annotations.get(POD_ANNOTATION).and_then(|v| parse_bool(v)) {
+        return policy(v, "pod annotation");
+    }
+    if let Some(v) = proxy_metadata
+        .get("ISTIO_META_DNS_CAPTURE")
+        .and_then(|v| parse_bool(v))
+    {
+        return policy(v, "istio proxyMetadata");
+    }
+    if let Some(v) = namespace
+        .and_then(|ns| ns.metadata.labels.get(NAMESPACE_LABEL))
+        .and_then(|v| parse_bool(v))
+    {
+        return policy(v, "namespace label");
+    }
+    policy(capture_default, "default")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn ns(label: Option<&str>) -> Namespace {
+        let mut n = Namespace::default();
+        if let Some(v) = label {
+            n.metadata.labels.insert(NAMESPACE_LABEL.into(), v.into());
+        }
+        n
+    }
+
+    #[test]
+    fn most_specific_wins() {
+        struct Case {
+            name: &'static str,
+            pod: &'static str,
+            ns: Option<&'static str>,
+            default: bool,
+            want: (bool, &'static str),
+        }
+        let running = "status: {phase: Running}";
+        let cases = [
+            Case {
+                name: "global default on",
+                pod: running,
+                ns: None,
+                default: true,
+                want: (true, "default"),
+            },
+            Case {
+                name: "global default off",
+                pod: running,
+                ns: None,
+                default: false,
+                want: (false, "default"),
+            },
+            Case {
+                name: "namespace enables",
+                pod: running,
+                ns: Some("enabled"),
+                default: false,
+                want: (true, "namespace label"),
+            },
+            Case {
+                name: "namespace disables",
+                pod: running,
+                ns: Some("disabled"),
+                default: true,
+                want: (false, "namespace label"),
+            },
+            Case {
+                name: "pod annotation beats namespace",
+                pod: "metadata: {annotations: {dnsproxy.io/capture: \"false\"}}\nstatus: {phase: Running}",
+                ns: Some("enabled"),
+                default: true,
+                want: (false, "pod annotation"),
+            },
+            Case {
+                name: "istio proxyMetadata (the seed's scenario 3)",
+                pod: "metadata:\n  annotations:\n    proxy.istio.io/config: |\n      proxyMetadata:\n        ISTIO_META_DNS_CAPTURE: \"true\"\n        ISTIO_META_DNS_AUTO_ALLOCATE: \"true\"\nstatus: {phase: Running}",
+                ns: Some("disabled"),
+                default: false,
+                want: (true, "istio proxyMetadata"),
+            },
+            Case {
+                name: "our annotation beats istio's",
+                pod: "metadata:\n  annotations:\n    dnsproxy.io/capture: \"false\"\n    proxy.istio.io/config: '{proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"true\"}}'\nstatus: {phase: Running}",
+                ns: None,
+                default: true,
+                want: (false, "pod annotation"),
+            },
+            Case {
+                name: "pending pod",
+                pod: "status: {phase: Pending}",
+                ns: Some("enabled"),
+                default: true,
+                want: (false, "not running"),
+            },
+            Case {
+                name: "hostNetwork pod",
+                pod: "spec: {hostNetwork: true}\nstatus: {phase: Running}",
+                ns: Some("enabled"),
+                default: true,
+                want: (false, "hostNetwork"),
+            },
+        ];
+        for c in cases {
+            let namespace = c.ns.map(|v| ns(Some(v)));
+            let got = decide(&pod(c.pod), namespace.as_ref(), c.default);
+            assert_eq!((got.capture, got.decided_by), c.want, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn auto_allocate_and_debug_log() {
+        let p = pod(
+            "metadata:\n  annotations:\n    proxy.istio.io/config: '{proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"true\", ISTIO_META_DNS_AUTO_ALLOCATE: \"false\"}}'\n    sidecar.istio.io/agentLogLevel: \"default:info,dns:debug\"\nstatus: {phase: Running}",
+        );
+        let got = decide(&p, None, false);
+        assert!(got.capture && !got.auto_allocate && got.dns_debug);
+        let plain = decide(&pod("status: {phase: Running}"), None, true);
+        assert!(plain.auto_allocate && !plain.dns_debug);
+    }
+}
