@@ -18,8 +18,12 @@ use std::{
 };
 
 pub mod fake_dns;
+pub mod fake_kube;
+pub mod node;
 
 pub use fake_dns::FakeDns;
+pub use fake_kube::{FakeKube, Resource};
+pub use node::{FakePod, NodeEnv};
 
 /// The fake cluster DNS addresses every test netns has.
 pub const CLUSTER_DNS_V4: &str = "10.96.0.10";
@@ -287,6 +291,15 @@ impl Cgroup {
     }
 }
 
+impl Cgroup {
+    /// A cgroup below this one, removed on drop (before its parent).
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).expect("create child cgroup");
+        Cgroup { path }
+    }
+}
+
 impl Default for Cgroup {
     fn default() -> Self {
         Self::new()
@@ -316,6 +329,8 @@ pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
     pub pin_dir: PathBuf,
+    /// Leave the pins to the next daemon instead of cleaning up on drop.
+    hand_over: bool,
 }
 
 /// How to start a daemon.
@@ -323,7 +338,10 @@ pub struct DaemonOptions<'a> {
     pub netns: &'a Netns,
     pub cgroup: &'a Cgroup,
     pub pin_dir: PathBuf,
-    pub registry: PathBuf,
+    /// Local mode's registry (node mode reads the fake API instead).
+    pub registry: Option<PathBuf>,
+    /// Extra environment (KUBECONFIG, NODE_NAME, RUST_LOG overrides).
+    pub env: Vec<(String, String)>,
     /// State directory (auto-allocated VIPs).
     pub state_dir: PathBuf,
     /// Run the daemon itself inside the captured cgroup.
@@ -352,8 +370,11 @@ impl Daemon {
                 "--dns-server",
                 CLUSTER_DNS_V6,
             ])
-            .arg("--registry")
-            .arg(&opts.registry)
+            .args(
+                opts.registry
+                    .iter()
+                    .flat_map(|r| [std::ffi::OsStr::new("--registry"), r.as_os_str()]),
+            )
             .arg("--pin-dir")
             .arg(&opts.pin_dir)
             .arg("--state-dir")
@@ -361,6 +382,7 @@ impl Daemon {
             .args(["--upstream-timeout-ms", "1000", "--registry-poll-ms", "200"])
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,dns=debug")
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
             .stderr(File::create(&log).unwrap());
@@ -369,6 +391,7 @@ impl Daemon {
             child: Some(child),
             log,
             pin_dir: opts.pin_dir,
+            hand_over: false,
         };
         daemon.wait_ready(opts.netns);
         daemon
@@ -419,6 +442,12 @@ impl Daemon {
         }
     }
 
+    /// Stops the daemon and leaves its pinned state for a successor (node mode).
+    pub fn stop_and_hand_over(&mut self) -> std::process::ExitStatus {
+        self.hand_over = true;
+        self.stop()
+    }
+
     /// `dnsproxy maps --json` for this daemon's pins.
     pub fn maps_json(&self) -> String {
         let out = run_with_timeout(
@@ -463,13 +492,15 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new(dnsproxy_bin())
-            .args(["cleanup", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if !self.hand_over {
+            let _ = Command::new(dnsproxy_bin())
+                .args(["cleanup", "--pin-dir"])
+                .arg(&self.pin_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
         if !thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         } else {
@@ -535,7 +566,8 @@ impl TestEnv {
             netns: &self.netns,
             cgroup: &self.cgroup,
             pin_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("p")),
-            registry: self.dir.join("registry"),
+            registry: Some(self.dir.join("registry")),
+            env: Vec::new(),
             state_dir: self.dir.join("state"),
             inside_cgroup: false,
             extra_args: Vec::new(),

@@ -173,10 +173,9 @@ pub async fn run(
         pods_config,
         &changes,
     );
-    let service_entries = match service_entry_resource(&client).await? {
-        Some(ar) => Some(reflect(&client, &ar, default, &changes)),
-        None => None,
-    };
+    let service_entries = service_entry_resource(&client)
+        .await?
+        .map(|ar| reflect(&client, &ar, default, &changes));
 
     for (kind, store) in [
         ("Services", &services),

@@ -22,7 +22,7 @@ use crate::registry::{Registry, table::normalize};
 macro_rules! query_log {
     ($ctx:expr, $($field:tt)+) => {
         if $ctx.debug_log {
-            tracing::info!(target: "dns", pod = $ctx.pod.as_deref().unwrap_or(""), $($field)+)
+            tracing::info!(target: "dns", pod = %$ctx.pod.as_deref().unwrap_or(""), $($field)+)
         } else {
             tracing::debug!(target: "dns", $($field)+)
         }

@@ -1,0 +1,386 @@
+//! A fake Kubernetes API server for the node-mode tests: real HTTP on a loopback
+//! address inside the test's node netns, speaking the list/watch protocol that
+//! kube-rs's real client uses: lists with a resourceVersion, chunked watch streams of
+//! ADDED/MODIFIED/DELETED events from a resourceVersion, BOOKMARK events, and
+//! `410 Gone` (reason Expired) for a resourceVersion older than the last compaction,
+//! which makes the client relist. Field selectors `spec.nodeName=` are honoured.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{Netns, bind_in};
+
+/// A collection the server serves: its URL path and its list kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    ServiceEntries,
+    Namespaces,
+    Pods,
+}
+
+impl Resource {
+    const ALL: [Resource; 5] = [
+        Resource::Services,
+        Resource::EndpointSlices,
+        Resource::ServiceEntries,
+        Resource::Namespaces,
+        Resource::Pods,
+    ];
+
+    fn path(self) -> &'static str {
+        match self {
+            Resource::Services => "/api/v1/services",
+            Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Resource::ServiceEntries => "/apis/networking.istio.io/v1/serviceentries",
+            Resource::Namespaces => "/api/v1/namespaces",
+            Resource::Pods => "/api/v1/pods",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Resource::Services | Resource::Namespaces | Resource::Pods => "v1",
+            Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::ServiceEntries => "networking.istio.io/v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::Services => "Service",
+            Resource::EndpointSlices => "EndpointSlice",
+            Resource::ServiceEntries => "ServiceEntry",
+            Resource::Namespaces => "Namespace",
+            Resource::Pods => "Pod",
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches asking for an older resourceVersion get 410 Gone.
+    compacted_below: u64,
+    /// Bumped to end every open watch stream.
+    epoch: u64,
+    objects: BTreeMap<(Resource, String, String), Value>,
+    events: Vec<(u64, Resource, &'static str, Value)>,
+    lists: usize,
+    watches: usize,
+    gone: usize,
+    stopped: bool,
+}
+
+type Shared = Arc<(Mutex<State>, Condvar)>;
+
+/// The server; stops when dropped.
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    shared: Shared,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+fn key(obj: &Value) -> (String, String) {
+    let meta = &obj["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or("").to_owned(),
+        meta["name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+impl FakeKube {
+    /// Serves on 127.0.0.1 (an ephemeral port) inside `netns`.
+    pub fn start(netns: &Netns) -> Self {
+        let (_udp, listener) = bind_in(netns, "127.0.0.1:0".parse().unwrap());
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let shared: Shared = Arc::default();
+        let s = shared.clone();
+        let thread = thread::spawn(move || {
+            loop {
+                if s.0.lock().unwrap().stopped {
+                    return;
+                }
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let s = s.clone();
+                        thread::spawn(move || {
+                            let _ = serve(stream, &s);
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FakeKube {
+            addr,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
+             users:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\n\
+             current-context: fake\n",
+            self.addr
+        )
+    }
+
+    /// Creates or replaces an object (ADDED / MODIFIED), stamping apiVersion, kind and
+    /// resourceVersion.
+    pub fn apply(&self, resource: Resource, mut obj: Value) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["apiVersion"] = json!(resource.api_version());
+        obj["kind"] = json!(resource.kind());
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let (ns, name) = key(&obj);
+        let kind = if st
+            .objects
+            .insert((resource, ns, name), obj.clone())
+            .is_some()
+        {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.events.push((rv, resource, kind, obj));
+        cv.notify_all();
+    }
+
+    /// Deletes an object (DELETED).
+    pub fn delete(&self, resource: Resource, namespace: &str, name: &str) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap();
+        let Some(mut obj) = st
+            .objects
+            .remove(&(resource, namespace.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.events.push((rv, resource, "DELETED", obj));
+        cv.notify_all();
+    }
+
+    /// Forgets history and ends every watch: clients that reconnect with their last
+    /// resourceVersion get 410 Gone and must relist.
+    pub fn compact(&self) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap();
+        st.rv += 1;
+        st.compacted_below = st.rv;
+        st.events.clear();
+        st.epoch += 1;
+        cv.notify_all();
+    }
+
+    /// (lists, watches, 410 responses) served so far.
+    pub fn requests(&self) -> (usize, usize, usize) {
+        let st = self.shared.0.lock().unwrap();
+        (st.lists, st.watches, st.gone)
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        {
+            let (lock, cv) = &*self.shared;
+            lock.lock().unwrap().stopped = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `spec.nodeName=X` selection.
+fn selected(obj: &Value, field_selector: Option<&str>) -> bool {
+    let Some(sel) = field_selector else {
+        return true;
+    };
+    sel.split(',').all(|term| match term.split_once('=') {
+        Some(("spec.nodeName", want)) => obj["spec"]["nodeName"].as_str() == Some(want),
+        _ => true,
+    })
+}
+
+fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn chunk(stream: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+    let line = format!("{event}\n");
+    write!(stream, "{:x}\r\n{line}\r\n", line.len())?;
+    stream.flush()
+}
+
+fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        // Headers (no request bodies: GET only).
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+                break;
+            }
+        }
+        let target = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_owned();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let params: BTreeMap<String, String> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+            .collect();
+        let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": format!("the server could not find the requested resource {path}"),
+                                "reason": "NotFound", "code": 404});
+            respond(&mut stream, "404 Not Found", &status)?;
+            return Ok(());
+        };
+        let fields = params.get("fieldSelector").map(String::as_str);
+        if params.get("watch").map(String::as_str) != Some("true")
+            && params.get("watch").map(String::as_str) != Some("1")
+        {
+            let (items, rv) = {
+                let mut st = shared.0.lock().unwrap();
+                st.lists += 1;
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|((r, _, _), o)| *r == resource && selected(o, fields))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                (items, st.rv)
+            };
+            let list = json!({"apiVersion": resource.api_version(), "kind": format!("{}List", resource.kind()),
+                              "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+            respond(&mut stream, "200 OK", &list)?;
+            continue;
+        }
+        return watch(stream, shared, resource, &params, fields);
+    }
+}
+
+fn watch(
+    mut stream: TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    params: &BTreeMap<String, String>,
+    fields: Option<&str>,
+) -> std::io::Result<()> {
+    let from: u64 = params
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = Duration::from_secs(
+        params
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(290)
+            .min(290),
+    );
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    let (lock, cv) = &**shared;
+    let mut st = lock.lock().unwrap();
+    st.watches += 1;
+    if from < st.compacted_below {
+        st.gone += 1;
+        drop(st);
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                          "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
+        chunk(&mut stream, &gone)?;
+        return write!(stream, "0\r\n\r\n");
+    }
+    let epoch = st.epoch;
+    let started = Instant::now();
+    let mut sent = from;
+    let mut last_bookmark = Instant::now();
+    loop {
+        if st.stopped || st.epoch != epoch || started.elapsed() > timeout {
+            drop(st);
+            return write!(stream, "0\r\n\r\n");
+        }
+        let pending: Vec<(u64, &'static str, Value)> = st
+            .events
+            .iter()
+            .filter(|(rv, r, _, o)| *rv > sent && *r == resource && selected(o, fields))
+            .map(|(rv, _, t, o)| (*rv, *t, o.clone()))
+            .collect();
+        let current = st.rv;
+        drop(st);
+        for (rv, kind, obj) in pending {
+            chunk(&mut stream, &json!({"type": kind, "object": obj}))?;
+            sent = rv;
+        }
+        if bookmarks && last_bookmark.elapsed() > Duration::from_millis(500) {
+            let mark = json!({"type": "BOOKMARK", "object": {"kind": resource.kind(), "apiVersion": resource.api_version(),
+                              "metadata": {"resourceVersion": current.to_string()}}});
+            chunk(&mut stream, &mark)?;
+            sent = sent.max(current);
+            last_bookmark = Instant::now();
+        }
+        st = lock.lock().unwrap();
+        st = cv.wait_timeout(st, Duration::from_millis(250)).unwrap().0;
+    }
+}

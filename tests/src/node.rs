@@ -1,0 +1,230 @@
+//! Node-mode harness: a "node" netns where the daemon runs (as on the host network)
+//! with the fake cluster DNS and the fake API server, and "pods", each its own netns
+//! (with its own view of the cluster DNS at 10.96.0.10, answering `FAKE_A`) and its own
+//! cgroup `pod<uid>` below the test's root cgroup, with a process in it.
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+use crate::{
+    Cgroup, Daemon, DaemonOptions, FakeDns, FakeKube, Netns, Resource, dnsproxy_bin,
+    run_with_timeout, unique_name,
+};
+
+/// The node this test plays.
+pub const NODE_NAME: &str = "node-a";
+
+/// A pod: netns, cgroup, a sleeping process, its own cluster DNS.
+pub struct FakePod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    sleeper: Child,
+    pub fake: FakeDns,
+    pub cgroup: Cgroup,
+    pub netns: Netns,
+}
+
+impl Drop for FakePod {
+    fn drop(&mut self) {
+        let _ = self.sleeper.kill();
+        let _ = self.sleeper.wait();
+    }
+}
+
+/// Everything of one node-mode test.
+pub struct NodeEnv {
+    pub pods: Vec<FakePod>,
+    pub api: FakeKube,
+    pub fake: FakeDns,
+    pub root: Cgroup,
+    pub node: Netns,
+    pub dir: PathBuf,
+}
+
+fn uid() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl NodeEnv {
+    /// Node netns, root cgroup, fake DNS and API with the given namespaces
+    /// (name, capture label or none).
+    pub fn new(namespaces: &[(&str, Option<&str>)]) -> Self {
+        let node = Netns::new();
+        let root = Cgroup::new();
+        let fake = FakeDns::start(&node);
+        let api = FakeKube::start(&node);
+        let dir = std::env::temp_dir().join(unique_name("k"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
+        for (name, label) in namespaces {
+            let mut ns = json!({"metadata": {"name": name, "labels": {}}});
+            if let Some(v) = label {
+                ns["metadata"]["labels"]["dnsproxy.io/capture"] = json!(v);
+            }
+            api.apply(Resource::Namespaces, ns);
+        }
+        NodeEnv {
+            pods: Vec::new(),
+            api,
+            fake,
+            root,
+            node,
+            dir,
+        }
+    }
+
+    /// The Pod object of `pod` with `annotations`.
+    pub fn pod_object(pod: &FakePod, annotations: &[(&str, &str)]) -> Value {
+        let annotations: serde_json::Map<String, Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        json!({
+            "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "annotations": annotations},
+            "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running", "podIP": "10.244.0.10"}
+        })
+    }
+
+    /// Creates a pod (netns, cgroup, process) and publishes it in the API; returns its
+    /// index in `pods`.
+    pub fn add_pod(&mut self, name: &str, namespace: &str, annotations: &[(&str, &str)]) -> usize {
+        let netns = Netns::new();
+        let fake = FakeDns::start(&netns);
+        let uid = uid();
+        let cgroup = self.root.child(&format!("pod{uid}"));
+        let sleeper = netns
+            .command(dnsproxy_bin())
+            .arg("exec")
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .args(["--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the pod's process");
+        let pod = FakePod {
+            name: name.into(),
+            namespace: namespace.into(),
+            uid,
+            sleeper,
+            fake,
+            cgroup,
+            netns,
+        };
+        // The process must be in the cgroup before the daemon looks for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(pod.cgroup.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pod process never joined its cgroup"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.api
+            .apply(Resource::Pods, Self::pod_object(&pod, annotations));
+        self.pods.push(pod);
+        self.pods.len() - 1
+    }
+
+    /// Replaces a pod's annotations in the API (a live change: the pod keeps running).
+    pub fn annotate(&self, pod: usize, annotations: &[(&str, &str)]) {
+        self.api.apply(
+            Resource::Pods,
+            Self::pod_object(&self.pods[pod], annotations),
+        );
+    }
+
+    pub fn daemon_options(&self, pin_dir: PathBuf) -> DaemonOptions<'_> {
+        DaemonOptions {
+            netns: &self.node,
+            cgroup: &self.root,
+            pin_dir,
+            registry: None,
+            env: vec![
+                (
+                    "KUBECONFIG".into(),
+                    self.dir.join("kubeconfig").display().to_string(),
+                ),
+                ("NODE_NAME".into(), NODE_NAME.into()),
+            ],
+            state_dir: self.dir.join("state"),
+            inside_cgroup: false,
+            extra_args: vec!["--mode".into(), "node".into()],
+        }
+    }
+
+    /// A node-mode daemon with a fresh pin directory.
+    pub fn start_daemon(&self, extra_args: &[&str]) -> Daemon {
+        let mut opts = self.daemon_options(PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+        opts.extra_args
+            .extend(extra_args.iter().map(|a| a.to_string()));
+        Daemon::start(opts)
+    }
+
+    /// `args` run inside pod `pod` (its netns and cgroup).
+    pub fn in_pod(&self, pod: usize, args: &[&str]) -> Output {
+        let p = &self.pods[pod];
+        let mut cmd: Command = p.netns.command(dnsproxy_bin());
+        cmd.arg("exec")
+            .arg("--cgroup")
+            .arg(&p.cgroup.path)
+            .arg("--")
+            .args(args);
+        run_with_timeout(&mut cmd, Duration::from_secs(20))
+    }
+
+    /// `dig +short` of `name` (A) from inside pod `pod`, to the cluster DNS.
+    pub fn dig(&self, pod: usize, name: &str) -> String {
+        let out = self.in_pod(
+            pod,
+            &[
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "@10.96.0.10",
+                name,
+                "A",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Waits until `dig` from `pod` answers `want` (the policy applies asynchronously).
+    pub fn wait_for_answer(&self, pod: usize, name: &str, want: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.dig(pod, name);
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pod {} still gets {got:?} for {name}, want {want:?}",
+                self.pods[pod].name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for NodeEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

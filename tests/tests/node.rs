@@ -1,0 +1,283 @@
+//! Node mode end to end: the real daemon with kube-rs's real client against a fake API
+//! server over real HTTP (list + watch, bookmarks, 410 Gone), "pods" that are real
+//! network namespaces and cgroups with a process, real dig inside them.
+use std::time::{Duration, Instant};
+
+use dnsproxy_e2e::*;
+use serde_json::json;
+
+const REVIEWS_IP: &str = "10.100.0.5";
+const ISTIO_CAPTURE: &str = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  ISTIO_META_DNS_AUTO_ALLOCATE: \"true\"\n";
+const ISTIO_CAPTURE_NO_ALLOC: &str = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  ISTIO_META_DNS_AUTO_ALLOCATE: \"false\"\n";
+
+/// The cluster's objects: Service reviews (default), a ServiceEntry for aliyun.com.
+fn publish_registry(env: &NodeEnv) {
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "reviews", "namespace": "default"},
+               "spec": {"clusterIP": REVIEWS_IP, "ports": [{"port": 9080}]}}),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "aliyun", "namespace": "default"},
+               "spec": {"hosts": ["aliyun.com"], "location": "MESH_EXTERNAL", "resolution": "DNS",
+                        "ports": [{"number": 443, "name": "https", "protocol": "TLS"}]}}),
+    );
+}
+
+fn policy_entries(daemon: &Daemon) -> usize {
+    let json: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    json["policy"].as_array().map_or(0, Vec::len)
+}
+
+fn wait_policy_entries(daemon: &Daemon, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while policy_entries(daemon) != want {
+        assert!(
+            Instant::now() < deadline,
+            "policy entries {} != {want}:\n{}",
+            policy_entries(daemon),
+            daemon.maps_json()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn capture_policy_per_pod_namespace_and_istio_with_live_changes() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[
+        ("default", None),
+        ("team-a", Some("enabled")),
+        ("team-b", Some("disabled")),
+    ]);
+    publish_registry(&env);
+    let annotated = env.add_pod("annotated", "default", &[("dnsproxy.io/capture", "true")]);
+    let plain = env.add_pod("plain", "default", &[]);
+    let by_namespace = env.add_pod("by-namespace", "team-a", &[]);
+    let istio = env.add_pod(
+        "istio",
+        "team-b",
+        &[("proxy.istio.io/config", ISTIO_CAPTURE)],
+    );
+    let opted_out = env.add_pod("opted-out", "team-a", &[("dnsproxy.io/capture", "false")]);
+    let daemon = env.start_daemon(&[]);
+    let fqdn = "reviews.default.svc.cluster.local";
+
+    // Ready means synced: the policy holds right away.
+    assert_eq!(env.dig(annotated, fqdn), REVIEWS_IP, "pod annotation");
+    assert_eq!(env.dig(plain, fqdn), FAKE_A, "global default off");
+    assert_eq!(env.dig(by_namespace, fqdn), REVIEWS_IP, "namespace label");
+    assert_eq!(
+        env.dig(istio, fqdn),
+        REVIEWS_IP,
+        "Istio proxyMetadata beats the namespace label"
+    );
+    assert_eq!(
+        env.dig(opted_out, fqdn),
+        FAKE_A,
+        "pod annotation beats the namespace label"
+    );
+    // The short name uses the pod's own namespace.
+    assert_eq!(env.dig(annotated, "reviews"), REVIEWS_IP);
+    // The ServiceEntry's auto-allocated VIP.
+    assert!(env.dig(istio, "aliyun.com").starts_with("240.240."));
+    assert_eq!(policy_entries(&daemon), 3);
+
+    // Live changes, no pod restart: capture on for `plain`, off for `annotated`.
+    env.annotate(plain, &[("dnsproxy.io/capture", "true")]);
+    env.annotate(annotated, &[("dnsproxy.io/capture", "false")]);
+    env.wait_for_answer(plain, fqdn, REVIEWS_IP);
+    env.wait_for_answer(annotated, fqdn, FAKE_A);
+    wait_policy_entries(&daemon, 3);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("pod=default/plain") && log.contains("DNS capture started"),
+        "{log}"
+    );
+    assert!(
+        log.contains("pod=default/annotated") && log.contains("DNS capture stopped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn global_default_on_and_a_pod_that_goes_away() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None), ("quiet", Some("disabled"))]);
+    publish_registry(&env);
+    let p1 = env.add_pod("p1", "default", &[]);
+    let p2 = env.add_pod("p2", "default", &[]);
+    let quiet = env.add_pod("q", "quiet", &[]);
+    let daemon = env.start_daemon(&["--capture-default", "on"]);
+    assert_eq!(env.dig(p1, "reviews"), REVIEWS_IP);
+    assert_eq!(env.dig(p2, "reviews.default"), REVIEWS_IP);
+    assert_eq!(
+        env.dig(quiet, "reviews.default.svc.cluster.local"),
+        FAKE_A,
+        "namespace off beats default on"
+    );
+    assert_eq!(policy_entries(&daemon), 2);
+
+    // p2 is deleted from the API (its process still runs here): listener and policy
+    // entry go, so its queries reach the cluster DNS again.
+    env.api.delete(Resource::Pods, "default", "p2");
+    wait_policy_entries(&daemon, 1);
+    env.wait_for_answer(p2, "reviews.default.svc.cluster.local", FAKE_A);
+    assert_eq!(
+        env.dig(p1, "reviews"),
+        REVIEWS_IP,
+        "the other pod is untouched"
+    );
+}
+
+#[test]
+fn per_pod_auto_allocation_opt_out_and_dns_debug_logs() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None)]);
+    publish_registry(&env);
+    let debug = env.add_pod(
+        "debug",
+        "default",
+        &[
+            ("proxy.istio.io/config", ISTIO_CAPTURE),
+            ("sidecar.istio.io/agentLogLevel", "dns:debug"),
+        ],
+    );
+    let no_alloc = env.add_pod(
+        "no-alloc",
+        "default",
+        &[("proxy.istio.io/config", ISTIO_CAPTURE_NO_ALLOC)],
+    );
+    let mut opts =
+        env.daemon_options(std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+    opts.env.push(("RUST_LOG".into(), "info".into()));
+    let daemon = Daemon::start(opts);
+
+    assert!(env.dig(debug, "aliyun.com").starts_with("240.240."));
+    // No auto-allocated VIPs for this pod: the name is resolved for real (here: the
+    // node's cluster DNS, which answers FAKE_A).
+    assert_eq!(env.dig(no_alloc, "aliyun.com"), FAKE_A);
+    assert_eq!(env.dig(no_alloc, "reviews"), REVIEWS_IP, "still captured");
+
+    let log = daemon.log_text();
+    let debug_lines: Vec<&str> = log.lines().filter(|l| l.contains(" dns: ")).collect();
+    assert!(
+        debug_lines.iter().any(|l| l.contains("pod=default/debug")
+            && l.contains("question=aliyun.com.")
+            && l.contains("found=true")),
+        "{log}"
+    );
+    assert!(
+        !debug_lines.iter().any(|l| l.contains("default/no-alloc")),
+        "only the dns:debug pod is logged: {log}"
+    );
+}
+
+#[test]
+fn watch_relists_after_410_gone_and_follows_changes() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
+    publish_registry(&env);
+    let pod = env.add_pod("p", "default", &[]);
+    let _daemon = env.start_daemon(&[]);
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    let (lists_before, _, _) = env.api.requests();
+
+    // History is compacted and every watch dropped: the client's resourceVersion is
+    // now too old, it gets 410 Gone and relists; a change made meanwhile still lands.
+    env.api.compact();
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "reviews", "namespace": "default"}, "spec": {"clusterIP": "10.100.0.6"}}),
+    );
+    env.wait_for_answer(pod, "reviews", "10.100.0.6");
+    let (lists, watches, gone) = env.api.requests();
+    assert!(
+        gone >= 1,
+        "a watch was answered 410 Gone (lists {lists}, watches {watches})"
+    );
+    assert!(
+        lists > lists_before,
+        "the watchers relisted (lists {lists_before} → {lists})"
+    );
+
+    // Deletions arrive through the watch too.
+    env.api.delete(Resource::Services, "default", "reviews");
+    env.wait_for_answer(pod, "reviews.default.svc.cluster.local", FAKE_A);
+}
+
+#[test]
+fn a_daemon_restart_keeps_pods_resolving_and_adopts_the_pinned_data_path() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
+    publish_registry(&env);
+    let pod = env.add_pod("p", "default", &[]);
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("p"));
+    let mut first = Daemon::start(env.daemon_options(pin_dir.clone()));
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    let vip = env.dig(pod, "aliyun.com");
+    let link_before = std::fs::metadata(pin_dir.join("links/dnsproxy_connect4")).is_ok();
+    assert!(link_before);
+
+    // The pod resolves in a loop (dig retries a lost query) while the daemon restarts.
+    let p = &env.pods[pod];
+    let mut cmd = p.netns.command(dnsproxy_bin());
+    cmd.arg("exec").arg("--cgroup").arg(&p.cgroup.path).args([
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 60); do a=$(dig +short +time=1 +tries=3 @10.96.0.10 reviews.default.svc.cluster.local A); \
+         [ -n \"$a\" ] || { echo FAIL; exit 1; }; echo \"$a\"; sleep 0.05; done",
+    ]);
+    let resolver = std::thread::spawn(move || run_with_timeout(&mut cmd, Duration::from_secs(60)));
+
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(first.stop_and_hand_over().success());
+    assert!(
+        pin_dir.join("links/dnsproxy_connect4").exists(),
+        "node mode keeps the pinned data path"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let second = Daemon::start(env.daemon_options(pin_dir.clone()));
+    let out = resolver.join().unwrap();
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "a query failed during the restart:\n{text}"
+    );
+    let answers: Vec<&str> = text.lines().collect();
+    assert_eq!(answers.len(), 60);
+    assert!(
+        answers.iter().all(|a| *a == REVIEWS_IP || *a == FAKE_A),
+        "{text}"
+    );
+    assert!(
+        answers.contains(&FAKE_A),
+        "the gap was covered by fail-open: {text}"
+    );
+
+    assert!(
+        second.log_text().contains("adopted pinned maps"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP, "captured again");
+    assert_eq!(
+        env.dig(pod, "aliyun.com"),
+        vip,
+        "same VIP after the restart"
+    );
+    assert_eq!(policy_entries(&second), 1);
+    assert!(second.counter("fail_open") >= 1);
+}
