@@ -57,7 +57,7 @@ pub enum Switch {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// local (default) or node.
-    #[arg(long, value_enum, default_value_t = Mode::Local)]
+    #[arg(long, value_enum, default_value_t = Mode::Local, env = "DNSPROXY_MODE")]
     pub mode: Mode,
 
     /// cgroup v2 directory to attach to (created if missing).
@@ -72,22 +72,32 @@ pub struct RunArgs {
 
     /// Node mode: capture pods that neither a namespace label nor a pod annotation
     /// decides for.
-    #[arg(long, value_enum, default_value_t = Switch::Off)]
+    #[arg(long, value_enum, default_value_t = Switch::Off, env = "DNSPROXY_CAPTURE_DEFAULT")]
     pub capture_default: Switch,
 
     /// Node mode: where pod processes are found (the host's /proc: run with hostPID).
-    #[arg(long, default_value = "/proc")]
+    #[arg(long, default_value = "/proc", env = "DNSPROXY_PROC_ROOT")]
     pub proc_root: PathBuf,
 
     /// DNS server address whose port-53 traffic is captured (repeatable).
     /// Default: local mode the nameservers of --resolv-conf, node mode the ClusterIP
     /// of kube-system/kube-dns.
-    #[arg(long = "dns-server", value_name = "IP")]
+    #[arg(
+        long = "dns-server",
+        value_name = "IP",
+        env = "DNSPROXY_DNS_SERVERS",
+        value_delimiter = ','
+    )]
     pub dns_servers: Vec<std::net::IpAddr>,
 
     /// Upstream server, IP or IP:PORT or [IPv6]:PORT (repeatable, tried in order).
     /// Default: the DNS servers on port 53.
-    #[arg(long = "upstream", value_name = "IP[:PORT]")]
+    #[arg(
+        long = "upstream",
+        value_name = "IP[:PORT]",
+        env = "DNSPROXY_UPSTREAMS",
+        value_delimiter = ','
+    )]
     pub upstreams: Vec<UpstreamAddr>,
 
     /// A YAML file or a directory of Kubernetes-style manifests (ServiceEntry, ...).
@@ -95,15 +105,15 @@ pub struct RunArgs {
     pub registry: Option<PathBuf>,
 
     /// Port of the local DNS listener on 127.0.0.1 and ::1.
-    #[arg(long, default_value_t = dnsproxy_common::DEFAULT_LISTEN_PORT)]
+    #[arg(long, default_value_t = dnsproxy_common::DEFAULT_LISTEN_PORT, env = "DNSPROXY_LISTEN_PORT")]
     pub listen_port: u16,
 
     /// Admin HTTP address (/healthz, /readyz, /metrics).
-    #[arg(long, default_value = "127.0.0.1:15021")]
+    #[arg(long, default_value = "127.0.0.1:15021", env = "DNSPROXY_ADMIN")]
     pub admin: SocketAddr,
 
     /// bpffs directory for pinned maps and links.
-    #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir())]
+    #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir(), env = "DNSPROXY_PIN_DIR")]
     pub pin_dir: PathBuf,
 
     /// On exit, leave programs attached and maps pinned (the data path then fails open
@@ -117,24 +127,24 @@ pub struct RunArgs {
     pub resolv_conf: PathBuf,
 
     /// Per-upstream timeout, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, env = "DNSPROXY_UPSTREAM_TIMEOUT_MS")]
     pub upstream_timeout_ms: u64,
 
     /// TTL of locally answered records, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "DNSPROXY_TTL")]
     pub ttl: u32,
 
     /// Ask every upstream at once and take the first good answer (default: one after
     /// the other, in order).
-    #[arg(long)]
+    #[arg(long, env = "DNSPROXY_UPSTREAM_PARALLEL")]
     pub upstream_parallel: bool,
 
     /// Most upstream answers kept in the cache (0 disables caching).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "DNSPROXY_CACHE_SIZE")]
     pub cache_size: usize,
 
     /// Kubernetes cluster domain.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, default_value = "cluster.local", env = "DNSPROXY_CLUSTER_DOMAIN")]
     pub cluster_domain: String,
 
     /// Namespace of the clients (local mode): decides Kubernetes short names and the
@@ -148,7 +158,7 @@ pub struct RunArgs {
     pub search_domains: Vec<String>,
 
     /// Directory for state kept across restarts (auto-allocated VIPs in vips.json).
-    #[arg(long, default_value = "/var/lib/dnsproxy")]
+    #[arg(long, default_value = "/var/lib/dnsproxy", env = "DNSPROXY_STATE_DIR")]
     pub state_dir: PathBuf,
 
     /// How often the --registry path is checked for changes, in milliseconds.
@@ -183,4 +193,36 @@ pub struct CleanupArgs {
     /// bpffs directory of the pinned maps and links.
     #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir())]
     pub pin_dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags the deploy/ ConfigMap sets through the environment parse.
+    #[test]
+    fn deploy_configmap_keys_are_flags() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/configmap.yaml"
+        ))
+        .unwrap();
+        let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let data = cm["data"].as_mapping().expect("data");
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let envs: Vec<String> = run
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        for key in data.keys().map(|k| k.as_str().unwrap().to_owned()) {
+            if key == "RUST_LOG" {
+                continue;
+            }
+            assert!(
+                envs.contains(&key),
+                "{key} in deploy/configmap.yaml is no `dnsproxy run` flag"
+            );
+        }
+    }
 }

@@ -52,6 +52,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Validate deploy/*.yaml offline against the Kubernetes schemas (strict), with
+    /// kubernetes-validate from PyPI in a virtualenv under target/.
+    ValidateDeploy,
     /// Set up, then run every test (unit and end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -79,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             // Become dnsproxy, so Ctrl-C reaches it directly and it unpins on the way out.
             Err(cmd.exec()).context("starting dnsproxy")
         }
+        Cmd::ValidateDeploy => validate_deploy(&root),
         Cmd::Test { args } => {
             setup(&root, true)?;
             cargo(&root, &["build", "--package", "dnsproxy-userspace"])?;
@@ -202,6 +206,33 @@ fn output_of(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Kubernetes version the manifests are checked against (the oldest we support).
+const KUBERNETES_VERSION: &str = "1.33.0";
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+fn validate_deploy(root: &Path) -> anyhow::Result<()> {
+    let venv = target_dir(root).join("xtask-venv");
+    let tool = venv.join("bin/kubernetes-validate");
+    if !tool.exists() {
+        eprintln!(
+            "xtask: installing {KUBERNETES_VALIDATE} into {}",
+            venv.display()
+        );
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))?;
+    }
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(root.join("deploy"))
+        .context("reading deploy/")?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    run(Command::new(&tool)
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(&manifests))
 }
 
 fn setup(root: &Path, test_tools: bool) -> anyhow::Result<()> {
