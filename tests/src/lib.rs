@@ -595,6 +595,32 @@ impl TestEnv {
             .unwrap_or_default()
     }
 
+    /// `dig` to the cluster DNS (10.96.0.10, 3 s, one try) from the captured cgroup;
+    /// `args` follow the server.
+    pub fn dig(&self, args: &[&str]) -> Output {
+        let mut all = vec!["dig", "+time=3", "+tries=1", "@10.96.0.10"];
+        all.extend_from_slice(args);
+        self.captured(&all)
+    }
+
+    /// `python3 -c script` in the captured cgroup (with this env's resolv.conf when
+    /// `resolv_conf`); its stdout, trimmed. A failing script fails the test.
+    pub fn python(&self, script: &str, resolv_conf: bool) -> String {
+        let args = ["python3", "-c", script];
+        let out = if resolv_conf {
+            self.captured_with_resolv_conf(&args)
+        } else {
+            self.captured(&args)
+        };
+        assert!(
+            out.status.success(),
+            "python failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            stdout(&out)
+        );
+        stdout(&out).trim().to_owned()
+    }
+
     /// `args` run inside the netns and the captured cgroup.
     pub fn captured(&self, args: &[&str]) -> Output {
         let mut cmd = self.netns.command(dnsproxy_bin());

@@ -16,15 +16,7 @@ def last_a(reply):
 "#;
 
 fn python(env: &TestEnv, body: &str) -> String {
-    let script = format!("{PY_QUERY}\n{body}");
-    let out = env.captured(&["python3", "-c", &script]);
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout(&out)
-    );
-    stdout(&out).trim().to_owned()
+    env.python(&format!("{PY_QUERY}\n{body}"), false)
 }
 
 #[test]
@@ -35,14 +27,7 @@ fn dig_udp_and_tcp_are_answered_by_dnsproxy_as_if_from_the_cluster_dns() {
     let env = TestEnv::new();
     let daemon = env.start_daemon();
 
-    let udp = env.captured(&[
-        "dig",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "registry.test",
-        "A",
-    ]);
+    let udp = env.dig(&["registry.test", "A"]);
     assert_eq!(dig_answers(&udp), ["240.240.1.1"], "{}", stdout(&udp));
     assert!(
         stdout(&udp).contains(" aa "),
@@ -54,15 +39,7 @@ fn dig_udp_and_tcp_are_answered_by_dnsproxy_as_if_from_the_cluster_dns() {
         ";; SERVER: 10.96.0.10#53(10.96.0.10) (UDP)"
     );
 
-    let tcp = env.captured(&[
-        "dig",
-        "+tcp",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "registry.test",
-        "A",
-    ]);
+    let tcp = env.dig(&["+tcp", "registry.test", "A"]);
     assert_eq!(dig_answers(&tcp), ["240.240.1.1"], "{}", stdout(&tcp));
     assert_eq!(
         dig_server(&tcp),
@@ -208,14 +185,7 @@ fn unknown_names_are_forwarded_to_the_cluster_dns() {
     let env = TestEnv::new();
     let daemon = env.start_daemon();
 
-    let out = env.captured(&[
-        "dig",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "elsewhere.test",
-        "A",
-    ]);
+    let out = env.dig(&["elsewhere.test", "A"]);
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(
         dig_server(&out),
@@ -263,7 +233,7 @@ fn with_the_daemon_stopped_captured_processes_fail_open_to_the_cluster_dns() {
     let mut opts = env.daemon_options();
     opts.extra_args.push("--keep-pins".into());
     let mut daemon = Daemon::start(opts);
-    let answered = env.captured(&["dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test"]);
+    let answered = env.dig(&["registry.test"]);
     assert_eq!(dig_answers(&answered), ["240.240.1.1"]);
 
     let status = daemon.stop();
@@ -272,14 +242,7 @@ fn with_the_daemon_stopped_captured_processes_fail_open_to_the_cluster_dns() {
 
     // Programs still attached (pinned links), no listener: the query goes to the real
     // (fake) cluster DNS instead of timing out.
-    let out = env.captured(&[
-        "dig",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "registry.test",
-        "A",
-    ]);
+    let out = env.dig(&["registry.test", "A"]);
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(env.fake.queries(), 1);
     assert!(daemon.counter("fail_open") >= 1, "{}", daemon.maps_json());
@@ -295,14 +258,7 @@ fn sigterm_without_keep_pins_detaches_everything() {
     assert!(daemon.pin_dir.join("links/dnsproxy_connect4").exists());
     assert!(daemon.stop().success());
     assert!(!daemon.pin_dir.exists(), "pins removed on SIGTERM");
-    let out = env.captured(&[
-        "dig",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "registry.test",
-        "A",
-    ]);
+    let out = env.dig(&["registry.test", "A"]);
     assert_eq!(
         dig_answers(&out),
         [FAKE_A],
@@ -323,14 +279,7 @@ fn the_daemons_own_upstream_queries_are_not_captured() {
     opts.inside_cgroup = true;
     let daemon = Daemon::start(opts);
 
-    let out = env.captured(&[
-        "dig",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "elsewhere.test",
-        "A",
-    ]);
+    let out = env.dig(&["elsewhere.test", "A"]);
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(env.fake.queries(), 1);
     assert!(daemon.counter("own_traffic") >= 1, "{}", daemon.maps_json());

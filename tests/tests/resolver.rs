@@ -67,12 +67,6 @@ const POD_RESOLV_CONF: &str = "nameserver 10.96.0.10\n\
 search default.svc.cluster.local svc.cluster.local cluster.local\n\
 options ndots:5 timeout:2 attempts:1\n";
 
-fn dig(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["dig", "+time=3", "+tries=1", "@10.96.0.10"];
-    all.extend_from_slice(args);
-    env.captured(&all)
-}
-
 /// The answer-section lines of dig's output ("name ttl IN type data", whitespace folded).
 fn answer_lines(out: &std::process::Output) -> Vec<String> {
     let text = stdout(out);
@@ -88,7 +82,7 @@ fn answer_lines(out: &std::process::Output) -> Vec<String> {
 }
 
 fn vip_of(env: &TestEnv, host: &str) -> String {
-    let out = dig(env, &["+short", host, "A"]);
+    let out = env.dig(&["+short", host, "A"]);
     let vip = stdout(&out).trim().to_owned();
     assert!(vip.starts_with("240.240."), "{host} → {vip:?}");
     vip
@@ -120,7 +114,7 @@ fn seed_scenario_auto_allocated_vips_and_search_suffix_cnames() {
     );
 
     // dig alibabacloud.com.default.svc.cluster.local A → CNAME + A 30, AA.
-    let out = dig(&env, &["alibabacloud.com.default.svc.cluster.local", "A"]);
+    let out = env.dig(&["alibabacloud.com.default.svc.cluster.local", "A"]);
     let answers = answer_lines(&out);
     assert_eq!(answers.len(), 2, "{}", stdout(&out));
     assert_eq!(
@@ -157,21 +151,21 @@ fn seed_scenario_auto_allocated_vips_and_search_suffix_cnames() {
 
     // Kubernetes names: ClusterIP, short name, headless (ready endpoints only), pod hostname.
     assert_eq!(
-        dig_answers(&dig(&env, &["reviews.default.svc.cluster.local", "A"])),
+        dig_answers(&env.dig(&["reviews.default.svc.cluster.local", "A"])),
         ["10.100.0.5"]
     );
-    assert_eq!(dig_answers(&dig(&env, &["reviews", "A"])), ["10.100.0.5"]);
+    assert_eq!(dig_answers(&env.dig(&["reviews", "A"])), ["10.100.0.5"]);
     assert_eq!(
-        dig_answers(&dig(&env, &["db.default.svc.cluster.local", "A"])),
+        dig_answers(&env.dig(&["db.default.svc.cluster.local", "A"])),
         ["10.244.0.7"]
     );
     assert_eq!(
-        dig_answers(&dig(&env, &["db-0.db.default.svc.cluster.local", "A"])),
+        dig_answers(&env.dig(&["db-0.db.default.svc.cluster.local", "A"])),
         ["10.244.0.7"]
     );
     // PTR of the VIP.
     let vip = vip_of(&env, "alibabacloud.com");
-    let out = dig(&env, &["+short", "-x", &vip]);
+    let out = env.dig(&["+short", "-x", &vip]);
     assert_eq!(stdout(&out).trim(), "alibabacloud.com.");
     assert_eq!(
         env.fake.queries(),
@@ -188,7 +182,7 @@ fn tcp_truncation_and_nodata() {
     let env = TestEnv::with_registry(SEED);
     let daemon = env.start_daemon();
 
-    let tcp = dig(&env, &["+tcp", "aliyun.com", "A"]);
+    let tcp = env.dig(&["+tcp", "aliyun.com", "A"]);
     assert_eq!(
         dig_server(&tcp),
         ";; SERVER: 10.96.0.10#53(10.96.0.10) (TCP)"
@@ -196,7 +190,7 @@ fn tcp_truncation_and_nodata() {
     assert!(dig_answers(&tcp)[0].starts_with("240.240."));
 
     // 40 A records do not fit in 512 bytes: TC, and dig retries over TCP by itself.
-    let big = dig(&env, &["+noedns", "big.test", "A"]);
+    let big = env.dig(&["+noedns", "big.test", "A"]);
     assert!(
         stdout(&big).contains(";; Truncated, retrying in TCP mode."),
         "{}",
@@ -209,7 +203,7 @@ fn tcp_truncation_and_nodata() {
     );
 
     // A known host without the asked family: NOERROR, no answer, SOA in authority.
-    let nodata = dig(&env, &["v4only.test", "AAAA"]);
+    let nodata = env.dig(&["v4only.test", "AAAA"]);
     let text = stdout(&nodata);
     assert!(
         text.contains("status: NOERROR") && text.contains("ANSWER: 0, AUTHORITY: 1"),
@@ -239,7 +233,7 @@ fn upstream_failover_servfail_and_cache_hits_in_metrics() {
     let backend_lookups = env.fake.queries();
 
     let started = Instant::now();
-    let out = dig(&env, &["elsewhere.example", "A"]);
+    let out = env.dig(&["elsewhere.example", "A"]);
     assert_eq!(
         dig_answers(&out),
         [FAKE_A],
@@ -247,7 +241,7 @@ fn upstream_failover_servfail_and_cache_hits_in_metrics() {
         stdout(&out)
     );
     assert!(started.elapsed() < Duration::from_secs(3));
-    let again = dig(&env, &["elsewhere.example", "A"]);
+    let again = env.dig(&["elsewhere.example", "A"]);
     assert_eq!(dig_answers(&again), [FAKE_A]);
     assert_eq!(
         env.fake.queries(),
@@ -279,7 +273,7 @@ fn servfail_when_every_upstream_is_dead() {
     opts.extra_args = ["--upstream", "10.96.0.11"].map(String::from).to_vec();
     let _daemon = Daemon::start(opts);
     let started = Instant::now();
-    let out = dig(&env, &["nowhere.example", "A"]);
+    let out = env.dig(&["nowhere.example", "A"]);
     assert!(
         stdout(&out).contains("status: SERVFAIL"),
         "{}",
@@ -314,7 +308,7 @@ fn vips_survive_restarts_and_registry_churn_and_reloads_apply_live() {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while dig_answers(&dig(&env, &["new.example", "A"]))
+    while dig_answers(&env.dig(&["new.example", "A"]))
         .first()
         .is_none_or(|a| !a.starts_with("240.240."))
     {

@@ -57,15 +57,7 @@ def banner(addr, port, family=socket.AF_INET):
 "#;
 
 fn python(env: &TestEnv, body: &str) -> String {
-    let script = format!("{PY}\n{body}");
-    let out = env.captured_with_resolv_conf(&["python3", "-c", &script]);
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout(&out)
-    );
-    stdout(&out).trim().to_owned()
+    env.python(&format!("{PY}\n{body}"), true)
 }
 
 /// The environment: real hosts on the netns's lo, the upstream naming them.
@@ -269,17 +261,9 @@ fn processes_outside_the_cgroup_are_not_translated() {
     }
     let (env, servers, _echo) = setup();
     let daemon = env.start_daemon();
-    let vip = stdout(&env.captured(&[
-        "dig",
-        "+short",
-        "+time=3",
-        "+tries=1",
-        "@10.96.0.10",
-        "aliyun.com",
-        "A",
-    ]))
-    .trim()
-    .to_owned();
+    let vip = stdout(&env.dig(&["+short", "aliyun.com", "A"]))
+        .trim()
+        .to_owned();
     assert!(vip.starts_with("240.240."), "{vip}");
     let script = format!(
         "{PY}\ntry:\n    banner('{vip}', 443)\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
