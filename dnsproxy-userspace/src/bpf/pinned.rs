@@ -115,9 +115,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
     let config: Array<_, Config> = Array::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
     let cfg = config.get(&0, 0).map_err(map_err(name))?;
 
-    let name = map_names::DNS_SERVERS;
-    let servers: HashMap<_, DnsServer, DnsServerInfo> =
-        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let servers: HashMap<_, DnsServer, DnsServerInfo> = open_hash(pin_dir, map_names::DNS_SERVERS)?;
     let mut dns_servers: Vec<IpAddr> = servers
         .keys()
         .filter_map(Result::ok)
@@ -125,9 +123,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .collect();
     dns_servers.sort();
 
-    let name = map_names::POLICY;
-    let policy_map: HashMap<_, u64, NetnsPolicy> =
-        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let policy_map: HashMap<_, u64, NetnsPolicy> = open_hash(pin_dir, map_names::POLICY)?;
     let mut policy: Vec<PolicyDump> = policy_map
         .iter()
         .filter_map(Result::ok)
@@ -141,18 +137,15 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
 
     let counters = Counters(read_stats(pin_dir)?);
 
-    let name = map_names::VIPS;
-    let vip_map: HashMap<_, VipKey, VipInfo> =
-        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let vip_map: HashMap<_, VipKey, VipInfo> = open_hash(pin_dir, map_names::VIPS)?;
     let mut vips: Vec<IpAddr> = vip_map
         .keys()
         .filter_map(Result::ok)
         .map(|k| from_map_addr(&k.addr))
         .collect();
     vips.sort();
-    let name = map_names::SERVICES;
     let service_map: HashMap<_, ServiceKey, ServiceValue> =
-        HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+        open_hash(pin_dir, map_names::SERVICES)?;
     let mut services: Vec<ServiceDump> = service_map
         .iter()
         .filter_map(Result::ok)

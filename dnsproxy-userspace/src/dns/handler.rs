@@ -104,10 +104,15 @@ impl Handler {
         let question = &request.queries[0];
         let edns = request.edns.as_ref().map(Edns::max_payload);
 
-        let table = self.registry.table();
-        let (reply, outcome) = if let Some(local) =
-            local::answer(&table, question.name(), qtype, ctx, self.ttl)
-        {
+        // The table guard lives only for the lookup, never across an await.
+        let local = local::answer(
+            &self.registry.current(),
+            question.name(),
+            qtype,
+            ctx,
+            self.ttl,
+        );
+        let (reply, outcome) = if let Some(local) = local {
             let mut reply = response_to(&request);
             reply.metadata.authoritative = true;
             reply.add_answers(local.answers);

@@ -45,6 +45,12 @@ impl Registry {
         self.table.load_full()
     }
 
+    /// The table in service, for the query hot path: no reference-count traffic
+    /// shared between cores (arc-swap's guard), held only while one query is answered.
+    pub fn current(&self) -> arc_swap::Guard<Arc<NameTable>> {
+        self.table.load()
+    }
+
     /// Rebuilds from `objects`; on error the previous table stays.
     pub fn update(&self, objects: &Objects) -> Result<(), AllocatorError> {
         let mut allocator = self.allocator.lock().expect("allocator lock");
