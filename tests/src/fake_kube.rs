@@ -287,6 +287,28 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), percent_decode(v)))
             .collect();
+        // GET of one Service: /api/v1/namespaces/<ns>/services/<name> (kube-dns discovery).
+        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+            && let [ns, "services", name] = rest.split('/').collect::<Vec<_>>()[..]
+        {
+            let found = shared
+                .0
+                .lock()
+                .unwrap()
+                .objects
+                .get(&(Resource::Services, ns.to_owned(), name.to_owned()))
+                .cloned();
+            match found {
+                Some(obj) => respond(&mut stream, "200 OK", &obj)?,
+                None => respond(
+                    &mut stream,
+                    "404 Not Found",
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": format!("services \"{name}\" not found"), "reason": "NotFound", "code": 404}),
+                )?,
+            }
+            continue;
+        }
         let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                                 "message": format!("the server could not find the requested resource {path}"),

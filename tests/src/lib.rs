@@ -346,6 +346,8 @@ pub struct DaemonOptions<'a> {
     pub state_dir: PathBuf,
     /// Run the daemon itself inside the captured cgroup.
     pub inside_cgroup: bool,
+    /// Pass `--dns-server 10.96.0.10 --dns-server fd00::10` (else the daemon finds them).
+    pub dns_server_flags: bool,
     pub extra_args: Vec<String>,
 }
 
@@ -364,12 +366,16 @@ impl Daemon {
         cmd.arg("run")
             .arg("--cgroup")
             .arg(&opts.cgroup.path)
-            .args([
-                "--dns-server",
-                CLUSTER_DNS_V4,
-                "--dns-server",
-                CLUSTER_DNS_V6,
-            ])
+            .args(if opts.dns_server_flags {
+                &[
+                    "--dns-server",
+                    CLUSTER_DNS_V4,
+                    "--dns-server",
+                    CLUSTER_DNS_V6,
+                ][..]
+            } else {
+                &[][..]
+            })
             .args(
                 opts.registry
                     .iter()
@@ -570,6 +576,7 @@ impl TestEnv {
             env: Vec::new(),
             state_dir: self.dir.join("state"),
             inside_cgroup: false,
+            dns_server_flags: true,
             extra_args: Vec::new(),
         }
     }

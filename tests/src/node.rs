@@ -164,6 +164,7 @@ impl NodeEnv {
             ],
             state_dir: self.dir.join("state"),
             inside_cgroup: false,
+            dns_server_flags: true,
             extra_args: vec!["--mode".into(), "node".into()],
         }
     }

@@ -281,3 +281,39 @@ fn a_daemon_restart_keeps_pods_resolving_and_adopts_the_pinned_data_path() {
     assert_eq!(policy_entries(&second), 1);
     assert!(second.counter("fail_open") >= 1);
 }
+
+#[test]
+fn the_cluster_dns_is_discovered_from_kube_dns() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[
+        ("default", Some("enabled")),
+        ("kube-system", Some("disabled")),
+    ]);
+    publish_registry(&env);
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "kube-dns", "namespace": "kube-system"}, "spec": {"clusterIP": "10.96.0.10"}}),
+    );
+    let pod = env.add_pod("p", "default", &[]);
+    let mut opts =
+        env.daemon_options(std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+    opts.dns_server_flags = false;
+    let daemon = Daemon::start(opts);
+    assert_eq!(
+        env.dig(pod, "reviews"),
+        REVIEWS_IP,
+        "captured: 10.96.0.10 came from kube-dns"
+    );
+    assert_eq!(
+        env.dig(pod, "elsewhere.example"),
+        FAKE_A,
+        "forwarded to kube-dns"
+    );
+    let maps = daemon.maps_json();
+    assert!(
+        maps.contains("\"10.96.0.10\"") && !maps.contains("fd00::10"),
+        "{maps}"
+    );
+}
