@@ -197,7 +197,10 @@ impl BackendSync {
                         );
                     }
                     Ok(_) => {
-                        tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
+                        // Said once when it happens, not at every retry.
+                        if resolved.get(&name).is_none_or(|r| !r.addrs.is_empty()) {
+                            tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
+                        }
                         resolved.insert(
                             name,
                             Resolved {
