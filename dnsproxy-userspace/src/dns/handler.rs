@@ -107,6 +107,7 @@ impl Handler {
         // The table guard lives only for the lookup, never across an await.
         let local = local::answer(
             &self.registry.current(),
+            &self.registry.ipv6_backed(),
             question.name(),
             qtype,
             ctx,

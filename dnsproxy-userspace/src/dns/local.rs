@@ -1,7 +1,10 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
 //! CNAME for search-suffixed names and aliases, PTR for VIPs and ClusterIPs. Names the
 //! table does not know, and other record types, are left to upstream.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
 use rand::seq::SliceRandom as _;
@@ -103,9 +106,13 @@ fn soa(owner: &Name, ttl: u32) -> Record {
     Record::from_rdata(owner.clone(), ttl, RData::SOA(soa))
 }
 
-/// The local answer to (`qname`, `qtype`), or `None` to forward.
+/// The local answer to (`qname`, `qtype`), or `None` to forward. `ipv6_backed`: the
+/// auto-allocated hosts that have IPv6 backends; the others get no AAAA (NODATA), as
+/// Istio allocates IPv6 VIPs only where IPv6 is reachable, so clients that prefer
+/// AAAA (glibc `getent hosts`, curl) take the IPv4 VIP.
 pub fn answer(
     table: &NameTable,
+    ipv6_backed: &HashSet<String>,
     qname: &Name,
     qtype: RecordType,
     client: &ClientContext,
@@ -179,7 +186,8 @@ pub fn answer(
                 }
             }
             Target::Addresses(_) => {
-                add_addresses(&mut out, &owner, host, qtype, ttl);
+                let ipv6 = !host.auto_allocated || ipv6_backed.contains(&host.name);
+                add_addresses(&mut out, &owner, host, qtype, ipv6, ttl);
                 return Some(out);
             }
         }
@@ -188,7 +196,14 @@ pub fn answer(
     None
 }
 
-fn add_addresses(out: &mut LocalAnswer, owner: &Name, host: &Host, qtype: RecordType, ttl: u32) {
+fn add_addresses(
+    out: &mut LocalAnswer,
+    owner: &Name,
+    host: &Host,
+    qtype: RecordType,
+    ipv6: bool,
+    ttl: u32,
+) {
     let Target::Addresses(addrs) = &host.target else {
         return;
     };
@@ -198,7 +213,7 @@ fn add_addresses(out: &mut LocalAnswer, owner: &Name, host: &Host, qtype: Record
             .iter()
             .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::A(rdata::A(*ip))))
             .collect(),
-        RecordType::AAAA => addrs
+        RecordType::AAAA if ipv6 => addrs
             .ipv6
             .iter()
             .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::AAAA(rdata::AAAA(*ip))))

@@ -22,6 +22,8 @@ pub struct Registry {
     config: TableConfig,
     /// Bumped on every new table, for those who follow changes (the VIP backends).
     generation: tokio::sync::watch::Sender<u64>,
+    /// Auto-allocated hosts with IPv6 backends (kept by the VIP backend sync).
+    ipv6_backed: ArcSwap<std::collections::HashSet<String>>,
 }
 
 impl Registry {
@@ -37,6 +39,7 @@ impl Registry {
             allocator: Mutex::new(allocator),
             config,
             generation: tokio::sync::watch::Sender::new(0),
+            ipv6_backed: ArcSwap::default(),
         })
     }
 
@@ -58,6 +61,18 @@ impl Registry {
         self.table.store(Arc::new(table));
         self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Auto-allocated hosts that get AAAA answers: those with IPv6 backends.
+    pub fn ipv6_backed(&self) -> arc_swap::Guard<Arc<std::collections::HashSet<String>>> {
+        self.ipv6_backed.load()
+    }
+
+    /// Replaces the set of hosts with IPv6 backends.
+    pub fn set_ipv6_backed(&self, hosts: std::collections::HashSet<String>) {
+        if **self.ipv6_backed.load() != hosts {
+            self.ipv6_backed.store(Arc::new(hosts));
+        }
     }
 
     /// A receiver that wakes up after each table change.

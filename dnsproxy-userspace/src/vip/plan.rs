@@ -1,6 +1,6 @@
 //! From VIP services and resolved names to the content of the translation maps.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -60,6 +60,24 @@ pub fn names_to_resolve(service: &VipService) -> Vec<String> {
 pub struct Plan {
     pub vips: BTreeMap<IpAddr, u32>,
     pub services: BTreeMap<ServiceKeyOrd, ServiceValue>,
+    /// Hosts with at least one IPv6 backend (their IPv6 VIP is worth answering).
+    pub ipv6_backed: HashSet<String>,
+}
+
+/// The addresses a service's backends may have: its endpoint IPs, and what its names
+/// resolved to.
+fn backend_ips<'a>(
+    svc: &'a VipService,
+    resolved: &'a HashMap<String, Vec<IpAddr>>,
+) -> impl Iterator<Item = IpAddr> + 'a {
+    let literal = svc
+        .endpoints
+        .iter()
+        .filter_map(|e| e.address.parse::<IpAddr>().ok());
+    let named = names_to_resolve(svc)
+        .into_iter()
+        .flat_map(move |n| resolved.get(&n).cloned().unwrap_or_default());
+    literal.chain(named)
 }
 
 /// `ServiceKey` with an order, for deterministic diffs.
@@ -86,6 +104,9 @@ impl ServiceKeyOrd {
 pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) -> Plan {
     let mut out = Plan::default();
     for svc in services {
+        if backend_ips(svc, resolved).any(|ip| ip.is_ipv6()) {
+            out.ipv6_backed.insert(svc.host.clone());
+        }
         for vip in &svc.vips {
             *out.vips.entry(*vip).or_default() += svc.ports.len() as u32;
             for port in &svc.ports {
@@ -212,6 +233,7 @@ mod tests {
         let p = plan(&[s], &resolved);
         assert_eq!(backends(&p, "240.240.0.5", 443, TCP), ["203.0.113.10 443"]);
         assert_eq!(backends(&p, "2001:2::5", 443, TCP), ["2001:db8::10 443"]);
+        assert!(p.ipv6_backed.contains("aliyun.com"));
         assert_eq!(
             backends(&p, "240.240.0.5", 53, UDP),
             ["203.0.113.10 5353"],
@@ -248,6 +270,10 @@ mod tests {
         assert_eq!(
             backends(&p, "240.240.0.5", 80, TCP),
             ["192.0.2.1 8080", "192.0.2.2 9090"]
+        );
+        assert!(
+            p.ipv6_backed.is_empty(),
+            "no IPv6 endpoint: no AAAA for the VIP"
         );
         assert_eq!(
             backends(&p, "2001:2::5", 80, TCP),

@@ -226,6 +226,7 @@ impl BackendSync {
                 .map(|(n, r)| (n.clone(), r.addrs.clone()))
                 .collect();
             let desired = plan(services, &addrs);
+            self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
             if desired != written {
                 match write(&self.pin_dir, &written, &desired) {
                     Ok(()) => {

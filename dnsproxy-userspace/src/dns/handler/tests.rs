@@ -66,6 +66,8 @@ fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
     let mut objects = Objects::default();
     parse_into(REGISTRY, &mut objects).unwrap();
     let registry = Registry::new(&objects, VipAllocator::in_memory(), Default::default()).unwrap();
+    // As if the backend sync had found IPv6 addresses for aliyun.com only.
+    registry.set_ipv6_backed(["aliyun.com".to_owned()].into());
     let metrics = Arc::new(Metrics::new(&upstreams));
     let forwarder = Forwarder::new(
         upstreams,
@@ -173,13 +175,19 @@ async fn local_answer_rules() {
             want_soa: false,
         },
         Case {
-            name: "AAAA of an auto-allocated host",
+            name: "AAAA of an auto-allocated host with IPv6 backends",
             query: query("aliyun.com.", RecordType::AAAA, false),
             want: vec![format!("aliyun.com. AAAA 2001:2::{}", {
                 let o: std::net::Ipv4Addr = aliyun.parse().unwrap();
                 format!("{:x}", u16::from_be_bytes([o.octets()[2], o.octets()[3]]))
             })],
             want_soa: false,
+        },
+        Case {
+            name: "no AAAA for an auto-allocated host without IPv6 backends",
+            query: query("alibabacloud.com.", RecordType::AAAA, false),
+            want: vec![],
+            want_soa: true,
         },
         Case {
             name: "NODATA with SOA for the missing family",
