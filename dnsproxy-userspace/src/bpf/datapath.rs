@@ -20,7 +20,7 @@ use aya::{
 use dnsproxy_common::{Config, DnsServer, DnsServerInfo, PROGRAMS, map_names};
 
 use super::{
-    BpfError, pinned,
+    BpfError, map_err, pinned,
     system::{self, PinDirLock},
     to_map_addr,
 };
@@ -54,13 +54,6 @@ pub struct DataPath {
 
 fn load_err(e: impl std::fmt::Display) -> BpfError {
     BpfError::Load(e.to_string())
-}
-
-fn map_err(map: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
-    move |e| BpfError::Map {
-        map: map.to_owned(),
-        reason: e.to_string(),
-    }
 }
 
 impl DataPath {

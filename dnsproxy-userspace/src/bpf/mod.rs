@@ -82,6 +82,14 @@ pub enum BpfError {
     Pin { path: String, reason: String },
 }
 
+/// Turns a map operation's error into [`BpfError::Map`] naming the map.
+pub fn map_err(map: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
+    move |e| BpfError::Map {
+        map: map.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use dnsproxy_common::{
 };
 use serde::Serialize;
 
-use super::{BpfError, from_map_addr};
+use super::{BpfError, from_map_addr, map_err};
 
 /// Subdirectory of the pin directory holding the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -35,13 +35,6 @@ pub fn open_hash<K: aya::Pod, V: aya::Pod>(
         map: pin_dir.join(name).display().to_string(),
         reason: e.to_string(),
     })
-}
-
-fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
-    move |e| BpfError::Map {
-        map: name.to_owned(),
-        reason: e.to_string(),
-    }
 }
 
 /// The per-CPU counters, summed over CPUs, by name.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::plan::{Plan, names_to_resolve, plan};
 use crate::{
-    bpf::{BpfError, pinned, to_map_addr},
+    bpf::{BpfError, map_err, pinned, to_map_addr},
     dns::forwarder::Forwarder,
     registry::Registry,
 };
@@ -106,13 +106,6 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
     let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
         pinned::open_hash(pin_dir, map_names::SERVICES)?;
     let mut vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
-    let map_err = |map: &str| {
-        let map = map.to_owned();
-        move |e: aya::maps::MapError| BpfError::Map {
-            map: map.clone(),
-            reason: e.to_string(),
-        }
-    };
     for (key, value) in &new.services {
         if old.services.get(key) != Some(value) {
             services
