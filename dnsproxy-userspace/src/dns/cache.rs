@@ -33,6 +33,19 @@ pub struct CachedAnswer {
     pub additionals: Vec<Record>,
 }
 
+impl From<Message> for CachedAnswer {
+    /// The sections of an answer (EDNS excluded: hickory keeps it apart, and each
+    /// client gets its own).
+    fn from(msg: Message) -> Self {
+        CachedAnswer {
+            response_code: msg.metadata.response_code,
+            answers: msg.answers,
+            authorities: msg.authorities,
+            additionals: msg.additionals,
+        }
+    }
+}
+
 struct Entry {
     answer: CachedAnswer,
     stored: Instant,
@@ -140,12 +153,7 @@ impl Cache {
         inner.seq += 1;
         let seq = inner.seq;
         inner.by_expiry.insert((expires, seq), key.clone());
-        let answer = CachedAnswer {
-            response_code: msg.metadata.response_code,
-            answers: msg.answers.clone(),
-            authorities: msg.authorities.clone(),
-            additionals: msg.additionals.clone(),
-        };
+        let answer = CachedAnswer::from(msg.clone());
         inner.map.insert(
             key,
             Entry {

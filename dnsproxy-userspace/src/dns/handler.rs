@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Record, RecordType},
+    rr::RecordType,
 };
 
 use super::{
@@ -41,10 +41,10 @@ pub struct Handler {
     metrics: Arc<Metrics>,
 }
 
-/// Where an upstream-path answer came from.
-enum Upstream {
-    Cache(CachedAnswer),
-    Server(Message, SocketAddr),
+/// An answer from the upstream path; `server` is `None` when the cache gave it.
+struct Upstream {
+    answer: CachedAnswer,
+    server: Option<SocketAddr>,
 }
 
 impl Handler {
@@ -121,8 +121,7 @@ impl Handler {
                 // An alias to a name we do not know: append the target's records.
                 let chased = Query::query(target, qtype);
                 if let Some(upstream) = self.upstream(&chased).await {
-                    let (answers, _, _) = upstream_sections(upstream);
-                    reply.add_answers(answers);
+                    reply.add_answers(upstream.answer.answers);
                 }
             }
             if let Some(soa) = local.soa {
@@ -133,22 +132,22 @@ impl Handler {
             (reply, Outcome::Local)
         } else {
             match self.upstream(question).await {
-                Some(upstream) => {
-                    let outcome = match &upstream {
-                        Upstream::Cache(_) => Outcome::Cached,
-                        Upstream::Server(..) => Outcome::Forwarded,
+                Some(Upstream { answer, server }) => {
+                    let outcome = if server.is_some() {
+                        Outcome::Forwarded
+                    } else {
+                        Outcome::Cached
                     };
-                    let via = match &upstream {
-                        Upstream::Cache(_) => "cache".to_owned(),
-                        Upstream::Server(_, server) => server.to_string(),
-                    };
+                    let via = server.map_or_else(|| "cache".to_owned(), |s| s.to_string());
+                    let code = answer.response_code;
                     let mut reply = response_to(&request);
-                    let code = match &upstream {
-                        Upstream::Cache(c) => c.response_code,
-                        Upstream::Server(m, _) => m.metadata.response_code,
-                    };
                     reply.metadata.response_code = code;
-                    let (mut answers, authorities, additionals) = upstream_sections(upstream);
+                    let CachedAnswer {
+                        mut answers,
+                        authorities,
+                        additionals,
+                        ..
+                    } = answer;
                     // Owner names in the case the client used (the cache holds the
                     // first asker's spelling).
                     for r in answers.iter_mut().filter(|r| r.name == *question.name()) {
@@ -190,7 +189,10 @@ impl Handler {
             self.metrics
                 .cache_hits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Some(Upstream::Cache(hit));
+            return Some(Upstream {
+                answer: hit,
+                server: None,
+            });
         }
         self.metrics
             .cache_misses
@@ -198,22 +200,16 @@ impl Handler {
         match self.forwarder.forward(question).await {
             Ok(fwd) => {
                 self.cache.insert(key, &fwd.reply, Instant::now());
-                Some(Upstream::Server(fwd.reply, fwd.upstream))
+                Some(Upstream {
+                    answer: CachedAnswer::from(fwd.reply),
+                    server: Some(fwd.upstream),
+                })
             }
             Err(e) => {
                 tracing::debug!(target: "dns", question = %question.name(), error = %e, "upstream failed");
                 None
             }
         }
-    }
-}
-
-/// Answer, authority and additional records of an upstream answer (OPT excluded:
-/// hickory keeps EDNS apart, and ours is set per client).
-fn upstream_sections(upstream: Upstream) -> (Vec<Record>, Vec<Record>, Vec<Record>) {
-    match upstream {
-        Upstream::Cache(c) => (c.answers, c.authorities, c.additionals),
-        Upstream::Server(m, _) => (m.answers, m.authorities, m.additionals),
     }
 }
 

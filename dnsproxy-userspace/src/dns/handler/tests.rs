@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Name, RData, rdata},
+    rr::{Name, RData, Record, rdata},
 };
 
 use super::*;
