@@ -7,13 +7,22 @@
 
 /// Version of the pinned map/program layout. Pins live under
 /// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default port the userspace DNS server listens on (127.0.0.1 and ::1).
 pub const DEFAULT_LISTEN_PORT: u16 = 15053;
 
 /// The DNS port the programs intercept.
 pub const DNS_PORT: u16 = 53;
+
+/// IP protocol numbers, as `bpf_sock_addr.protocol` and `ServiceKey::protocol` hold them.
+/// Taken from `network-types`, so that both sides name them as the IP header does.
+pub mod ip_proto {
+    use network_types::ip::IpProto;
+
+    pub const TCP: u8 = IpProto::Tcp as u8;
+    pub const UDP: u8 = IpProto::Udp as u8;
+}
 
 /// Map names in the object, also their pin file names (bpffs refuses names with `.`;
 /// the kernel keeps 15 characters of a map name).
@@ -130,7 +139,7 @@ pub const LOOPBACK6: Addr = Addr {
     octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
 };
 
-/// Value of the single-entry `DNSPROXY_CONFIG` array.
+/// Value of the single-entry `dp_config` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -147,30 +156,29 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// Key of `DNSPROXY_DNS_SERVERS`: an address whose port-53 traffic is redirected.
+/// Key of `dp_dns_servers`: an address whose port-53 traffic is redirected.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsServer {
     pub addr: Addr,
 }
 
-/// Value of `DNSPROXY_DNS_SERVERS`.
+/// Value of `dp_dns_servers`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsServerInfo {
-    /// Reserved, must be 1 (presence is what matters).
+    /// 1: redirect DNS to this server; 0: the entry is ignored.
     pub enabled: u32,
     pub _pad: u32,
 }
 
-/// Value of `DNSPROXY_POLICY`, keyed by network-namespace cookie (u64).
+/// Value of `dp_policy`, keyed by network-namespace cookie (u64).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetnsPolicy {
-    /// 1: redirect DNS of sockets in this netns.
+    /// 1: redirect DNS of sockets in this netns (and translate their VIPs).
     pub capture_dns: u32,
-    /// Flags for later use (e.g. VIP translation); 0 today.
-    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
@@ -182,14 +190,7 @@ pub struct SockOrig {
     pub rewritten: Addr,
     pub original_port: u16,
     pub rewritten_port: u16,
-    /// Why the rewrite happened (a `REWRITE_*` value).
-    pub kind: u32,
 }
-
-/// `SockOrig::kind`: DNS redirected to the local proxy.
-pub const REWRITE_DNS: u32 = 1;
-/// `SockOrig::kind`: a VIP translated to one of its backends.
-pub const REWRITE_VIP: u32 = 2;
 
 /// Most backends one service (VIP, port, protocol) holds, inline in its map value.
 /// A power of two, so the kernel side can bound an index with a mask.
@@ -208,7 +209,8 @@ pub struct VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Number of declared ports (informational).
+    /// Number of (port, protocol) services declared on this VIP: `dnsproxy maps` shows
+    /// it, so that a `vip_port_unknown` count can be matched against what is declared.
     pub ports: u32,
     pub _pad: u32,
 }
@@ -219,7 +221,7 @@ pub struct VipInfo {
 pub struct ServiceKey {
     pub addr: Addr,
     pub port: u16,
-    /// 6 (TCP) or 17 (UDP).
+    /// [`ip_proto::TCP`] or [`ip_proto::UDP`].
     pub protocol: u8,
     pub _pad: u8,
 }
@@ -245,7 +247,7 @@ pub struct ServiceValue {
     pub backends: [Backend; MAX_BACKENDS],
 }
 
-/// Indices of the per-CPU counters in `DNSPROXY_STATS`. Every decision a program takes
+/// Indices of the per-CPU counters in `dp_stats`. Every decision a program takes
 /// increments exactly one of these.
 pub mod stat {
     /// Not DNS to a configured server (nothing to do).
@@ -335,12 +337,13 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Config>(), 16);
-        assert_eq!(core::mem::size_of::<SockOrig>(), 40);
+        assert_eq!(core::mem::size_of::<SockOrig>(), 36);
         assert_eq!(core::mem::size_of::<NetnsPolicy>(), 8);
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<Backend>(), 20);
         assert_eq!(core::mem::size_of::<ServiceValue>(), 8 + 20 * MAX_BACKENDS);
         assert!(MAX_BACKENDS.is_power_of_two());
+        assert_eq!((ip_proto::TCP, ip_proto::UDP), (6, 17));
         assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
     }
 }

@@ -1,10 +1,13 @@
 //! The dnsproxy data path: cgroup `sock_addr` programs that redirect DNS aimed at the
-//! configured cluster DNS servers to the local proxy listener, and report the original
-//! server back to the application on `recvmsg`/`getpeername`.
+//! configured cluster DNS servers to the local proxy listener, translate virtual IPs
+//! to real backends, and report the original address back to the application on
+//! `recvmsg`/`getpeername`.
 //!
 //! Every decision is made from maps the daemon fills (`dp_config`, `dp_dns_servers`,
-//! `dp_policy`); every outcome increments one per-CPU counter in `dp_stats`. Programs
-//! always return "allow" (1): the data path may rewrite, never block.
+//! `dp_policy`, `dp_vips`, `dp_services`; per-socket memory in `dp_sock_orig`); every
+//! outcome increments one per-CPU counter in `dp_stats`. Programs allow the syscall,
+//! possibly rewritten, with one exception: a connect/sendmsg to a VIP that has no
+//! backend fails at once (EPERM) instead of hanging on an address nobody answers.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

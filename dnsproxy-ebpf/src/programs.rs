@@ -18,9 +18,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
     Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, NetnsPolicy,
-    REWRITE_DNS, REWRITE_VIP, ServiceKey, ServiceValue, SockOrig, VipInfo, VipKey, stat,
+    ServiceKey, ServiceValue, SockOrig, VipInfo, VipKey, ip_proto, stat,
 };
-use network_types::ip::IpProto;
 
 /// Verdict: let the syscall proceed (possibly rewritten).
 const ALLOW: i32 = 1;
@@ -204,7 +203,7 @@ fn listener_exists(ctx: &SockAddrContext, local: &Addr, port: u16, protocol: u32
     let netns = BPF_F_CURRENT_NETNS as u64;
     // SAFETY: helpers accepted for cgroup sock_addr programs; the tuple lives on the stack.
     let sk = unsafe {
-        if protocol == IpProto::Tcp as u32 {
+        if protocol == u32::from(ip_proto::TCP) {
             bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
         } else {
             bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
@@ -232,7 +231,7 @@ fn rewrite_destination(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     let port = read_port(ctx);
     let dst = read_addr(ctx, family);
-    if port == cfg.dns_port && DNS_SERVERS.get_ptr(DnsServer { addr: dst }).is_some() {
+    if port == cfg.dns_port && dns_server_enabled(dst) {
         redirect_dns(ctx, family, &cfg, dst);
         return ALLOW;
     }
@@ -241,6 +240,16 @@ fn rewrite_destination(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     count(stat::PASSED);
     ALLOW
+}
+
+/// `dst` is a configured DNS server whose entry is enabled.
+#[inline(always)]
+fn dns_server_enabled(dst: Addr) -> bool {
+    // SAFETY: the value is only read, and copied at once.
+    match unsafe { DNS_SERVERS.get(DnsServer { addr: dst }) } {
+        Some(info) => info.enabled != 0,
+        None => false,
+    }
 }
 
 /// Remembers, in the socket's own storage, what `rewritten` stands for.
@@ -291,7 +300,6 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
         rewritten: local,
         original_port: cfg.dns_port,
         rewritten_port: cfg.listen_port,
-        kind: REWRITE_DNS,
     };
     if !remember(ctx, orig) {
         // Without the memory the reply could not be restored: leave DNS alone.
@@ -327,7 +335,7 @@ fn translate_vip(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr,
         count(stat::NO_BACKEND);
         return DENY;
     }
-    let pick = if protocol == IpProto::Tcp as u32 {
+    let pick = if protocol == u32::from(ip_proto::TCP) {
         // SAFETY: helper without arguments.
         unsafe { bpf_get_prandom_u32() }
     } else {
@@ -352,7 +360,6 @@ fn translate_vip(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr,
         rewritten: backend.addr,
         original_port: port,
         rewritten_port: backend.port,
-        kind: REWRITE_VIP,
     };
     // Connectivity first: translate even when getpeername could not be restored.
     let remembered = remember(ctx, orig);

@@ -39,17 +39,24 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on admin address {addr} (choose another --admin)"))
 }
 
-/// Serves requests until the task is dropped.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
+/// Serves requests until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let requests = tokio_util::task::TaskTracker::new();
+    while let Some(accepted) = shutdown.run_until_cancelled(listener.accept()).await {
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let state = state.clone();
-        tokio::spawn(async move {
+        requests.spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), respond(stream, &state)).await;
         });
     }
+    requests.close();
+    requests.wait().await;
 }
 
 async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {

@@ -164,6 +164,11 @@ pub struct RunArgs {
     /// How often the --registry path is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub registry_poll_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long queries in flight may still be answered before the
+    /// daemon exits anyway, in milliseconds. Listeners stop reading at once.
+    #[arg(long, default_value_t = 1500, env = "DNSPROXY_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -45,10 +45,14 @@ pub struct DataPathOptions {
     pub adopt: bool,
 }
 
+/// The kernel's log records (`aya-log`), waiting to be forwarded.
+type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// The attached data path. Dropping it leaves pins in place; call [`DataPath::shutdown`].
 pub struct DataPath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    logger: Option<KernelLogger>,
     _lock: PinDirLock,
 }
 
@@ -93,14 +97,13 @@ impl DataPath {
         if adopted > 0 {
             tracing::info!(maps = adopted, pin_dir = %opts.pin_dir.display(), "adopted pinned maps of an earlier daemon");
         }
-        match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => spawn_kernel_logger(logger),
-            Err(e) => tracing::debug!("no eBPF logger: {e}"),
-        }
-
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| tracing::debug!("no eBPF logger: {e}"))
+            .ok();
         let mut dp = DataPath {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
+            logger,
             _lock: lock,
         };
         dp.write_config(Config {
@@ -206,6 +209,11 @@ impl DataPath {
         Ok(())
     }
 
+    /// The task that forwards the programs' log records, for the caller to own (once).
+    pub fn kernel_logger(&mut self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        self.logger.take().map(forward_kernel_logs)
+    }
+
     /// Stops: with `keep_pins` the programs stay attached (the data path fails open
     /// while no daemon listens); otherwise links and maps are unpinned, which detaches.
     pub fn shutdown(self, keep_pins: bool) -> Result<(), BpfError> {
@@ -238,26 +246,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
 }
 
-/// Forwards `aya-log-ebpf` records from the kernel to the `log`/`tracing` pipeline.
-fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+/// Forwards `aya-log-ebpf` records from the kernel to the `log`/`tracing` pipeline
+/// until the future is dropped.
+async fn forward_kernel_logs(logger: KernelLogger) {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the
+    // logger, and always reports that same fd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
         return;
     };
-    handle.spawn(async move {
-        // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the
-        // logger, and always reports that same fd.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        };
-        let Ok(mut fd) = registered else {
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
             return;
         };
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }

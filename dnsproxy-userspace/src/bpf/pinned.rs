@@ -10,6 +10,7 @@ use dnsproxy_common::{
 use serde::Serialize;
 
 use super::{BpfError, from_map_addr, map_err};
+use crate::dns::Protocol;
 
 /// Subdirectory of the pin directory holding the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -59,7 +60,7 @@ pub struct MapsDump {
     pub policy: Vec<PolicyDump>,
     pub counters: Counters,
     pub links: Vec<String>,
-    pub vips: Vec<IpAddr>,
+    pub vips: Vec<VipDump>,
     pub services: Vec<ServiceDump>,
 }
 
@@ -99,7 +100,13 @@ pub struct ConfigDump {
 pub struct PolicyDump {
     pub netns_cookie: u64,
     pub capture_dns: bool,
-    pub flags: u32,
+}
+
+/// One VIP and how many (port, protocol) services are declared on it.
+#[derive(Debug, Serialize)]
+pub struct VipDump {
+    pub vip: IpAddr,
+    pub ports: u32,
 }
 
 /// Reads every pinned map under `pin_dir`.
@@ -123,7 +130,6 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .map(|(cookie, p)| PolicyDump {
             netns_cookie: cookie,
             capture_dns: p.capture_dns != 0,
-            flags: p.flags,
         })
         .collect();
     policy.sort_by_key(|p| p.netns_cookie);
@@ -131,12 +137,15 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
     let counters = Counters(read_stats(pin_dir)?);
 
     let vip_map: HashMap<_, VipKey, VipInfo> = open_hash(pin_dir, map_names::VIPS)?;
-    let mut vips: Vec<IpAddr> = vip_map
-        .keys()
+    let mut vips: Vec<VipDump> = vip_map
+        .iter()
         .filter_map(Result::ok)
-        .map(|k| from_map_addr(&k.addr))
+        .map(|(k, v)| VipDump {
+            vip: from_map_addr(&k.addr),
+            ports: v.ports,
+        })
         .collect();
-    vips.sort();
+    vips.sort_by_key(|v| v.vip);
     let service_map: HashMap<_, ServiceKey, ServiceValue> =
         open_hash(pin_dir, map_names::SERVICES)?;
     let mut services: Vec<ServiceDump> = service_map
@@ -145,7 +154,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .map(|(k, v)| ServiceDump {
             vip: from_map_addr(&k.addr),
             port: k.port,
-            protocol: if k.protocol == 17 { "udp" } else { "tcp" },
+            protocol: Protocol::from_ip_proto(k.protocol).as_str(),
             backends: v.backends[..(v.count as usize).min(v.backends.len())]
                 .iter()
                 .map(|b| std::net::SocketAddr::new(from_map_addr(&b.addr), b.port))
@@ -197,8 +206,8 @@ impl std::fmt::Display for MapsDump {
             for p in &self.policy {
                 writeln!(
                     f,
-                    "  netns cookie {:<20} capture_dns={} flags={:#x}",
-                    p.netns_cookie, p.capture_dns, p.flags
+                    "  netns cookie {:<20} capture_dns={}",
+                    p.netns_cookie, p.capture_dns
                 )?;
             }
         }
@@ -207,6 +216,12 @@ impl std::fmt::Display for MapsDump {
             writeln!(f, "  {name:<14} {value}")?;
         }
         writeln!(f, "links:       {}", self.links.join(", "))?;
+        let vips: Vec<String> = self
+            .vips
+            .iter()
+            .map(|v| format!("{} ({} ports)", v.vip, v.ports))
+            .collect();
+        writeln!(f, "vips:        {}", vips.join(", "))?;
         if self.services.is_empty() {
             return writeln!(f, "services:    (no VIP translations)");
         }

@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use dnsproxy_common::{NetnsPolicy, map_names};
 use futures::StreamExt as _;
 use kube::{
@@ -29,17 +30,25 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     bpf::{BpfError, pinned},
-    dns::{handler::Handler, local::ClientContext, server::Listeners},
+    dns::{
+        handler::Handler,
+        local::ClientContext,
+        server::{Listeners, SharedContext},
+    },
     netns,
     registry::{
         Registry,
         manifest::{Namespace, Objects, Pod},
     },
 };
+
+/// The pinned `dp_policy` map: netns cookie → capture policy.
+type PolicyMap = BpfHashMap<MapData, u64, NetnsPolicy>;
 
 /// Settings of node mode.
 #[derive(Clone, Debug)]
@@ -83,13 +92,14 @@ async fn service_entry_resource(client: &Client) -> anyhow::Result<Option<ApiRes
     Ok(None)
 }
 
-/// Starts a reflector for `ar`; each event bumps `changes`.
+/// A reflector's store and the task that feeds it (owned by [`Watches`]).
 fn reflect(
     client: &Client,
     ar: &ApiResource,
     config: watcher::Config,
     changes: &tokio::sync::watch::Sender<u64>,
-) -> (Store<DynamicObject>, JoinHandle<()>) {
+    reflectors: &mut JoinSet<()>,
+) -> Store<DynamicObject> {
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
@@ -105,7 +115,7 @@ fn reflect(
             }
         })
         .reflect(writer);
-    let task = tokio::spawn(async move {
+    reflectors.spawn(async move {
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -114,7 +124,7 @@ fn reflect(
             }
         }
     });
-    (reader, task)
+    reader
 }
 
 /// The store's objects in our types; an object that does not fit is skipped, named.
@@ -135,124 +145,181 @@ fn convert<T: DeserializeOwned>(store: &Store<DynamicObject>) -> Vec<T> {
         .collect()
 }
 
-/// Watches the cluster and keeps the registry and the in-pod listeners current. Fires
-/// `ready` after the first full sync; returns only on a fatal error.
+// === impl Watches ===
+
+/// The reflectors of node mode and the stores they keep; dropping it stops them.
+struct Watches {
+    services: Store<DynamicObject>,
+    slices: Store<DynamicObject>,
+    namespaces: Store<DynamicObject>,
+    pods: Store<DynamicObject>,
+    /// `None` when the cluster serves no ServiceEntries (Istio not installed).
+    service_entries: Option<Store<DynamicObject>>,
+    changed: tokio::sync::watch::Receiver<u64>,
+    /// The change generation the name table was last built from.
+    built: Option<u64>,
+    reflectors: JoinSet<()>,
+}
+
+impl Watches {
+    /// Services, EndpointSlices, Namespaces, this node's Pods, and ServiceEntries when
+    /// the cluster serves them.
+    async fn start(client: &Client, config: &NodeConfig) -> anyhow::Result<Self> {
+        let (changes, changed) = tokio::sync::watch::channel(0u64);
+        let mut reflectors = JoinSet::new();
+        let default = watcher::Config::default();
+        let mut watch = |ar: ApiResource, config: watcher::Config| {
+            reflect(client, &ar, config, &changes, &mut reflectors)
+        };
+        let services = watch(resource("", "v1", "Service", "services"), default.clone());
+        let slices = watch(
+            resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+            default.clone(),
+        );
+        let namespaces = watch(
+            resource("", "v1", "Namespace", "namespaces"),
+            default.clone(),
+        );
+        let on_this_node = default
+            .clone()
+            .fields(&format!("spec.nodeName={}", config.node_name));
+        let pods = watch(resource("", "v1", "Pod", "pods"), on_this_node);
+        let service_entries = service_entry_resource(client)
+            .await?
+            .map(|ar| watch(ar, default));
+        Ok(Watches {
+            services,
+            slices,
+            namespaces,
+            pods,
+            service_entries,
+            changed,
+            built: None,
+            reflectors,
+        })
+    }
+
+    /// Waits until every store holds its first full list.
+    async fn synced(&self) -> anyhow::Result<()> {
+        let stores = [
+            ("Services", &self.services),
+            ("EndpointSlices", &self.slices),
+            ("Namespaces", &self.namespaces),
+            ("Pods", &self.pods),
+        ];
+        let entries = self.service_entries.as_ref().map(|s| ("ServiceEntries", s));
+        for (kind, store) in stores.into_iter().chain(entries) {
+            store
+                .wait_until_ready()
+                .await
+                .with_context(|| format!("{kind} watch stopped before its first sync"))?;
+            tracing::info!(kind, objects = store.state().len(), "synced");
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the name table when something changed since the last build.
+    fn update_registry(&mut self, registry: &Registry) {
+        let generation = *self.changed.borrow_and_update();
+        if self.built == Some(generation) {
+            return;
+        }
+        self.built = Some(generation);
+        let objects = Objects {
+            service_entries: self
+                .service_entries
+                .as_ref()
+                .map(convert)
+                .unwrap_or_default(),
+            services: convert(&self.services),
+            endpoint_slices: convert(&self.slices),
+        };
+        if let Err(e) = registry.update(&objects) {
+            tracing::error!("name table not updated, the last one stays in service: {e:#}");
+        }
+    }
+
+    fn pods(&self) -> Vec<Pod> {
+        convert(&self.pods)
+    }
+
+    fn namespaces(&self) -> HashMap<String, Namespace> {
+        convert::<Namespace>(&self.namespaces)
+            .into_iter()
+            .map(|n| (n.metadata.name.clone(), n))
+            .collect()
+    }
+
+    /// Waits for the next change (a burst settles into one), or `retry` when given.
+    async fn next_change(&mut self, retry: Option<Duration>) -> anyhow::Result<()> {
+        let retry = retry.unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            res = self.changed.changed() => {
+                res.context("the watchers stopped")?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ended = self.reflectors.join_next() => {
+                anyhow::bail!("a watch task ended: {ended:?}");
+            }
+            () = tokio::time::sleep(retry) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Watches the cluster and keeps the registry and the in-pod listeners current until
+/// `shutdown`. Fires `ready` after the first full sync; an error is fatal.
 pub async fn run(
     client: Client,
     config: NodeConfig,
     registry: Arc<Registry>,
     handler: Arc<Handler>,
     ready: tokio::sync::oneshot::Sender<()>,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (changes, mut changed) = tokio::sync::watch::channel(0u64);
-    let default = watcher::Config::default();
-    let (services, _t1) = reflect(
-        &client,
-        &resource("", "v1", "Service", "services"),
-        default.clone(),
-        &changes,
-    );
-    let (slices, _t2) = reflect(
-        &client,
-        &resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
-        default.clone(),
-        &changes,
-    );
-    let (namespaces, _t3) = reflect(
-        &client,
-        &resource("", "v1", "Namespace", "namespaces"),
-        default.clone(),
-        &changes,
-    );
-    let pods_config = default
-        .clone()
-        .fields(&format!("spec.nodeName={}", config.node_name));
-    let (pods, _t4) = reflect(
-        &client,
-        &resource("", "v1", "Pod", "pods"),
-        pods_config,
-        &changes,
-    );
-    let service_entries = service_entry_resource(&client)
-        .await?
-        .map(|ar| reflect(&client, &ar, default, &changes));
-
-    for (kind, store) in [
-        ("Services", &services),
-        ("EndpointSlices", &slices),
-        ("Namespaces", &namespaces),
-        ("Pods", &pods),
-    ]
-    .into_iter()
-    .chain(service_entries.as_ref().map(|(s, _)| ("ServiceEntries", s)))
-    {
-        store
-            .wait_until_ready()
-            .await
-            .with_context(|| format!("{kind} watch stopped before its first sync"))?;
-        tracing::info!(kind, objects = store.state().len(), "synced");
-    }
-
-    let mut listeners = PodListeners::new(config.clone(), handler);
+    let mut watches = Watches::start(&client, &config).await?;
+    watches.synced().await?;
+    let mut listeners = PodListeners::new(config, handler, shutdown.clone());
     let mut ready = Some(ready);
-    let mut seen = None;
-    loop {
-        let generation = *changed.borrow_and_update();
-        if seen != Some(generation) {
-            seen = Some(generation);
-            let objects = Objects {
-                service_entries: service_entries
-                    .as_ref()
-                    .map(|(s, _)| convert(s))
-                    .unwrap_or_default(),
-                services: convert(&services),
-                endpoint_slices: convert(&slices),
-            };
-            if let Err(e) = registry.update(&objects) {
-                tracing::error!("name table not updated, the last one stays in service: {e}");
+    let followed = shutdown
+        .run_until_cancelled(async {
+            loop {
+                watches.update_registry(&registry);
+                let pending = listeners
+                    .reconcile(&watches.pods(), &watches.namespaces())
+                    .await;
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+                // Pods whose process is not there yet are retried every second.
+                let retry = pending.then_some(Duration::from_secs(1));
+                watches.next_change(retry).await?;
             }
-        }
-        let pods: Vec<Pod> = convert(&pods);
-        let namespaces: HashMap<String, Namespace> = convert::<Namespace>(&namespaces)
-            .into_iter()
-            .map(|n| (n.metadata.name.clone(), n))
-            .collect();
-        let pending = listeners.reconcile(&pods, &namespaces).await;
-        if let Some(r) = ready.take() {
-            let _ = r.send(());
-        }
-        // Pods whose process is not there yet are retried every second.
-        let retry = if pending {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(3600)
-        };
-        tokio::select! {
-            res = changed.changed() => {
-                res.context("the watchers stopped")?;
-                // Let a burst of events settle into one rebuild.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            () = tokio::time::sleep(retry) => {}
-        }
-    }
+        })
+        .await;
+    listeners.close_all().await;
+    followed.unwrap_or(Ok(()))
 }
 
 // === impl PodListeners ===
 
+/// A captured pod's listener; dropping it stops the listener (its in-flight queries
+/// are answered first).
 struct PodListener {
     name: String,
     cookie: u64,
-    ctx: Arc<ArcSwap<ClientContext>>,
-    task: JoinHandle<()>,
+    ctx: SharedContext,
+    stop: CancellationToken,
 }
 
 impl Drop for PodListener {
     fn drop(&mut self) {
-        // Dropping the serving task closes the pod's sockets.
-        self.task.abort();
+        self.stop.cancel();
     }
 }
+
+/// What a captured pod should get: its name and the context its queries are answered in.
+type Desired = HashMap<String, (String, ClientContext)>;
 
 /// The in-pod listeners of this node's captured pods, by pod UID.
 struct PodListeners {
@@ -261,28 +328,47 @@ struct PodListeners {
     by_uid: HashMap<String, PodListener>,
     /// Last decision per pod, to log changes once.
     decisions: HashMap<String, (bool, &'static str)>,
+    /// The serving tasks of every listener.
+    serving: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl PodListeners {
-    fn new(config: NodeConfig, handler: Arc<Handler>) -> Self {
+    fn new(config: NodeConfig, handler: Arc<Handler>, shutdown: CancellationToken) -> Self {
         PodListeners {
             config,
             handler,
             by_uid: HashMap::new(),
             decisions: HashMap::new(),
+            serving: TaskTracker::new(),
+            shutdown,
         }
     }
 
-    fn policy_map(
-        &self,
-    ) -> Result<aya::maps::HashMap<aya::maps::MapData, u64, NetnsPolicy>, BpfError> {
+    fn policy_map(&self) -> Result<PolicyMap, BpfError> {
         pinned::open_hash(&self.config.pin_dir, map_names::POLICY)
     }
 
     /// Brings listeners and policy entries in line with `pods`; true when some
     /// captured pod could not be served yet (to retry).
     async fn reconcile(&mut self, pods: &[Pod], namespaces: &HashMap<String, Namespace>) -> bool {
-        let mut desired: HashMap<String, (String, ClientContext)> = HashMap::new();
+        let desired = self.desired(pods, namespaces);
+        let mut policy_map = match self.policy_map() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!("cannot open the policy map: {e:#}");
+                return true;
+            }
+        };
+        self.close_stale(&desired, &mut policy_map);
+        let pending = self.open_new(desired, &mut policy_map).await;
+        self.remove_orphans(&mut policy_map);
+        pending
+    }
+
+    /// The captured pods of this node, by UID, with the decision logged when it changes.
+    fn desired(&mut self, pods: &[Pod], namespaces: &HashMap<String, Namespace>) -> Desired {
+        let mut desired = Desired::new();
         for pod in pods {
             let Some(uid) = pod.metadata.uid.clone() else {
                 continue;
@@ -314,15 +400,11 @@ impl PodListeners {
             .filter_map(|p| p.metadata.uid.as_ref())
             .collect();
         self.decisions.retain(|uid, _| present.contains(uid));
+        desired
+    }
 
-        let mut policy_map = match self.policy_map() {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!("cannot open the policy map: {e}");
-                return true;
-            }
-        };
-        // Gone, or capture turned off: close the listener, then drop the entry.
+    /// Gone, or capture turned off: close the listener, then drop the entry.
+    fn close_stale(&mut self, desired: &Desired, policy_map: &mut PolicyMap) {
         let stale: Vec<String> = self
             .by_uid
             .keys()
@@ -336,7 +418,11 @@ impl PodListeners {
             }
             tracing::info!(pod = %listener.name, netns_cookie = listener.cookie, "DNS capture stopped: listener closed, policy entry removed");
         }
+    }
 
+    /// New captured pods get a listener and a policy entry; known ones their current
+    /// settings. True when some pod could not be served yet.
+    async fn open_new(&mut self, desired: Desired, policy_map: &mut PolicyMap) -> bool {
         let mut pending = false;
         for (uid, (name, ctx)) in desired {
             if let Some(existing) = self.by_uid.get(&uid) {
@@ -346,61 +432,59 @@ impl PodListeners {
                 }
                 continue;
             }
-            let Some(netns) = netns::find_pod_netns(&self.config.proc_root, &uid) else {
-                tracing::debug!(pod = %name, "no process of the pod yet: will retry");
-                pending = true;
-                continue;
-            };
-            let port = self.config.listen_port;
-            let path = netns.clone();
-            let bound =
-                tokio::task::spawn_blocking(move || netns::bind_in_netns(&path, port)).await;
-            let (std_listeners, cookie) = match bound {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => {
-                    tracing::warn!(pod = %name, "cannot open the in-pod listener: {e}");
-                    pending = true;
-                    continue;
+            match self.open(&uid, &name, ctx, policy_map).await {
+                Ok(listener) => {
+                    self.by_uid.insert(uid, listener);
                 }
                 Err(e) => {
-                    tracing::error!(pod = %name, "listener thread failed: {e}");
+                    tracing::warn!(pod = %name, "not captured yet, will retry: {e:#}");
                     pending = true;
-                    continue;
                 }
-            };
-            let listeners = match Listeners::from_std(std_listeners) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(pod = %name, "cannot register the in-pod listener: {e}");
-                    pending = true;
-                    continue;
-                }
-            };
-            let ctx = Arc::new(ArcSwap::from_pointee(ctx));
-            let task = tokio::spawn(listeners.serve(self.handler.clone(), ctx.clone()));
-            let entry = NetnsPolicy {
-                capture_dns: 1,
-                flags: 0,
-            };
-            if let Err(e) = policy_map.insert(cookie, entry, 0) {
-                tracing::error!(pod = %name, error = %e, "cannot write the policy entry");
-                task.abort();
-                pending = true;
-                continue;
             }
-            tracing::info!(pod = %name, netns = %netns.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
-            self.by_uid.insert(
-                uid,
-                PodListener {
-                    name,
-                    cookie,
-                    ctx,
-                    task,
-                },
-            );
         }
+        pending
+    }
 
-        // Entries nobody serves (an earlier daemon's pods that are gone) go away.
+    /// Opens the listener inside the pod's network namespace, starts serving it, and
+    /// writes the policy entry that turns capture on for that namespace.
+    async fn open(
+        &self,
+        uid: &str,
+        name: &str,
+        ctx: ClientContext,
+        policy_map: &mut PolicyMap,
+    ) -> anyhow::Result<PodListener> {
+        let netns = netns::find_pod_netns(&self.config.proc_root, uid)
+            .context("no process of the pod yet")?;
+        let (port, path) = (self.config.listen_port, netns.clone());
+        let (std_listeners, cookie) =
+            tokio::task::spawn_blocking(move || netns::bind_in_netns(&path, port))
+                .await
+                .context("the listener thread failed")??;
+        let listeners =
+            Listeners::from_std(std_listeners).context("cannot register the in-pod listener")?;
+        let ctx = Arc::new(ArcSwap::from_pointee(ctx));
+        let stop = self.shutdown.child_token();
+        let entry = NetnsPolicy {
+            capture_dns: 1,
+            _pad: 0,
+        };
+        policy_map
+            .insert(cookie, entry, 0)
+            .context("cannot write the policy entry")?;
+        self.serving
+            .spawn(listeners.serve(self.handler.clone(), ctx.clone(), stop.clone()));
+        tracing::info!(pod = %name, netns = %netns.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
+        Ok(PodListener {
+            name: name.to_owned(),
+            cookie,
+            ctx,
+            stop,
+        })
+    }
+
+    /// Entries nobody serves (an earlier daemon's pods that are gone) go away.
+    fn remove_orphans(&self, policy_map: &mut PolicyMap) {
         let live: HashSet<u64> = self.by_uid.values().map(|l| l.cookie).collect();
         let orphans: Vec<u64> = policy_map
             .keys()
@@ -411,6 +495,13 @@ impl PodListeners {
             let _ = policy_map.remove(&cookie);
             tracing::info!(netns_cookie = cookie, "removed a policy entry no pod uses");
         }
-        pending
+    }
+
+    /// Stops every listener and waits until their in-flight queries are answered. The
+    /// policy entries stay: the next daemon adopts them.
+    async fn close_all(&mut self) {
+        self.by_uid.clear();
+        self.serving.close();
+        self.serving.wait().await;
     }
 }

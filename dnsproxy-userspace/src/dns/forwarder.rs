@@ -5,16 +5,20 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_proto::{
+    ProtoError,
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::RecordType,
 };
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, UdpSocket},
     time::{Instant, timeout_at},
 };
 
-use super::{handler::EDNS_PAYLOAD, metrics::Metrics};
+use super::{
+    EDNS_PAYLOAD,
+    framing::{read_frame, write_frame},
+    metrics::Metrics,
+};
 
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,11 +27,33 @@ pub enum ForwardError {
     #[error("no upstream configured")]
     NoUpstream,
     /// The query could not be encoded.
-    #[error("cannot encode the upstream query: {0}")]
-    Encode(String),
-    /// Every upstream failed; the last error is kept.
-    #[error("all {count} upstreams failed, last: {last}")]
-    AllFailed { count: usize, last: String },
+    #[error("cannot encode the upstream query")]
+    Encode(#[source] ProtoError),
+    /// Every upstream failed; the last failure is the source.
+    #[error("all {count} upstreams failed, the last was {server}")]
+    AllFailed {
+        count: usize,
+        server: SocketAddr,
+        #[source]
+        last: ExchangeError,
+    },
+}
+
+/// Why one exchange with one upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// No answer before the deadline.
+    #[error("timed out")]
+    Timeout,
+    /// A socket operation failed.
+    #[error("socket error")]
+    Io(#[from] std::io::Error),
+    /// The upstream answered SERVFAIL or REFUSED.
+    #[error("answered {0}")]
+    Refused(ResponseCode),
+    /// The reply was not an answer to our query (ID, question) or could not be parsed.
+    #[error("reply does not match the query")]
+    Mismatch,
 }
 
 /// An upstream answer and who gave it.
@@ -44,16 +70,11 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum ExchangeError {
-    #[error("timed out")]
-    Timeout,
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("answered {0}")]
-    Refused(ResponseCode),
-    #[error("reply does not match the query")]
-    Mismatch,
+/// One upstream query, parsed (to check replies against) and encoded (to send).
+#[derive(Clone)]
+struct Outgoing {
+    query: Arc<Message>,
+    bytes: Arc<[u8]>,
 }
 
 impl Forwarder {
@@ -76,59 +97,19 @@ impl Forwarder {
         if self.upstreams.is_empty() {
             return Err(ForwardError::NoUpstream);
         }
-        let mut query = Message::new(rand::random(), MessageType::Query, OpCode::Query);
-        query.metadata.recursion_desired = true;
-        query.add_query(question.clone());
-        let mut edns = Edns::new();
-        edns.set_max_payload(EDNS_PAYLOAD);
-        query.set_edns(edns);
-        let bytes = query
-            .to_vec()
-            .map_err(|e| ForwardError::Encode(e.to_string()))?;
-        let query = Arc::new(query);
-        let bytes: Arc<[u8]> = bytes.into();
-
+        let outgoing = upstream_query(question)?;
         if self.parallel {
-            let mut set = tokio::task::JoinSet::new();
-            for (index, &server) in self.upstreams.iter().enumerate() {
-                let (q, b, timeout, metrics) = (
-                    query.clone(),
-                    bytes.clone(),
-                    self.timeout,
-                    self.metrics.clone(),
-                );
-                set.spawn(async move {
-                    (
-                        server,
-                        exchange_counted(index, server, &b, &q, timeout, &metrics).await,
-                    )
-                });
-            }
-            let mut last = String::new();
-            while let Some(joined) = set.join_next().await {
-                let Ok((server, result)) = joined else {
-                    continue;
-                };
-                match result {
-                    Ok(reply) => {
-                        return Ok(Forwarded {
-                            reply,
-                            upstream: server,
-                        });
-                    }
-                    Err(e) => last = format!("{server}: {e}"),
-                }
-            }
-            return Err(ForwardError::AllFailed {
-                count: self.upstreams.len(),
-                last,
-            });
+            self.forward_parallel(outgoing).await
+        } else {
+            self.forward_in_order(&outgoing).await
         }
+    }
 
-        let mut last = String::new();
+    /// One server after the other, in the configured order.
+    async fn forward_in_order(&self, out: &Outgoing) -> Result<Forwarded, ForwardError> {
+        let mut last = None;
         for (index, &server) in self.upstreams.iter().enumerate() {
-            match exchange_counted(index, server, &bytes, &query, self.timeout, &self.metrics).await
-            {
+            match exchange_counted(index, server, out, self.timeout, &self.metrics).await {
                 Ok(reply) => {
                     return Ok(Forwarded {
                         reply,
@@ -137,28 +118,80 @@ impl Forwarder {
                 }
                 Err(e) => {
                     tracing::debug!(target: "dns", %server, error = %e, "upstream failed, trying the next");
-                    last = format!("{server}: {e}");
+                    last = Some((server, e));
                 }
             }
         }
-        Err(ForwardError::AllFailed {
-            count: self.upstreams.len(),
-            last,
-        })
+        Err(self.all_failed(last))
     }
+
+    /// Every server at once; the first good answer wins (the others are dropped with
+    /// the set that owns them).
+    async fn forward_parallel(&self, out: Outgoing) -> Result<Forwarded, ForwardError> {
+        let mut set = tokio::task::JoinSet::new();
+        for (index, &server) in self.upstreams.iter().enumerate() {
+            let (out, timeout, metrics) = (out.clone(), self.timeout, self.metrics.clone());
+            set.spawn(async move {
+                let result = exchange_counted(index, server, &out, timeout, &metrics).await;
+                (server, result)
+            });
+        }
+        let mut last = None;
+        while let Some(joined) = set.join_next().await {
+            let Ok((server, result)) = joined else {
+                continue;
+            };
+            match result {
+                Ok(reply) => {
+                    return Ok(Forwarded {
+                        reply,
+                        upstream: server,
+                    });
+                }
+                Err(e) => last = Some((server, e)),
+            }
+        }
+        Err(self.all_failed(last))
+    }
+
+    fn all_failed(&self, last: Option<(SocketAddr, ExchangeError)>) -> ForwardError {
+        match last {
+            Some((server, last)) => ForwardError::AllFailed {
+                count: self.upstreams.len(),
+                server,
+                last,
+            },
+            None => ForwardError::NoUpstream,
+        }
+    }
+}
+
+/// Our query for `question`: a fresh random ID, RD set, EDNS with our payload size.
+fn upstream_query(question: &Query) -> Result<Outgoing, ForwardError> {
+    let mut query = Message::new(rand::random(), MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(question.clone());
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    query.set_edns(edns);
+    let bytes = query.to_vec().map_err(ForwardError::Encode)?;
+    Ok(Outgoing {
+        query: Arc::new(query),
+        bytes: bytes.into(),
+    })
 }
 
 async fn exchange_counted(
     index: usize,
     server: SocketAddr,
-    bytes: &[u8],
-    query: &Message,
+    out: &Outgoing,
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result<Message, ExchangeError> {
     let started = std::time::Instant::now();
-    let result = exchange(server, bytes, query, timeout).await;
-    let qtype = query
+    let result = exchange(server, &out.bytes, &out.query, timeout).await;
+    let qtype = out
+        .query
         .queries
         .first()
         .map_or(RecordType::NULL, Query::query_type);
@@ -241,20 +274,12 @@ async fn tcp_exchange(
     let mut stream = timeout_at(deadline, TcpStream::connect(server))
         .await
         .map_err(|_| ExchangeError::Timeout)??;
-    let len = u16::try_from(bytes.len()).map_err(|_| ExchangeError::Mismatch)?;
-    let mut framed = Vec::with_capacity(bytes.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(bytes);
-    timeout_at(deadline, stream.write_all(&framed))
+    timeout_at(deadline, write_frame(&mut stream, bytes))
         .await
         .map_err(|_| ExchangeError::Timeout)??;
-    let mut len = [0u8; 2];
-    timeout_at(deadline, stream.read_exact(&mut len))
+    let reply = timeout_at(deadline, read_frame(&mut stream))
         .await
-        .map_err(|_| ExchangeError::Timeout)??;
-    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    timeout_at(deadline, stream.read_exact(&mut reply))
-        .await
-        .map_err(|_| ExchangeError::Timeout)??;
+        .map_err(|_| ExchangeError::Timeout)??
+        .ok_or(ExchangeError::Mismatch)?;
     matching(&reply, query).ok_or(ExchangeError::Mismatch)
 }

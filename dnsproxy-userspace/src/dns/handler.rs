@@ -9,13 +9,13 @@ use hickory_proto::{
 };
 
 use super::{
-    MIN_UDP_PAYLOAD, Protocol,
+    EDNS_PAYLOAD, MIN_UDP_PAYLOAD, Protocol,
     cache::{Cache, CachedAnswer, Key},
     forwarder::Forwarder,
     local::{self, ClientContext},
     metrics::{Metrics, Outcome},
 };
-use crate::registry::{Registry, table::normalize};
+use crate::{name::normalize_name, registry::Registry};
 
 /// Logs one query under target `dns`: at debug level, or at info level for a client
 /// whose pod asked for `dns:debug`, so its queries show without a global debug level.
@@ -28,9 +28,6 @@ macro_rules! query_log {
         }
     };
 }
-
-/// UDP payload size we advertise in EDNS answers and upstream queries.
-pub const EDNS_PAYLOAD: u16 = 1232;
 
 /// Answers queries.
 pub struct Handler {
@@ -45,6 +42,15 @@ pub struct Handler {
 struct Upstream {
     answer: CachedAnswer,
     server: Option<SocketAddr>,
+}
+
+/// Who asked what, for logs and metrics.
+struct Asked<'a> {
+    client: SocketAddr,
+    protocol: Protocol,
+    ctx: &'a ClientContext,
+    qtype: RecordType,
+    edns: Option<u16>,
 }
 
 impl Handler {
@@ -77,126 +83,176 @@ impl Handler {
         client: SocketAddr,
         ctx: &ClientContext,
     ) -> Option<Vec<u8>> {
+        let request = match self.admit(query, protocol, client, ctx) {
+            Ok(request) => request,
+            Err(rejection) => return rejection,
+        };
+        let question = &request.queries[0];
+        let asked = Asked {
+            client,
+            protocol,
+            ctx,
+            qtype: question.query_type(),
+            edns: request.edns.as_ref().map(Edns::max_payload),
+        };
+        let (reply, outcome) = match self.local(question, ctx) {
+            Some(local) => (
+                self.local_reply(&request, local, &asked).await,
+                Outcome::Local,
+            ),
+            None => match self.upstream(question).await {
+                Some(upstream) => self.forwarded_reply(&request, upstream, &asked),
+                None => {
+                    query_log!(ctx, %client, %protocol, question = %question.name(), qtype = %asked.qtype, edns = ?asked.edns, found = false, "SERVFAIL: every upstream failed");
+                    (
+                        error_reply(&request, ResponseCode::ServFail),
+                        Outcome::ServFail,
+                    )
+                }
+            },
+        };
+        self.metrics.request(asked.qtype, protocol, outcome);
+        fit_to_transport(&reply, &request, protocol)
+    }
+
+    /// The parsed query if it is one we answer; else the reply to send instead
+    /// (FORMERR, NOTIMP, or nothing at all).
+    fn admit(
+        &self,
+        query: &[u8],
+        protocol: Protocol,
+        client: SocketAddr,
+        ctx: &ClientContext,
+    ) -> Result<Message, Option<Vec<u8>>> {
         let request = match Message::from_vec(query) {
             Ok(m) => m,
             Err(e) => {
                 query_log!(ctx, %client, %protocol, error = %e, "malformed query");
                 self.metrics
                     .request(RecordType::NULL, protocol, Outcome::Rejected);
-                return formerr_from_header(query);
+                return Err(formerr_from_header(query));
             }
         };
         if request.metadata.message_type != MessageType::Query {
-            return None;
+            return Err(None);
         }
         let qtype = request
             .queries
             .first()
             .map_or(RecordType::NULL, Query::query_type);
-        if request.metadata.op_code != OpCode::Query {
-            self.metrics.request(qtype, protocol, Outcome::Rejected);
-            return encode(&error_reply(&request, ResponseCode::NotImp));
-        }
-        if request.queries.len() != 1 {
-            self.metrics.request(qtype, protocol, Outcome::Rejected);
-            return encode(&error_reply(&request, ResponseCode::FormErr));
-        }
-        let question = &request.queries[0];
-        let edns = request.edns.as_ref().map(Edns::max_payload);
+        let code = if request.metadata.op_code != OpCode::Query {
+            ResponseCode::NotImp
+        } else if request.queries.len() != 1 {
+            ResponseCode::FormErr
+        } else {
+            return Ok(request);
+        };
+        self.metrics.request(qtype, protocol, Outcome::Rejected);
+        Err(encode(&error_reply(&request, code)))
+    }
 
-        // The table guard lives only for the lookup, never across an await.
-        let local = local::answer(
+    /// The name table's answer. The table guard lives only for the lookup, never
+    /// across an await.
+    fn local(&self, question: &Query, ctx: &ClientContext) -> Option<local::LocalAnswer> {
+        local::answer(
             &self.registry.current(),
             &self.registry.ipv6_backed(),
             question.name(),
-            qtype,
+            question.query_type(),
             ctx,
             self.ttl,
-        );
-        let (reply, outcome) = if let Some(local) = local {
-            let mut reply = response_to(&request);
-            reply.metadata.authoritative = true;
-            reply.add_answers(local.answers);
-            if let Some(target) = local.chase {
-                // An alias to a name we do not know: append the target's records.
-                let chased = Query::query(target, qtype);
-                if let Some(upstream) = self.upstream(&chased).await {
-                    reply.add_answers(upstream.answer.answers);
-                }
+        )
+    }
+
+    /// An authoritative reply from the table; an alias to a name the table does not
+    /// know gets the target's records from upstream appended.
+    async fn local_reply(
+        &self,
+        request: &Message,
+        local: local::LocalAnswer,
+        asked: &Asked<'_>,
+    ) -> Message {
+        let mut reply = response_to(request);
+        reply.metadata.authoritative = true;
+        reply.add_answers(local.answers);
+        if let Some(target) = local.chase {
+            let chased = Query::query(target, asked.qtype);
+            if let Some(upstream) = self.upstream(&chased).await {
+                reply.add_answers(upstream.answer.answers);
             }
-            if let Some(soa) = local.soa {
-                reply.add_authority(soa);
-            }
-            let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
-            query_log!(ctx, %client, %protocol, question = %question.name(), %qtype, ?edns, found = true, ?answers, "answered locally");
-            (reply, Outcome::Local)
+        }
+        if let Some(soa) = local.soa {
+            reply.add_authority(soa);
+        }
+        let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
+        let Asked {
+            client,
+            protocol,
+            ctx,
+            qtype,
+            edns,
+        } = asked;
+        query_log!(ctx, %client, %protocol, question = %request.queries[0].name(), %qtype, ?edns, found = true, ?answers, "answered locally");
+        reply
+    }
+
+    /// The reply carrying an upstream (or cached) answer, owner names in the case the
+    /// client used (the cache holds the first asker's spelling).
+    fn forwarded_reply(
+        &self,
+        request: &Message,
+        upstream: Upstream,
+        asked: &Asked<'_>,
+    ) -> (Message, Outcome) {
+        let Upstream { answer, server } = upstream;
+        let question = request.queries[0].name();
+        let mut reply = response_to(request);
+        reply.metadata.response_code = answer.response_code;
+        let CachedAnswer {
+            mut answers,
+            authorities,
+            additionals,
+            response_code: code,
+        } = answer;
+        for r in answers.iter_mut().filter(|r| r.name == *question) {
+            r.name = question.clone();
+        }
+        reply.add_answers(answers);
+        reply.add_authorities(authorities);
+        reply.add_additionals(additionals);
+        let via = server.map_or_else(|| "cache".to_owned(), |s| s.to_string());
+        let Asked {
+            client,
+            protocol,
+            ctx,
+            qtype,
+            edns,
+        } = asked;
+        query_log!(ctx, %client, %protocol, %question, %qtype, ?edns, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
+        let outcome = if server.is_some() {
+            Outcome::Forwarded
         } else {
-            match self.upstream(question).await {
-                Some(Upstream { answer, server }) => {
-                    let outcome = if server.is_some() {
-                        Outcome::Forwarded
-                    } else {
-                        Outcome::Cached
-                    };
-                    let via = server.map_or_else(|| "cache".to_owned(), |s| s.to_string());
-                    let code = answer.response_code;
-                    let mut reply = response_to(&request);
-                    reply.metadata.response_code = code;
-                    let CachedAnswer {
-                        mut answers,
-                        authorities,
-                        additionals,
-                        ..
-                    } = answer;
-                    // Owner names in the case the client used (the cache holds the
-                    // first asker's spelling).
-                    for r in answers.iter_mut().filter(|r| r.name == *question.name()) {
-                        r.name = question.name().clone();
-                    }
-                    reply.add_answers(answers);
-                    reply.add_authorities(authorities);
-                    reply.add_additionals(additionals);
-                    query_log!(ctx, %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
-                    (reply, outcome)
-                }
-                None => {
-                    query_log!(ctx, %client, %protocol, question = %question.name(), %qtype, ?edns, found = false, "SERVFAIL: every upstream failed");
-                    self.metrics.request(qtype, protocol, Outcome::ServFail);
-                    return encode(&error_reply(&request, ResponseCode::ServFail));
-                }
-            }
+            Outcome::Cached
         };
-        self.metrics.request(qtype, protocol, outcome);
-        let bytes = encode(&reply)?;
-        Some(match protocol {
-            Protocol::Tcp => bytes,
-            Protocol::Udp if bytes.len() <= udp_limit(&request) => bytes,
-            // Too large for the client's UDP limit: question only, TC set, so the
-            // client retries over TCP.
-            Protocol::Udp => encode(&reply.truncate()).unwrap_or(bytes),
-        })
+        (reply, outcome)
     }
 
     /// The cache, else the upstream servers (whose answer is then cached);
     /// `None` when every upstream failed.
     async fn upstream(&self, question: &Query) -> Option<Upstream> {
         let key = Key {
-            name: normalize(&question.name().to_ascii()),
+            name: normalize_name(question.name()),
             qtype: question.query_type(),
             qclass: question.query_class(),
         };
         if let Some(hit) = self.cache.get(&key, Instant::now()) {
-            self.metrics
-                .cache_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.cache_hit();
             return Some(Upstream {
                 answer: hit,
                 server: None,
             });
         }
-        self.metrics
-            .cache_misses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.cache_miss();
         match self.forwarder.forward(question).await {
             Ok(fwd) => {
                 self.cache.insert(key, &fwd.reply, Instant::now());
@@ -206,11 +262,23 @@ impl Handler {
                 })
             }
             Err(e) => {
-                tracing::debug!(target: "dns", question = %question.name(), error = %e, "upstream failed");
+                tracing::debug!(target: "dns", question = %question.name(), error = %format!("{e:#}"), "upstream failed");
                 None
             }
         }
     }
+}
+
+/// The encoded reply; over UDP, one too large for the client's limit becomes the
+/// question only with TC set, so the client retries over TCP.
+fn fit_to_transport(reply: &Message, request: &Message, protocol: Protocol) -> Option<Vec<u8>> {
+    let bytes = encode(reply)?;
+    Some(match protocol {
+        Protocol::Udp if bytes.len() > udp_limit(request) => {
+            encode(&reply.truncate()).unwrap_or(bytes)
+        }
+        _ => bytes,
+    })
 }
 
 /// A response skeleton: same ID, opcode, RD and question as sent; RA set; EDNS echoed.

@@ -1,17 +1,17 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
 //! CNAME for search-suffixed names and aliases, PTR for VIPs and ClusterIPs. Names the
 //! table does not know, and other record types, are left to upstream.
-use std::{
-    collections::HashSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::collections::HashSet;
 
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
 use rand::seq::SliceRandom as _;
 
-use crate::registry::{
-    NameTable,
-    table::{Host, Match, Target, normalize},
+use crate::{
+    name::{fqdn, normalize_name, reverse_ip},
+    registry::{
+        NameTable,
+        table::{Host, Match, Target},
+    },
 };
 
 /// Longest alias chain followed inside the table.
@@ -55,44 +55,6 @@ impl ClientContext {
     }
 }
 
-fn fqdn(name: &str) -> Option<Name> {
-    Name::from_ascii(format!("{name}.")).ok()
-}
-
-/// The address a reverse name (`d.c.b.a.in-addr.arpa`, nibbles `.ip6.arpa`) stands for.
-pub fn reverse_ip(name: &str) -> Option<IpAddr> {
-    if let Some(rest) = name.strip_suffix(".in-addr.arpa") {
-        let mut octets: Vec<u8> = rest
-            .split('.')
-            .map(|p| p.parse().ok())
-            .collect::<Option<_>>()?;
-        if octets.len() != 4 {
-            return None;
-        }
-        octets.reverse();
-        return Some(IpAddr::V4(Ipv4Addr::new(
-            octets[0], octets[1], octets[2], octets[3],
-        )));
-    }
-    let rest = name.strip_suffix(".ip6.arpa")?;
-    let nibbles: Vec<u8> = rest
-        .split('.')
-        .map(|p| {
-            (p.len() == 1)
-                .then(|| u8::from_str_radix(p, 16).ok())
-                .flatten()
-        })
-        .collect::<Option<_>>()?;
-    if nibbles.len() != 32 {
-        return None;
-    }
-    let mut octets = [0u8; 16];
-    for (i, pair) in nibbles.rchunks(2).enumerate() {
-        octets[i] = pair[1] << 4 | pair[0];
-    }
-    Some(IpAddr::V6(Ipv6Addr::from(octets)))
-}
-
 fn soa(owner: &Name, ttl: u32) -> Record {
     let soa = rdata::SOA::new(
         Name::from_ascii("ns.dnsproxy.").expect("literal"),
@@ -118,82 +80,111 @@ pub fn answer(
     client: &ClientContext,
     ttl: u32,
 ) -> Option<LocalAnswer> {
-    let name = normalize(&qname.to_ascii());
+    let name = normalize_name(qname);
     if qtype == RecordType::PTR {
-        let host = table.reverse(reverse_ip(&name)?)?;
-        let target = fqdn(host)?;
-        return Some(LocalAnswer {
-            answers: vec![Record::from_rdata(
-                qname.clone(),
-                ttl,
-                RData::PTR(rdata::PTR(target)),
-            )],
-            ..Default::default()
-        });
+        return ptr_answer(table, &name, qname, ttl);
     }
     if !matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::CNAME) {
         return None;
     }
     let matched = table.resolve(&name, &client.namespace, &client.extra_search)?;
-    let (Match::Direct(matched_host)
-    | Match::SearchSuffix {
-        host: matched_host, ..
-    }) = matched;
-    if matched_host.auto_allocated && !client.auto_allocate {
+    let (Match::Direct(host) | Match::SearchSuffix { host, .. }) = matched;
+    if host.auto_allocated && !client.auto_allocate {
         // This pod opted out of auto-allocation: the real name servers answer.
         return None;
     }
-    let (mut owner, mut host, mut out) = match matched {
-        Match::Direct(host) => (qname.clone(), host, LocalAnswer::default()),
-        Match::SearchSuffix { base, host } => {
-            let target = fqdn(base)?;
-            let cname = Record::from_rdata(
-                qname.clone(),
-                ttl,
-                RData::CNAME(rdata::CNAME(target.clone())),
-            );
-            (
-                target,
+    let chain = Chain::start(matched, qname, ttl)?;
+    chain.follow(table, ipv6_backed, qtype, ttl)
+}
+
+/// PTR for a VIP or ClusterIP the table knows.
+fn ptr_answer(table: &NameTable, name: &str, qname: &Name, ttl: u32) -> Option<LocalAnswer> {
+    let host = table.reverse(reverse_ip(name)?)?;
+    let target = fqdn(host)?;
+    Some(LocalAnswer {
+        answers: vec![Record::from_rdata(
+            qname.clone(),
+            ttl,
+            RData::PTR(rdata::PTR(target)),
+        )],
+        ..Default::default()
+    })
+}
+
+/// An answer being built along a chain of aliases: the name records are owned by
+/// now, and the host it stands for.
+struct Chain<'a> {
+    owner: Name,
+    host: &'a Host,
+    out: LocalAnswer,
+}
+
+impl<'a> Chain<'a> {
+    /// A direct match answers under the question name; a search-suffixed one starts
+    /// with a CNAME from the question to the base name.
+    fn start(matched: Match<'a>, qname: &Name, ttl: u32) -> Option<Self> {
+        Some(match matched {
+            Match::Direct(host) => Chain {
+                owner: qname.clone(),
                 host,
-                LocalAnswer {
-                    answers: vec![cname],
-                    ..Default::default()
-                },
-            )
-        }
-    };
-    for _ in 0..MAX_CNAME_HOPS {
-        match &host.target {
-            Target::Cname(alias) => {
-                let target = fqdn(alias)?;
-                out.answers.push(Record::from_rdata(
-                    owner.clone(),
+                out: LocalAnswer::default(),
+            },
+            Match::SearchSuffix { base, host } => {
+                let target = fqdn(base)?;
+                let cname = Record::from_rdata(
+                    qname.clone(),
                     ttl,
                     RData::CNAME(rdata::CNAME(target.clone())),
-                ));
-                if qtype == RecordType::CNAME {
-                    return Some(out);
-                }
-                match table.get(alias) {
-                    Some(next) => {
-                        owner = target;
-                        host = next;
-                    }
-                    None => {
-                        out.chase = Some(target);
-                        return Some(out);
-                    }
+                );
+                Chain {
+                    owner: target,
+                    host,
+                    out: LocalAnswer {
+                        answers: vec![cname],
+                        ..Default::default()
+                    },
                 }
             }
-            Target::Addresses(_) => {
-                let ipv6 = !host.auto_allocated || ipv6_backed.contains(&host.name);
-                add_addresses(&mut out, &owner, host, qtype, ipv6, ttl);
-                return Some(out);
-            }
-        }
+        })
     }
-    tracing::warn!(target: "dns", question = %qname, "alias chain longer than {MAX_CNAME_HOPS} hops");
-    None
+
+    /// Follows aliases inside the table (at most [`MAX_CNAME_HOPS`]) to addresses, or
+    /// to a target to chase upstream.
+    fn follow(
+        mut self,
+        table: &'a NameTable,
+        ipv6_backed: &HashSet<String>,
+        qtype: RecordType,
+        ttl: u32,
+    ) -> Option<LocalAnswer> {
+        for _ in 0..MAX_CNAME_HOPS {
+            let alias = match &self.host.target {
+                Target::Addresses(_) => {
+                    let ipv6 = !self.host.auto_allocated || ipv6_backed.contains(&self.host.name);
+                    add_addresses(&mut self.out, &self.owner, self.host, qtype, ipv6, ttl);
+                    return Some(self.out);
+                }
+                Target::Cname(alias) => alias,
+            };
+            let target = fqdn(alias)?;
+            self.out.answers.push(Record::from_rdata(
+                self.owner.clone(),
+                ttl,
+                RData::CNAME(rdata::CNAME(target.clone())),
+            ));
+            if qtype == RecordType::CNAME {
+                return Some(self.out);
+            }
+            let Some(next) = table.get(alias) else {
+                self.out.chase = Some(target);
+                return Some(self.out);
+            };
+            self.owner = target;
+            self.host = next;
+        }
+        tracing::warn!(target: "dns", question = %self.owner, "alias chain longer than {MAX_CNAME_HOPS} hops");
+        None
+    }
 }
 
 fn add_addresses(
@@ -228,21 +219,4 @@ fn add_addresses(
     }
     records.shuffle(&mut rand::rng());
     out.answers.extend(records);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reverse_names() {
-        assert_eq!(
-            reverse_ip("5.0.240.240.in-addr.arpa"),
-            Some("240.240.0.5".parse().unwrap())
-        );
-        let v6 = "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.2.0.0.0.1.0.0.2.ip6.arpa";
-        assert_eq!(reverse_ip(v6), Some("2001:2::5".parse().unwrap()));
-        assert_eq!(reverse_ip("1.2.3.in-addr.arpa"), None);
-        assert_eq!(reverse_ip("example.com"), None);
-    }
 }

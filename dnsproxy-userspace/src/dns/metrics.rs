@@ -71,8 +71,8 @@ struct Upstream {
 pub struct Metrics {
     requests: Box<[AtomicU64]>,
     upstreams: Vec<Upstream>,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl Metrics {
@@ -94,6 +94,16 @@ impl Metrics {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
         }
+    }
+
+    /// Counts an upstream answer served from the cache.
+    pub fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a lookup the cache could not serve.
+    pub fn cache_miss(&self) {
+        self.cache_misses.fetch_add(1, Relaxed);
     }
 
     /// Counts one answered query.

@@ -1,8 +1,14 @@
-//! Sockets of a local listener: UDP and TCP on 127.0.0.1 and ::1. UDP uses one
-//! SO_REUSEPORT socket per core, so queries spread over cores without a shared lock.
-//! Sockets are created synchronously ([`bind_std`]), so that node mode can create them
-//! on a thread that entered a pod's network namespace, and so that "port in use" is
-//! reported before the data path is attached.
+//! Sockets of a listener and the tasks that serve them: UDP and TCP on 127.0.0.1 and
+//! ::1. UDP uses one SO_REUSEPORT socket per core, so queries spread over cores without
+//! a shared lock. Sockets are created synchronously ([`bind_std`]), so that node mode
+//! can create them on a thread that entered a pod's network namespace, and so that
+//! "port in use" is reported before the data path is attached.
+//!
+//! Every task has an owner: a listener's receive loops sit in a `JoinSet`, and the
+//! per-query and per-connection tasks they start in a `TaskTracker`. One cancellation
+//! token stops a listener: the loops stop reading (UDP first answers what the kernel
+//! had already queued), TCP connections finish the query at hand and close, and
+//! [`Listeners::serve`] returns once every query in flight is answered.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
@@ -12,14 +18,24 @@ use std::{
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
+    task::JoinSet,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Protocol, handler::Handler, local::ClientContext};
+use super::{
+    Protocol,
+    framing::{read_frame, write_frame},
+    handler::Handler,
+    local::ClientContext,
+};
 
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Most queued datagrams a stopping UDP socket still answers (a default receive buffer
+/// holds a few hundred queries).
+const DRAIN_QUEUED: usize = 4096;
 
 /// The client context of a listener, replaceable while it serves.
 pub type SharedContext = Arc<ArcSwap<ClientContext>>;
@@ -146,33 +162,74 @@ impl Listeners {
             .collect()
     }
 
-    /// Serves until the task is dropped (dropping closes the sockets).
-    pub async fn serve(self, handler: Arc<Handler>, ctx: SharedContext) {
-        let mut tasks = tokio::task::JoinSet::new();
+    /// Serves until `shutdown` is cancelled, then answers what is in flight and returns
+    /// (dropping the sockets closes them).
+    pub async fn serve(
+        self,
+        handler: Arc<Handler>,
+        ctx: SharedContext,
+        shutdown: CancellationToken,
+    ) {
+        let in_flight = TaskTracker::new();
+        let mut loops = JoinSet::new();
+        let serving = Serving {
+            handler,
+            ctx,
+            in_flight: in_flight.clone(),
+            shutdown,
+        };
         for sock in self.udp {
-            tasks.spawn(serve_udp(Arc::new(sock), handler.clone(), ctx.clone()));
+            loops.spawn(serving.clone().udp(sock));
         }
         for listener in self.tcp {
-            tasks.spawn(serve_tcp(listener, handler.clone(), ctx.clone()));
+            loops.spawn(serving.clone().tcp(listener));
         }
-        while tasks.join_next().await.is_some() {}
+        while loops.join_next().await.is_some() {}
+        in_flight.close();
+        in_flight.wait().await;
     }
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, handler: Arc<Handler>, ctx: SharedContext) {
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let (n, client) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
-                continue;
+/// What every loop of one listener shares.
+#[derive(Clone)]
+struct Serving {
+    handler: Arc<Handler>,
+    ctx: SharedContext,
+    /// Queries being answered and TCP connections being served.
+    in_flight: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Serving {
+    async fn udp(self, sock: UdpSocket) {
+        let sock = Arc::new(sock);
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let received = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                received = sock.recv_from(&mut buf) => received,
+            };
+            match received {
+                Ok((n, client)) => self.answer_udp(&sock, buf[..n].to_vec(), client),
+                Err(e) => tracing::warn!(error = %e, "UDP receive failed"),
             }
-        };
-        let query = buf[..n].to_vec();
-        let (sock, handler, ctx) = (sock.clone(), handler.clone(), ctx.load_full());
-        // Each query on its own task: a slow upstream must not hold up local answers.
-        tokio::spawn(async move {
+        }
+        // Queries the kernel queued before the stop were sent to us: answer them too
+        // (bounded: a flood must not keep a stopping listener reading).
+        for _ in 0..DRAIN_QUEUED {
+            let Ok((n, client)) = sock.try_recv_from(&mut buf) else {
+                break;
+            };
+            self.answer_udp(&sock, buf[..n].to_vec(), client);
+        }
+    }
+
+    /// Answers one datagram on its own task: a slow upstream must not hold up local
+    /// answers.
+    fn answer_udp(&self, sock: &Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr) {
+        let (sock, handler, ctx) = (Arc::clone(sock), self.handler.clone(), self.ctx.load_full());
+        self.in_flight.spawn(async move {
             if let Some(reply) = handler.handle(&query, Protocol::Udp, client, &ctx).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
@@ -180,62 +237,49 @@ async fn serve_udp(sock: Arc<UdpSocket>, handler: Arc<Handler>, ctx: SharedConte
             }
         });
     }
-}
 
-async fn serve_tcp(listener: TcpListener, handler: Arc<Handler>, ctx: SharedContext) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                tokio::spawn(serve_tcp_client(
-                    stream,
-                    client,
-                    handler.clone(),
-                    ctx.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    async fn tcp(self, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, client)) => {
+                    self.in_flight
+                        .spawn(self.clone().tcp_client(stream, client));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     }
-}
 
-async fn serve_tcp_client(
-    mut stream: TcpStream,
-    client: SocketAddr,
-    handler: Arc<Handler>,
-    ctx: SharedContext,
-) {
-    loop {
-        let mut len = [0u8; 2];
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await,
-            Ok(Ok(_))
-        ) {
-            return;
-        }
-        let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await,
-            Ok(Ok(_))
-        ) {
-            return;
-        }
-        let Some(reply) = handler
-            .handle(&query, Protocol::Tcp, client, &ctx.load())
-            .await
-        else {
-            continue;
-        };
-        let Ok(reply_len) = u16::try_from(reply.len()) else {
-            return;
-        };
-        let mut framed = Vec::with_capacity(reply.len() + 2);
-        framed.extend_from_slice(&reply_len.to_be_bytes());
-        framed.extend_from_slice(&reply);
-        if stream.write_all(&framed).await.is_err() {
-            return;
+    /// Serves one TCP client, one query after the other, until it goes quiet, closes,
+    /// or the listener stops (the query at hand is answered first).
+    async fn tcp_client(self, mut stream: TcpStream, client: SocketAddr) {
+        loop {
+            let frame = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                frame = tokio::time::timeout(TCP_IDLE, read_frame(&mut stream)) => frame,
+            };
+            let Ok(Ok(Some(query))) = frame else {
+                return;
+            };
+            let ctx = self.ctx.load_full();
+            let Some(reply) = self
+                .handler
+                .handle(&query, Protocol::Tcp, client, &ctx)
+                .await
+            else {
+                continue;
+            };
+            if write_frame(&mut stream, &reply).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -9,14 +9,10 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    allocator::{AllocatorError, VipAllocator},
-    manifest::{Objects, Resolution, ServiceEntryPort, ServiceKind, WorkloadEntry},
+    allocator::{AllocatorError, VipAllocator, Vips},
+    manifest::{Objects, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind, WorkloadEntry},
 };
-
-/// Lower-cases and strips the trailing dot, the form table keys use.
-pub fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
+use crate::name::normalize;
 
 /// Addresses of a name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -340,82 +336,18 @@ impl Builder {
         objects: &Objects,
         allocator: &mut VipAllocator,
     ) -> Result<(), AllocatorError> {
-        // Pass 1: which hosts need a VIP, which addresses are taken by users or Istio.
-        let mut wanted = BTreeSet::new();
-        let mut reserved = HashSet::new();
+        let vips = allocate_vips(objects, allocator)?;
         for se in &objects.service_entries {
-            let spec_addrs = se.spec_addresses().unwrap_or_default();
-            reserved.extend(spec_addrs.iter().copied());
-            for host in &se.spec.hosts {
-                let host = normalize(host);
-                let status = se.status_addresses(&host);
-                reserved.extend(status.iter().copied());
-                if spec_addrs.is_empty()
-                    && status.is_empty()
-                    && se.wants_autoallocation()
-                    && !host.starts_with("*.")
-                {
-                    wanted.insert(host);
-                }
-            }
-        }
-        let vips = allocator.sync(&wanted, &reserved)?;
-
-        // Pass 2: the names.
-        for se in &objects.service_entries {
-            let ns = se.metadata.namespace();
-            let source = format!("ServiceEntry {ns}/{}", se.metadata.name);
+            let source = format!(
+                "ServiceEntry {}/{}",
+                se.metadata.namespace(),
+                se.metadata.name
+            );
             if !se.spec.export_to.is_empty() && se.spec.export_to.iter().any(|e| e != "*") {
                 tracing::info!(%source, export_to = ?se.spec.export_to, "exportTo is ignored: every client sees this entry");
             }
-            let spec_addrs = se.spec_addresses().unwrap_or_default();
             for host in &se.spec.hosts {
-                let host = normalize(host);
-                let mut addrs = spec_addrs.clone();
-                if addrs.is_empty() {
-                    addrs = se.status_addresses(&host);
-                }
-                let mut auto_allocated = false;
-                if addrs.is_empty()
-                    && let Some(v) = vips.get(&host)
-                {
-                    addrs = v.addrs().to_vec();
-                    auto_allocated = true;
-                }
-                if addrs.is_empty() && se.spec.resolution == Resolution::Static {
-                    // No VIP: answer with the endpoints themselves, like a headless Service.
-                    addrs = se
-                        .spec
-                        .endpoints
-                        .iter()
-                        .filter_map(|e| e.address.parse().ok())
-                        .collect();
-                    self.add_addrs(&host, &addrs, &source, false);
-                    continue;
-                }
-                if addrs.is_empty() {
-                    tracing::debug!(%host, %source, "no address: left to upstream DNS");
-                    continue;
-                }
-                self.add_addrs(&host, &addrs, &source, true);
-                if auto_allocated
-                    && let Some(h) = self.table.exact.get_mut(&host)
-                    && h.sources.len() == 1
-                {
-                    h.auto_allocated = true;
-                }
-                // NONE means "pass through to the address asked for"; wildcards have no
-                // single name to resolve backends from.
-                if se.spec.resolution != Resolution::None && !host.starts_with("*.") {
-                    self.table.vip_services.push(VipService {
-                        host: host.clone(),
-                        vips: addrs,
-                        ports: se.spec.ports.clone(),
-                        resolution: se.spec.resolution,
-                        endpoints: se.spec.endpoints.clone(),
-                        source: source.clone(),
-                    });
-                }
+                self.add_service_entry_host(se, &normalize(host), &vips, &source);
             }
         }
         self.table
@@ -423,6 +355,94 @@ impl Builder {
             .retain(|_, h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
         Ok(())
     }
+
+    /// One host of a ServiceEntry: its addresses (declared, else auto-allocated, else
+    /// for STATIC its endpoints), and the VIP service the data path translates.
+    fn add_service_entry_host(
+        &mut self,
+        se: &ServiceEntry,
+        host: &str,
+        vips: &BTreeMap<String, Vips>,
+        source: &str,
+    ) {
+        let mut addrs = declared_addresses(se, host);
+        let mut auto_allocated = false;
+        if addrs.is_empty()
+            && let Some(v) = vips.get(host)
+        {
+            addrs = v.addrs().to_vec();
+            auto_allocated = true;
+        }
+        if addrs.is_empty() && se.spec.resolution == Resolution::Static {
+            // No VIP: answer with the endpoints themselves, like a headless Service.
+            let endpoints: Vec<IpAddr> = se
+                .spec
+                .endpoints
+                .iter()
+                .filter_map(|e| e.address.parse().ok())
+                .collect();
+            self.add_addrs(host, &endpoints, source, false);
+            return;
+        }
+        if addrs.is_empty() {
+            tracing::debug!(%host, %source, "no address: left to upstream DNS");
+            return;
+        }
+        self.add_addrs(host, &addrs, source, true);
+        if auto_allocated
+            && let Some(h) = self.table.exact.get_mut(host)
+            && h.sources.len() == 1
+        {
+            h.auto_allocated = true;
+        }
+        // NONE means "pass through to the address asked for"; wildcards have no single
+        // name to resolve backends from.
+        if se.spec.resolution != Resolution::None && !host.starts_with("*.") {
+            self.table.vip_services.push(VipService {
+                host: host.to_owned(),
+                vips: addrs,
+                ports: se.spec.ports.clone(),
+                resolution: se.spec.resolution,
+                endpoints: se.spec.endpoints.clone(),
+                source: source.to_owned(),
+            });
+        }
+    }
+}
+
+/// The addresses a ServiceEntry itself gives `host`: `spec.addresses`, else the ones
+/// Istio allocated (`status.addresses`).
+fn declared_addresses(se: &ServiceEntry, host: &str) -> Vec<IpAddr> {
+    let spec = se.spec_addresses().unwrap_or_default();
+    if spec.is_empty() {
+        se.status_addresses(host)
+    } else {
+        spec
+    }
+}
+
+/// Auto-allocates VIPs for the hosts that need one: no declared address, allocation
+/// not turned off, not a wildcard. Every declared address (spec or status) is
+/// reserved, so that no allocated VIP takes it.
+fn allocate_vips(
+    objects: &Objects,
+    allocator: &mut VipAllocator,
+) -> Result<BTreeMap<String, Vips>, AllocatorError> {
+    let mut wanted = BTreeSet::new();
+    let mut reserved = HashSet::new();
+    for se in &objects.service_entries {
+        reserved.extend(se.spec_addresses().unwrap_or_default());
+        for host in se.spec.hosts.iter().map(|h| normalize(h)) {
+            reserved.extend(se.status_addresses(&host));
+            if declared_addresses(se, &host).is_empty()
+                && se.wants_autoallocation()
+                && !host.starts_with("*.")
+            {
+                wanted.insert(host);
+            }
+        }
+    }
+    allocator.sync(&wanted, &reserved)
 }
 
 #[cfg(test)]

@@ -8,22 +8,20 @@ use dnsproxy_common::{Backend, MAX_BACKENDS, ServiceKey, ServiceValue};
 
 use crate::{
     bpf::to_map_addr,
+    dns::Protocol,
+    name::normalize,
     registry::{
         manifest::{Resolution, ServiceEntryPort, WorkloadEntry},
-        table::{VipService, normalize},
+        table::VipService,
     },
 };
 
-/// IP protocol numbers.
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-
 /// The transport of a ServiceEntry port: UDP only when declared so, else TCP (HTTP,
 /// HTTPS, TLS, GRPC, TCP, MONGO, ... all run over TCP).
-pub fn port_protocol(port: &ServiceEntryPort) -> u8 {
+pub fn port_protocol(port: &ServiceEntryPort) -> Protocol {
     match port.protocol.as_deref() {
-        Some(p) if p.eq_ignore_ascii_case("UDP") => UDP,
-        _ => TCP,
+        Some(p) if p.eq_ignore_ascii_case("UDP") => Protocol::Udp,
+        _ => Protocol::Tcp,
     }
 }
 
@@ -162,7 +160,7 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
                 let key = ServiceKeyOrd {
                     vip: *vip,
                     port: port.number,
-                    protocol: port_protocol(port),
+                    protocol: port_protocol(port).ip_proto(),
                 };
                 out.services.insert(key, value);
             }
@@ -173,6 +171,8 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
 
 #[cfg(test)]
 mod tests {
+    use dnsproxy_common::ip_proto::{TCP, UDP};
+
     use super::*;
     use crate::registry::manifest::ServiceEntryPort;
 

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use super::plan::{Plan, names_to_resolve, plan};
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
-    dns::forwarder::Forwarder,
-    registry::Registry,
+    dns::forwarder::{ForwardError, Forwarder},
+    registry::{Registry, table::VipService},
 };
 
 /// Shortest and longest time between two resolutions of a name.
@@ -48,21 +48,40 @@ pub struct BackendSync {
     pub pin_dir: PathBuf,
 }
 
-/// A: and AAAA addresses of `name` and their smallest TTL; `Err` when the upstreams
+/// Why a name's backends could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The name is not a valid DNS name.
+    #[error("`{name}` is not a valid DNS name")]
+    BadName {
+        name: String,
+        #[source]
+        source: hickory_proto::ProtoError,
+    },
+    /// The upstreams failed for both A and AAAA (the A failure is the source).
+    #[error("A and AAAA lookups failed")]
+    Upstream(#[source] ForwardError),
+}
+
+/// A and AAAA addresses of `name` and their smallest TTL; an error when the upstreams
 /// failed for both families.
-async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Vec<IpAddr>, u32), String> {
-    let fqdn = Name::from_ascii(format!("{name}.")).map_err(|e| e.to_string())?;
+async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Vec<IpAddr>, u32), ResolveError> {
+    let fqdn = Name::from_ascii(format!("{name}.")).map_err(|source| ResolveError::BadName {
+        name: name.to_owned(),
+        source,
+    })?;
     let (qa, qaaaa) = (
         Query::query(fqdn.clone(), RecordType::A),
         Query::query(fqdn, RecordType::AAAA),
     );
     let (a, aaaa) = tokio::join!(forwarder.forward(&qa), forwarder.forward(&qaaaa));
-    if let (Err(e), Err(_)) = (&a, &aaaa) {
-        return Err(e.to_string());
-    }
+    let replies = match (a, aaaa) {
+        (Err(e), Err(_)) => return Err(ResolveError::Upstream(e)),
+        (a, aaaa) => [a.ok(), aaaa.ok()],
+    };
     let mut addrs = Vec::new();
     let mut ttl = u32::MAX;
-    for reply in [a, aaaa].into_iter().flatten().map(|f| f.reply) {
+    for reply in replies.into_iter().flatten().map(|f| f.reply) {
         if reply.metadata.response_code != ResponseCode::NoError {
             continue;
         }
@@ -153,7 +172,7 @@ impl BackendSync {
         let mut changes = self.registry.subscribe();
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
         let mut written = read_current(&self.pin_dir).unwrap_or_else(|e| {
-            tracing::warn!("cannot read the VIP translation maps: {e}");
+            tracing::warn!("cannot read the VIP translation maps: {e:#}");
             Plan::default()
         });
         let mut first = Some(first_sync);
@@ -161,97 +180,122 @@ impl BackendSync {
             changes.borrow_and_update();
             let table = self.registry.table();
             let services = table.vip_services();
-            let wanted: BTreeSet<String> = services.iter().flat_map(names_to_resolve).collect();
-            resolved.retain(|name, _| wanted.contains(name));
-
-            let now = Instant::now();
-            let mut lookups = tokio::task::JoinSet::new();
-            for name in wanted
-                .iter()
-                .filter(|n| resolved.get(*n).is_none_or(|r| r.refresh_at <= now))
-            {
-                let (forwarder, name) = (self.forwarder.clone(), name.clone());
-                lookups.spawn(async move {
-                    let result = resolve(&forwarder, &name).await;
-                    (name, result)
-                });
-            }
-            while let Some(Ok((name, result))) = lookups.join_next().await {
-                let now = Instant::now();
-                match result {
-                    Ok((addrs, ttl)) if !addrs.is_empty() => {
-                        tracing::debug!(%name, ?addrs, ttl, "resolved VIP backends");
-                        resolved.insert(
-                            name,
-                            Resolved {
-                                addrs,
-                                refresh_at: now + refresh_after(ttl),
-                            },
-                        );
-                    }
-                    Ok(_) => {
-                        // Said once when it happens, not at every retry.
-                        if resolved.get(&name).is_none_or(|r| !r.addrs.is_empty()) {
-                            tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
-                        }
-                        resolved.insert(
-                            name,
-                            Resolved {
-                                addrs: Vec::new(),
-                                refresh_at: now + RETRY,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        // Keep what we had: an upstream outage must not take backends away.
-                        tracing::warn!(%name, error = %e, "cannot resolve VIP backends, keeping the last ones");
-                        let entry = resolved.entry(name).or_insert(Resolved {
-                            addrs: Vec::new(),
-                            refresh_at: now,
-                        });
-                        entry.refresh_at = now + RETRY;
-                    }
-                }
-            }
-
-            let addrs: HashMap<String, Vec<IpAddr>> = resolved
-                .iter()
-                .map(|(n, r)| (n.clone(), r.addrs.clone()))
-                .collect();
-            let desired = plan(services, &addrs);
-            self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
-            if desired != written {
-                match write(&self.pin_dir, &written, &desired) {
-                    Ok(()) => {
-                        tracing::info!(
-                            vips = desired.vips.len(),
-                            services = desired.services.len(),
-                            "VIP translation maps updated"
-                        );
-                        written = desired;
-                    }
-                    Err(e) => tracing::error!("cannot update the VIP translation maps: {e}"),
-                }
-            }
+            self.resolve_due(services, &mut resolved).await;
+            self.apply(services, &resolved, &mut written);
             if let Some(tx) = first.take() {
                 let _ = tx.send(());
             }
-
             let next = resolved.values().map(|r| r.refresh_at).min();
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                () = async {
-                    match next {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
+            if !next_round(&mut changes, next).await {
+                return;
             }
         }
+    }
+
+    /// Resolves the names that are new or due for a refresh, all at once.
+    async fn resolve_due(&self, services: &[VipService], resolved: &mut HashMap<String, Resolved>) {
+        let wanted: BTreeSet<String> = services.iter().flat_map(names_to_resolve).collect();
+        resolved.retain(|name, _| wanted.contains(name));
+        let now = Instant::now();
+        let mut lookups = tokio::task::JoinSet::new();
+        for name in wanted
+            .iter()
+            .filter(|n| resolved.get(*n).is_none_or(|r| r.refresh_at <= now))
+        {
+            let (forwarder, name) = (self.forwarder.clone(), name.clone());
+            lookups.spawn(async move {
+                let result = resolve(&forwarder, &name).await;
+                (name, result)
+            });
+        }
+        while let Some(Ok((name, result))) = lookups.join_next().await {
+            record(resolved, name, result);
+        }
+    }
+
+    /// Writes the plan for `services` when it differs from what the maps hold.
+    fn apply(
+        &self,
+        services: &[VipService],
+        resolved: &HashMap<String, Resolved>,
+        written: &mut Plan,
+    ) {
+        let addrs: HashMap<String, Vec<IpAddr>> = resolved
+            .iter()
+            .map(|(n, r)| (n.clone(), r.addrs.clone()))
+            .collect();
+        let desired = plan(services, &addrs);
+        self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
+        if desired == *written {
+            return;
+        }
+        match write(&self.pin_dir, written, &desired) {
+            Ok(()) => {
+                tracing::info!(
+                    vips = desired.vips.len(),
+                    services = desired.services.len(),
+                    "VIP translation maps updated"
+                );
+                *written = desired;
+            }
+            Err(e) => tracing::error!("cannot update the VIP translation maps: {e:#}"),
+        }
+    }
+}
+
+/// Keeps the outcome of one resolution: new addresses, none (the VIP fails closed), or
+/// an upstream failure (the last addresses stay: an outage must not take them away).
+fn record(
+    resolved: &mut HashMap<String, Resolved>,
+    name: String,
+    result: Result<(Vec<IpAddr>, u32), ResolveError>,
+) {
+    let now = Instant::now();
+    match result {
+        Ok((addrs, ttl)) if !addrs.is_empty() => {
+            tracing::debug!(%name, ?addrs, ttl, "resolved VIP backends");
+            let refresh_at = now + refresh_after(ttl);
+            resolved.insert(name, Resolved { addrs, refresh_at });
+        }
+        Ok(_) => {
+            // Said once when it happens, not at every retry.
+            if resolved.get(&name).is_none_or(|r| !r.addrs.is_empty()) {
+                tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
+            }
+            let refresh_at = now + RETRY;
+            resolved.insert(
+                name,
+                Resolved {
+                    addrs: Vec::new(),
+                    refresh_at,
+                },
+            );
+        }
+        Err(e) => {
+            tracing::warn!(%name, error = %format!("{:#}", anyhow::Error::new(e)), "cannot resolve VIP backends, keeping the last ones");
+            let entry = resolved.entry(name).or_insert(Resolved {
+                addrs: Vec::new(),
+                refresh_at: now,
+            });
+            entry.refresh_at = now + RETRY;
+        }
+    }
+}
+
+/// Waits for a registry change or the next refresh; false when the registry is gone.
+async fn next_round(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    next: Option<Instant>,
+) -> bool {
+    let refresh = async {
+        match next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        changed = changes.changed() => changed.is_ok(),
+        () = refresh => true,
     }
 }
 
@@ -262,10 +306,7 @@ mod tests {
     #[test]
     fn refresh_before_ttl_expiry_within_bounds() {
         assert_eq!(refresh_after(60), Duration::from_secs(45));
-        assert_eq!(
-            refresh_after(2),
-            Duration::from_secs(2).min(Duration::from_secs(2))
-        );
+        assert_eq!(refresh_after(2), Duration::from_secs(2));
         assert_eq!(refresh_after(0), MIN_REFRESH);
         assert_eq!(refresh_after(86_400), MAX_REFRESH);
     }

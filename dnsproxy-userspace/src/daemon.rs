@@ -1,0 +1,466 @@
+//! `dnsproxy run`, start to stop, as three named steps:
+//!
+//! 1. [`Settings::resolve`]: flags, environment and (node mode) the cluster give what
+//!    the daemon needs; everything that can fail on bad input fails here, before
+//!    anything is attached to the kernel.
+//! 2. [`Daemon::start`]: sockets bound, data path attached, every task started under
+//!    one owner, ready once the registry and the VIP backends had their first sync.
+//! 3. [`Daemon::serve_until_signal`]: serve until SIGTERM/SIGINT (or a fatal task
+//!    error), then stop accepting, answer what is in flight within
+//!    `--shutdown-grace-ms`, and exit.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{self, AdminState},
+    bpf::{
+        datapath::{DataPath, DataPathOptions},
+        system,
+    },
+    cli::{Mode, RunArgs, Switch},
+    cluster,
+    dns::{
+        cache::Cache,
+        forwarder::Forwarder,
+        handler::Handler,
+        local::ClientContext,
+        metrics::Metrics,
+        server::{self, Listeners},
+    },
+    name::normalize,
+    registry::{self, Registry, TableConfig, allocator::VipAllocator, manifest::Objects},
+    resolv_conf,
+    vip::sync::BackendSync,
+};
+
+/// Runs the daemon on its own multi-threaded runtime until it stops.
+pub fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args))
+}
+
+/// `dnsproxy run`.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    system::require_root()?;
+    system::require_btf()?;
+    let settings = Settings::resolve(args).await?;
+    let daemon = Daemon::start(settings).await?;
+    daemon.serve_until_signal().await
+}
+
+// === impl Settings ===
+
+/// Node mode's connection to the cluster.
+struct ClusterSettings {
+    client: kube::Client,
+    node_name: String,
+}
+
+/// What the daemon needs, resolved before anything is attached.
+struct Settings {
+    args: RunArgs,
+    /// `Some` in node mode.
+    cluster: Option<ClusterSettings>,
+    /// Local mode's manifests at start (node mode reads the API instead).
+    objects: Objects,
+    cgroup: PathBuf,
+    dns_servers: Vec<IpAddr>,
+    upstreams: Vec<SocketAddr>,
+    extra_search: Vec<String>,
+}
+
+impl Settings {
+    async fn resolve(args: RunArgs) -> anyhow::Result<Self> {
+        let objects = initial_objects(&args)?;
+        let cluster = match args.mode {
+            Mode::Node => Some(ClusterSettings::connect(&args).await?),
+            Mode::Local => None,
+        };
+        let cgroup = match &args.cgroup {
+            Some(c) => c.clone(),
+            None if cluster.is_some() => system::cgroup2_mount()?,
+            None => system::default_cgroup()?,
+        };
+        system::ensure_cgroup(&cgroup)?;
+        let dns_servers = match (&cluster, args.dns_servers.is_empty()) {
+            (_, false) => args.dns_servers.clone(),
+            (Some(c), true) => vec![cluster_dns_ip(&c.client).await?],
+            (None, true) => resolv_conf::read_nameservers(&args.resolv_conf)?,
+        };
+        let upstreams = if args.upstreams.is_empty() {
+            dns_servers
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, 53))
+                .collect()
+        } else {
+            args.upstreams.iter().map(|u| u.0).collect()
+        };
+        let extra_search = args.search_domains.iter().map(|d| normalize(d)).collect();
+        Ok(Settings {
+            args,
+            cluster,
+            objects,
+            cgroup,
+            dns_servers,
+            upstreams,
+            extra_search,
+        })
+    }
+
+    fn node(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    fn datapath_options(&self) -> DataPathOptions {
+        DataPathOptions {
+            cgroup: self.cgroup.clone(),
+            pin_dir: self.args.pin_dir.clone(),
+            listen_port: self.args.listen_port,
+            dns_servers: self.dns_servers.clone(),
+            capture_all: !self.node(),
+            adopt: self.node(),
+        }
+    }
+
+    fn registry(&self) -> anyhow::Result<Registry> {
+        let allocator = VipAllocator::load(&self.args.state_dir)?;
+        let config = TableConfig {
+            cluster_domain: self.args.cluster_domain.clone(),
+        };
+        Ok(Registry::new(&self.objects, allocator, config)?)
+    }
+
+    fn node_config(&self) -> cluster::NodeConfig {
+        cluster::NodeConfig {
+            node_name: self
+                .cluster
+                .as_ref()
+                .map(|c| c.node_name.clone())
+                .unwrap_or_default(),
+            capture_default: self.args.capture_default == Switch::On,
+            listen_port: self.args.listen_port,
+            extra_search: self.extra_search.clone(),
+            pin_dir: self.args.pin_dir.clone(),
+            proc_root: self.args.proc_root.clone(),
+        }
+    }
+
+    /// The whole configuration, once, at start-up.
+    fn log_start(&self, listeners: Option<&Listeners>, hosts: usize) {
+        let a = &self.args;
+        tracing::info!(
+            mode = ?a.mode,
+            cgroup = %self.cgroup.display(),
+            dns_servers = ?self.dns_servers,
+            upstreams = ?self.upstreams,
+            listen = ?listeners.map(Listeners::local_addrs),
+            admin = %a.admin,
+            pin_dir = %a.pin_dir.display(),
+            vip_state = %a.state_dir.join("vips.json").display(),
+            namespace = %a.namespace,
+            node = %self.cluster.as_ref().map_or("", |c| c.node_name.as_str()),
+            capture_default = ?a.capture_default,
+            shutdown_grace_ms = a.shutdown_grace_ms,
+            hosts,
+            "starting dnsproxy"
+        );
+    }
+}
+
+impl ClusterSettings {
+    async fn connect(args: &RunArgs) -> anyhow::Result<Self> {
+        let node_name = args.node_name.clone().context(
+            "node mode needs --node-name or NODE_NAME (the downward API's spec.nodeName)",
+        )?;
+        let client = kube::Client::try_default().await.context(
+            "connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)",
+        )?;
+        Ok(ClusterSettings { client, node_name })
+    }
+}
+
+/// Local mode's manifests; none in node mode, which reads the Kubernetes API.
+fn initial_objects(args: &RunArgs) -> anyhow::Result<Objects> {
+    match (&args.registry, args.mode) {
+        (Some(_), Mode::Node) => {
+            anyhow::bail!("--registry is for local mode; node mode reads the Kubernetes API")
+        }
+        (Some(path), Mode::Local) => registry::files::load(path)
+            .with_context(|| format!("loading the registry {}", path.display())),
+        (None, _) => Ok(Objects::default()),
+    }
+}
+
+/// The ClusterIP of kube-system/kube-dns, the cluster DNS that pods are given.
+async fn cluster_dns_ip(client: &kube::Client) -> anyhow::Result<IpAddr> {
+    let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        client.clone(),
+        "kube-system",
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("", "v1", "Service"),
+            "services",
+        ),
+    );
+    let svc = api
+        .get("kube-dns")
+        .await
+        .context("reading kube-system/kube-dns (or pass --dns-server)")?;
+    svc.data["spec"]["clusterIP"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .context("kube-system/kube-dns has no clusterIP (pass --dns-server)")
+}
+
+// === impl Daemon ===
+
+/// A started daemon: the data path attached and every task running under `tasks`.
+struct Daemon {
+    settings: Settings,
+    datapath: DataPath,
+    admin: Arc<AdminState>,
+    registry: Arc<Registry>,
+    forwarder: Arc<Forwarder>,
+    handler: Arc<Handler>,
+    /// Every long-running task. A task that ends before shutdown is a fatal error.
+    tasks: JoinSet<anyhow::Result<()>>,
+    /// Cancelled once, at shutdown; every task holds a child of it.
+    shutdown: CancellationToken,
+}
+
+impl Daemon {
+    async fn start(settings: Settings) -> anyhow::Result<Self> {
+        // Sockets first: "port in use" is reported before anything is attached.
+        let listeners = match settings.args.mode {
+            Mode::Local => Some(Listeners::from_std(server::bind_std(
+                settings.args.listen_port,
+            )?)?),
+            Mode::Node => None,
+        };
+        let admin_listener = admin::bind(settings.args.admin).await?;
+        let registry = Arc::new(settings.registry()?);
+        settings.log_start(listeners.as_ref(), registry.table().len());
+
+        let datapath = DataPath::start(&settings.datapath_options())?;
+        let mut daemon = Daemon::assemble(settings, datapath, registry);
+        daemon.spawn_admin(admin_listener);
+        if let Some(listeners) = listeners {
+            daemon.spawn_local(listeners);
+        }
+        let first_sync = daemon.spawn_cluster();
+        if let Err(e) = daemon.become_ready(first_sync).await {
+            daemon.stop().await?;
+            return Err(e);
+        }
+        Ok(daemon)
+    }
+
+    /// The shared parts: metrics, forwarder, cache, handler, admin state.
+    fn assemble(settings: Settings, datapath: DataPath, registry: Arc<Registry>) -> Self {
+        let args = &settings.args;
+        let metrics = Arc::new(Metrics::new(&settings.upstreams));
+        let forwarder = Arc::new(Forwarder::new(
+            settings.upstreams.clone(),
+            Duration::from_millis(args.upstream_timeout_ms),
+            args.upstream_parallel,
+            metrics.clone(),
+        ));
+        let handler = Arc::new(Handler::new(
+            registry.clone(),
+            forwarder.clone(),
+            Cache::new(args.cache_size),
+            args.ttl,
+            metrics.clone(),
+        ));
+        let admin = Arc::new(AdminState {
+            ready: Default::default(),
+            metrics,
+            handler: handler.clone(),
+            registry: registry.clone(),
+            pin_dir: args.pin_dir.clone(),
+        });
+        Daemon {
+            settings,
+            datapath,
+            admin,
+            registry,
+            forwarder,
+            handler,
+            tasks: JoinSet::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn spawn_admin(&mut self, listener: tokio::net::TcpListener) {
+        let (state, token) = (self.admin.clone(), self.shutdown.child_token());
+        self.tasks.spawn(async move {
+            admin::serve(listener, state, token).await;
+            Ok(())
+        });
+        if let Some(logger) = self.datapath.kernel_logger() {
+            let token = self.shutdown.child_token();
+            self.tasks.spawn(async move {
+                token.run_until_cancelled(logger).await;
+                Ok(())
+            });
+        }
+    }
+
+    /// Local mode: the listener in this netns, and the registry directory followed.
+    fn spawn_local(&mut self, listeners: Listeners) {
+        let args = &self.settings.args;
+        let ctx = Arc::new(ArcSwap::from_pointee(ClientContext::local(
+            &args.namespace,
+            self.settings.extra_search.clone(),
+        )));
+        let (handler, token) = (self.handler.clone(), self.shutdown.child_token());
+        self.tasks.spawn(async move {
+            listeners.serve(handler, ctx, token).await;
+            Ok(())
+        });
+        let Some(path) = args.registry.clone() else {
+            return;
+        };
+        let (registry, token) = (self.registry.clone(), self.shutdown.child_token());
+        let interval = Duration::from_millis(args.registry_poll_ms);
+        self.tasks.spawn(async move {
+            let watch = registry::files::watch(path, interval, move |objects| {
+                if let Err(e) = registry.update(&objects) {
+                    tracing::error!(
+                        "registry not updated, the last good table stays in service: {e:#}"
+                    );
+                }
+            });
+            token.run_until_cancelled(watch).await;
+            Ok(())
+        });
+    }
+
+    /// Node mode: the cluster watch; the receiver fires after its first full sync.
+    fn spawn_cluster(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let client = self.settings.cluster.as_ref()?.client.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let watch = cluster::run(
+            client,
+            self.settings.node_config(),
+            self.registry.clone(),
+            self.handler.clone(),
+            tx,
+            self.shutdown.child_token(),
+        );
+        self.tasks
+            .spawn(async move { watch.await.context("watching the Kubernetes API") });
+        Some(rx)
+    }
+
+    /// Ready after the first full registry sync and the first VIP backend sync
+    /// (bounded: resolution has timeouts).
+    async fn become_ready(
+        &mut self,
+        cluster_synced: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> anyhow::Result<()> {
+        if let Some(rx) = cluster_synced {
+            self.until(rx)
+                .await
+                .context("first sync with the Kubernetes API")?;
+        }
+        let (tx, vips_synced) = tokio::sync::oneshot::channel();
+        let sync = BackendSync {
+            registry: self.registry.clone(),
+            forwarder: self.forwarder.clone(),
+            pin_dir: self.settings.args.pin_dir.clone(),
+        };
+        let token = self.shutdown.child_token();
+        self.tasks.spawn(async move {
+            token.run_until_cancelled(sync.run(tx)).await;
+            Ok(())
+        });
+        self.until(vips_synced)
+            .await
+            .context("first sync of the VIP backends")?;
+        self.admin.ready.store(true, Ordering::Release);
+        tracing::info!(dns_servers = ?self.settings.dns_servers, cgroup = %self.settings.cgroup.display(), "ready");
+        Ok(())
+    }
+
+    /// Waits for `rx`, or fails with the error of a task that ended first.
+    async fn until(&mut self, rx: tokio::sync::oneshot::Receiver<()>) -> anyhow::Result<()> {
+        tokio::select! {
+            fired = rx => fired.context("the task that was to report it ended"),
+            ended = self.tasks.join_next() => Err(task_ended(ended)),
+        }
+    }
+
+    async fn serve_until_signal(mut self) -> anyhow::Result<()> {
+        let outcome = tokio::select! {
+            signal = shutdown_signal() => Ok(signal),
+            ended = self.tasks.join_next() => Err(task_ended(ended)),
+        };
+        if let Ok(signal) = &outcome {
+            tracing::info!("{signal}: stopping, answering what is in flight");
+        }
+        self.stop().await?;
+        let signal = outcome?;
+        tracing::info!("{signal}: stopped");
+        Ok(())
+    }
+
+    /// Stops accepting, lets every task finish what it has in flight within the grace
+    /// period (then drops what is left), and detaches or keeps the data path.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.admin.ready.store(false, Ordering::Release);
+        self.shutdown.cancel();
+        let grace = Duration::from_millis(self.settings.args.shutdown_grace_ms);
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(ended) = self.tasks.join_next().await {
+                if let Ok(Err(e)) = ended {
+                    tracing::warn!("while stopping: {e:#}");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "grace period over: dropping what is still in flight"
+            );
+            self.tasks.shutdown().await;
+        }
+        // Node mode keeps the data path for the next daemon (it adopts it); meanwhile
+        // captured pods fail open to the cluster DNS.
+        let keep_pins = self.settings.args.keep_pins || self.settings.node();
+        self.datapath.shutdown(keep_pins)?;
+        Ok(())
+    }
+}
+
+/// The error for a task that ended while the daemon still needed it.
+fn task_ended(ended: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>) -> anyhow::Error {
+    match ended {
+        Some(Ok(Err(e))) => e,
+        Some(Ok(Ok(()))) => anyhow::anyhow!("a daemon task ended before shutdown"),
+        Some(Err(e)) => anyhow::anyhow!("a daemon task panicked: {e}"),
+        None => anyhow::anyhow!("no daemon task is running"),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,22 @@
+//! dnsproxy, the daemon as a library: the `dnsproxy` binary is a thin command-line
+//! front over it, and the end-to-end harness reuses its helpers.
+//!
+//! One module per concern: `bpf` (the kernel side: checks, load, attach, pinned maps),
+//! `dns` (server, handler, forwarder, cache, metrics), `name` (DNS names), `registry`
+//! (objects, name table, VIP allocator), `vip` (VIP backends into the data path),
+//! `cluster` and `netns` (node mode: the Kubernetes API, in-pod listeners), `admin`
+//! (HTTP probes, metrics, debug dumps), `daemon` (`dnsproxy run` start to stop), and
+//! `cli` (flags).
+pub mod admin;
+pub mod bpf;
+pub mod cli;
+pub mod cluster;
+pub mod daemon;
+pub mod dns;
+pub mod exec;
+pub mod name;
+pub mod netns;
+pub mod registry;
+pub mod resolv_conf;
+pub mod upstream_addr;
+pub mod vip;
