@@ -1,7 +1,9 @@
-//! Admin HTTP endpoint: `/healthz` (alive), `/readyz` (serving, with the data path
-//! attached and the first registry sync done), `/metrics` (Prometheus text: DNS, cache
-//! and eBPF counters), `/debug/ndsz` (the name table as JSON, like Istio's).
+//! Admin HTTP endpoint, served with hyper: `/healthz` (alive), `/readyz` (serving, with
+//! the data path attached and the first registry sync done), `/metrics` (OpenMetrics
+//! text from `prometheus-client`: DNS, cache and eBPF counters), `/debug/ndsz` (the
+//! name table as JSON, like Istio's). Only GET and HEAD; nothing here changes state.
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -11,24 +13,57 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{ALLOW, CONTENT_TYPE},
+    server::conn::http1,
+    service::service_fn,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry as MetricsRegistry,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    bpf::pinned,
-    dns::{handler::Handler, metrics::Metrics},
-    registry::Registry,
-};
+use crate::{bpf::pinned, dns::handler::Handler, registry::Registry};
+
+/// How long a client may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
     pub ready: AtomicBool,
-    pub metrics: Arc<Metrics>,
-    pub handler: Arc<Handler>,
+    /// Every metric: the DNS server's, plus the collectors added by [`AdminState::new`].
+    pub metrics: MetricsRegistry,
     pub registry: Arc<Registry>,
-    pub pin_dir: PathBuf,
+}
+
+impl AdminState {
+    /// Adds the collectors read at scrape time (cache size, eBPF decision counters) to
+    /// `metrics`.
+    pub fn new(
+        mut metrics: MetricsRegistry,
+        handler: Arc<Handler>,
+        registry: Arc<Registry>,
+        pin_dir: PathBuf,
+    ) -> Self {
+        metrics.register_collector(Box::new(CacheCollector { handler }));
+        metrics.register_collector(Box::new(EbpfCollector { pin_dir }));
+        AdminState {
+            ready: AtomicBool::new(false),
+            metrics,
+            registry,
+        }
+    }
 }
 
 /// Binds the admin address (errors are reported before anything is attached).
@@ -39,88 +74,85 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on admin address {addr} (choose another --admin)"))
 }
 
-/// Serves requests until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AdminState>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let requests = tokio_util::task::TaskTracker::new();
+/// Serves requests until `shutdown`; connections then finish their request and close.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
     while let Some(accepted) = shutdown.run_until_cancelled(listener.accept()).await {
         let Ok((stream, _)) = accepted else {
             continue;
         };
-        let state = state.clone();
-        requests.spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), respond(stream, &state)).await;
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &state)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
-    requests.close();
-    requests.wait().await;
+    connections.close();
+    connections.wait().await;
 }
 
-async fn respond(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    // Read the request head; the body (none expected) is ignored.
-    while n < buf.len() {
-        let m = stream.read(&mut buf[n..]).await?;
-        if m == 0 {
-            break;
-        }
-        n += m;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
+fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+        res.headers_mut()
+            .insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        return res;
     }
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let path = head.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body) = route(path, state);
-    let content_type = if path.starts_with("/debug/") {
-        "application/json"
-    } else {
-        "text/plain; version=0.0.4"
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.ready.load(Ordering::Acquire) => {
+            reply(StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        "/readyz" => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        "/metrics" => match render_metrics(state) {
+            Ok(text) => reply(StatusCode::OK, OPENMETRICS, text),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
+        "/debug/ndsz" => reply(StatusCode::OK, "application/json", render_ndsz(state)),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(response.as_bytes()).await
+    res
 }
 
-fn route(path: &str, state: &AdminState) -> (&'static str, String) {
-    match path {
-        "/healthz" => ("200 OK", "ok\n".to_owned()),
-        "/readyz" if state.ready.load(Ordering::Acquire) => ("200 OK", "ready\n".to_owned()),
-        "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
-        "/metrics" => ("200 OK", render_metrics(state)),
-        "/debug/ndsz" => ("200 OK", render_ndsz(state)),
-        _ => ("404 Not Found", "not found\n".to_owned()),
-    }
-}
-
-fn render_metrics(state: &AdminState) -> String {
-    use std::fmt::Write as _;
+fn render_metrics(state: &AdminState) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
-    state.metrics.render(&mut out, state.handler.cache_len());
-    match pinned::read_stats(&state.pin_dir) {
-        Ok(stats) => {
-            out.push_str(
-                "# HELP dnsproxy_ebpf_decisions_total Data-path decisions, summed over CPUs.\n",
-            );
-            out.push_str("# TYPE dnsproxy_ebpf_decisions_total counter\n");
-            for (name, value) in stats {
-                let _ = writeln!(
-                    out,
-                    "dnsproxy_ebpf_decisions_total{{decision=\"{name}\"}} {value}"
-                );
-            }
-        }
-        Err(e) => {
-            let _ = writeln!(out, "# eBPF counters unavailable: {e}");
-        }
-    }
-    out
+    prometheus_client::encoding::text::encode(&mut out, &state.metrics)?;
+    Ok(out)
 }
 
 /// The name table: host → addresses (or alias), sources and alternative names.
@@ -131,4 +163,59 @@ fn render_ndsz(state: &AdminState) -> String {
         "hosts": table.dump(),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
+}
+
+// === collectors read at scrape time ===
+
+/// `dns_cache_entries`: answers held in the cache.
+struct CacheCollector {
+    handler: Arc<Handler>,
+}
+
+impl std::fmt::Debug for CacheCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheCollector")
+    }
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let entries = i64::try_from(self.handler.cache_len()).unwrap_or(i64::MAX);
+        let metric = encoder.encode_descriptor(
+            "dns_cache_entries",
+            "Answers held in the cache.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(entries).encode(metric)
+    }
+}
+
+/// `dnsproxy_ebpf_decisions_total{decision}`: the data path's per-CPU counters, summed.
+#[derive(Debug)]
+struct EbpfCollector {
+    pin_dir: PathBuf,
+}
+
+impl Collector for EbpfCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = match pinned::read_stats(&self.pin_dir) {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::debug!("eBPF counters unavailable: {e:#}");
+                return Ok(());
+            }
+        };
+        let mut family = encoder.encode_descriptor(
+            "dnsproxy_ebpf_decisions",
+            "Data-path decisions, summed over CPUs.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (decision, value) in stats {
+            let labels = [("decision", decision)];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }

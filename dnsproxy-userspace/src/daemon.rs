@@ -269,7 +269,8 @@ impl Daemon {
     /// The shared parts: metrics, forwarder, cache, handler, admin state.
     fn assemble(settings: Settings, datapath: DataPath, registry: Arc<Registry>) -> Self {
         let args = &settings.args;
-        let metrics = Arc::new(Metrics::new(&settings.upstreams));
+        let mut metrics_registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&settings.upstreams, &mut metrics_registry));
         let forwarder = Arc::new(Forwarder::new(
             settings.upstreams.clone(),
             Duration::from_millis(args.upstream_timeout_ms),
@@ -283,13 +284,12 @@ impl Daemon {
             args.ttl,
             metrics.clone(),
         ));
-        let admin = Arc::new(AdminState {
-            ready: Default::default(),
-            metrics,
-            handler: handler.clone(),
-            registry: registry.clone(),
-            pin_dir: args.pin_dir.clone(),
-        });
+        let admin = Arc::new(AdminState::new(
+            metrics_registry,
+            handler.clone(),
+            registry.clone(),
+            args.pin_dir.clone(),
+        ));
         Daemon {
             settings,
             datapath,

@@ -1,13 +1,13 @@
-//! Counters of the DNS server, lock-free (one atomic per label set, fixed at start-up),
-//! rendered as Prometheus text with Istio's metric names.
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
-    time::Duration,
-};
+//! Counters of the DNS server with Istio's metric names, kept by `prometheus-client`.
+//! Every label set is created once, at start-up, and held by index, so that counting a
+//! query is one atomic add with no lookup and no lock.
+use std::{net::SocketAddr, time::Duration};
 
 use hickory_proto::rr::RecordType;
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
 
 use super::Protocol;
 
@@ -45,75 +45,113 @@ pub enum Outcome {
     Rejected,
 }
 
-const OUTCOMES: [&str; 5] = ["local", "cached", "forwarded", "servfail", "rejected"];
-const PROTOCOLS: [&str; 2] = ["udp", "tcp"];
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Local,
+        Outcome::Cached,
+        Outcome::Forwarded,
+        Outcome::ServFail,
+        Outcome::Rejected,
+    ];
+
+    /// The `result` label.
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Local => "local",
+            Outcome::Cached => "cached",
+            Outcome::Forwarded => "forwarded",
+            Outcome::ServFail => "servfail",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
 
 /// Upper bounds (seconds) of the upstream duration histogram.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-fn counters(n: usize) -> Box<[AtomicU64]> {
-    (0..n).map(|_| AtomicU64::new(0)).collect()
-}
+type Labels = Vec<(&'static str, String)>;
 
-/// Per-upstream counters.
+/// The series of one upstream server.
 struct Upstream {
-    label: String,
-    requests: Box<[AtomicU64]>,
-    failures: Box<[AtomicU64]>,
-    buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+    /// By query type.
+    requests: Vec<Counter>,
+    failures: Vec<Counter>,
+    duration: Histogram,
 }
 
 /// Counters of one daemon.
 pub struct Metrics {
-    requests: Box<[AtomicU64]>,
+    /// By (query type, protocol, outcome): see [`Metrics::request_index`].
+    requests: Vec<Counter>,
     upstreams: Vec<Upstream>,
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
+    cache_hits: Counter,
+    cache_misses: Counter,
 }
 
 impl Metrics {
-    /// Counters for the given upstream servers.
-    pub fn new(upstreams: &[SocketAddr]) -> Self {
-        Metrics {
-            requests: counters(TYPES.len() * PROTOCOLS.len() * OUTCOMES.len()),
-            upstreams: upstreams
-                .iter()
-                .map(|s| Upstream {
-                    label: s.to_string(),
-                    requests: counters(TYPES.len()),
-                    failures: counters(TYPES.len()),
-                    buckets: counters(BUCKETS.len()),
-                    count: AtomicU64::new(0),
-                    sum_micros: AtomicU64::new(0),
+    /// Counters for the given upstream servers, registered in `registry`.
+    pub fn new(upstreams: &[SocketAddr], registry: &mut Registry) -> Self {
+        let requests = Family::<Labels, Counter>::default();
+        let series = TYPES.iter().flat_map(|ty| {
+            Protocol::ALL.iter().flat_map(move |p| {
+                Outcome::ALL.iter().map(move |o| {
+                    vec![
+                        ("type", (*ty).to_owned()),
+                        ("protocol", p.as_str().to_owned()),
+                        ("result", o.label().to_owned()),
+                    ]
                 })
-                .collect(),
-            cache_hits: AtomicU64::new(0),
-            cache_misses: AtomicU64::new(0),
-        }
+            })
+        });
+        let requests_by_index = series.map(|l| requests.get_or_create(&l).clone()).collect();
+        registry.register(
+            "dns_requests",
+            "Total number of DNS requests.",
+            requests.clone(),
+        );
+        let metrics = Metrics {
+            requests: requests_by_index,
+            upstreams: register_upstreams(upstreams, registry),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+        };
+        registry.register(
+            "dns_cache_hits",
+            "Upstream answers served from the cache.",
+            metrics.cache_hits.clone(),
+        );
+        registry.register(
+            "dns_cache_misses",
+            "Lookups the cache could not serve.",
+            metrics.cache_misses.clone(),
+        );
+        metrics
     }
 
-    /// Counts an upstream answer served from the cache.
-    pub fn cache_hit(&self) {
-        self.cache_hits.fetch_add(1, Relaxed);
-    }
-
-    /// Counts a lookup the cache could not serve.
-    pub fn cache_miss(&self) {
-        self.cache_misses.fetch_add(1, Relaxed);
+    fn request_index(qtype: RecordType, protocol: Protocol, outcome: Outcome) -> usize {
+        let p = Protocol::ALL
+            .iter()
+            .position(|x| *x == protocol)
+            .unwrap_or(0);
+        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+        (type_index(qtype) * Protocol::ALL.len() + p) * Outcome::ALL.len() + o
     }
 
     /// Counts one answered query.
     pub fn request(&self, qtype: RecordType, protocol: Protocol, outcome: Outcome) {
-        let p = match protocol {
-            Protocol::Udp => 0,
-            Protocol::Tcp => 1,
-        };
-        let i = (type_index(qtype) * PROTOCOLS.len() + p) * OUTCOMES.len() + outcome as usize;
-        self.requests[i].fetch_add(1, Relaxed);
+        self.requests[Self::request_index(qtype, protocol, outcome)].inc();
+    }
+
+    /// Counts an upstream answer served from the cache.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    /// Counts a lookup the cache could not serve.
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
     }
 
     /// Counts one exchange with upstream number `server` (index in the start-up list).
@@ -122,99 +160,57 @@ impl Metrics {
             return;
         };
         let t = type_index(qtype);
-        u.requests[t].fetch_add(1, Relaxed);
+        u.requests[t].inc();
         if failed {
-            u.failures[t].fetch_add(1, Relaxed);
+            u.failures[t].inc();
         }
-        let secs = elapsed.as_secs_f64();
-        for (b, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                u.buckets[b].fetch_add(1, Relaxed);
-            }
-        }
-        u.count.fetch_add(1, Relaxed);
-        u.sum_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+        u.duration.observe(elapsed.as_secs_f64());
     }
+}
 
-    /// Prometheus text exposition; `cache_entries` is read from the cache by the caller.
-    pub fn render(&self, out: &mut String, cache_entries: usize) {
-        out.push_str("# HELP dns_requests_total Total number of DNS requests.\n# TYPE dns_requests_total counter\n");
-        for (t, ty) in TYPES.iter().enumerate() {
-            for (p, proto) in PROTOCOLS.iter().enumerate() {
-                for (o, outcome) in OUTCOMES.iter().enumerate() {
-                    let n =
-                        self.requests[(t * PROTOCOLS.len() + p) * OUTCOMES.len() + o].load(Relaxed);
-                    if n > 0 {
-                        let _ = writeln!(
-                            out,
-                            "dns_requests_total{{type=\"{ty}\",protocol=\"{proto}\",result=\"{outcome}\"}} {n}"
-                        );
-                    }
-                }
+/// The per-upstream families, and each upstream's series by index.
+fn register_upstreams(upstreams: &[SocketAddr], registry: &mut Registry) -> Vec<Upstream> {
+    let requests = Family::<Labels, Counter>::default();
+    let failures = Family::<Labels, Counter>::default();
+    let duration = Family::<Labels, Histogram>::new_with_constructor(
+        (|| Histogram::new(BUCKETS)) as fn() -> Histogram,
+    );
+    let by_type = |family: &Family<Labels, Counter>, server: &str| -> Vec<Counter> {
+        TYPES
+            .iter()
+            .map(|ty| {
+                let labels = vec![("server", server.to_owned()), ("type", (*ty).to_owned())];
+                family.get_or_create(&labels).clone()
+            })
+            .collect()
+    };
+    let out = upstreams
+        .iter()
+        .map(|s| {
+            let server = s.to_string();
+            Upstream {
+                requests: by_type(&requests, &server),
+                failures: by_type(&failures, &server),
+                duration: duration.get_or_create(&vec![("server", server)]).clone(),
             }
-        }
-        for (metric, help, pick) in [
-            (
-                "dns_upstream_requests_total",
-                "Total number of DNS requests forwarded upstream.",
-                0,
-            ),
-            (
-                "dns_upstream_failures_total",
-                "Total number of upstream DNS requests that failed.",
-                1,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
-            for u in &self.upstreams {
-                let series = if pick == 0 { &u.requests } else { &u.failures };
-                for (t, ty) in TYPES.iter().enumerate() {
-                    let n = series[t].load(Relaxed);
-                    if n > 0 {
-                        let _ =
-                            writeln!(out, "{metric}{{server=\"{}\",type=\"{ty}\"}} {n}", u.label);
-                    }
-                }
-            }
-        }
-        let metric = "dns_upstream_request_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {metric} Duration of upstream DNS exchanges.\n# TYPE {metric} histogram"
-        );
-        for u in &self.upstreams {
-            let s = &u.label;
-            for (b, bound) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "{metric}_bucket{{server=\"{s}\",le=\"{bound}\"}} {}",
-                    u.buckets[b].load(Relaxed)
-                );
-            }
-            let count = u.count.load(Relaxed);
-            let _ = writeln!(out, "{metric}_bucket{{server=\"{s}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(
-                out,
-                "{metric}_sum{{server=\"{s}\"}} {}",
-                u.sum_micros.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(out, "{metric}_count{{server=\"{s}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dns_cache_hits_total Upstream answers served from the cache.\n# TYPE dns_cache_hits_total counter\ndns_cache_hits_total {}",
-            self.cache_hits.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP dns_cache_misses_total Lookups the cache could not serve.\n# TYPE dns_cache_misses_total counter\ndns_cache_misses_total {}",
-            self.cache_misses.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP dns_cache_entries Answers held in the cache.\n# TYPE dns_cache_entries gauge\ndns_cache_entries {cache_entries}"
-        );
-    }
+        })
+        .collect();
+    registry.register(
+        "dns_upstream_requests",
+        "Total number of DNS requests forwarded upstream.",
+        requests,
+    );
+    registry.register(
+        "dns_upstream_failures",
+        "Total number of upstream DNS requests that failed.",
+        failures,
+    );
+    registry.register(
+        "dns_upstream_request_duration_seconds",
+        "Duration of upstream DNS exchanges.",
+        duration,
+    );
+    out
 }
 
 #[cfg(test)]
@@ -223,23 +219,26 @@ mod tests {
 
     #[test]
     fn renders_labels_and_histogram() {
-        let m = Metrics::new(&["10.96.0.10:53".parse().unwrap()]);
+        let mut registry = Registry::default();
+        let m = Metrics::new(&["10.96.0.10:53".parse().unwrap()], &mut registry);
         m.request(RecordType::A, Protocol::Udp, Outcome::Local);
         m.request(RecordType::A, Protocol::Udp, Outcome::Local);
         m.request(RecordType::NULL, Protocol::Tcp, Outcome::ServFail);
+        m.cache_hit();
         m.upstream(0, RecordType::AAAA, Duration::from_millis(3), false);
         m.upstream(0, RecordType::AAAA, Duration::from_secs(2), true);
         let mut out = String::new();
-        m.render(&mut out, 7);
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         for want in [
             "dns_requests_total{type=\"A\",protocol=\"udp\",result=\"local\"} 2",
             "dns_requests_total{type=\"other\",protocol=\"tcp\",result=\"servfail\"} 1",
+            "dns_requests_total{type=\"AAAA\",protocol=\"tcp\",result=\"cached\"} 0",
             "dns_upstream_requests_total{server=\"10.96.0.10:53\",type=\"AAAA\"} 2",
             "dns_upstream_failures_total{server=\"10.96.0.10:53\",type=\"AAAA\"} 1",
-            "dns_upstream_request_duration_seconds_bucket{server=\"10.96.0.10:53\",le=\"0.005\"} 1",
-            "dns_upstream_request_duration_seconds_bucket{server=\"10.96.0.10:53\",le=\"+Inf\"} 2",
+            "dns_upstream_request_duration_seconds_bucket{le=\"0.005\",server=\"10.96.0.10:53\"} 1",
+            "dns_upstream_request_duration_seconds_bucket{le=\"+Inf\",server=\"10.96.0.10:53\"} 2",
             "dns_upstream_request_duration_seconds_count{server=\"10.96.0.10:53\"} 2",
-            "dns_cache_entries 7",
+            "dns_cache_hits_total 1",
         ] {
             assert!(out.contains(want), "missing {want} in\n{out}");
         }

@@ -68,7 +68,7 @@ fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
     let registry = Registry::new(&objects, VipAllocator::in_memory(), Default::default()).unwrap();
     // As if the backend sync had found IPv6 addresses for aliyun.com only.
     registry.set_ipv6_backed(["aliyun.com".to_owned()].into());
-    let metrics = Arc::new(Metrics::new(&upstreams));
+    let metrics = Arc::new(Metrics::new(&upstreams, &mut Default::default()));
     let forwarder = Forwarder::new(
         upstreams,
         Duration::from_millis(300),
