@@ -212,15 +212,15 @@ mod tests {
             "/../deploy/configmap.yaml"
         ))
         .unwrap();
-        let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-        let data = cm["data"].as_mapping().expect("data");
+        let cm: serde_json::Value = crate::registry::manifest::from_yaml(&text).unwrap();
+        let data = cm["data"].as_object().expect("data");
         let cmd = <Cli as clap::CommandFactory>::command();
         let run = cmd.find_subcommand("run").unwrap();
         let envs: Vec<String> = run
             .get_arguments()
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect();
-        for key in data.keys().map(|k| k.as_str().unwrap().to_owned()) {
+        for key in data.keys().cloned() {
             if key == "RUST_LOG" {
                 continue;
             }

@@ -3,7 +3,7 @@
 //! the most specific setting wins.
 use serde::Deserialize;
 
-use crate::registry::manifest::{Namespace, Pod};
+use crate::registry::manifest::{Namespace, Pod, from_yaml};
 
 /// Pod annotation: `"true"` / `"false"`.
 pub const POD_ANNOTATION: &str = "dnsproxy.io/capture";
@@ -47,7 +47,7 @@ pub fn decide(pod: &Pod, namespace: Option<&Namespace>, capture_default: bool) -
     let annotations = &pod.metadata.annotations;
     let proxy_metadata = annotations
         .get(ISTIO_PROXY_CONFIG)
-        .and_then(|yaml| match serde_yaml::from_str::<ProxyConfig>(yaml) {
+        .and_then(|yaml| match from_yaml::<ProxyConfig>(yaml) {
             Ok(cfg) => Some(cfg.proxy_metadata),
             Err(e) => {
                 tracing::warn!(pod = %pod.metadata.name, error = %e, "unreadable {ISTIO_PROXY_CONFIG} annotation: ignored");
@@ -99,7 +99,7 @@ mod tests {
     use super::*;
 
     fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap()
+        from_yaml(yaml).unwrap()
     }
 
     fn ns(label: Option<&str>) -> Namespace {

@@ -5,15 +5,22 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Errors in one manifest document.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// Not YAML, or not the shape of a Kubernetes object.
+    /// Not YAML (the parser's message says where).
     #[error("document {index}: {source}")]
     Yaml {
         index: usize,
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
+    },
+    /// YAML, but not the shape of a Kubernetes object.
+    #[error("document {index}: {source}")]
+    Object {
+        index: usize,
+        source: serde_json::Error,
     },
     /// A `kind` we use, with a field of the wrong shape.
     #[error("document {index} ({kind} {name}): {source}")]
@@ -21,7 +28,7 @@ pub enum ManifestError {
         index: usize,
         kind: String,
         name: String,
-        source: serde_yaml::Error,
+        source: serde_json::Error,
     },
     /// An address in `spec.addresses` is neither an IP nor a host CIDR.
     #[error("ServiceEntry {name}: address `{address}` is not an IP or a /32 or /128 CIDR")]
@@ -350,28 +357,38 @@ struct TypeMeta {
     metadata: ObjectMeta,
 }
 
+/// YAML as manifests mean it: only YAML 1.2 core booleans (`true`, `false`), so that
+/// names such as `n`, `y` or `on` stay strings.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { strict_booleans: true }
+}
+
+/// One YAML document into `T`, read as manifests are.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options(text, yaml_options())
+}
+
 /// Adds the objects of a (multi-document) YAML text to `objects`; returns how many
-/// were used. `kind: List` documents are unpacked.
+/// were used. `kind: List` documents are unpacked. Documents are counted from 0,
+/// empty ones not counted.
 pub fn parse_into(text: &str, objects: &mut Objects) -> Result<usize, ManifestError> {
     let mut used = 0;
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| ManifestError::Yaml { index, source })?;
+    let mut reader = text.as_bytes();
+    for (index, doc) in
+        serde_saphyr::read_with_options::<_, Value>(&mut reader, yaml_options()).enumerate()
+    {
+        let value = doc.map_err(|source| ManifestError::Yaml { index, source })?;
         used += add_value(index, value, objects)?;
     }
     Ok(used)
 }
 
-fn add_value(
-    index: usize,
-    value: serde_yaml::Value,
-    objects: &mut Objects,
-) -> Result<usize, ManifestError> {
+fn add_value(index: usize, value: Value, objects: &mut Objects) -> Result<usize, ManifestError> {
     if value.is_null() {
         return Ok(0);
     }
-    let meta: TypeMeta = serde_yaml::from_value(value.clone())
-        .map_err(|source| ManifestError::Yaml { index, source })?;
+    let meta: TypeMeta = serde_json::from_value(value.clone())
+        .map_err(|source| ManifestError::Object { index, source })?;
     let spec_err = |source| ManifestError::Spec {
         index,
         kind: meta.kind.clone(),
@@ -383,7 +400,7 @@ fn add_value(
         (_, "List") => {
             let items = value
                 .get("items")
-                .and_then(|i| i.as_sequence())
+                .and_then(|i| i.as_array())
                 .cloned()
                 .unwrap_or_default();
             let mut used = 0;
@@ -393,7 +410,7 @@ fn add_value(
             Ok(used)
         }
         ("networking.istio.io", "ServiceEntry") => {
-            let se: ServiceEntry = serde_yaml::from_value(value).map_err(spec_err)?;
+            let se: ServiceEntry = serde_json::from_value(value).map_err(spec_err)?;
             se.spec_addresses()?;
             objects.service_entries.push(se);
             Ok(1)
@@ -401,13 +418,13 @@ fn add_value(
         ("v1", "Service") => {
             objects
                 .services
-                .push(serde_yaml::from_value(value).map_err(spec_err)?);
+                .push(serde_json::from_value(value).map_err(spec_err)?);
             Ok(1)
         }
         ("discovery.k8s.io", "EndpointSlice") => {
             objects
                 .endpoint_slices
-                .push(serde_yaml::from_value(value).map_err(spec_err)?);
+                .push(serde_json::from_value(value).map_err(spec_err)?);
             Ok(1)
         }
         _ => {
@@ -471,8 +488,18 @@ items:
     }
 
     #[test]
+    fn yaml_1_1_booleans_stay_strings() {
+        let mut o = Objects::default();
+        let text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: n, namespace: y, labels: {on: yes}}\nspec: {hosts: [a.b]}\n";
+        assert_eq!(parse_into(text, &mut o).unwrap(), 1);
+        let meta = &o.service_entries[0].metadata;
+        assert_eq!((meta.name.as_str(), meta.namespace()), ("n", "y"));
+        assert_eq!(meta.labels["on"], "yes");
+    }
+
+    #[test]
     fn service_kinds() {
-        let svc = |yaml: &str| -> Service { serde_yaml::from_str(yaml).unwrap() };
+        let svc = |yaml: &str| -> Service { from_yaml(yaml).unwrap() };
         assert_eq!(svc("spec: {clusterIP: None}").kind(), ServiceKind::Headless);
         assert_eq!(
             svc("spec: {type: ExternalName, externalName: Api.Example.COM.}").kind(),
@@ -491,7 +518,12 @@ items:
             Case {
                 name: "not yaml",
                 text: "kind: [unclosed",
-                want: "document 0",
+                want: "document 0: unclosed bracket '[' at line 1",
+            },
+            Case {
+                name: "second document broken",
+                text: "kind: ConfigMap\n---\nkind: [\n",
+                want: "document 1: unclosed bracket '[' at line 3",
             },
             Case {
                 name: "wide cidr",
