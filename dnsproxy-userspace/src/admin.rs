@@ -202,7 +202,7 @@ impl Collector for EbpfCollector {
         let stats = match pinned::read_stats(&self.pin_dir) {
             Ok(stats) => stats,
             Err(e) => {
-                tracing::debug!("eBPF counters unavailable: {e:#}");
+                tracing::debug!("eBPF counters unavailable: {}", crate::report(&e));
                 return Ok(());
             }
         };

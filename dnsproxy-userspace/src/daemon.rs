@@ -338,7 +338,8 @@ impl Daemon {
             let watch = registry::files::watch(path, interval, move |objects| {
                 if let Err(e) = registry.update(&objects) {
                     tracing::error!(
-                        "registry not updated, the last good table stays in service: {e:#}"
+                        "registry not updated, the last good table stays in service: {}",
+                        crate::report(&e)
                     );
                 }
             });

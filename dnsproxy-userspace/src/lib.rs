@@ -20,3 +20,21 @@ pub mod registry;
 pub mod resolv_conf;
 pub mod upstream_addr;
 pub mod vip;
+
+/// An error and its causes, as `{:#}` prints an `anyhow::Error`: `what: why: root`.
+/// For log lines about errors that are handled where they happen, not returned.
+pub fn report<'a>(error: &'a (dyn std::error::Error + 'static)) -> impl std::fmt::Display + 'a {
+    struct Report<'a>(&'a (dyn std::error::Error + 'static));
+    impl std::fmt::Display for Report<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", self.0)?;
+            let mut cause = self.0.source();
+            while let Some(c) = cause {
+                write!(f, ": {c}")?;
+                cause = c.source();
+            }
+            Ok(())
+        }
+    }
+    Report(error)
+}

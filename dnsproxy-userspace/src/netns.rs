@@ -18,13 +18,13 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     /// The namespace file could not be opened.
-    #[error("cannot open network namespace {path}: {source}")]
+    #[error("cannot open network namespace {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
     /// setns(2) failed.
-    #[error("cannot enter network namespace {path}: {source}")]
+    #[error("cannot enter network namespace {path}")]
     Enter {
         path: PathBuf,
         source: std::io::Error,
@@ -33,10 +33,10 @@ pub enum NetnsError {
     #[error("{path} is the daemon's own network namespace: not capturing the node")]
     HostNamespace { path: PathBuf },
     /// Binding failed inside the namespace.
-    #[error("in network namespace {path}: {source}")]
+    #[error("in network namespace {path}")]
     Bind { path: PathBuf, source: BindError },
     /// The namespace cookie could not be read.
-    #[error("cannot read the netns cookie in {path}: {source}")]
+    #[error("cannot read the netns cookie in {path}")]
     Cookie {
         path: PathBuf,
         source: std::io::Error,

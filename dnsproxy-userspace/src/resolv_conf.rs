@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path};
 #[derive(Debug, thiserror::Error)]
 pub enum ResolvConfError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,

@@ -20,7 +20,7 @@ use aya::{
 use dnsproxy_common::{Config, DnsServer, DnsServerInfo, PROGRAMS, map_names};
 
 use super::{
-    BpfError, map_err, pinned,
+    BpfError, Cause, map_err, pin_err, pinned,
     system::{self, PinDirLock},
     to_map_addr,
 };
@@ -56,10 +56,6 @@ pub struct DataPath {
     _lock: PinDirLock,
 }
 
-fn load_err(e: impl std::fmt::Display) -> BpfError {
-    BpfError::Load(e.to_string())
-}
-
 impl DataPath {
     /// Loads, configures, attaches and pins. Stale pins of an earlier run in the same
     /// pin directory are removed first (the lock guarantees no live daemon owns them).
@@ -91,9 +87,7 @@ impl DataPath {
         for name in map_names::ALL {
             loader.map_pin_path(name, opts.pin_dir.join(name));
         }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| BpfError::Load(format!("{e} ({})", error_chain(&e))))?;
+        let mut ebpf = loader.load(OBJECT).map_err(BpfError::Load)?;
         if adopted > 0 {
             tracing::info!(maps = adopted, pin_dir = %opts.pin_dir.display(), "adopted pinned maps of an earlier daemon");
         }
@@ -155,55 +149,33 @@ impl DataPath {
         Ok(())
     }
 
+    /// Attaches every program to `cgroup` through a pinned link (or switches the
+    /// pinned link of an earlier daemon to it).
     fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
         let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {
             path: cgroup.display().to_string(),
             source,
         })?;
         let links_dir = self.pin_dir.join(pinned::LINKS_DIR);
-        std::fs::create_dir_all(&links_dir).map_err(|e| BpfError::Pin {
-            path: links_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        std::fs::create_dir_all(&links_dir).map_err(pin_err(&links_dir))?;
         for name in PROGRAMS {
-            let attach_err = |reason: String| BpfError::Attach {
-                program: name.to_owned(),
-                cgroup: cgroup.display().to_string(),
-                reason,
-            };
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
-                .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
+                .ok_or_else(|| BpfError::Missing {
+                    what: format!("program {name}"),
+                })?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+                .map_err(|source| load_program_err(name, source))?;
             program
                 .load()
-                .map_err(|e| load_err(format!("{name}: {e} ({})", error_chain(&e))))?;
-            let path = links_dir.join(name);
-            if path.exists() {
-                // A link of an earlier daemon: switch it to this program in place.
-                let link = super::link::obj_get(&path).map_err(|e| {
-                    attach_err(format!("opening pinned link {}: {e}", path.display()))
-                })?;
-                let prog_fd = program.fd().map_err(|e| attach_err(e.to_string()))?;
-                super::link::update(link.as_fd(), prog_fd.as_fd())
-                    .map_err(|e| attach_err(format!("BPF_LINK_UPDATE: {e}")))?;
-                tracing::debug!(program = name, "pinned link now runs the new program");
-                continue;
-            }
-            let id = program
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(format!("{e} ({})", error_chain(&e))))?;
-            let link = program
-                .take_link(id)
-                .map_err(|e| attach_err(e.to_string()))?;
-            let fd_link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-            fd_link.pin(&path).map_err(|e| BpfError::Pin {
-                path: path.display().to_string(),
-                reason: e.to_string(),
+                .map_err(|source| load_program_err(name, source))?;
+            attach_program(program, &cgroup_file, &links_dir.join(name)).map_err(|source| {
+                BpfError::Attach {
+                    program: name.to_owned(),
+                    cgroup: cgroup.display().to_string(),
+                    source,
+                }
             })?;
         }
         Ok(())
@@ -229,21 +201,33 @@ impl DataPath {
 }
 
 fn missing(name: &str) -> BpfError {
-    BpfError::Load(format!("map {name} missing from the object"))
+    BpfError::Missing {
+        what: format!("map {name}"),
+    }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
+fn load_program_err(program: &str, source: aya::programs::ProgramError) -> BpfError {
+    BpfError::LoadProgram {
+        program: program.to_owned(),
+        source,
     }
-    if parts.is_empty() {
-        "no further detail".to_owned()
-    } else {
-        parts.join(": ")
+}
+
+/// Attaches `program` with a link pinned at `path`; when a link of an earlier daemon
+/// is pinned there, switches it to this program in place (BPF_LINK_UPDATE), so the
+/// hook never runs without a program.
+fn attach_program(program: &mut CgroupSockAddr, cgroup: &File, path: &Path) -> Result<(), Cause> {
+    if path.exists() {
+        let link = super::link::obj_get(path)?;
+        let prog_fd = program.fd()?;
+        super::link::update(link.as_fd(), prog_fd.as_fd())?;
+        tracing::debug!(link = %path.display(), "pinned link now runs the new program");
+        return Ok(());
     }
+    let id = program.attach(cgroup, CgroupAttachMode::Single)?;
+    let link: FdLink = program.take_link(id)?.try_into()?;
+    link.pin(path)?;
+    Ok(())
 }
 
 /// Forwards `aya-log-ebpf` records from the kernel to the `log`/`tracing` pipeline

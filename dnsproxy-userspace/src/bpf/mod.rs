@@ -44,7 +44,7 @@ pub enum BpfError {
     )]
     NoBtf,
     /// bpffs is not mounted and could not be mounted.
-    #[error("bpffs is not mounted at {path} and mounting it failed: {source}")]
+    #[error("bpffs is not mounted at {path} and mounting it failed")]
     BpffsMount {
         path: String,
         source: std::io::Error,
@@ -56,7 +56,7 @@ pub enum BpfError {
     #[error("another dnsproxy is running with pin directory {path}")]
     PinDirBusy { path: String },
     /// The cgroup could not be opened or created.
-    #[error("cgroup {path}: {source}")]
+    #[error("cgroup {path}")]
     Cgroup {
         path: String,
         source: std::io::Error,
@@ -64,29 +64,60 @@ pub enum BpfError {
     /// The path given as cgroup is not in a cgroup v2 hierarchy.
     #[error("{path} is not a cgroup v2 directory (no cgroup.procs)")]
     NotCgroup2 { path: String },
-    /// Loading the object or a program failed (the verifier log is part of the error).
-    #[error("loading the eBPF data path: {0}")]
-    Load(String),
+    /// Loading the object failed.
+    #[error("loading the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    /// Loading one program into the kernel failed (the verifier log is in the source).
+    #[error("loading program {program}")]
+    LoadProgram {
+        program: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// The embedded object lacks a program or map this daemon expects.
+    #[error("{what} missing from the eBPF object (a build from another version?)")]
+    Missing { what: String },
     /// Attaching a program failed.
-    #[error("attaching {program} to {cgroup}: {reason}")]
+    #[error("attaching {program} to {cgroup}")]
     Attach {
         program: String,
         cgroup: String,
-        reason: String,
+        #[source]
+        source: Cause,
     },
     /// A map operation failed.
-    #[error("map {map}: {reason}")]
-    Map { map: String, reason: String },
-    /// Pinning or unpinning failed.
-    #[error("pin {path}: {reason}")]
-    Pin { path: String, reason: String },
+    #[error("map {map}")]
+    Map {
+        map: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Pinning, unpinning or the pin directory failed.
+    #[error("pin {path}")]
+    Pin {
+        path: String,
+        #[source]
+        source: Cause,
+    },
 }
+
+/// The cause of an attach or pin failure: aya's program, link and pin errors, or the
+/// system's.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// Turns a map operation's error into [`BpfError::Map`] naming the map.
 pub fn map_err(map: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
-    move |e| BpfError::Map {
+    move |source| BpfError::Map {
         map: map.to_owned(),
-        reason: e.to_string(),
+        source,
+    }
+}
+
+/// A [`BpfError::Pin`] for `path`.
+pub fn pin_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> BpfError + '_ {
+    move |source| BpfError::Pin {
+        path: path.display().to_string(),
+        source: source.into(),
     }
 }
 

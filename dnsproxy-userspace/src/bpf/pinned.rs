@@ -17,14 +17,14 @@ pub const LINKS_DIR: &str = "links";
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map, BpfError> {
     let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| BpfError::Map {
-        map: path.display().to_string(),
-        reason: format!("{e} (is a dnsproxy daemon running, or were pins kept?)"),
+    let data = MapData::from_pin(&path).map_err(|source| BpfError::Pin {
+        path: format!(
+            "{} (is a dnsproxy daemon running, or were pins kept?)",
+            path.display()
+        ),
+        source: source.into(),
     })?;
-    Map::from_map_data(data).map_err(|e| BpfError::Map {
-        map: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    Map::from_map_data(data).map_err(map_err(name))
 }
 
 /// A pinned hash map, typed.
@@ -32,10 +32,7 @@ pub fn open_hash<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     name: &str,
 ) -> Result<HashMap<MapData, K, V>, BpfError> {
-    HashMap::try_from(open(pin_dir, name)?).map_err(|e| BpfError::Map {
-        map: pin_dir.join(name).display().to_string(),
-        reason: e.to_string(),
-    })
+    HashMap::try_from(open(pin_dir, name)?).map_err(map_err(name))
 }
 
 /// The per-CPU counters, summed over CPUs, by name.
@@ -253,10 +250,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<usize, BpfError> {
             if path.is_dir() {
                 continue;
             }
-            std::fs::remove_file(&path).map_err(|e| BpfError::Pin {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            std::fs::remove_file(&path).map_err(super::pin_err(&path))?;
             removed += 1;
         }
     }

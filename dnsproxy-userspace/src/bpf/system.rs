@@ -103,10 +103,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(pin_dir).map_err(|e| BpfError::Pin {
-        path: pin_dir.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    std::fs::create_dir_all(pin_dir).map_err(super::pin_err(pin_dir))?;
     if statfs_type(pin_dir) != Some(BPF_FS_MAGIC) {
         return Err(BpfError::NotBpffs {
             path: pin_dir.display().to_string(),
@@ -122,10 +119,7 @@ pub struct PinDirLock {
 
 /// Locks `pin_dir` so two daemons never share pins.
 pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, BpfError> {
-    let file = std::fs::File::open(pin_dir).map_err(|e| BpfError::Pin {
-        path: pin_dir.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let file = std::fs::File::open(pin_dir).map_err(super::pin_err(pin_dir))?;
     use std::os::fd::AsRawFd as _;
     // SAFETY: valid fd.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -235,7 +235,10 @@ impl Watches {
             endpoint_slices: convert(&self.slices),
         };
         if let Err(e) = registry.update(&objects) {
-            tracing::error!("name table not updated, the last one stays in service: {e:#}");
+            tracing::error!(
+                "name table not updated, the last one stays in service: {}",
+                crate::report(&e)
+            );
         }
     }
 
@@ -356,7 +359,7 @@ impl PodListeners {
         let mut policy_map = match self.policy_map() {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!("cannot open the policy map: {e:#}");
+                tracing::error!("cannot open the policy map: {}", crate::report(&e));
                 return true;
             }
         };
@@ -414,7 +417,7 @@ impl PodListeners {
         for uid in stale {
             let listener = self.by_uid.remove(&uid).expect("present");
             if let Err(e) = policy_map.remove(&listener.cookie) {
-                tracing::warn!(pod = %listener.name, error = %e, "cannot remove the policy entry");
+                tracing::warn!(pod = %listener.name, error = %crate::report(&e), "cannot remove the policy entry");
             }
             tracing::info!(pod = %listener.name, netns_cookie = listener.cookie, "DNS capture stopped: listener closed, policy entry removed");
         }

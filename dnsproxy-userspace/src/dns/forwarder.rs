@@ -117,7 +117,7 @@ impl Forwarder {
                     });
                 }
                 Err(e) => {
-                    tracing::debug!(target: "dns", %server, error = %e, "upstream failed, trying the next");
+                    tracing::debug!(target: "dns", %server, error = %crate::report(&e), "upstream failed, trying the next");
                     last = Some((server, e));
                 }
             }

@@ -262,7 +262,7 @@ impl Handler {
                 })
             }
             Err(e) => {
-                tracing::debug!(target: "dns", question = %question.name(), error = %format!("{e:#}"), "upstream failed");
+                tracing::debug!(target: "dns", question = %question.name(), error = %crate::report(&e), "upstream failed");
                 None
             }
         }

@@ -52,7 +52,7 @@ pub enum BindError {
         protocol: Protocol,
     },
     /// Any other bind failure.
-    #[error("cannot listen on {addr} ({protocol}): {source}")]
+    #[error("cannot listen on {addr} ({protocol})")]
     Other {
         addr: SocketAddr,
         protocol: Protocol,

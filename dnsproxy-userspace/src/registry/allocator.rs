@@ -19,11 +19,29 @@ const SLOTS: u32 = 65534;
 #[derive(Debug, thiserror::Error)]
 pub enum AllocatorError {
     /// The state file exists but cannot be read or parsed.
-    #[error("VIP state {path}: {reason} (move it away to start with fresh allocations)")]
-    State { path: PathBuf, reason: String },
+    #[error("VIP state {path} (move it away to start with fresh allocations)")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: StateError,
+    },
     /// Every slot is taken.
     #[error("no free auto-allocated VIP left for {host} (65534 in use)")]
     Exhausted { host: String },
+}
+
+/// What is wrong with the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// It cannot be read.
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    /// It is not the JSON we write.
+    #[error("cannot parse it")]
+    Parse(#[source] serde_json::Error),
+    /// A slot is outside the VIP range.
+    #[error("the slot of {host} is out of range")]
+    SlotOutOfRange { host: String },
 }
 
 /// A host's auto-allocated addresses.
@@ -95,21 +113,21 @@ impl VipAllocator {
     /// Loads `state_dir/vips.json` if present.
     pub fn load(state_dir: &Path) -> Result<Self, AllocatorError> {
         let path = state_dir.join("vips.json");
-        let err = |reason: String| AllocatorError::State {
+        let err = |source: StateError| AllocatorError::State {
             path: path.clone(),
-            reason,
+            source,
         };
         let hosts = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 serde_json::from_str::<StateFile>(&text)
-                    .map_err(|e| err(e.to_string()))?
+                    .map_err(|e| err(StateError::Parse(e)))?
                     .hosts
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(err(e.to_string())),
+            Err(e) => return Err(err(StateError::Read(e))),
         };
         if let Some((host, _)) = hosts.iter().find(|(_, s)| !(1..=SLOTS).contains(*s)) {
-            return Err(err(format!("slot of {host} out of range")));
+            return Err(err(StateError::SlotOutOfRange { host: host.clone() }));
         }
         Ok(VipAllocator {
             hosts,
@@ -172,7 +190,7 @@ impl VipAllocator {
             std::fs::rename(&tmp, path)
         })();
         if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot persist VIP allocations");
+            tracing::warn!(path = %path.display(), error = %crate::report(&e), "cannot persist VIP allocations");
         }
     }
 }

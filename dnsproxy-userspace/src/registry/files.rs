@@ -12,13 +12,13 @@ use super::manifest::{self, Objects};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The path or a file in it could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
     /// A file's content is wrong.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Manifest {
         path: PathBuf,
         source: manifest::ManifestError,
@@ -95,7 +95,10 @@ pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Obje
                 apply(objects);
             }
             Err(e) => {
-                tracing::error!("registry not reloaded, the last good table stays in service: {e}")
+                tracing::error!(
+                    "registry not reloaded, the last good table stays in service: {}",
+                    crate::report(&e)
+                )
             }
         }
     }
@@ -119,7 +122,7 @@ mod tests {
         let before = fingerprint(&dir);
         std::fs::write(dir.join("b.yml"), "spec: [").unwrap();
         assert_ne!(before, fingerprint(&dir));
-        let err = load(&dir).unwrap_err().to_string();
+        let err = crate::report(&load(&dir).unwrap_err()).to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(err.contains("b.yml"), "{err}");
     }

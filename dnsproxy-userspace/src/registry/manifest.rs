@@ -11,19 +11,19 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// Not YAML (the parser's message says where).
-    #[error("document {index}: {source}")]
+    #[error("document {index}")]
     Yaml {
         index: usize,
         source: serde_saphyr::Error,
     },
     /// YAML, but not the shape of a Kubernetes object.
-    #[error("document {index}: {source}")]
+    #[error("document {index}")]
     Object {
         index: usize,
         source: serde_json::Error,
     },
     /// A `kind` we use, with a field of the wrong shape.
-    #[error("document {index} ({kind} {name}): {source}")]
+    #[error("document {index} ({kind} {name})")]
     Spec {
         index: usize,
         kind: String,
@@ -542,9 +542,8 @@ items:
             },
         ];
         for c in cases {
-            let err = parse_into(c.text, &mut Objects::default())
-                .unwrap_err()
-                .to_string();
+            let err = parse_into(c.text, &mut Objects::default()).unwrap_err();
+            let err = crate::report(&err).to_string();
             assert!(err.contains(c.want), "{}: {err}", c.name);
         }
     }

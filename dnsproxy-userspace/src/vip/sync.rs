@@ -172,7 +172,10 @@ impl BackendSync {
         let mut changes = self.registry.subscribe();
         let mut resolved: HashMap<String, Resolved> = HashMap::new();
         let mut written = read_current(&self.pin_dir).unwrap_or_else(|e| {
-            tracing::warn!("cannot read the VIP translation maps: {e:#}");
+            tracing::warn!(
+                "cannot read the VIP translation maps: {}",
+                crate::report(&e)
+            );
             Plan::default()
         });
         let mut first = Some(first_sync);
@@ -238,7 +241,10 @@ impl BackendSync {
                 );
                 *written = desired;
             }
-            Err(e) => tracing::error!("cannot update the VIP translation maps: {e:#}"),
+            Err(e) => tracing::error!(
+                "cannot update the VIP translation maps: {}",
+                crate::report(&e)
+            ),
         }
     }
 }
@@ -272,7 +278,7 @@ fn record(
             );
         }
         Err(e) => {
-            tracing::warn!(%name, error = %format!("{:#}", anyhow::Error::new(e)), "cannot resolve VIP backends, keeping the last ones");
+            tracing::warn!(%name, error = %crate::report(&e), "cannot resolve VIP backends, keeping the last ones");
             let entry = resolved.entry(name).or_insert(Resolved {
                 addrs: Vec::new(),
                 refresh_at: now,
