@@ -9,7 +9,7 @@
 /// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
 pub const LAYOUT_VERSION: u32 = 3;
 
-/// Default port the userspace DNS server listens on (127.0.0.1 and ::1).
+/// Default port the userspace DNS server listens on (127.0.0.1 and `::1`).
 pub const DEFAULT_LISTEN_PORT: u16 = 15053;
 
 /// The DNS port the programs intercept.
@@ -197,7 +197,7 @@ pub struct SockOrig {
 pub const MAX_BACKENDS: usize = 16;
 
 /// Key of `dp_vips`: an address that is a virtual IP handed out by dnsproxy (or
-/// declared in a ServiceEntry). Its presence makes unknown ports and missing backends
+/// declared in a `ServiceEntry`). Its presence makes unknown ports and missing backends
 /// decisions of their own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -272,7 +272,7 @@ pub mod stat {
     pub const TRANSLATED: u32 = 9;
     /// VIP with no backend: the syscall fails at once (EPERM).
     pub const NO_BACKEND: u32 = 10;
-    /// VIP on a port its ServiceEntry does not declare: left alone.
+    /// VIP on a port its `ServiceEntry` does not declare: left alone.
     pub const VIP_PORT_UNKNOWN: u32 = 11;
     /// Number of counters.
     pub const COUNT: u32 = 12;
@@ -296,7 +296,10 @@ pub mod stat {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::*;
+    use super::{
+        Addr, Backend, Config, DnsServer, DnsServerInfo, NetnsPolicy, ServiceKey, ServiceValue,
+        SockOrig, VipInfo, VipKey,
+    };
     // SAFETY: all are #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for Config {}
@@ -336,12 +339,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Config>(), 16);
-        assert_eq!(core::mem::size_of::<SockOrig>(), 36);
-        assert_eq!(core::mem::size_of::<NetnsPolicy>(), 8);
-        assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
-        assert_eq!(core::mem::size_of::<Backend>(), 20);
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 8 + 20 * MAX_BACKENDS);
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<SockOrig>(), 36);
+        assert_eq!(size_of::<NetnsPolicy>(), 8);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 8 + 20 * MAX_BACKENDS);
         assert!(MAX_BACKENDS.is_power_of_two());
         assert_eq!((ip_proto::TCP, ip_proto::UDP), (6, 17));
         assert_eq!(stat::NAMES.len(), stat::COUNT as usize);

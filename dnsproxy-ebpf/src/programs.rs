@@ -50,45 +50,45 @@ static SERVICES: HashMap<ServiceKey, ServiceValue, 65536> = HashMap::new();
 // === entry points ===
 
 #[cgroup_sock_addr(connect4)]
-pub fn dnsproxy_connect4(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_connect4(ctx: SockAddrContext) -> i32 {
     rewrite_destination(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn dnsproxy_connect6(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_connect6(ctx: SockAddrContext) -> i32 {
     rewrite_destination(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
-pub fn dnsproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
     rewrite_destination(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
-pub fn dnsproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
     rewrite_destination(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
-pub fn dnsproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, Family::V4);
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
-pub fn dnsproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, Family::V6);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn dnsproxy_getpeername4(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_getpeername4(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, Family::V4);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
-pub fn dnsproxy_getpeername6(ctx: SockAddrContext) -> i32 {
+fn dnsproxy_getpeername6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, Family::V6);
     ALLOW
 }

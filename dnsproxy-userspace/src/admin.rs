@@ -1,5 +1,5 @@
 //! Admin HTTP endpoint, served with hyper: `/healthz` (alive), `/readyz` (serving, with
-//! the data path attached and the first registry sync done), `/metrics` (OpenMetrics
+//! the data path attached and the first registry sync done), `/metrics` (`OpenMetrics`
 //! text from `prometheus-client`: DNS, cache and eBPF counters), `/debug/ndsz` (the
 //! name table as JSON, like Istio's). Only GET and HEAD; nothing here changes state.
 use std::{
@@ -81,10 +81,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         let Ok((stream, _)) = accepted else {
             continue;
         };
-        let (state, shutdown) = (state.clone(), shutdown.clone());
+        let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
         connections.spawn(async move {
             let service = service_fn(move |req| {
-                let state = state.clone();
+                let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(respond(&req, &state)) }
             });
             let conn = http1::Builder::new()

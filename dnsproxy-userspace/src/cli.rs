@@ -27,7 +27,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the data path, serve DNS on 127.0.0.1/::1, until SIGINT/SIGTERM.
+    /// Load and attach the data path, serve DNS on `127.0.0.1/::1`, until SIGINT/SIGTERM.
     Run(Box<RunArgs>),
     /// Run a command inside the captured cgroup (its exit code is passed through).
     Exec(ExecArgs),
@@ -80,7 +80,7 @@ pub struct RunArgs {
     pub proc_root: PathBuf,
 
     /// DNS server address whose port-53 traffic is captured (repeatable).
-    /// Default: local mode the nameservers of --resolv-conf, node mode the ClusterIP
+    /// Default: local mode the nameservers of --resolv-conf, node mode the `ClusterIP`
     /// of kube-system/kube-dns.
     #[arg(
         long = "dns-server",
@@ -100,11 +100,11 @@ pub struct RunArgs {
     )]
     pub upstreams: Vec<UpstreamAddr>,
 
-    /// A YAML file or a directory of Kubernetes-style manifests (ServiceEntry, ...).
+    /// A YAML file or a directory of Kubernetes-style manifests (`ServiceEntry`, ...).
     #[arg(long, value_name = "PATH")]
     pub registry: Option<PathBuf>,
 
-    /// Port of the local DNS listener on 127.0.0.1 and ::1.
+    /// Port of the local DNS listener on 127.0.0.1 and `::1`.
     #[arg(long, default_value_t = dnsproxy_common::DEFAULT_LISTEN_PORT, env = "DNSPROXY_LISTEN_PORT")]
     pub listen_port: u16,
 
@@ -204,7 +204,7 @@ pub struct CleanupArgs {
 mod tests {
     use super::*;
 
-    /// The flags the deploy/ ConfigMap sets through the environment parse.
+    /// The flags the deploy/ `ConfigMap` sets through the environment parse.
     #[test]
     fn deploy_configmap_keys_are_flags() {
         let text = std::fs::read_to_string(concat!(

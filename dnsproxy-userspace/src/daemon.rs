@@ -203,7 +203,7 @@ fn initial_objects(args: &RunArgs) -> anyhow::Result<Objects> {
     }
 }
 
-/// The ClusterIP of kube-system/kube-dns, the cluster DNS that pods are given.
+/// The `ClusterIP` of kube-system/kube-dns, the cluster DNS that pods are given.
 async fn cluster_dns_ip(client: &kube::Client) -> anyhow::Result<IpAddr> {
     let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
         client.clone(),
@@ -275,19 +275,19 @@ impl Daemon {
             settings.upstreams.clone(),
             Duration::from_millis(args.upstream_timeout_ms),
             args.upstream_parallel,
-            metrics.clone(),
+            Arc::clone(&metrics),
         ));
         let handler = Arc::new(Handler::new(
-            registry.clone(),
-            forwarder.clone(),
+            Arc::clone(&registry),
+            Arc::clone(&forwarder),
             Cache::new(args.cache_size),
             args.ttl,
-            metrics.clone(),
+            Arc::clone(&metrics),
         ));
         let admin = Arc::new(AdminState::new(
             metrics_registry,
-            handler.clone(),
-            registry.clone(),
+            Arc::clone(&handler),
+            Arc::clone(&registry),
             args.pin_dir.clone(),
         ));
         Daemon {
@@ -303,7 +303,7 @@ impl Daemon {
     }
 
     fn spawn_admin(&mut self, listener: tokio::net::TcpListener) {
-        let (state, token) = (self.admin.clone(), self.shutdown.child_token());
+        let (state, token) = (Arc::clone(&self.admin), self.shutdown.child_token());
         self.tasks.spawn(async move {
             admin::serve(listener, state, token).await;
             Ok(())
@@ -324,7 +324,7 @@ impl Daemon {
             &args.namespace,
             self.settings.extra_search.clone(),
         )));
-        let (handler, token) = (self.handler.clone(), self.shutdown.child_token());
+        let (handler, token) = (Arc::clone(&self.handler), self.shutdown.child_token());
         self.tasks.spawn(async move {
             listeners.serve(handler, ctx, token).await;
             Ok(())
@@ -332,7 +332,7 @@ impl Daemon {
         let Some(path) = args.registry.clone() else {
             return;
         };
-        let (registry, token) = (self.registry.clone(), self.shutdown.child_token());
+        let (registry, token) = (Arc::clone(&self.registry), self.shutdown.child_token());
         let interval = Duration::from_millis(args.registry_poll_ms);
         self.tasks.spawn(async move {
             let watch = registry::files::watch(path, interval, move |objects| {
@@ -355,8 +355,8 @@ impl Daemon {
         let watch = cluster::run(
             client,
             self.settings.node_config(),
-            self.registry.clone(),
-            self.handler.clone(),
+            Arc::clone(&self.registry),
+            Arc::clone(&self.handler),
             tx,
             self.shutdown.child_token(),
         );
@@ -378,8 +378,8 @@ impl Daemon {
         }
         let (tx, vips_synced) = tokio::sync::oneshot::channel();
         let sync = BackendSync {
-            registry: self.registry.clone(),
-            forwarder: self.forwarder.clone(),
+            registry: Arc::clone(&self.registry),
+            forwarder: Arc::clone(&self.forwarder),
             pin_dir: self.settings.args.pin_dir.clone(),
         };
         let token = self.shutdown.child_token();

@@ -86,15 +86,15 @@ fn same_namespace(a: &File, b: &File) -> bool {
 /// The network namespace cookie of the namespace `sock` lives in.
 fn netns_cookie(sock: &std::net::UdpSocket) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointers of the right size.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
+            (&raw mut cookie).cast(),
+            &raw mut len,
         )
     };
     if rc != 0 {
@@ -103,7 +103,7 @@ fn netns_cookie(sock: &std::net::UdpSocket) -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// Binds the DNS listeners on 127.0.0.1/::1:`port` inside the namespace at `netns`;
+/// Binds the DNS listeners on `127.0.0.1/::1`:`port` inside the namespace at `netns`;
 /// returns them with the namespace's cookie (the key of the policy map). Blocking: call
 /// from `spawn_blocking`.
 pub fn bind_in_netns(netns: &Path, port: u16) -> Result<(StdListeners, u64), NetnsError> {

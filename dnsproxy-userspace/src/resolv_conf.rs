@@ -54,7 +54,7 @@ mod tests {
                     nameserver fd00::10\n";
         let got: Vec<String> = parse_nameservers(text)
             .iter()
-            .map(|a| a.to_string())
+            .map(ToString::to_string)
             .collect();
         assert_eq!(got, ["10.96.0.10", "fe80::1", "fd00::10"]);
     }

@@ -1,4 +1,4 @@
-//! A fake cluster DNS server inside a test netns (10.96.0.10:53 and [fd00::10]:53, UDP
+//! A fake cluster DNS server inside a test netns (10.96.0.10:53 and [`fd00::10`]:53, UDP
 //! and TCP). It answers every A question with `FAKE_A` and every AAAA with `FAKE_AAAA`,
 //! so a test can tell its answers from dnsproxy's, unless a test set the records of a
 //! name with [`FakeDns::set`]; it counts the queries it got.
@@ -30,10 +30,10 @@ impl FakeDns {
         for addr in ["10.96.0.10:53", "[fd00::10]:53"] {
             let addr: SocketAddr = addr.parse().unwrap();
             let (udp, tcp) = bind_in(netns, addr);
-            let (s, r) = (signal.clone(), records.clone());
-            threads.push(thread::spawn(move || serve_udp(udp, s, r)));
-            let (s, r) = (signal.clone(), records.clone());
-            threads.push(thread::spawn(move || serve_tcp(tcp, s, r)));
+            let (s, r) = (signal.clone(), Arc::clone(&records));
+            threads.push(thread::spawn(move || serve_udp(&udp, &s, &r)));
+            let (s, r) = (signal.clone(), Arc::clone(&records));
+            threads.push(thread::spawn(move || serve_tcp(&tcp, &s, &r)));
         }
         FakeDns {
             signal,
@@ -66,7 +66,7 @@ impl Drop for FakeDns {
     }
 }
 
-fn serve_udp(sock: UdpSocket, signal: Signal, records: Records) {
+fn serve_udp(sock: &UdpSocket, signal: &Signal, records: &Records) {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut buf = [0u8; 4096];
@@ -74,14 +74,14 @@ fn serve_udp(sock: UdpSocket, signal: Signal, records: Records) {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        if let Some(reply) = answer(&buf[..n], &records) {
+        if let Some(reply) = answer(&buf[..n], records) {
             signal.count.fetch_add(1, Ordering::SeqCst);
             let _ = sock.send_to(&reply, from);
         }
     }
 }
 
-fn serve_tcp(listener: TcpListener, signal: Signal, records: Records) {
+fn serve_tcp(listener: &TcpListener, signal: &Signal, records: &Records) {
     listener.set_nonblocking(true).unwrap();
     while !signal.stop.load(Ordering::SeqCst) {
         let Ok((mut stream, _)) = listener.accept() else {
@@ -100,7 +100,7 @@ fn serve_tcp(listener: TcpListener, signal: Signal, records: Records) {
         if stream.read_exact(&mut q).is_err() {
             continue;
         }
-        if let Some(reply) = answer(&q, &records) {
+        if let Some(reply) = answer(&q, records) {
             signal.count.fetch_add(1, Ordering::SeqCst);
             let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
             framed.extend_from_slice(&reply);

@@ -104,7 +104,7 @@ impl FakeKube {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let shared: Shared = Arc::default();
-        let s = shared.clone();
+        let s = Arc::clone(&shared);
         let thread = thread::spawn(move || {
             loop {
                 if s.0.lock().unwrap().stopped {
@@ -112,7 +112,7 @@ impl FakeKube {
                 }
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let s = s.clone();
+                        let s = Arc::clone(&s);
                         thread::spawn(move || {
                             let _ = serve(stream, &s);
                         });

@@ -1,5 +1,5 @@
 //! End-to-end harness: the real `dnsproxy` binary on the real kernel. Each test gets
-//! its own network namespace (fake cluster DNS 10.96.0.10 / fd00::10 on its `lo`), its
+//! its own network namespace (fake cluster DNS 10.96.0.10 / `fd00::10` on its `lo`), its
 //! own cgroup v2 directory and its own bpffs pin directory, all with unique names and
 //! all removed on drop, even when the test fails. Nothing is sent outside the netns.
 use std::{
@@ -76,17 +76,17 @@ pub fn privileged() -> bool {
         return true;
     }
     let msg = format!("privileged e2e test needs: {}", missing.join(", "));
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (CI=true: privileged tests must run here)");
-    }
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "{msg} (CI=true: privileged tests must run here)"
+    );
     eprintln!("SKIPPED: {msg}");
     false
 }
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 /// The cgroup v2 mount point.
@@ -108,9 +108,8 @@ pub fn dnsproxy_bin() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let bin = target.join("debug/dnsproxy");
     assert!(
         bin.exists(),
@@ -293,6 +292,7 @@ impl Cgroup {
 
 impl Cgroup {
     /// A cgroup below this one, removed on drop (before its parent).
+    #[must_use]
     pub fn child(&self, name: &str) -> Cgroup {
         let path = self.path.join(name);
         std::fs::create_dir(&path).expect("create child cgroup");
@@ -340,7 +340,7 @@ pub struct DaemonOptions<'a> {
     pub pin_dir: PathBuf,
     /// Local mode's registry (node mode reads the fake API instead).
     pub registry: Option<PathBuf>,
-    /// Extra environment (KUBECONFIG, NODE_NAME, RUST_LOG overrides).
+    /// Extra environment (KUBECONFIG, `NODE_NAME`, `RUST_LOG` overrides).
     pub env: Vec<(String, String)>,
     /// State directory (auto-allocated VIPs).
     pub state_dir: PathBuf,
@@ -507,10 +507,10 @@ impl Drop for Daemon {
                 .status();
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
-        if !thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        } else {
+        if thread::panicking() {
             eprintln!("dnsproxy log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }

@@ -173,7 +173,7 @@ impl NodeEnv {
     pub fn start_daemon(&self, extra_args: &[&str]) -> Daemon {
         let mut opts = self.daemon_options(PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
         opts.extra_args
-            .extend(extra_args.iter().map(|a| a.to_string()));
+            .extend(extra_args.iter().map(ToString::to_string));
         Daemon::start(opts)
     }
 

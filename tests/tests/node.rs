@@ -10,7 +10,7 @@ const REVIEWS_IP: &str = "10.100.0.5";
 const ISTIO_CAPTURE: &str = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  ISTIO_META_DNS_AUTO_ALLOCATE: \"true\"\n";
 const ISTIO_CAPTURE_NO_ALLOC: &str = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  ISTIO_META_DNS_AUTO_ALLOCATE: \"false\"\n";
 
-/// The cluster's objects: Service reviews (default), a ServiceEntry for aliyun.com.
+/// The cluster's objects: Service reviews (default), a `ServiceEntry` for aliyun.com.
 fn publish_registry(env: &NodeEnv) {
     env.api.apply(
         Resource::Services,
@@ -240,7 +240,7 @@ fn a_daemon_restart_keeps_pods_resolving_and_adopts_the_pinned_data_path() {
         "for i in $(seq 60); do a=$(dig +short +time=1 +tries=3 @10.96.0.10 reviews.default.svc.cluster.local A); \
          [ -n \"$a\" ] || { echo FAIL; exit 1; }; echo \"$a\"; sleep 0.05; done",
     ]);
-    let resolver = std::thread::spawn(move || run_with_timeout(&mut cmd, Duration::from_secs(60)));
+    let resolver = std::thread::spawn(move || run_with_timeout(&mut cmd, Duration::from_mins(1)));
 
     std::thread::sleep(Duration::from_millis(500));
     assert!(first.stop_and_hand_over().success());

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use dnsproxy_e2e::*;
 
 /// The seed's registry: two external hosts without addresses (auto-allocated), a
-/// ClusterIP Service and a headless Service with its EndpointSlice, and a host with
+/// `ClusterIP` Service and a headless Service with its `EndpointSlice`, and a host with
 /// many addresses for truncation.
-const SEED: &str = r#"
+const SEED: &str = r"
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
 metadata: {name: aliyun, namespace: default}
@@ -61,7 +61,7 @@ spec:
               240.242.0.17, 240.242.0.18, 240.242.0.19, 240.242.0.20, 240.242.0.21, 240.242.0.22, 240.242.0.23, 240.242.0.24,
               240.242.0.25, 240.242.0.26, 240.242.0.27, 240.242.0.28, 240.242.0.29, 240.242.0.30, 240.242.0.31, 240.242.0.32,
               240.242.0.33, 240.242.0.34, 240.242.0.35, 240.242.0.36, 240.242.0.37, 240.242.0.38, 240.242.0.39, 240.242.0.40]
-"#;
+";
 
 const POD_RESOLV_CONF: &str = "nameserver 10.96.0.10\n\
 search default.svc.cluster.local svc.cluster.local cluster.local\n\

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use dnsproxy_e2e::*;
 
-const REGISTRY: &str = r#"
+const REGISTRY: &str = r"
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
 metadata: {name: aliyun, namespace: default}
@@ -39,7 +39,7 @@ spec:
   hosts: [nothing.test]
   ports: [{number: 443, name: https, protocol: TLS}]
   resolution: DNS
-"#;
+";
 
 const PY: &str = r#"
 import socket, struct, sys, time, errno

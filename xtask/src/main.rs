@@ -53,7 +53,7 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// Validate deploy/*.yaml offline against the Kubernetes schemas (strict), with
-    /// kubernetes-validate from PyPI in a virtualenv under target/.
+    /// kubernetes-validate from `PyPI` in a virtualenv under target/.
     ValidateDeploy,
     /// Set up, then run every test (unit and end-to-end).
     Test {
@@ -106,9 +106,7 @@ fn workspace_root() -> PathBuf {
 }
 
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 fn env_or(key: &str, default: &str) -> OsString {

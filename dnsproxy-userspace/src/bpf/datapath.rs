@@ -1,9 +1,9 @@
 //! Loads the embedded eBPF object, fills its maps, attaches the eight programs to the
-//! capture cgroup with bpf_links and pins links and maps under the pin directory.
+//! capture cgroup with `bpf_links` and pins links and maps under the pin directory.
 //!
 //! With `adopt`, pinned state of an earlier daemon is taken over instead of replaced:
 //! its maps (policy entries, VIP translations) are reused as they are, and each pinned
-//! link is switched to the new program in one step (BPF_LINK_UPDATE), so the data path
+//! link is switched to the new program in one step (`BPF_LINK_UPDATE`), so the data path
 //! never goes away during a restart.
 use std::{
     fs::File,
@@ -214,7 +214,7 @@ fn load_program_err(program: &str, source: aya::programs::ProgramError) -> BpfEr
 }
 
 /// Attaches `program` with a link pinned at `path`; when a link of an earlier daemon
-/// is pinned there, switches it to this program in place (BPF_LINK_UPDATE), so the
+/// is pinned there, switches it to this program in place (`BPF_LINK_UPDATE`), so the
 /// hook never runs without a program.
 fn attach_program(program: &mut CgroupSockAddr, cgroup: &File, path: &Path) -> Result<(), Cause> {
     if path.exists() {

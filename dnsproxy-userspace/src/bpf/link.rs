@@ -34,7 +34,14 @@ struct LinkUpdateAttr {
 
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: attr is a valid, initialised bpf_attr prefix of the size passed.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut::<T>(attr),
+            size_of::<T>(),
+        )
+    };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -42,8 +49,8 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Opens the object pinned at `path` (BPF_OBJ_GET).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+/// Opens the object pinned at `path` (`BPF_OBJ_GET`).
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut attr = ObjGetAttr {
         pathname: c.as_ptr() as u64,
@@ -54,8 +61,8 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Makes `link` run `prog` from now on (BPF_LINK_UPDATE): no moment without a program.
-pub fn update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+/// Makes `link` run `prog` from now on (`BPF_LINK_UPDATE)`: no moment without a program.
+pub(super) fn update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,

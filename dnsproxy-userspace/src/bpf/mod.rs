@@ -137,8 +137,8 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap();
             let back = from_map_addr(&to_map_addr(ip));
             let want = match ip {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-                v4 => v4,
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                IpAddr::V4(_) => ip,
             };
             assert_eq!(back, want);
         }

@@ -1,14 +1,15 @@
 //! Checks and preparation of the host: privileges, cgroup v2, BTF, bpffs.
 use std::{
     ffi::CString,
+    os::fd::AsRawFd as _,
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
 };
 
 use super::BpfError;
 
-/// bpffs magic number (statfs f_type).
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// bpffs magic number (statfs `f_type`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Fails unless the effective user is root.
 pub fn require_root() -> Result<(), BpfError> {
@@ -70,7 +71,7 @@ fn statfs_type(path: &Path) -> Option<i64> {
     // SAFETY: zeroed statfs is valid; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointers for the duration of the call.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
     (rc == 0).then_some(st.f_type as i64)
 }
 
@@ -120,7 +121,6 @@ pub struct PinDirLock {
 /// Locks `pin_dir` so two daemons never share pins.
 pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, BpfError> {
     let file = std::fs::File::open(pin_dir).map_err(super::pin_err(pin_dir))?;
-    use std::os::fd::AsRawFd as _;
     // SAFETY: valid fd.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {

@@ -1,7 +1,7 @@
 //! Node mode: the Kubernetes API as the registry source, and per-pod capture.
 //!
 //! kube-rs reflectors (watcher → store, default backoff, objects slimmed) follow
-//! Services, EndpointSlices, ServiceEntries, Namespaces and this node's Pods; the rest
+//! Services, `EndpointSlices`, `ServiceEntries`, Namespaces and this node's Pods; the rest
 //! of the daemon reads the stores, never the API. Every change rebuilds the name table
 //! (the same code as for YAML files) and reconciles the in-pod listeners and the
 //! netns policy map with the capture policy (`policy`).
@@ -71,7 +71,7 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
-/// The ServiceEntry version this cluster serves: `v1`, else `v1beta1`, else none
+/// The `ServiceEntry` version this cluster serves: `v1`, else `v1beta1`, else none
 /// (Istio not installed: Services only).
 async fn service_entry_resource(client: &Client) -> anyhow::Result<Option<ApiResource>> {
     for version in ["v1", "v1beta1"] {
@@ -84,7 +84,7 @@ async fn service_entry_resource(client: &Client) -> anyhow::Result<Option<ApiRes
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         match api.list(&ListParams::default().limit(1)).await {
             Ok(_) => return Ok(Some(ar)),
-            Err(kube::Error::Api(status)) if status.code == 404 => continue,
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => return Err(e).context("listing ServiceEntries"),
         }
     }
@@ -153,7 +153,7 @@ struct Watches {
     slices: Store<DynamicObject>,
     namespaces: Store<DynamicObject>,
     pods: Store<DynamicObject>,
-    /// `None` when the cluster serves no ServiceEntries (Istio not installed).
+    /// `None` when the cluster serves no `ServiceEntries` (Istio not installed).
     service_entries: Option<Store<DynamicObject>>,
     changed: tokio::sync::watch::Receiver<u64>,
     /// The change generation the name table was last built from.
@@ -162,7 +162,7 @@ struct Watches {
 }
 
 impl Watches {
-    /// Services, EndpointSlices, Namespaces, this node's Pods, and ServiceEntries when
+    /// Services, `EndpointSlices`, Namespaces, this node's Pods, and `ServiceEntries` when
     /// the cluster serves them.
     async fn start(client: &Client, config: &NodeConfig) -> anyhow::Result<Self> {
         let (changes, changed) = tokio::sync::watch::channel(0u64);
@@ -255,7 +255,7 @@ impl Watches {
 
     /// Waits for the next change (a burst settles into one), or `retry` when given.
     async fn next_change(&mut self, retry: Option<Duration>) -> anyhow::Result<()> {
-        let retry = retry.unwrap_or(Duration::from_secs(3600));
+        let retry = retry.unwrap_or(Duration::from_hours(1));
         tokio::select! {
             res = self.changed.changed() => {
                 res.context("the watchers stopped")?;
@@ -475,8 +475,11 @@ impl PodListeners {
         policy_map
             .insert(cookie, entry, 0)
             .context("cannot write the policy entry")?;
-        self.serving
-            .spawn(listeners.serve(self.handler.clone(), ctx.clone(), stop.clone()));
+        self.serving.spawn(listeners.serve(
+            Arc::clone(&self.handler),
+            Arc::clone(&ctx),
+            stop.clone(),
+        ));
         tracing::info!(pod = %name, netns = %netns.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
         Ok(PodListener {
             name: name.to_owned(),

@@ -100,6 +100,11 @@ impl Cache {
         }
     }
 
+    /// True when no answer is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Number of answers held.
     pub fn len(&self) -> usize {
         self.inner.lock().expect("cache lock").map.len()

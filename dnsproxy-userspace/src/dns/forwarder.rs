@@ -130,7 +130,7 @@ impl Forwarder {
     async fn forward_parallel(&self, out: Outgoing) -> Result<Forwarded, ForwardError> {
         let mut set = tokio::task::JoinSet::new();
         for (index, &server) in self.upstreams.iter().enumerate() {
-            let (out, timeout, metrics) = (out.clone(), self.timeout, self.metrics.clone());
+            let (out, timeout, metrics) = (out.clone(), self.timeout, Arc::clone(&self.metrics));
             set.spawn(async move {
                 let result = exchange_counted(index, server, &out, timeout, &metrics).await;
                 (server, result)

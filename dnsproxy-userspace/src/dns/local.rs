@@ -1,5 +1,5 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
-//! CNAME for search-suffixed names and aliases, PTR for VIPs and ClusterIPs. Names the
+//! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`. Names the
 //! table does not know, and other record types, are left to upstream.
 use std::collections::HashSet;
 
@@ -97,7 +97,7 @@ pub fn answer(
     chain.follow(table, ipv6_backed, qtype, ttl)
 }
 
-/// PTR for a VIP or ClusterIP the table knows.
+/// PTR for a VIP or `ClusterIP` the table knows.
 fn ptr_answer(table: &NameTable, name: &str, qname: &Name, ttl: u32) -> Option<LocalAnswer> {
     let host = table.reverse(reverse_ip(name)?)?;
     let target = fqdn(host)?;

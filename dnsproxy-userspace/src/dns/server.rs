@@ -1,5 +1,5 @@
 //! Sockets of a listener and the tasks that serve them: UDP and TCP on 127.0.0.1 and
-//! ::1. UDP uses one SO_REUSEPORT socket per core, so queries spread over cores without
+//! `::1`. UDP uses one `SO_REUSEPORT` socket per core, so queries spread over cores without
 //! a shared lock. Sockets are created synchronously ([`bind_std`]), so that node mode
 //! can create them on a thread that entered a pod's network namespace, and so that
 //! "port in use" is reported before the data path is attached.
@@ -102,7 +102,7 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// Binds UDP (one socket per core) and TCP on 127.0.0.1:`port` (required) and
-/// [::1]:`port` (skipped, with a warning, when the netns has no IPv6 loopback), in the
+/// [`::1`]:`port` (skipped, with a warning, when the netns has no IPv6 loopback), in the
 /// calling thread's network namespace. The TCP listener does not share its port, so a
 /// second daemon fails here.
 pub fn bind_std(port: u16) -> Result<StdListeners, BindError> {
@@ -228,7 +228,11 @@ impl Serving {
     /// Answers one datagram on its own task: a slow upstream must not hold up local
     /// answers.
     fn answer_udp(&self, sock: &Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr) {
-        let (sock, handler, ctx) = (Arc::clone(sock), self.handler.clone(), self.ctx.load_full());
+        let (sock, handler, ctx) = (
+            Arc::clone(sock),
+            Arc::clone(&self.handler),
+            self.ctx.load_full(),
+        );
         self.in_flight.spawn(async move {
             if let Some(reply) = handler.handle(&query, Protocol::Udp, client, &ctx).await
                 && let Err(e) = sock.send_to(&reply, client).await

@@ -1,5 +1,5 @@
-//! Auto-allocated virtual IPs for ServiceEntry hosts: one index per host gives one IPv4
-//! in 240.240.0.0/16 and one IPv6 in 2001:2::/48. An address never moves while its
+//! Auto-allocated virtual IPs for `ServiceEntry` hosts: one index per host gives one IPv4
+//! in 240.240.0.0/16 and one IPv6 in `2001:2::/48`. An address never moves while its
 //! host exists: existing assignments are kept (and persisted, so they survive a daemon
 //! restart), new hosts take a slot derived from a stable hash of their name (probing
 //! past taken slots), so adding or removing other entries reshuffles nothing (unlike
@@ -95,8 +95,8 @@ pub struct VipAllocator {
 
 /// FNV-1a: stable across builds and runs, unlike the standard library's hasher.
 fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
@@ -200,7 +200,7 @@ mod tests {
     use super::*;
 
     fn set(hosts: &[&str]) -> BTreeSet<String> {
-        hosts.iter().map(|h| h.to_string()).collect()
+        hosts.iter().map(ToString::to_string).collect()
     }
 
     #[test]

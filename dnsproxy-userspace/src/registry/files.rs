@@ -21,7 +21,7 @@ pub enum LoadError {
     #[error("{path}")]
     Manifest {
         path: PathBuf,
-        source: manifest::ManifestError,
+        source: Box<manifest::ManifestError>,
     },
 }
 
@@ -57,7 +57,7 @@ pub fn load(path: &Path) -> Result<Objects, LoadError> {
         let used =
             manifest::parse_into(&text, &mut objects).map_err(|source| LoadError::Manifest {
                 path: file.clone(),
-                source,
+                source: Box::new(source),
             })?;
         tracing::debug!(file = %file.display(), objects = used, "loaded manifests");
     }
@@ -71,7 +71,7 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .into_iter()
         .map(|f| {
             let meta = std::fs::metadata(&f).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
+            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
             let mtime = meta.and_then(|m| m.modified().ok());
             (f, len, mtime)
         })
@@ -98,7 +98,7 @@ pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Obje
                 tracing::error!(
                     "registry not reloaded, the last good table stays in service: {}",
                     crate::report(&e)
-                )
+                );
             }
         }
     }

@@ -116,7 +116,7 @@ pub enum Resolution {
     DnsRoundRobin,
 }
 
-/// An endpoint of a ServiceEntry (a WorkloadEntry spec).
+/// An endpoint of a `ServiceEntry` (a `WorkloadEntry` spec).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
@@ -142,7 +142,7 @@ pub struct StatusAddress {
     pub host: Option<String>,
 }
 
-/// Label that opts a ServiceEntry out of auto-allocation.
+/// Label that opts a `ServiceEntry` out of auto-allocation.
 pub const AUTOALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
 
 impl ServiceEntry {
@@ -286,7 +286,7 @@ pub struct EndpointConditions {
     pub ready: Option<bool>,
 }
 
-/// Label naming the Service an EndpointSlice belongs to.
+/// Label naming the Service an `EndpointSlice` belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 impl EndpointSlice {

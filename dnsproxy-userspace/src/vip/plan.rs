@@ -16,7 +16,7 @@ use crate::{
     },
 };
 
-/// The transport of a ServiceEntry port: UDP only when declared so, else TCP (HTTP,
+/// The transport of a `ServiceEntry` port: UDP only when declared so, else TCP (HTTP,
 /// HTTPS, TLS, GRPC, TCP, MONGO, ... all run over TCP).
 pub fn port_protocol(port: &ServiceEntryPort) -> Protocol {
     match port.protocol.as_deref() {
@@ -258,7 +258,7 @@ mod tests {
             },
             WorkloadEntry {
                 address: "192.0.2.2".into(),
-                ports: Default::default(),
+                ports: BTreeMap::default(),
             },
         ];
         let s = svc(
@@ -286,7 +286,7 @@ mod tests {
     fn dns_endpoints_are_resolved_by_name() {
         let eps = vec![WorkloadEntry {
             address: "Backend.Example.".into(),
-            ports: Default::default(),
+            ports: BTreeMap::default(),
         }];
         let s = svc(
             Resolution::DnsRoundRobin,
@@ -308,7 +308,7 @@ mod tests {
         let eps: Vec<WorkloadEntry> = (1..=40)
             .map(|i| WorkloadEntry {
                 address: format!("192.0.2.{i}"),
-                ports: Default::default(),
+                ports: BTreeMap::default(),
             })
             .collect();
         let s = svc(

@@ -27,7 +27,7 @@ use crate::{
 
 /// Shortest and longest time between two resolutions of a name.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
-pub const MAX_REFRESH: Duration = Duration::from_secs(300);
+pub const MAX_REFRESH: Duration = Duration::from_mins(5);
 /// When a name could not be resolved (or has no address), ask again after this.
 const RETRY: Duration = Duration::from_secs(5);
 
@@ -205,7 +205,7 @@ impl BackendSync {
             .iter()
             .filter(|n| resolved.get(*n).is_none_or(|r| r.refresh_at <= now))
         {
-            let (forwarder, name) = (self.forwarder.clone(), name.clone());
+            let (forwarder, name) = (Arc::clone(&self.forwarder), name.clone());
             lookups.spawn(async move {
                 let result = resolve(&forwarder, &name).await;
                 (name, result)

@@ -7,11 +7,12 @@ use hickory_proto::{
 
 use super::*;
 use crate::registry::{
+    TableConfig,
     allocator::VipAllocator,
     manifest::{Objects, parse_into},
 };
 
-const REGISTRY: &str = r#"
+const REGISTRY: &str = r"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: aliyun, namespace: default}
@@ -52,7 +53,7 @@ spec:
               240.242.0.17, 240.242.0.18, 240.242.0.19, 240.242.0.20, 240.242.0.21, 240.242.0.22, 240.242.0.23, 240.242.0.24,
               240.242.0.25, 240.242.0.26, 240.242.0.27, 240.242.0.28, 240.242.0.29, 240.242.0.30, 240.242.0.31, 240.242.0.32]
   resolution: STATIC
-"#;
+";
 
 fn client() -> SocketAddr {
     "127.0.0.1:40000".parse().unwrap()
@@ -65,15 +66,19 @@ fn ctx() -> ClientContext {
 fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
     let mut objects = Objects::default();
     parse_into(REGISTRY, &mut objects).unwrap();
-    let registry = Registry::new(&objects, VipAllocator::in_memory(), Default::default()).unwrap();
+    let registry =
+        Registry::new(&objects, VipAllocator::in_memory(), TableConfig::default()).unwrap();
     // As if the backend sync had found IPv6 addresses for aliyun.com only.
     registry.set_ipv6_backed(["aliyun.com".to_owned()].into());
-    let metrics = Arc::new(Metrics::new(&upstreams, &mut Default::default()));
+    let metrics = Arc::new(Metrics::new(
+        &upstreams,
+        &mut prometheus_client::registry::Registry::default(),
+    ));
     let forwarder = Forwarder::new(
         upstreams,
         Duration::from_millis(300),
         parallel,
-        metrics.clone(),
+        Arc::clone(&metrics),
     );
     Handler::new(
         Arc::new(registry),
@@ -127,12 +132,12 @@ async fn local_answer_rules() {
     let vip = |host: &str| -> String {
         match &h.registry.table().get(host).unwrap().target {
             crate::registry::table::Target::Addresses(a) => a.ipv4[0].to_string(),
-            t => panic!("{t:?}"),
+            t @ crate::registry::table::Target::Cname(_) => panic!("{t:?}"),
         }
     };
     let aliyun = vip("aliyun.com");
     let alibaba = vip("alibabacloud.com");
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let s = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
     let cases = vec![
         Case {
             name: "A for an auto-allocated host",
@@ -340,7 +345,7 @@ async fn servfail_within_the_timeout_when_every_upstream_fails() {
     // A bound but silent loopback socket: the query times out.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let h = handler_with(vec![silent.local_addr().unwrap()], false);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let reply = ask(
         &h,
         &query("unknown.test.", RecordType::A, false),
@@ -360,7 +365,7 @@ async fn answering_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = count.clone();
+    let seen = Arc::clone(&count);
     tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         loop {
@@ -421,7 +426,7 @@ async fn parallel_mode_takes_the_first_good_answer() {
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let (upstream, _) = answering_upstream().await;
     let h = handler_with(vec![silent.local_addr().unwrap(), upstream], true);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let reply = ask(
         &h,
         &query("fast.test.", RecordType::A, false),

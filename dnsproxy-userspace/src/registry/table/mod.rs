@@ -40,7 +40,7 @@ impl Addrs {
 #[serde(rename_all = "camelCase")]
 pub enum Target {
     Addresses(Addrs),
-    /// An alias (ExternalName Service): answered with CNAME, then the target.
+    /// An alias (`ExternalName` Service): answered with CNAME, then the target.
     Cname(String),
 }
 
@@ -71,7 +71,7 @@ pub enum Match<'a> {
     SearchSuffix { base: &'a str, host: &'a Host },
 }
 
-/// A ServiceEntry host whose VIPs the data path translates to real backends.
+/// A `ServiceEntry` host whose VIPs the data path translates to real backends.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VipService {
@@ -110,7 +110,7 @@ impl Default for TableConfig {
 }
 
 impl NameTable {
-    /// Builds the table; auto-allocates VIPs for ServiceEntry hosts that need them.
+    /// Builds the table; auto-allocates VIPs for `ServiceEntry` hosts that need them.
     pub fn build(
         objects: &Objects,
         allocator: &mut VipAllocator,
@@ -130,6 +130,11 @@ impl NameTable {
     /// The cluster domain (e.g. `cluster.local`).
     pub fn cluster_domain(&self) -> &str {
         &self.cluster_domain
+    }
+
+    /// True when the table holds no name.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Number of names (exact and wildcard).
@@ -196,18 +201,20 @@ impl NameTable {
         let full = match name.matches('.').count() {
             0 => format!("{name}.{namespace}.svc.{cd}"),
             1 => format!("{name}.svc.{cd}"),
-            2 if name.ends_with(".svc") => format!("{name}.{cd}"),
+            2 if name.rsplit_once('.').is_some_and(|(_, last)| last == "svc") => {
+                format!("{name}.{cd}")
+            }
             _ => return None,
         };
         self.exact.get(&full)
     }
 
-    /// ServiceEntry hosts with VIPs to translate (ClusterIPs are kube-proxy's).
+    /// `ServiceEntry` hosts with VIPs to translate (`ClusterIPs` are kube-proxy's).
     pub fn vip_services(&self) -> &[VipService] {
         &self.vip_services
     }
 
-    /// The name a VIP or ClusterIP belongs to (PTR).
+    /// The name a VIP or `ClusterIP` belongs to (PTR).
     pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
         self.reverse.get(&ip).map(String::as_str)
     }
@@ -221,6 +228,9 @@ impl NameTable {
             .collect()
     }
 }
+
+/// A Service's ready endpoint addresses, and (hostname, address) for those with a name.
+type Ready = (Vec<IpAddr>, Vec<(String, IpAddr)>);
 
 struct Builder {
     table: NameTable,
@@ -267,7 +277,6 @@ impl Builder {
     fn add_services(&mut self, objects: &Objects) {
         let cd = self.table.cluster_domain.clone();
         // Ready endpoint addresses and hostnames per (namespace, service).
-        type Ready = (Vec<IpAddr>, Vec<(String, IpAddr)>);
         let mut endpoints: HashMap<(String, String), Ready> = HashMap::new();
         for slice in &objects.endpoint_slices {
             let Some(svc) = slice.service_name() else {
@@ -356,7 +365,7 @@ impl Builder {
         Ok(())
     }
 
-    /// One host of a ServiceEntry: its addresses (declared, else auto-allocated, else
+    /// One host of a `ServiceEntry`: its addresses (declared, else auto-allocated, else
     /// for STATIC its endpoints), and the VIP service the data path translates.
     fn add_service_entry_host(
         &mut self,
@@ -410,7 +419,7 @@ impl Builder {
     }
 }
 
-/// The addresses a ServiceEntry itself gives `host`: `spec.addresses`, else the ones
+/// The addresses a `ServiceEntry` itself gives `host`: `spec.addresses`, else the ones
 /// Istio allocated (`status.addresses`).
 fn declared_addresses(se: &ServiceEntry, host: &str) -> Vec<IpAddr> {
     let spec = se.spec_addresses().unwrap_or_default();

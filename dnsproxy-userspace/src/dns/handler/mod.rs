@@ -95,21 +95,15 @@ impl Handler {
             qtype: question.query_type(),
             edns: request.edns.as_ref().map(Edns::max_payload),
         };
-        let (reply, outcome) = match self.local(question, ctx) {
-            Some(local) => (
-                self.local_reply(&request, local, &asked).await,
-                Outcome::Local,
-            ),
-            None => match self.upstream(question).await {
-                Some(upstream) => self.forwarded_reply(&request, upstream, &asked),
-                None => {
-                    query_log!(ctx, %client, %protocol, question = %question.name(), qtype = %asked.qtype, edns = ?asked.edns, found = false, "SERVFAIL: every upstream failed");
-                    (
-                        error_reply(&request, ResponseCode::ServFail),
-                        Outcome::ServFail,
-                    )
-                }
-            },
+        let (reply, outcome) = if let Some(local) = self.local(question, ctx) {
+            let reply = self.local_reply(&request, local, &asked).await;
+            (reply, Outcome::Local)
+        } else if let Some(upstream) = self.upstream(question).await {
+            Self::forwarded_reply(&request, upstream, &asked)
+        } else {
+            query_log!(ctx, %client, %protocol, question = %question.name(), qtype = %asked.qtype, edns = ?asked.edns, found = false, "SERVFAIL: every upstream failed");
+            let reply = error_reply(&request, ResponseCode::ServFail);
+            (reply, Outcome::ServFail)
         };
         self.metrics.request(asked.qtype, protocol, outcome);
         fit_to_transport(&reply, &request, protocol)
@@ -199,7 +193,6 @@ impl Handler {
     /// The reply carrying an upstream (or cached) answer, owner names in the case the
     /// client used (the cache holds the first asker's spelling).
     fn forwarded_reply(
-        &self,
         request: &Message,
         upstream: Upstream,
         asked: &Asked<'_>,
