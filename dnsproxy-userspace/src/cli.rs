@@ -27,11 +27,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the data path, serve DNS on `127.0.0.1/::1`, until SIGINT/SIGTERM.
+    /// Load and attach the data path and serve DNS until SIGINT/SIGTERM: local mode on
+    /// `127.0.0.1/::1` for one cgroup, node mode inside every captured pod of a node.
     Run(Box<RunArgs>),
     /// Run a command inside the captured cgroup (its exit code is passed through).
     Exec(ExecArgs),
-    /// Decode the pinned maps (config, DNS servers, policy, counters).
+    /// Decode the pinned maps (config, DNS servers, per-netns policy, counters, links,
+    /// VIPs and their backends).
     Maps(MapsArgs),
     /// Detach and remove pinned state left by `run --keep-pins` or a crashed daemon.
     Cleanup(CleanupArgs),

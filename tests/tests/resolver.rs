@@ -1,11 +1,11 @@
-//! The resolver end to end, through the eBPF redirect: the ASM seed scenario
+//! The resolver end to end, through the eBPF redirect: the ASM guide's checks
 //! (auto-allocated VIPs, search-suffix CNAMEs), TCP, truncation, NODATA, upstream
 //! failover, the cache, registry reloads and VIPs that survive restarts.
 use std::time::{Duration, Instant};
 
 use dnsproxy_e2e::*;
 
-/// The seed's registry: two external hosts without addresses (auto-allocated), a
+/// The ASM guide's registry: two external hosts without addresses (auto-allocated), a
 /// `ClusterIP` Service and a headless Service with its `EndpointSlice`, and a host with
 /// many addresses for truncation.
 const SEED: &str = r"

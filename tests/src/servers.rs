@@ -1,0 +1,108 @@
+//! Small servers inside a test netns: a TCP banner and a UDP echo.
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::{Netns, bind_in};
+
+/// Shared stop flag + counter, used by the fake servers.
+#[derive(Clone, Default)]
+pub struct Signal {
+    pub stop: Arc<AtomicBool>,
+    pub count: Arc<AtomicUsize>,
+}
+
+/// A TCP server at `addr` inside `netns` that writes `hello from <addr>` to every
+/// connection and closes it; stops when dropped.
+pub struct BannerServer {
+    signal: Signal,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl BannerServer {
+    pub fn start(netns: &Netns, addr: &str) -> Self {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let (_udp, tcp) = bind_in(netns, addr);
+        tcp.set_nonblocking(true).unwrap();
+        let signal = Signal::default();
+        let s = signal.clone();
+        let thread = thread::spawn(move || {
+            while !s.stop.load(Ordering::SeqCst) {
+                match tcp.accept() {
+                    Ok((mut stream, peer)) => {
+                        s.count.fetch_add(1, Ordering::SeqCst);
+                        // One write: the client may read a single segment.
+                        let _ =
+                            stream.write_all(format!("hello from {addr} to {peer}\n").as_bytes());
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        BannerServer {
+            signal,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.signal.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for BannerServer {
+    fn drop(&mut self) {
+        self.signal.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP server at `addr` inside `netns` answering `echo from <addr>: <data>`.
+pub struct UdpEcho {
+    signal: Signal,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(netns: &Netns, addr: &str) -> Self {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let (udp, _tcp) = bind_in(netns, addr);
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let signal = Signal::default();
+        let s = signal.clone();
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.stop.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let mut reply = format!("echo from {addr}: ").into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = udp.send_to(&reply, from);
+                }
+            }
+        });
+        UdpEcho {
+            signal,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.signal.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
