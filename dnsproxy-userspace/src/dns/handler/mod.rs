@@ -29,6 +29,13 @@ macro_rules! query_log {
     };
 }
 
+/// [`query_log!`] for an admitted query: who asked what, then `$field`s.
+macro_rules! answer_log {
+    ($asked:expr, $question:expr, $($field:tt)+) => {
+        query_log!($asked.ctx, client = %$asked.client, protocol = %$asked.protocol, question = %$question, qtype = %$asked.qtype, edns = ?$asked.edns, $($field)+)
+    };
+}
+
 /// Answers queries.
 pub struct Handler {
     registry: Arc<Registry>,
@@ -101,7 +108,12 @@ impl Handler {
         } else if let Some(upstream) = self.upstream(question).await {
             Self::forwarded_reply(&request, upstream, &asked)
         } else {
-            query_log!(ctx, %client, %protocol, question = %question.name(), qtype = %asked.qtype, edns = ?asked.edns, found = false, "SERVFAIL: every upstream failed");
+            answer_log!(
+                asked,
+                question.name(),
+                found = false,
+                "SERVFAIL: every upstream failed"
+            );
             let reply = error_reply(&request, ResponseCode::ServFail);
             (reply, Outcome::ServFail)
         };
@@ -179,14 +191,13 @@ impl Handler {
             reply.add_authority(soa);
         }
         let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
-        let Asked {
-            client,
-            protocol,
-            ctx,
-            qtype,
-            edns,
-        } = asked;
-        query_log!(ctx, %client, %protocol, question = %request.queries[0].name(), %qtype, ?edns, found = true, ?answers, "answered locally");
+        answer_log!(
+            asked,
+            request.queries[0].name(),
+            found = true,
+            ?answers,
+            "answered locally"
+        );
         reply
     }
 
@@ -214,14 +225,7 @@ impl Handler {
         reply.add_authorities(authorities);
         reply.add_additionals(additionals);
         let via = server.map_or_else(|| "cache".to_owned(), |s| s.to_string());
-        let Asked {
-            client,
-            protocol,
-            ctx,
-            qtype,
-            edns,
-        } = asked;
-        query_log!(ctx, %client, %protocol, %question, %qtype, ?edns, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
+        answer_log!(asked, question, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
         let outcome = if server.is_some() {
             Outcome::Forwarded
         } else {
