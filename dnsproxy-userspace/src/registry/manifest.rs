@@ -48,8 +48,6 @@ pub struct ObjectMeta {
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
-    pub resource_version: Option<String>,
-    #[serde(default)]
     pub uid: Option<String>,
 }
 
@@ -85,8 +83,6 @@ pub struct ServiceEntrySpec {
     pub ports: Vec<ServiceEntryPort>,
     #[serde(default)]
     pub resolution: Resolution,
-    #[serde(default)]
-    pub location: Option<String>,
     #[serde(default)]
     pub endpoints: Vec<WorkloadEntry>,
     #[serde(default)]
@@ -261,8 +257,6 @@ impl Service {
 pub struct EndpointSlice {
     #[serde(default)]
     pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub address_type: String,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
 }
