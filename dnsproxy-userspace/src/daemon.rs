@@ -135,7 +135,7 @@ impl Settings {
     }
 
     fn registry(&self) -> anyhow::Result<Registry> {
-        let allocator = VipAllocator::load(&self.args.state_dir)?;
+        let allocator = VipAllocator::load(&self.args.state_dir);
         let config = TableConfig {
             cluster_domain: self.args.cluster_domain.clone(),
         };

@@ -10,38 +10,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{Deserialize, Serialize};
+use super::vip_state::{self, SLOTS};
 
-/// Usable slots: 240.240.0.1 .. 240.240.255.254.
-const SLOTS: u32 = 65534;
-
-/// Errors of the allocator's state file.
+/// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
 pub enum AllocatorError {
-    /// The state file exists but cannot be read or parsed.
-    #[error("VIP state {path} (move it away to start with fresh allocations)")]
-    State {
-        path: PathBuf,
-        #[source]
-        source: StateError,
-    },
     /// Every slot is taken.
     #[error("no free auto-allocated VIP left for {host} (65534 in use)")]
     Exhausted { host: String },
-}
-
-/// What is wrong with the state file.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    /// It cannot be read.
-    #[error("cannot read it")]
-    Read(#[source] std::io::Error),
-    /// It is not the JSON we write.
-    #[error("cannot parse it")]
-    Parse(#[source] serde_json::Error),
-    /// A slot is outside the VIP range.
-    #[error("the slot of {host} is out of range")]
-    SlotOutOfRange { host: String },
 }
 
 /// A host's auto-allocated addresses.
@@ -80,12 +56,6 @@ fn slot_of(ip: IpAddr) -> Option<u32> {
     (1..=SLOTS).contains(&slot).then_some(slot)
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
-    /// host → slot.
-    hosts: BTreeMap<String, u32>,
-}
-
 /// Host → slot, kept across restarts in `state_path`.
 #[derive(Debug)]
 pub struct VipAllocator {
@@ -110,29 +80,24 @@ impl VipAllocator {
         }
     }
 
-    /// Loads `state_dir/vips.json` if present.
-    pub fn load(state_dir: &Path) -> Result<Self, AllocatorError> {
+    /// Loads `state_dir/vips.json` if present. A damaged file is no reason not to
+    /// start: what it still holds is kept (those hosts keep their VIPs), the rest is
+    /// allocated again, and a warning names the file.
+    pub fn load(state_dir: &Path) -> Self {
         let path = state_dir.join("vips.json");
-        let err = |source: StateError| AllocatorError::State {
-            path: path.clone(),
-            source,
-        };
-        let hosts = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                serde_json::from_str::<StateFile>(&text)
-                    .map_err(|e| err(StateError::Parse(e)))?
-                    .hosts
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(err(StateError::Read(e))),
-        };
-        if let Some((host, _)) = hosts.iter().find(|(_, s)| !(1..=SLOTS).contains(*s)) {
-            return Err(err(StateError::SlotOutOfRange { host: host.clone() }));
+        let loaded = vip_state::read(&path);
+        if let Some(damage) = &loaded.damage {
+            tracing::warn!(
+                path = %path.display(),
+                kept = loaded.hosts.len(),
+                error = %crate::report(damage),
+                "the VIP state file is damaged: keeping the allocations it still holds"
+            );
         }
-        Ok(VipAllocator {
-            hosts,
+        VipAllocator {
+            hosts: loaded.hosts,
             state_path: Some(path),
-        })
+        }
     }
 
     /// Makes the allocation cover exactly `wanted` hosts; `reserved` addresses (given
@@ -169,27 +134,13 @@ impl VipAllocator {
             .collect())
     }
 
-    /// Writes the state atomically (temp file + rename). A failure is logged, not
-    /// fatal: allocations stay valid in memory and are retried on the next change.
+    /// Writes the state atomically and durably. A failure is logged, not fatal:
+    /// allocations stay valid in memory and are written again on the next change.
     fn persist(&self) {
         let Some(path) = &self.state_path else {
             return;
         };
-        let state = StateFile {
-            hosts: self.hosts.clone(),
-        };
-        let result = (|| -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(
-                &tmp,
-                serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?,
-            )?;
-            std::fs::rename(&tmp, path)
-        })();
-        if let Err(e) = result {
+        if let Err(e) = vip_state::write(path, &self.hosts) {
             tracing::warn!(path = %path.display(), error = %crate::report(&e), "cannot persist VIP allocations");
         }
     }
@@ -251,16 +202,21 @@ mod tests {
     fn survives_a_restart_through_the_state_file() {
         let dir = std::env::temp_dir().join(format!("vips-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut a = VipAllocator::load(&dir).unwrap();
+        let mut a = VipAllocator::load(&dir);
         let first = a.sync(&set(&["b.com"]), &HashSet::new()).unwrap();
         // A new process, where a.com arrives first and could hash onto b.com's slot:
         // the state file keeps b.com where it was.
-        let mut b = VipAllocator::load(&dir).unwrap();
+        let mut b = VipAllocator::load(&dir);
         let second = b.sync(&set(&["a.com", "b.com"]), &HashSet::new()).unwrap();
         assert_eq!(first["b.com"], second["b.com"]);
-        std::fs::write(dir.join("vips.json"), "{not json").unwrap();
-        let err = VipAllocator::load(&dir).unwrap_err().to_string();
+        // Truncated: b.com's line survives, and so does its VIP.
+        let text = std::fs::read_to_string(dir.join("vips.json")).unwrap();
+        let cut = text.find("b.com").unwrap();
+        let cut = cut + text[cut..].find('\n').unwrap() + 1;
+        std::fs::write(dir.join("vips.json"), &text[..cut]).unwrap();
+        let mut c = VipAllocator::load(&dir);
+        let third = c.sync(&set(&["b.com", "a.com"]), &HashSet::new()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(err.contains("vips.json"), "{err}");
+        assert_eq!(second, third);
     }
 }

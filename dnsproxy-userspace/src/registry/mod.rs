@@ -6,6 +6,7 @@ pub mod allocator;
 pub mod files;
 pub mod manifest;
 pub mod table;
+pub mod vip_state;
 
 pub use table::{NameTable, TableConfig};
 
