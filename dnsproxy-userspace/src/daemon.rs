@@ -55,6 +55,10 @@ pub fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     system::require_root()?;
     system::require_btf()?;
+    match system::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
     let settings = Settings::resolve(args).await?;
     let daemon = Daemon::start(settings).await?;
     daemon.serve_until_signal().await
@@ -245,6 +249,7 @@ impl Daemon {
         let listeners = match settings.args.mode {
             Mode::Local => Some(Listeners::from_std(server::bind_std(
                 settings.args.listen_port,
+                server::UdpSockets::PerCore,
             )?)?),
             Mode::Node => None,
         };

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::dns::server::{BindError, StdListeners, bind_std};
+use crate::dns::server::{BindError, StdListeners, UdpSockets, bind_std};
 
 /// `SO_NETNS_COOKIE` (include/uapi/asm-generic/socket.h).
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -131,7 +131,7 @@ pub fn bind_in_netns(netns: &Path, port: u16) -> Result<(StdListeners, u64), Net
                 source: std::io::Error::last_os_error(),
             });
         }
-        let listeners = bind_std(port).map_err(|source| NetnsError::Bind {
+        let listeners = bind_std(port, UdpSockets::One).map_err(|source| NetnsError::Bind {
             path: path.clone(),
             source,
         })?;

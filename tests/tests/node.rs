@@ -85,6 +85,20 @@ fn capture_policy_per_pod_namespace_and_istio_with_live_changes() {
     // The ServiceEntry's auto-allocated VIP.
     assert!(env.dig(istio, "aliyun.com").starts_with("240.240."));
     assert_eq!(policy_entries(&daemon), 3);
+    // A pod costs one UDP socket and one TCP listener per loopback family, and no
+    // SO_REUSEPORT group a process in the pod could join.
+    let sockets = stdout(&env.in_pod(annotated, &["ss", "-Htuln", "sport = :15053"]));
+    let udp = sockets.lines().filter(|l| l.starts_with("udp")).count();
+    let tcp = sockets.lines().filter(|l| l.starts_with("tcp")).count();
+    assert_eq!((udp, tcp), (2, 2), "{sockets}");
+    let joined = env.in_pod(
+        annotated,
+        &["python3", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\ns.bind(('127.0.0.1',15053))"],
+    );
+    assert!(
+        !joined.status.success(),
+        "a pod process joined the listener's port"
+    );
 
     // Live changes, no pod restart: capture on for `plain`, off for `annotated`.
     env.annotate(plain, &[("dnsproxy.io/capture", "true")]);

@@ -20,6 +20,27 @@ pub fn require_root() -> Result<(), BpfError> {
     Ok(())
 }
 
+/// Raises the open-files limit to its hard limit: one daemon serves every pod of a node,
+/// and each pod costs a few descriptors. Returns the limit now in force.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: a valid, initialised rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// Fails unless the kernel exposes BTF.
 pub fn require_btf() -> Result<(), BpfError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {

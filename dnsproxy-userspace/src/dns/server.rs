@@ -84,9 +84,20 @@ fn bind_error(addr: SocketAddr, protocol: Protocol, source: std::io::Error) -> B
     }
 }
 
-fn udp_reuseport(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// How many UDP sockets a listener binds per address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpSockets {
+    /// One `SO_REUSEPORT` socket per core (the local listener): queries spread over
+    /// cores without a shared lock.
+    PerCore,
+    /// One socket, no `SO_REUSEPORT` (inside pods: a root process in the pod could
+    /// otherwise join the group and read or answer other containers' queries).
+    One,
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::UdpSocket> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    sock.set_reuse_port(true)?;
+    sock.set_reuse_port(reuse_port)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     Ok(sock.into())
@@ -101,12 +112,16 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Binds UDP (one socket per core) and TCP on 127.0.0.1:`port` (required) and
-/// [`::1`]:`port` (skipped, with a warning, when the netns has no IPv6 loopback), in the
-/// calling thread's network namespace. The TCP listener does not share its port, so a
-/// second daemon fails here.
-pub fn bind_std(port: u16) -> Result<StdListeners, BindError> {
-    let per_core = std::thread::available_parallelism().map_or(1, usize::from);
+/// Binds UDP (as `udp_sockets` says) and TCP on 127.0.0.1:`port` (required) and
+/// [`::1`]:`port` (skipped when the netns has no IPv6 loopback), in the calling
+/// thread's network namespace. The TCP listener does not share its port, so a second
+/// daemon fails here.
+pub fn bind_std(port: u16, udp_sockets: UdpSockets) -> Result<StdListeners, BindError> {
+    let per_address = match udp_sockets {
+        UdpSockets::PerCore => std::thread::available_parallelism().map_or(1, usize::from),
+        UdpSockets::One => 1,
+    };
+    let reuse_port = udp_sockets == UdpSockets::PerCore;
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
     for ip in [
@@ -123,8 +138,10 @@ pub fn bind_std(port: u16) -> Result<StdListeners, BindError> {
             Err(e) => return Err(bind_error(addr, Protocol::Tcp, e)),
         };
         tcp.push(listener);
-        for _ in 0..per_core {
-            udp.push(udp_reuseport(addr).map_err(|e| bind_error(addr, Protocol::Udp, e))?);
+        for _ in 0..per_address {
+            let sock =
+                udp_socket(addr, reuse_port).map_err(|e| bind_error(addr, Protocol::Udp, e))?;
+            udp.push(sock);
         }
     }
     Ok(StdListeners { udp, tcp })
