@@ -203,6 +203,11 @@ fn tcp_truncation_and_nodata() {
         dig_server(&big),
         ";; SERVER: 10.96.0.10#53(10.96.0.10) (TCP)"
     );
+    // Without the TCP retry: the records that fit in 512 bytes, with TC set.
+    let cut = env.dig(&["+noedns", "+ignore", "big.test", "A"]);
+    let text = stdout(&cut);
+    assert!(text.contains("flags: qr aa tc rd ra;"), "{text}");
+    assert_eq!(dig_answers(&cut).len(), (512 - 12 - 14) / 16, "{text}");
 
     // A known host without the asked family: NOERROR, no answer, SOA in authority.
     let nodata = env.dig(&["v4only.test", "AAAA"]);

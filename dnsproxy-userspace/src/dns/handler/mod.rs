@@ -270,12 +270,58 @@ impl Handler {
 /// question only with TC set, so the client retries over TCP.
 fn fit_to_transport(reply: &Message, request: &Message, protocol: Protocol) -> Option<Vec<u8>> {
     let bytes = encode(reply)?;
-    Some(match protocol {
-        Protocol::Udp if bytes.len() > udp_limit(request) => {
-            encode(&reply.truncate()).unwrap_or(bytes)
+    let limit = udp_limit(request);
+    match protocol {
+        Protocol::Udp if bytes.len() > limit => truncate_to(reply, limit),
+        _ => Some(bytes),
+    }
+}
+
+/// `reply` within `limit` bytes, as CoreDNS and Istio truncate: the answer records
+/// that fit, in order, with TC set when some did not (the client retries over TCP, and
+/// one without TCP still has addresses); when every answer fits, the authority and
+/// then the additional records that fit, without TC (RFC 2181 §9).
+fn truncate_to(reply: &Message, limit: usize) -> Option<Vec<u8>> {
+    let mut out = reply.clone();
+    out.answers.clear();
+    out.authorities.clear();
+    out.additionals.clear();
+    let fits = |m: &Message| m.to_vec().is_ok_and(|b| b.len() <= limit);
+    let answers = longest_fitting_prefix(reply.answers.len(), |k| {
+        out.answers = reply.answers[..k].to_vec();
+        fits(&out)
+    });
+    out.answers = reply.answers[..answers].to_vec();
+    if answers < reply.answers.len() {
+        out.metadata.truncation = true;
+        return encode(&out);
+    }
+    let authorities = longest_fitting_prefix(reply.authorities.len(), |k| {
+        out.authorities = reply.authorities[..k].to_vec();
+        fits(&out)
+    });
+    out.authorities = reply.authorities[..authorities].to_vec();
+    let additionals = longest_fitting_prefix(reply.additionals.len(), |k| {
+        out.additionals = reply.additionals[..k].to_vec();
+        fits(&out)
+    });
+    out.additionals = reply.additionals[..additionals].to_vec();
+    encode(&out)
+}
+
+/// The largest `k` in `0..=n` with `fits(k)`, for a `fits` that holds up to some `k`
+/// and not past it (binary search: each probe encodes a message).
+fn longest_fitting_prefix(n: usize, mut fits: impl FnMut(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
         }
-        _ => bytes,
-    })
+    }
+    lo
 }
 
 /// A response skeleton: same ID, opcode, RD and question as sent; RA set; EDNS echoed.
