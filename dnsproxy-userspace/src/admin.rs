@@ -66,16 +66,54 @@ impl AdminState {
     }
 }
 
-/// Binds the admin address (errors are reported before anything is attached).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on admin address {addr} (choose another --admin)"))
+/// What an endpoint serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    Probes,
+    /// `/debug/*`.
+    Debug,
 }
 
-/// Serves requests until `shutdown`; connections then finish their request and close.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+/// The bound admin and debug listeners.
+pub struct Listeners {
+    admin: TcpListener,
+    debug: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both (errors are reported before anything is attached). The debug address
+    /// must be a loopback address.
+    pub async fn bind(admin: SocketAddr, debug: SocketAddr) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        anyhow::ensure!(
+            debug.ip().is_loopback(),
+            "--debug-addr {debug} is not a loopback address: the debug dumps are for the node's operator only"
+        );
+        let bind = |addr: SocketAddr, flag: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (choose another {flag})"))
+        };
+        Ok(Listeners {
+            admin: bind(admin, "--admin").await?,
+            debug: bind(debug, "--debug-addr").await?,
+        })
+    }
+
+    /// Each listener with what it serves.
+    pub fn with_surfaces(self) -> [(TcpListener, Surface); 2] {
+        [(self.admin, Surface::Probes), (self.debug, Surface::Debug)]
+    }
+}
+
+/// Serves `surface` until `shutdown`; connections then finish their request and close.
+pub async fn serve(
+    listener: TcpListener,
+    surface: Surface,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) {
     let connections = TaskTracker::new();
     while let Some(accepted) = shutdown.run_until_cancelled(listener.accept()).await {
         let Ok((stream, _)) = accepted else {
@@ -85,7 +123,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         connections.spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&req, &state)) }
+                async move { Ok::<_, Infallible>(respond(&req, surface, &state)) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -105,7 +143,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     connections.wait().await;
 }
 
-fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut res = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -116,7 +154,17 @@ fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>>
             .insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
         return res;
     }
-    match req.uri().path() {
+    match (surface, req.uri().path()) {
+        (Surface::Debug, "/debug/ndsz") => {
+            reply(StatusCode::OK, "application/json", render_ndsz(state))
+        }
+        (Surface::Debug, _) => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        (Surface::Probes, path) => respond_probe(path, state),
+    }
+}
+
+fn respond_probe(path: &str, state: &AdminState) -> Response<Full<Bytes>> {
+    match path {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if state.ready.load(Ordering::Acquire) => {
             reply(StatusCode::OK, "text/plain", "ready\n".into())
@@ -134,7 +182,6 @@ fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>>
                 format!("{e}\n"),
             ),
         },
-        "/debug/ndsz" => reply(StatusCode::OK, "application/json", render_ndsz(state)),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

@@ -5,6 +5,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::upstream_addr::UpstreamAddr;
 
+/// Port of the admin endpoint unless `--admin` says otherwise.
+pub const ADMIN_PORT: u16 = 15191;
+
 /// Default directory for pinned maps and links (versioned by layout).
 pub fn default_pin_dir() -> PathBuf {
     PathBuf::from(format!(
@@ -110,9 +113,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = dnsproxy_common::DEFAULT_LISTEN_PORT, env = "DNSPROXY_LISTEN_PORT")]
     pub listen_port: u16,
 
-    /// Admin HTTP address (/healthz, /readyz, /metrics).
-    #[arg(long, default_value = "127.0.0.1:15021", env = "DNSPROXY_ADMIN")]
-    pub admin: SocketAddr,
+    /// Admin HTTP address: /healthz, /readyz, /metrics. Default: local mode
+    /// 127.0.0.1:15191, node mode 0.0.0.0:15191 (the kubelet probes the node's
+    /// address; no Istio component uses the port, so gateways on hostNetwork can share
+    /// the node).
+    #[arg(long, value_name = "ADDR", env = "DNSPROXY_ADMIN")]
+    pub admin: Option<SocketAddr>,
+
+    /// Debug HTTP address: /debug/ndsz (the name table). Loopback only: what it shows
+    /// is for the node's operator, not for pods or the network.
+    #[arg(long, default_value = "127.0.0.1:15192", env = "DNSPROXY_DEBUG_ADDR")]
+    pub debug_addr: SocketAddr,
 
     /// bpffs directory for pinned maps and links.
     #[arg(long, value_name = "DIR", default_value_os_t = default_pin_dir(), env = "DNSPROXY_PIN_DIR")]
@@ -171,6 +182,20 @@ pub struct RunArgs {
     /// daemon exits anyway, in milliseconds. Listeners stop reading at once.
     #[arg(long, default_value_t = 1500, env = "DNSPROXY_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: u64,
+}
+
+impl RunArgs {
+    /// `--admin`, else the mode's default: loopback in local mode, every address in
+    /// node mode (the kubelet probes the node's address).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.unwrap_or_else(|| {
+            let ip = match self.mode {
+                Mode::Local => std::net::Ipv4Addr::LOCALHOST,
+                Mode::Node => std::net::Ipv4Addr::UNSPECIFIED,
+            };
+            SocketAddr::from((ip, ADMIN_PORT))
+        })
+    }
 }
 
 #[derive(Debug, Args)]

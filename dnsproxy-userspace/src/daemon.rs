@@ -170,7 +170,8 @@ impl Settings {
             dns_servers = ?self.dns_servers,
             upstreams = ?self.upstreams,
             listen = ?listeners.map(Listeners::local_addrs),
-            admin = %a.admin,
+            admin = %a.admin_addr(),
+            debug = %a.debug_addr,
             pin_dir = %a.pin_dir.display(),
             vip_state = %a.state_dir.join("vips.json").display(),
             namespace = %a.namespace,
@@ -253,13 +254,14 @@ impl Daemon {
             )?)?),
             Mode::Node => None,
         };
-        let admin_listener = admin::bind(settings.args.admin).await?;
+        let admin_listeners =
+            admin::Listeners::bind(settings.args.admin_addr(), settings.args.debug_addr).await?;
         let registry = Arc::new(settings.registry()?);
         settings.log_start(listeners.as_ref(), registry.table().len());
 
         let datapath = DataPath::start(&settings.datapath_options())?;
         let mut daemon = Daemon::assemble(settings, datapath, registry);
-        daemon.spawn_admin(admin_listener);
+        daemon.spawn_admin(admin_listeners);
         if let Some(listeners) = listeners {
             daemon.spawn_local(listeners);
         }
@@ -307,12 +309,15 @@ impl Daemon {
         }
     }
 
-    fn spawn_admin(&mut self, listener: tokio::net::TcpListener) {
-        let (state, token) = (Arc::clone(&self.admin), self.shutdown.child_token());
-        self.tasks.spawn(async move {
-            admin::serve(listener, state, token).await;
-            Ok(())
-        });
+    /// The admin and debug endpoints, and the kernel log forwarder.
+    fn spawn_admin(&mut self, listeners: admin::Listeners) {
+        for (listener, surface) in listeners.with_surfaces() {
+            let (state, token) = (Arc::clone(&self.admin), self.shutdown.child_token());
+            self.tasks.spawn(async move {
+                admin::serve(listener, surface, state, token).await;
+                Ok(())
+            });
+        }
         if let Some(logger) = self.datapath.kernel_logger() {
             let token = self.shutdown.child_token();
             self.tasks.spawn(async move {

@@ -10,7 +10,8 @@ use std::{
 };
 
 use crate::{
-    CLUSTER_DNS_V4, CLUSTER_DNS_V6, Cgroup, Netns, dnsproxy_bin, run_with_timeout, unique_name,
+    ADMIN_ADDR, CLUSTER_DNS_V4, CLUSTER_DNS_V6, Cgroup, Netns, dnsproxy_bin, run_with_timeout,
+    unique_name,
 };
 
 // === impl Daemon ===
@@ -105,7 +106,7 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("dnsproxy exited early ({status}):\n{}", self.log_text());
             }
-            let ready = netns.within(|| http_get("127.0.0.1:15021", "/readyz"));
+            let ready = netns.within(|| http_get(ADMIN_ADDR, "/readyz"));
             if ready
                 .as_deref()
                 .is_some_and(|r| r.starts_with("HTTP/1.1 200"))

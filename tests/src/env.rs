@@ -2,8 +2,8 @@
 use std::{path::PathBuf, process::Output, time::Duration};
 
 use crate::{
-    Cgroup, Daemon, DaemonOptions, FakeDns, Netns, REGISTRY_YAML, dnsproxy_bin, http_get,
-    run_with_timeout, stdout, unique_name,
+    ADMIN_ADDR, Cgroup, DEBUG_ADDR, Daemon, DaemonOptions, FakeDns, Netns, REGISTRY_YAML,
+    dnsproxy_bin, http_get, run_with_timeout, stdout, unique_name,
 };
 
 // === impl TestEnv ===
@@ -66,11 +66,17 @@ impl TestEnv {
         std::fs::write(self.dir.join("resolv.conf"), text).unwrap();
     }
 
-    /// GET `path` on the daemon's admin endpoint (inside the netns); the body.
+    /// GET `path` on the daemon's admin endpoint, or for `/debug/*` its debug
+    /// endpoint (inside the netns); the body.
     pub fn admin(&self, path: &'static str) -> String {
+        let addr = if path.starts_with("/debug/") {
+            DEBUG_ADDR
+        } else {
+            ADMIN_ADDR
+        };
         let response = self
             .netns
-            .within(move || http_get("127.0.0.1:15021", path))
+            .within(move || http_get(addr, path))
             .unwrap_or_else(|| panic!("admin {path} did not answer"));
         response
             .split_once("\r\n\r\n")

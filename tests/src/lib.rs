@@ -34,6 +34,10 @@ pub use servers::{BannerServer, Signal, UdpEcho};
 pub const CLUSTER_DNS_V4: &str = "10.96.0.10";
 pub const CLUSTER_DNS_V6: &str = "fd00::10";
 
+/// The daemon's admin endpoint (probes, metrics) and debug endpoint, in its netns.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15191";
+pub const DEBUG_ADDR: &str = "127.0.0.1:15192";
+
 /// What the fake cluster DNS answers to every A / AAAA question.
 pub const FAKE_A: &str = "10.99.99.99";
 pub const FAKE_AAAA: &str = "fd00::99";

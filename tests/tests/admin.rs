@@ -1,5 +1,6 @@
-//! The admin endpoint: probes, metrics (`OpenMetrics` text with the eBPF counters), the name
-//! table dump, 404 for unknown paths and 405 for anything but GET/HEAD.
+//! The admin endpoint: probes, metrics (`OpenMetrics` text with the eBPF counters), 404
+//! for unknown paths and 405 for anything but GET/HEAD; the name table dump only on the
+//! loopback debug endpoint.
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
@@ -11,7 +12,7 @@ use dnsproxy_e2e::*;
 /// Sends `request` (a whole HTTP/1.1 request) to the admin port inside `netns`.
 fn raw(netns: &Netns, request: &'static str) -> String {
     netns.within(move || {
-        let mut s = TcpStream::connect("127.0.0.1:15021").expect("admin port");
+        let mut s = TcpStream::connect(ADMIN_ADDR).expect("admin port");
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         s.write_all(request.as_bytes()).unwrap();
         let mut out = String::new();
@@ -30,11 +31,12 @@ fn admin_routes_status_codes_and_metrics() {
     let answer = env.dig(&["registry.test", "A"]);
     assert_eq!(dig_answers(&answer), ["240.240.1.1"]);
 
-    let get = |path: &'static str| {
+    let get_from = |addr: &'static str, path: &'static str| {
         env.netns
-            .within(move || http_get("127.0.0.1:15021", path))
+            .within(move || http_get(addr, path))
             .unwrap_or_default()
     };
+    let get = |path: &'static str| get_from(ADMIN_ADDR, path);
     assert!(
         get("/healthz").starts_with("HTTP/1.1 200"),
         "{}",
@@ -52,11 +54,14 @@ fn admin_routes_status_codes_and_metrics() {
     ] {
         assert!(metrics.contains(want), "missing {want} in\n{metrics}");
     }
-    let ndsz = get("/debug/ndsz");
+    // The name table only on the loopback debug endpoint, and nothing else there.
+    let ndsz = get_from(DEBUG_ADDR, "/debug/ndsz");
     assert!(
         ndsz.contains("application/json") && ndsz.contains("\"registry.test\""),
         "{ndsz}"
     );
+    assert!(get("/debug/ndsz").starts_with("HTTP/1.1 404"));
+    assert!(get_from(DEBUG_ADDR, "/metrics").starts_with("HTTP/1.1 404"));
     let missing = get("/nope");
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     let post = raw(
