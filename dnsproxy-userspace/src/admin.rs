@@ -214,7 +214,7 @@ fn render_ndsz(state: &AdminState) -> String {
 
 // === collectors read at scrape time ===
 
-/// `dns_cache_entries`: answers held in the cache.
+/// `dns_cache_entries`, `dns_cache_bytes`, `dns_cache_evictions_total`.
 struct CacheCollector {
     handler: Arc<Handler>,
 }
@@ -227,14 +227,30 @@ impl std::fmt::Debug for CacheCollector {
 
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let entries = i64::try_from(self.handler.cache_len()).unwrap_or(i64::MAX);
+        let cache = self.handler.cache();
+        let gauges = [
+            (
+                "dns_cache_entries",
+                "Answers held in the cache.",
+                cache.len() as u64,
+            ),
+            (
+                "dns_cache_bytes",
+                "Memory the cache holds, as weighed.",
+                cache.bytes(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+        }
         let metric = encoder.encode_descriptor(
-            "dns_cache_entries",
-            "Answers held in the cache.",
+            "dns_cache_evictions",
+            "Answers evicted to keep the cache within --cache-bytes and --cache-size.",
             None,
-            MetricType::Gauge,
+            MetricType::Counter,
         )?;
-        ConstGauge::new(entries).encode(metric)
+        ConstCounter::new(cache.evictions()).encode(metric)
     }
 }
 

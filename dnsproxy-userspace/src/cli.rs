@@ -154,7 +154,21 @@ pub struct RunArgs {
 
     /// Most upstream answers kept in the cache (0 disables caching).
     #[arg(long, default_value_t = 10_000, env = "DNSPROXY_CACHE_SIZE")]
-    pub cache_size: usize,
+    pub cache_size: u64,
+
+    /// Most memory the cache of upstream answers holds, in bytes (0 disables caching).
+    /// The default fits well inside the DaemonSet's 256 Mi limit.
+    #[arg(long, default_value_t = 32 << 20, env = "DNSPROXY_CACHE_BYTES")]
+    pub cache_bytes: u64,
+
+    /// Largest TTL a client is told, and longest time an answer is cached, in seconds.
+    #[arg(long, default_value_t = 86_400, env = "DNSPROXY_MAX_TTL")]
+    pub max_ttl: u32,
+
+    /// While every upstream fails, answer from expired cache entries with a 30 s TTL
+    /// (RFC 8767) instead of SERVFAIL.
+    #[arg(long, env = "DNSPROXY_SERVE_STALE")]
+    pub serve_stale: bool,
 
     /// Kubernetes cluster domain.
     #[arg(long, default_value = "cluster.local", env = "DNSPROXY_CLUSTER_DOMAIN")]

@@ -29,7 +29,7 @@ use crate::{
     cli::{Mode, RunArgs, Switch},
     cluster,
     dns::{
-        cache::Cache,
+        cache::{self, Cache},
         forwarder::Forwarder,
         handler::Handler,
         local::ClientContext,
@@ -287,7 +287,12 @@ impl Daemon {
         let handler = Arc::new(Handler::new(
             Arc::clone(&registry),
             Arc::clone(&forwarder),
-            Cache::new(args.cache_size),
+            Cache::new(cache::Limits {
+                bytes: args.cache_bytes,
+                entries: args.cache_size,
+                max_ttl: args.max_ttl,
+                serve_stale: args.serve_stale,
+            }),
             args.ttl,
             Arc::clone(&metrics),
         ));

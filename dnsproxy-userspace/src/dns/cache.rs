@@ -1,10 +1,21 @@
-//! A bounded cache of upstream answers. Positive answers live for their smallest TTL,
-//! negative ones (NXDOMAIN, NODATA) for the SOA's negative TTL (RFC 2308: the smaller
-//! of the SOA record's TTL and its MINIMUM); answers without an SOA, SERVFAIL and
-//! truncated answers are not cached. Hits come back with TTLs reduced by their age.
+//! A cache of upstream answers, bounded by memory. Positive answers live for their
+//! smallest TTL, negative ones (NXDOMAIN, NODATA) for the SOA's negative TTL (RFC 2308:
+//! the smaller of the SOA record's TTL and its MINIMUM), both at most `--max-ttl`;
+//! answers without an SOA, SERVFAIL and truncated answers are not cached. Hits come back
+//! with TTLs reduced by their age.
+//!
+//! Entries are weighed by the memory they hold (at least `--cache-bytes /
+//! --cache-size`, so the entry count is bounded too) in a sharded `quick_cache`: reads
+//! from every core do not meet on one lock, and eviction is S3-FIFO (recency and
+//! frequency), never "closest to expiry first" — a flood of long-TTL junk does not push
+//! out the answers that are asked for. With serve-stale (RFC 8767) expired entries are
+//! kept until evicted, for the time every upstream fails.
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    hash::RandomState,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -12,11 +23,9 @@ use hickory_proto::{
     op::{Message, ResponseCode},
     rr::{DNSClass, RData, Record, RecordType},
 };
+use quick_cache::{Lifecycle, Weighter};
 
-/// No answer is kept longer than this, whatever its TTL.
-const MAX_TTL: u32 = 86_400;
-
-/// Cache key: lower-case name, type, class.
+/// Cache key: lower-case name, type, class, and the DNSSEC bits that change the answer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     pub name: String,
@@ -46,27 +55,112 @@ impl From<Message> for CachedAnswer {
     }
 }
 
+impl CachedAnswer {
+    fn records_mut(&mut self) -> impl Iterator<Item = &mut Record> {
+        self.answers
+            .iter_mut()
+            .chain(&mut self.authorities)
+            .chain(&mut self.additionals)
+    }
+
+    /// No record claims to live longer than `max_ttl`.
+    pub fn clamp_ttls(&mut self, max_ttl: u32) {
+        for r in self.records_mut() {
+            r.ttl = r.ttl.min(max_ttl);
+        }
+    }
+
+    /// Every record's TTL set to `ttl` (stale answers, RFC 8767 §4).
+    fn set_ttls(&mut self, ttl: u32) {
+        for r in self.records_mut() {
+            r.ttl = ttl;
+        }
+    }
+
+    /// Bytes this answer holds: the records themselves and what their names and data
+    /// point to, estimated from their wire size.
+    fn footprint(&self) -> usize {
+        let records = self.answers.len() + self.authorities.len() + self.additionals.len();
+        let wire: usize = self
+            .answers
+            .iter()
+            .chain(&self.authorities)
+            .chain(&self.additionals)
+            .map(|r| r.name.len() + 10 + rdata_len(&r.data))
+            .sum();
+        records * size_of::<Record>() + 2 * wire
+    }
+}
+
+/// The wire size of record data, without encoding it (the cache weighs every insert).
+fn rdata_len(data: &RData) -> usize {
+    match data {
+        RData::A(_) => 4,
+        RData::AAAA(_) => 16,
+        RData::CNAME(n) => n.0.len(),
+        RData::PTR(n) => n.0.len(),
+        RData::NS(n) => n.0.len(),
+        // Everything else (TXT, SOA, HTTPS, ...): its text form is a fair upper bound.
+        other => other.to_string().len(),
+    }
+}
+
 struct Entry {
     answer: CachedAnswer,
     stored: Instant,
     expires: Instant,
-    seq: u64,
+    weight: u64,
 }
 
-struct Inner {
-    map: HashMap<Key, Entry>,
-    /// Expiry order, for purging and for evicting the entry closest to expiry.
-    by_expiry: BTreeMap<(Instant, u64), Key>,
-    seq: u64,
+#[derive(Clone)]
+struct ByWeight;
+
+impl Weighter<Key, Arc<Entry>> for ByWeight {
+    fn weight(&self, _key: &Key, entry: &Arc<Entry>) -> u64 {
+        entry.weight
+    }
+}
+
+/// Counts evictions (a bound acting) for `/metrics`.
+#[derive(Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), _key: Key, _entry: Arc<Entry>) {
+        self.0.fetch_add(1, Relaxed);
+    }
+}
+
+type Entries = quick_cache::sync::Cache<Key, Arc<Entry>, ByWeight, RandomState, CountEvictions>;
+
+/// How the cache is bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most bytes held (0 disables the cache).
+    pub bytes: u64,
+    /// Most answers held (0 disables the cache).
+    pub entries: u64,
+    /// Longest time an answer is kept and the largest TTL a client is told.
+    pub max_ttl: u32,
+    /// Keep expired answers to serve while every upstream fails (RFC 8767).
+    pub serve_stale: bool,
 }
 
 /// The cache.
 pub struct Cache {
-    inner: Mutex<Inner>,
-    capacity: usize,
+    entries: Option<Entries>,
+    limits: Limits,
+    /// Every entry weighs at least this, so that `limits.entries` holds too.
+    min_weight: u64,
+    evictions: CountEvictions,
 }
 
-/// How long `msg` may be cached, if at all.
+/// TTL of a stale answer (RFC 8767 §4 recommends 30 s).
+pub const STALE_TTL: u32 = 30;
+
+/// How long `msg` may be cached, if at all (before `--max-ttl`).
 pub fn cacheable_ttl(msg: &Message) -> Option<u32> {
     if msg.metadata.truncation {
         return None;
@@ -84,20 +178,39 @@ pub fn cacheable_ttl(msg: &Message) -> Option<u32> {
     } else {
         msg.answers.iter().map(|r| r.ttl).min()?
     };
-    (ttl > 0).then_some(ttl.min(MAX_TTL))
+    (ttl > 0).then_some(ttl)
 }
 
 impl Cache {
-    /// A cache of at most `capacity` answers (0 disables it).
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(limits: Limits) -> Self {
+        let enabled = limits.bytes > 0 && limits.entries > 0;
+        let min_weight = if enabled {
+            limits.bytes.div_ceil(limits.entries)
+        } else {
+            1
+        };
+        let evictions = CountEvictions::default();
+        let entries = enabled.then(|| {
+            let estimated = usize::try_from(limits.entries.min(1 << 20)).unwrap_or(1 << 20);
+            Entries::with(
+                estimated,
+                limits.bytes,
+                ByWeight,
+                RandomState::default(),
+                evictions.clone(),
+            )
+        });
         Cache {
-            inner: Mutex::new(Inner {
-                map: HashMap::new(),
-                by_expiry: BTreeMap::new(),
-                seq: 0,
-            }),
-            capacity,
+            entries,
+            limits,
+            min_weight,
+            evictions,
         }
+    }
+
+    /// Answers held.
+    pub fn len(&self) -> usize {
+        self.entries.as_ref().map_or(0, Entries::len)
     }
 
     /// True when no answer is held.
@@ -105,69 +218,73 @@ impl Cache {
         self.len() == 0
     }
 
-    /// Number of answers held.
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("cache lock").map.len()
+    /// Bytes held, as weighed.
+    pub fn bytes(&self) -> u64 {
+        self.entries.as_ref().map_or(0, Entries::weight)
     }
 
-    /// The cached answer for `key`, TTLs reduced by its age; expired entries go away.
+    /// Answers evicted to stay within the limits.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.0.load(Relaxed)
+    }
+
+    /// The largest TTL clients are told.
+    pub fn max_ttl(&self) -> u32 {
+        self.limits.max_ttl
+    }
+
+    /// The cached answer for `key`, TTLs reduced by its age; an expired entry is gone
+    /// (or, with serve-stale, left for [`Cache::stale`]).
     pub fn get(&self, key: &Key, now: Instant) -> Option<CachedAnswer> {
-        let mut inner = self.inner.lock().expect("cache lock");
-        let entry = inner.map.get(key)?;
+        let entries = self.entries.as_ref()?;
+        let entry = entries.get(key)?;
         if entry.expires <= now {
-            let (expires, seq) = (entry.expires, entry.seq);
-            inner.map.remove(key);
-            inner.by_expiry.remove(&(expires, seq));
+            if !self.limits.serve_stale {
+                entries.remove(key);
+            }
             return None;
         }
         let age = u32::try_from(now.duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         let mut answer = entry.answer.clone();
-        drop(inner);
-        for r in answer
-            .answers
-            .iter_mut()
-            .chain(&mut answer.authorities)
-            .chain(&mut answer.additionals)
-        {
+        for r in answer.records_mut() {
             r.ttl = r.ttl.saturating_sub(age);
+        }
+        Some(answer)
+    }
+
+    /// An expired answer for `key`, every TTL [`STALE_TTL`]: for when every upstream
+    /// fails and serve-stale is on.
+    pub fn stale(&self, key: &Key, now: Instant) -> Option<CachedAnswer> {
+        if !self.limits.serve_stale {
+            return None;
+        }
+        let entry = self.entries.as_ref()?.get(key)?;
+        let mut answer = entry.answer.clone();
+        if entry.expires <= now {
+            answer.set_ttls(STALE_TTL);
         }
         Some(answer)
     }
 
     /// Stores `msg` under `key` if it is cacheable.
     pub fn insert(&self, key: Key, msg: &Message, now: Instant) {
-        if self.capacity == 0 {
+        let Some(entries) = &self.entries else {
             return;
-        }
+        };
         let Some(ttl) = cacheable_ttl(msg) else {
             return;
         };
-        let expires = now + Duration::from_secs(u64::from(ttl));
-        let mut inner = self.inner.lock().expect("cache lock");
-        if let Some(old) = inner.map.remove(&key) {
-            inner.by_expiry.remove(&(old.expires, old.seq));
-        }
-        // Expired entries first, then the one closest to expiry.
-        while inner.map.len() >= self.capacity {
-            let Some((&(when, seq), _)) = inner.by_expiry.iter().next() else {
-                break;
-            };
-            let victim = inner.by_expiry.remove(&(when, seq)).expect("present");
-            inner.map.remove(&victim);
-        }
-        inner.seq += 1;
-        let seq = inner.seq;
-        inner.by_expiry.insert((expires, seq), key.clone());
-        let answer = CachedAnswer::from(msg.clone());
-        inner.map.insert(
-            key,
-            Entry {
-                answer,
-                stored: now,
-                expires,
-                seq,
-            },
-        );
+        let ttl = ttl.min(self.limits.max_ttl);
+        let mut answer = CachedAnswer::from(msg.clone());
+        answer.clamp_ttls(self.limits.max_ttl);
+        let weight = (answer.footprint() + key.name.len() + size_of::<Entry>()) as u64;
+        let entry = Entry {
+            answer,
+            stored: now,
+            expires: now + Duration::from_secs(u64::from(ttl)),
+            weight: weight.max(self.min_weight),
+        };
+        entries.insert(key, Arc::new(entry));
     }
 }
 
@@ -200,6 +317,16 @@ mod tests {
         m
     }
 
+    fn txt(size: usize, ttl: u32) -> Message {
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii("t.test.").unwrap(),
+            ttl,
+            RData::TXT(rdata::TXT::new(vec!["x".repeat(size)])),
+        ));
+        m
+    }
+
     fn negative(code: ResponseCode, soa_ttl: u32, minimum: u32) -> Message {
         let mut m = Message::new(1, MessageType::Response, OpCode::Query);
         m.metadata.response_code = code;
@@ -218,6 +345,15 @@ mod tests {
             RData::SOA(soa),
         ));
         m
+    }
+
+    fn limits(bytes: u64, entries: u64) -> Limits {
+        Limits {
+            bytes,
+            entries,
+            max_ttl: 86_400,
+            serve_stale: false,
+        }
     }
 
     #[test]
@@ -274,8 +410,8 @@ mod tests {
     }
 
     #[test]
-    fn ages_expires_and_stays_bounded() {
-        let cache = Cache::new(2);
+    fn ages_and_expires() {
+        let cache = Cache::new(limits(1 << 20, 1000));
         let t0 = Instant::now();
         cache.insert(key("a"), &answer(&[30]), t0);
         let hit = cache.get(&key("a"), t0 + Duration::from_secs(12)).unwrap();
@@ -284,17 +420,75 @@ mod tests {
             cache.get(&key("a"), t0 + Duration::from_secs(30)).is_none(),
             "expired"
         );
-        assert_eq!(cache.len(), 0);
+        assert_eq!(cache.len(), 0, "an expired entry goes without serve-stale");
+    }
 
-        cache.insert(key("short"), &answer(&[5]), t0);
-        cache.insert(key("long"), &answer(&[500]), t0);
-        cache.insert(key("new"), &answer(&[100]), t0);
-        assert_eq!(cache.len(), 2);
+    #[test]
+    fn max_ttl_clamps_lifetime_and_what_clients_are_told() {
+        let mut l = limits(1 << 20, 1000);
+        l.max_ttl = 60;
+        let cache = Cache::new(l);
+        let t0 = Instant::now();
+        cache.insert(key("a"), &answer(&[3600]), t0);
+        assert_eq!(cache.get(&key("a"), t0).unwrap().answers[0].ttl, 60);
+        assert!(cache.get(&key("a"), t0 + Duration::from_secs(61)).is_none());
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_by_entries_and_evictions_counted() {
+        let budget = 256 * 1024;
+        let cache = Cache::new(limits(budget, 100_000));
+        let t0 = Instant::now();
+        for i in 0..2000 {
+            cache.insert(key(&format!("junk{i}")), &txt(2000, 86_400), t0);
+        }
+        assert!(cache.bytes() <= budget, "{} bytes held", cache.bytes());
+        assert!(cache.evictions() > 0);
+        assert!(cache.len() < 200, "{} big answers held", cache.len());
+
+        let by_count = Cache::new(limits(1 << 30, 10));
+        for i in 0..100 {
+            by_count.insert(key(&format!("n{i}")), &answer(&[60]), t0);
+        }
+        assert!(by_count.len() <= 10, "{}", by_count.len());
+    }
+
+    #[test]
+    fn answers_asked_for_survive_a_flood_of_long_lived_junk() {
+        let cache = Cache::new(limits(512 * 1024, 100_000));
+        let t0 = Instant::now();
+        cache.insert(key("useful"), &answer(&[5]), t0);
+        for i in 0..5000 {
+            // The useful answer keeps being asked for while the junk streams in.
+            if i % 10 == 0 {
+                assert!(cache.get(&key("useful"), t0).is_some(), "evicted after {i}");
+            }
+            cache.insert(key(&format!("junk{i}")), &txt(500, 86_400), t0);
+        }
+    }
+
+    #[test]
+    fn serve_stale_keeps_expired_answers_with_a_short_ttl() {
+        let mut l = limits(1 << 20, 1000);
+        l.serve_stale = true;
+        let cache = Cache::new(l);
+        let t0 = Instant::now();
+        cache.insert(key("a"), &answer(&[10]), t0);
+        let later = t0 + Duration::from_secs(100);
+        assert!(cache.get(&key("a"), later).is_none(), "not fresh");
+        let stale = cache.stale(&key("a"), later).unwrap();
+        assert_eq!(stale.answers[0].ttl, STALE_TTL);
         assert!(
-            cache.get(&key("short"), t0).is_none(),
-            "closest to expiry evicted"
+            Cache::new(limits(1 << 20, 1000))
+                .stale(&key("a"), later)
+                .is_none()
         );
-        assert!(cache.get(&key("long"), t0).is_some());
-        assert!(cache.get(&key("new"), t0).is_some());
+    }
+
+    #[test]
+    fn zero_disables() {
+        let cache = Cache::new(limits(0, 1000));
+        cache.insert(key("a"), &answer(&[30]), Instant::now());
+        assert!(cache.get(&key("a"), Instant::now()).is_none());
     }
 }

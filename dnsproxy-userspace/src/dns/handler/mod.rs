@@ -77,9 +77,9 @@ impl Handler {
         }
     }
 
-    /// Answers held in the cache.
-    pub fn cache_len(&self) -> usize {
-        self.cache.len()
+    /// The cache of upstream answers (for its gauges).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
     }
 
     /// The answer to `query` from `client`, or `None` when nothing should be sent.
@@ -253,8 +253,10 @@ impl Handler {
         match self.forwarder.forward(question).await {
             Ok(fwd) => {
                 self.cache.insert(key, &fwd.reply, Instant::now());
+                let mut answer = CachedAnswer::from(fwd.reply);
+                answer.clamp_ttls(self.cache.max_ttl());
                 Some(Upstream {
-                    answer: CachedAnswer::from(fwd.reply),
+                    answer,
                     server: Some(fwd.upstream),
                 })
             }

@@ -83,7 +83,12 @@ fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
     Handler::new(
         Arc::new(registry),
         Arc::new(forwarder),
-        Cache::new(100),
+        Cache::new(crate::dns::cache::Limits {
+            bytes: 1 << 20,
+            entries: 100,
+            max_ttl: 86_400,
+            serve_stale: false,
+        }),
         30,
         metrics,
     )
@@ -432,7 +437,7 @@ async fn forwards_with_the_clients_id_fails_over_and_caches() {
         1,
         "second answer from the cache"
     );
-    assert_eq!(h.cache_len(), 1);
+    assert_eq!(h.cache().len(), 1);
 }
 
 #[tokio::test]
