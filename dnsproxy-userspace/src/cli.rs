@@ -139,9 +139,21 @@ pub struct RunArgs {
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
 
-    /// Per-upstream timeout, in milliseconds.
+    /// How long a question may take upstream, in milliseconds: lost datagrams are
+    /// retransmitted within it (to the next upstream when there is one), and a TCP
+    /// retry after a truncated answer shares it. Then the client gets SERVFAIL.
     #[arg(long, default_value_t = 2000, env = "DNSPROXY_UPSTREAM_TIMEOUT_MS")]
     pub upstream_timeout_ms: u64,
+
+    /// Most questions with the upstreams at once, across the daemon (identical ones
+    /// in flight count once). Past it a query gets SERVFAIL at once (`overload`).
+    #[arg(long, default_value_t = 1024, env = "DNSPROXY_MAX_INFLIGHT")]
+    pub max_inflight: usize,
+
+    /// Most of those for one client (a pod in node mode), so that one pod's flood
+    /// leaves the rest for the others.
+    #[arg(long, default_value_t = 128, env = "DNSPROXY_MAX_INFLIGHT_PER_CLIENT")]
+    pub max_inflight_per_client: usize,
 
     /// TTL of locally answered records, in seconds.
     #[arg(long, default_value_t = 30, env = "DNSPROXY_TTL")]

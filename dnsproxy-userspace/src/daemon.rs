@@ -32,9 +32,11 @@ use crate::{
         cache::{self, Cache},
         forwarder::Forwarder,
         handler::Handler,
+        inflight::{self, InFlight},
         local::ClientContext,
         metrics::Metrics,
         server::{self, Listeners},
+        upstream::UpstreamPath,
     },
     name::normalize,
     registry::{self, Registry, TableConfig, allocator::VipAllocator, manifest::Objects},
@@ -284,15 +286,25 @@ impl Daemon {
             args.upstream_parallel,
             Arc::clone(&metrics),
         ));
+        let cache = Cache::new(cache::Limits {
+            bytes: args.cache_bytes,
+            entries: args.cache_size,
+            max_ttl: args.max_ttl,
+            serve_stale: args.serve_stale,
+        });
+        let inflight = InFlight::new(inflight::Limits {
+            total: args.max_inflight,
+            per_client: args.max_inflight_per_client,
+        });
+        let upstream = UpstreamPath::new(
+            Arc::clone(&forwarder),
+            cache,
+            inflight,
+            Arc::clone(&metrics),
+        );
         let handler = Arc::new(Handler::new(
             Arc::clone(&registry),
-            Arc::clone(&forwarder),
-            Cache::new(cache::Limits {
-                bytes: args.cache_bytes,
-                entries: args.cache_size,
-                max_ttl: args.max_ttl,
-                serve_stale: args.serve_stale,
-            }),
+            upstream,
             args.ttl,
             Arc::clone(&metrics),
         ));

@@ -393,6 +393,7 @@ impl PodListeners {
                     extra_search: self.config.extra_search.clone(),
                     auto_allocate: decision.auto_allocate,
                     debug_log: decision.dns_debug,
+                    client: Arc::from(name.as_str()),
                     pod: Some(name.clone()),
                 };
                 desired.insert(uid, (name, ctx));

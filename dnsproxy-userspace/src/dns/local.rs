@@ -1,7 +1,7 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
 //! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`. Names the
 //! table does not know, and other record types, are left to upstream.
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
 use rand::seq::SliceRandom as _;
@@ -40,6 +40,9 @@ pub struct ClientContext {
     pub debug_log: bool,
     /// `namespace/name` of the pod, for logs (node mode).
     pub pod: Option<String>,
+    /// Who shares a bound on upstream work: the pod in node mode, everyone in local
+    /// mode.
+    pub client: Arc<str>,
 }
 
 impl ClientContext {
@@ -51,6 +54,7 @@ impl ClientContext {
             auto_allocate: true,
             debug_log: false,
             pod: None,
+            client: Arc::from("local"),
         }
     }
 }

@@ -43,15 +43,21 @@ pub enum Outcome {
     ServFail,
     /// Malformed or unsupported query: FORMERR/NOTIMP.
     Rejected,
+    /// A bound on upstream work was reached: SERVFAIL at once.
+    Overload,
+    /// Every upstream failed; an expired answer served (serve-stale).
+    Stale,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 7] = [
         Outcome::Local,
         Outcome::Cached,
         Outcome::Forwarded,
         Outcome::ServFail,
         Outcome::Rejected,
+        Outcome::Overload,
+        Outcome::Stale,
     ];
 
     /// The `result` label.
@@ -62,6 +68,8 @@ impl Outcome {
             Outcome::Forwarded => "forwarded",
             Outcome::ServFail => "servfail",
             Outcome::Rejected => "rejected",
+            Outcome::Overload => "overload",
+            Outcome::Stale => "stale",
         }
     }
 }
@@ -88,6 +96,8 @@ pub struct Metrics {
     upstreams: Vec<Upstream>,
     cache_hits: Counter,
     cache_misses: Counter,
+    merged: Counter,
+    failure_cache_hits: Counter,
 }
 
 impl Metrics {
@@ -116,7 +126,19 @@ impl Metrics {
             upstreams: register_upstreams(upstreams, registry),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            merged: Counter::default(),
+            failure_cache_hits: Counter::default(),
         };
+        registry.register(
+            "dns_upstream_merged",
+            "Questions merged into an identical one already in flight upstream.",
+            metrics.merged.clone(),
+        );
+        registry.register(
+            "dns_failure_cache_hits",
+            "Questions answered SERVFAIL from the memory of a recent upstream failure.",
+            metrics.failure_cache_hits.clone(),
+        );
         registry.register(
             "dns_cache_hits",
             "Upstream answers served from the cache.",
@@ -147,6 +169,16 @@ impl Metrics {
     /// Counts an upstream answer served from the cache.
     pub fn cache_hit(&self) {
         self.cache_hits.inc();
+    }
+
+    /// Counts a question merged into one in flight.
+    pub fn merged(&self) {
+        self.merged.inc();
+    }
+
+    /// Counts a SERVFAIL from the failure memory.
+    pub fn failure_cache_hit(&self) {
+        self.failure_cache_hits.inc();
     }
 
     /// Counts a lookup the cache could not serve.

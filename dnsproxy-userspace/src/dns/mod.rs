@@ -6,9 +6,11 @@ pub mod cache;
 pub mod forwarder;
 pub mod framing;
 pub mod handler;
+pub mod inflight;
 pub mod local;
 pub mod metrics;
 pub mod server;
+pub mod upstream;
 
 use std::fmt;
 

@@ -1,7 +1,7 @@
 //! One query in, one answer out. The handler composes the two resolvers: the name table
 //! (`local`) first, then the cache and the upstream forwarder. Malformed input gets
 //! FORMERR (or is dropped when not even a header), other opcodes NOTIMP.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
@@ -10,12 +10,12 @@ use hickory_proto::{
 
 use super::{
     EDNS_PAYLOAD, MIN_UDP_PAYLOAD, Protocol,
-    cache::{Cache, CachedAnswer, Key},
-    forwarder::Forwarder,
+    cache::{Cache, CachedAnswer},
     local::{self, ClientContext},
     metrics::{Metrics, Outcome},
+    upstream::{Bits, Refusal, Source, Upstream, UpstreamPath},
 };
-use crate::{name::normalize_name, registry::Registry};
+use crate::registry::Registry;
 
 /// Logs one query under target `dns`: at debug level, or at info level for a client
 /// whose pod asked for `dns:debug`, so its queries show without a global debug level.
@@ -39,16 +39,9 @@ macro_rules! answer_log {
 /// Answers queries.
 pub struct Handler {
     registry: Arc<Registry>,
-    forwarder: Arc<Forwarder>,
-    cache: Cache,
+    upstream: UpstreamPath,
     ttl: u32,
     metrics: Arc<Metrics>,
-}
-
-/// An answer from the upstream path; `server` is `None` when the cache gave it.
-struct Upstream {
-    answer: CachedAnswer,
-    server: Option<SocketAddr>,
 }
 
 /// Who asked what, for logs and metrics.
@@ -63,15 +56,13 @@ struct Asked<'a> {
 impl Handler {
     pub fn new(
         registry: Arc<Registry>,
-        forwarder: Arc<Forwarder>,
-        cache: Cache,
+        upstream: UpstreamPath,
         ttl: u32,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             registry,
-            forwarder,
-            cache,
+            upstream,
             ttl,
             metrics,
         }
@@ -79,7 +70,12 @@ impl Handler {
 
     /// The cache of upstream answers (for its gauges).
     pub fn cache(&self) -> &Cache {
-        &self.cache
+        self.upstream.cache()
+    }
+
+    /// Questions with the upstreams right now.
+    pub fn in_flight(&self) -> usize {
+        self.upstream.in_flight()
     }
 
     /// The answer to `query` from `client`, or `None` when nothing should be sent.
@@ -105,17 +101,24 @@ impl Handler {
         let (reply, outcome) = if let Some(local) = self.local(question, ctx) {
             let reply = self.local_reply(&request, local, &asked).await;
             (reply, Outcome::Local)
-        } else if let Some(upstream) = self.upstream(question).await {
-            Self::forwarded_reply(&request, upstream, &asked)
         } else {
-            answer_log!(
-                asked,
-                question.name(),
-                found = false,
-                "SERVFAIL: every upstream failed"
-            );
-            let reply = error_reply(&request, ResponseCode::ServFail);
-            (reply, Outcome::ServFail)
+            match self
+                .upstream
+                .answer(question, bits(&request), &ctx.client)
+                .await
+            {
+                Ok(upstream) => Self::forwarded_reply(&request, upstream, &asked),
+                Err(refusal) => {
+                    let (why, outcome) = match refusal {
+                        Refusal::Overloaded => {
+                            ("overload: a bound on upstream work", Outcome::Overload)
+                        }
+                        Refusal::Failed => ("every upstream failed", Outcome::ServFail),
+                    };
+                    answer_log!(asked, question.name(), found = false, why, "SERVFAIL");
+                    (error_reply(&request, ResponseCode::ServFail), outcome)
+                }
+            }
         };
         self.metrics.request(asked.qtype, protocol, outcome);
         fit_to_transport(&reply, &request, protocol)
@@ -183,7 +186,8 @@ impl Handler {
         reply.add_answers(local.answers);
         if let Some(target) = local.chase {
             let chased = Query::query(target, asked.qtype);
-            if let Some(upstream) = self.upstream(&chased).await {
+            let bits = bits(request);
+            if let Ok(upstream) = self.upstream.answer(&chased, bits, &asked.ctx.client).await {
                 reply.add_answers(upstream.answer.answers);
             }
         }
@@ -208,7 +212,7 @@ impl Handler {
         upstream: Upstream,
         asked: &Asked<'_>,
     ) -> (Message, Outcome) {
-        let Upstream { answer, server } = upstream;
+        let Upstream { answer, source } = upstream;
         let question = request.queries[0].name();
         let mut reply = response_to(request);
         reply.metadata.response_code = answer.response_code;
@@ -224,47 +228,22 @@ impl Handler {
         reply.add_answers(answers);
         reply.add_authorities(authorities);
         reply.add_additionals(additionals);
-        let via = server.map_or_else(|| "cache".to_owned(), |s| s.to_string());
-        answer_log!(asked, question, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
-        let outcome = if server.is_some() {
-            Outcome::Forwarded
-        } else {
-            Outcome::Cached
+        let (via, outcome) = match source {
+            Source::Server(server) => (server.to_string(), Outcome::Forwarded),
+            Source::Merged => ("merged".to_owned(), Outcome::Forwarded),
+            Source::Cache => ("cache".to_owned(), Outcome::Cached),
+            Source::Stale => ("stale cache".to_owned(), Outcome::Stale),
         };
+        answer_log!(asked, question, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
         (reply, outcome)
     }
+}
 
-    /// The cache, else the upstream servers (whose answer is then cached);
-    /// `None` when every upstream failed.
-    async fn upstream(&self, question: &Query) -> Option<Upstream> {
-        let key = Key {
-            name: normalize_name(question.name()),
-            qtype: question.query_type(),
-            qclass: question.query_class(),
-        };
-        if let Some(hit) = self.cache.get(&key, Instant::now()) {
-            self.metrics.cache_hit();
-            return Some(Upstream {
-                answer: hit,
-                server: None,
-            });
-        }
-        self.metrics.cache_miss();
-        match self.forwarder.forward(question).await {
-            Ok(fwd) => {
-                self.cache.insert(key, &fwd.reply, Instant::now());
-                let mut answer = CachedAnswer::from(fwd.reply);
-                answer.clamp_ttls(self.cache.max_ttl());
-                Some(Upstream {
-                    answer,
-                    server: Some(fwd.upstream),
-                })
-            }
-            Err(e) => {
-                tracing::debug!(target: "dns", question = %question.name(), error = %crate::report(&e), "upstream failed");
-                None
-            }
-        }
+/// The client's DNSSEC bits, which make its question different upstream work.
+fn bits(request: &Message) -> Bits {
+    Bits {
+        dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
+        checking_disabled: request.metadata.checking_disabled,
     }
 }
 

@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
@@ -6,6 +6,7 @@ use hickory_proto::{
 };
 
 use super::*;
+use crate::dns::{cache::Cache, forwarder::Forwarder, inflight::InFlight};
 use crate::registry::{
     TableConfig,
     allocator::VipAllocator,
@@ -64,6 +65,19 @@ fn ctx() -> ClientContext {
 }
 
 fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
+    let limits = crate::dns::inflight::Limits {
+        total: 100,
+        per_client: 100,
+    };
+    handler_with_limits(upstreams, parallel, limits, false)
+}
+
+fn handler_with_limits(
+    upstreams: Vec<SocketAddr>,
+    parallel: bool,
+    limits: crate::dns::inflight::Limits,
+    serve_stale: bool,
+) -> Handler {
     let mut objects = Objects::default();
     parse_into(REGISTRY, &mut objects).unwrap();
     let registry =
@@ -80,18 +94,15 @@ fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
         parallel,
         Arc::clone(&metrics),
     );
-    Handler::new(
-        Arc::new(registry),
-        Arc::new(forwarder),
-        Cache::new(crate::dns::cache::Limits {
-            bytes: 1 << 20,
-            entries: 100,
-            max_ttl: 86_400,
-            serve_stale: false,
-        }),
-        30,
-        metrics,
-    )
+    let cache = Cache::new(crate::dns::cache::Limits {
+        bytes: 1 << 20,
+        entries: 100,
+        max_ttl: 86_400,
+        serve_stale,
+    });
+    let inflight = InFlight::new(limits);
+    let upstream = UpstreamPath::new(Arc::new(forwarder), cache, inflight, Arc::clone(&metrics));
+    Handler::new(Arc::new(registry), upstream, 30, metrics)
 }
 
 fn query(name: &str, qtype: RecordType, edns: bool) -> Message {
@@ -505,4 +516,140 @@ async fn pods_that_opt_out_of_auto_allocation_are_forwarded() {
         .unwrap();
     assert!(Message::from_vec(&bytes).unwrap().metadata.authoritative);
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A loopback upstream that answers A queries with 198.51.100.9 (TTL `ttl`) after
+/// `delay`, while `answering` holds; it counts every query it receives.
+struct FakeUpstream {
+    addr: SocketAddr,
+    queries: Arc<std::sync::atomic::AtomicUsize>,
+    answering: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn fake_upstream(delay: Duration, ttl: u32) -> FakeUpstream {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    let (queries, answering) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let (seen, on) = (Arc::clone(&queries), Arc::clone(&answering));
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            seen.fetch_add(1, SeqCst);
+            if !on.load(SeqCst) {
+                continue;
+            }
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = response_to(&q);
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                ttl,
+                RData::A(rdata::A("198.51.100.9".parse().unwrap())),
+            ));
+            let sock = Arc::clone(&sock);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = sock.send_to(&r.to_vec().unwrap(), from).await;
+            });
+        }
+    });
+    FakeUpstream {
+        addr,
+        queries,
+        answering,
+    }
+}
+
+fn count(c: &std::sync::atomic::AtomicUsize) -> usize {
+    c.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn identical_questions_in_flight_go_upstream_once() {
+    let up = fake_upstream(Duration::from_millis(150), 60).await;
+    let h = handler_with(vec![up.addr], false);
+    let q = query("merged.test.", RecordType::A, false);
+    let replies = futures::future::join_all((0..5).map(|_| ask(&h, &q, Protocol::Udp))).await;
+    for r in &replies {
+        assert_eq!(records(r), ["merged.test. A 198.51.100.9"]);
+    }
+    assert_eq!(count(&up.queries), 1, "one upstream query for five clients");
+}
+
+#[tokio::test]
+async fn over_a_bound_servfail_at_once_but_the_table_still_answers() {
+    // Slow, within the handler's 300 ms upstream timeout.
+    let up = fake_upstream(Duration::from_millis(200), 60).await;
+    let limits = crate::dns::inflight::Limits {
+        total: 100,
+        per_client: 1,
+    };
+    let h = handler_with_limits(vec![up.addr], false, limits, false);
+    let first = query("one.test.", RecordType::A, false);
+    let second = query("two.test.", RecordType::A, false);
+    let local = query("fixed.test.", RecordType::A, false);
+    let (slow, refused, table) = tokio::join!(
+        ask(&h, &first, Protocol::Udp),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = Instant::now();
+            (ask(&h, &second, Protocol::Udp).await, started.elapsed())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            ask(&h, &local, Protocol::Udp).await
+        },
+    );
+    assert_eq!(records(&slow), ["one.test. A 198.51.100.9"]);
+    assert_eq!(refused.0.metadata.response_code, ResponseCode::ServFail);
+    assert!(
+        refused.1 < Duration::from_millis(100),
+        "refused at once: {:?}",
+        refused.1
+    );
+    assert_eq!(table.answers.len(), 2, "table answers are never refused");
+    assert_eq!(count(&up.queries), 1);
+}
+
+#[tokio::test]
+async fn a_failed_question_is_answered_from_memory_for_a_moment() {
+    let up = fake_upstream(Duration::ZERO, 60).await;
+    up.answering
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let h = handler_with(vec![up.addr], false);
+    let q = query("down.test.", RecordType::A, false);
+    let first = ask(&h, &q, Protocol::Udp).await;
+    assert_eq!(first.metadata.response_code, ResponseCode::ServFail);
+    let sent = count(&up.queries);
+    let started = Instant::now();
+    let again = ask(&h, &q, Protocol::Udp).await;
+    assert_eq!(again.metadata.response_code, ResponseCode::ServFail);
+    assert!(started.elapsed() < Duration::from_millis(50));
+    assert_eq!(count(&up.queries), sent, "not asked upstream again");
+}
+
+#[tokio::test]
+async fn serve_stale_answers_from_the_expired_cache_while_upstreams_fail() {
+    let up = fake_upstream(Duration::ZERO, 1).await;
+    let limits = crate::dns::inflight::Limits {
+        total: 100,
+        per_client: 100,
+    };
+    let h = handler_with_limits(vec![up.addr], false, limits, true);
+    let q = query("stale.test.", RecordType::A, false);
+    assert_eq!(
+        records(&ask(&h, &q, Protocol::Udp).await),
+        ["stale.test. A 198.51.100.9"]
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.answering
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let stale = ask(&h, &q, Protocol::Udp).await;
+    assert_eq!(stale.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(records(&stale), ["stale.test. A 198.51.100.9"]);
+    assert_eq!(stale.answers[0].ttl, crate::dns::cache::STALE_TTL);
 }

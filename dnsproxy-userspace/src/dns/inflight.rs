@@ -1,0 +1,287 @@
+//! Upstream work in flight: bounded, shared fairly, merged, and remembered when it
+//! failed.
+//!
+//! * At most `--max-inflight` questions are with the upstreams at once, and at most
+//!   `--max-inflight-per-client` of them for one client (a pod's network namespace in
+//!   node mode), so one pod's flood cannot take every slot from the others. A question
+//!   over a bound is refused at once (the handler answers SERVFAIL, counted as
+//!   `overload`); answers from the table and the cache never come here.
+//! * Identical questions in flight (name, type, class, DO and CD bits) are merged: the
+//!   first asker leads, the others wait for its answer and take no slot.
+//! * A question whose upstreams all failed is answered from memory for
+//!   [`FAILURE_TTL`] (RFC 9520) instead of going upstream again.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    op::Message,
+    rr::{DNSClass, RecordType},
+};
+use tokio::sync::watch;
+
+/// How long a failed question is answered SERVFAIL from memory (RFC 9520 §3.2: at
+/// least 1 s).
+pub const FAILURE_TTL: Duration = Duration::from_secs(1);
+
+/// Most remembered failures; past it, expired ones are dropped first and new ones are
+/// not remembered (the bound on in-flight work bounds how fast failures arrive anyway).
+const MAX_FAILURES: usize = 10_000;
+
+/// What makes two questions the same upstream work.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Question {
+    /// Normalised name.
+    pub name: String,
+    pub qtype: RecordType,
+    pub qclass: DNSClass,
+    /// The client's DNSSEC OK bit (EDNS).
+    pub dnssec_ok: bool,
+    /// The client's Checking Disabled bit.
+    pub checking_disabled: bool,
+}
+
+/// The outcome a leader shares with the questions merged into it: the upstream's
+/// answer, or `None` when every upstream failed.
+pub type Shared = Option<Arc<Message>>;
+
+/// Limits of [`InFlight`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub total: usize,
+    pub per_client: usize,
+}
+
+/// Whether a question may go upstream.
+pub enum Admission {
+    /// Ask the upstreams, then [`Lead::finish`].
+    Lead(Lead),
+    /// The same question is in flight: wait for its outcome.
+    Follow(Follower),
+    /// It failed a moment ago: SERVFAIL from memory.
+    RecentlyFailed,
+    /// A bound is reached: refuse at once.
+    Overloaded,
+}
+
+#[derive(Default)]
+struct State {
+    total: usize,
+    per_client: HashMap<Arc<str>, usize>,
+    pending: HashMap<Question, watch::Receiver<Option<Shared>>>,
+    failed: HashMap<Question, Instant>,
+}
+
+/// The in-flight bookkeeping of one daemon.
+pub struct InFlight {
+    limits: Limits,
+    state: Arc<Mutex<State>>,
+}
+
+/// The right and duty to ask the upstreams for one question. Dropping it without
+/// [`Lead::finish`] (the query was cancelled) releases the slot and tells followers
+/// the question failed.
+pub struct Lead {
+    question: Question,
+    client: Arc<str>,
+    outcome: watch::Sender<Option<Shared>>,
+    state: Arc<Mutex<State>>,
+}
+
+/// A question merged into one in flight.
+pub struct Follower(watch::Receiver<Option<Shared>>);
+
+impl InFlight {
+    pub fn new(limits: Limits) -> Self {
+        InFlight {
+            limits,
+            state: Arc::default(),
+        }
+    }
+
+    /// Questions with the upstreams right now.
+    pub fn len(&self) -> usize {
+        self.lock().total
+    }
+
+    /// True when nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Decides whether `question` from `client` goes upstream, waits for an identical
+    /// one, is answered from the failure memory, or is refused.
+    pub fn admit(&self, question: Question, client: &Arc<str>, now: Instant) -> Admission {
+        let mut state = self.lock();
+        if let Some(until) = state.failed.get(&question) {
+            if *until > now {
+                return Admission::RecentlyFailed;
+            }
+            state.failed.remove(&question);
+        }
+        if let Some(outcome) = state.pending.get(&question) {
+            return Admission::Follow(Follower(outcome.clone()));
+        }
+        let mine = state.per_client.get(client).copied().unwrap_or(0);
+        if state.total >= self.limits.total || mine >= self.limits.per_client {
+            return Admission::Overloaded;
+        }
+        state.total += 1;
+        *state.per_client.entry(Arc::clone(client)).or_default() += 1;
+        let (outcome, waiting) = watch::channel(None);
+        state.pending.insert(question.clone(), waiting);
+        Admission::Lead(Lead {
+            question,
+            client: Arc::clone(client),
+            outcome,
+            state: Arc::clone(&self.state),
+        })
+    }
+}
+
+impl Lead {
+    /// Shares the outcome with the followers; a failure is remembered for
+    /// [`FAILURE_TTL`].
+    pub fn finish(self, outcome: Shared, now: Instant) {
+        if outcome.is_none() {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if state.failed.len() >= MAX_FAILURES {
+                state.failed.retain(|_, until| *until > now);
+            }
+            if state.failed.len() < MAX_FAILURES {
+                state
+                    .failed
+                    .insert(self.question.clone(), now + FAILURE_TTL);
+            }
+        }
+        self.outcome.send_replace(Some(outcome));
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.total -= 1;
+        if let Some(n) = state.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                state.per_client.remove(&self.client);
+            }
+        }
+        state.pending.remove(&self.question);
+    }
+}
+
+impl Follower {
+    /// The leader's outcome; `None` when it failed or was cancelled.
+    pub async fn outcome(mut self) -> Shared {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().flatten(),
+            Err(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::{MessageType, OpCode};
+
+    use super::*;
+
+    fn q(name: &str) -> Question {
+        Question {
+            name: name.to_owned(),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+            dnssec_ok: false,
+            checking_disabled: false,
+        }
+    }
+
+    fn lead(a: Admission) -> Lead {
+        match a {
+            Admission::Lead(l) => l,
+            _ => panic!("not a lead"),
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_questions_merge_and_share_the_answer() {
+        let f = InFlight::new(Limits {
+            total: 10,
+            per_client: 10,
+        });
+        let (pod, now) = (Arc::from("a"), Instant::now());
+        let leader = lead(f.admit(q("x"), &pod, now));
+        let Admission::Follow(follower) = f.admit(q("x"), &pod, now) else {
+            panic!("not merged");
+        };
+        let mut other_bits = q("x");
+        other_bits.dnssec_ok = true;
+        let distinct = lead(f.admit(other_bits, &pod, now));
+        assert_eq!(f.len(), 2, "the follower takes no slot");
+        let answer = Arc::new(Message::new(7, MessageType::Response, OpCode::Query));
+        leader.finish(Some(Arc::clone(&answer)), now);
+        assert_eq!(follower.outcome().await.unwrap().metadata.id, 7);
+        drop(distinct);
+        assert!(f.is_empty());
+    }
+
+    #[tokio::test]
+    async fn bounds_total_and_per_client() {
+        let f = InFlight::new(Limits {
+            total: 3,
+            per_client: 2,
+        });
+        let (a, b, now) = (Arc::from("a"), Arc::from("b"), Instant::now());
+        let _a1 = lead(f.admit(q("1"), &a, now));
+        let _a2 = lead(f.admit(q("2"), &a, now));
+        assert!(
+            matches!(f.admit(q("3"), &a, now), Admission::Overloaded),
+            "per client"
+        );
+        let b1 = lead(f.admit(q("4"), &b, now));
+        assert!(
+            matches!(f.admit(q("5"), &b, now), Admission::Overloaded),
+            "total"
+        );
+        drop(b1);
+        let _b2 = lead(f.admit(q("5"), &b, now));
+    }
+
+    #[tokio::test]
+    async fn failures_are_remembered_briefly_and_cancellation_fails_followers() {
+        let f = InFlight::new(Limits {
+            total: 10,
+            per_client: 10,
+        });
+        let (pod, now) = (Arc::from("a"), Instant::now());
+        lead(f.admit(q("x"), &pod, now)).finish(None, now);
+        assert!(matches!(
+            f.admit(q("x"), &pod, now),
+            Admission::RecentlyFailed
+        ));
+        let later = now + FAILURE_TTL;
+        let cancelled = lead(f.admit(q("x"), &pod, later));
+        let Admission::Follow(follower) = f.admit(q("x"), &pod, later) else {
+            panic!("not merged");
+        };
+        drop(cancelled);
+        assert!(follower.outcome().await.is_none());
+        assert!(f.is_empty());
+    }
+}
