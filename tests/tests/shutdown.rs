@@ -151,8 +151,14 @@ fn sigterm_during_a_query_flood_answers_what_was_received_and_exits_within_2s() 
     let mut opts = env.daemon_options();
     // Per-query debug lines would turn the flood into a logging benchmark.
     opts.env.push(("RUST_LOG".into(), "info".into()));
-    opts.extra_args
-        .extend(["--upstream".into(), SLOW_UPSTREAM.into()]);
+    // ~150 forwarded queries are in flight at any time: above the default per-client
+    // bound, which is not what this test is about.
+    opts.extra_args.extend([
+        "--upstream".into(),
+        SLOW_UPSTREAM.into(),
+        "--max-inflight-per-client".into(),
+        "1024".into(),
+    ]);
     let mut daemon = Daemon::start(opts);
 
     let client = || {

@@ -1,7 +1,8 @@
 //! Forwarding to upstream servers: UDP with EDNS (1232-byte payload) first, TCP when
-//! the answer is truncated; a per-server timeout; failover in configured order, or all
-//! servers at once in parallel mode. A reply must carry our query's ID and question;
-//! SERVFAIL and REFUSED count as failures so the next server is asked.
+//! the answer is truncated, all within one timeout per question. Lost datagrams are
+//! retransmitted within it, to the next upstream in configured order (or to every
+//! upstream at once in parallel mode). A reply must carry our query's ID and
+//! question; SERVFAIL and REFUSED count as failures, so the next server is asked.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_proto::{
@@ -92,78 +93,260 @@ impl Forwarder {
         }
     }
 
-    /// Resolves `question` upstream (recursion desired).
+    /// Resolves `question` upstream (recursion desired), within one timeout.
     pub async fn forward(&self, question: &Query) -> Result<Forwarded, ForwardError> {
         if self.upstreams.is_empty() {
             return Err(ForwardError::NoUpstream);
         }
-        let outgoing = upstream_query(question)?;
-        if self.parallel {
-            self.forward_parallel(outgoing).await
+        let out = upstream_query(question)?;
+        let mut exchange = Exchange::new(self, &out);
+        let result = exchange.run().await;
+        exchange.settle_unanswered();
+        result
+    }
+}
+
+// === impl Exchange ===
+
+/// One upstream asked within an exchange: its socket (connected, so an ICMP refusal
+/// comes back as an error at once), when it was first asked, and whether its outcome
+/// is counted already.
+struct Attempt {
+    index: usize,
+    sock: UdpSocket,
+    sent: std::time::Instant,
+    settled: bool,
+}
+
+/// One question's exchange with the upstreams: a datagram to the first upstream (to
+/// all of them in parallel mode), retransmitted every third of the timeout to the next
+/// upstream that has not failed, until one answers or the deadline passes. Answers
+/// to any datagram sent count. SERVFAIL, REFUSED or an ICMP refusal fail that upstream
+/// over to the next one at once. A truncated answer is asked again over TCP, within
+/// the same deadline.
+struct Exchange<'a> {
+    forwarder: &'a Forwarder,
+    out: &'a Outgoing,
+    deadline: Instant,
+    attempts: Vec<Attempt>,
+    failed: Vec<bool>,
+    /// The upstream the next datagram goes to (rotating).
+    next: usize,
+    last: Option<(SocketAddr, ExchangeError)>,
+}
+
+impl<'a> Exchange<'a> {
+    fn new(forwarder: &'a Forwarder, out: &'a Outgoing) -> Self {
+        Exchange {
+            forwarder,
+            out,
+            deadline: Instant::now() + forwarder.timeout,
+            attempts: Vec::new(),
+            failed: vec![false; forwarder.upstreams.len()],
+            next: 0,
+            last: None,
+        }
+    }
+
+    async fn run(&mut self) -> Result<Forwarded, ForwardError> {
+        let retransmit = (self.forwarder.timeout / 3).max(Duration::from_millis(10));
+        let first = if self.forwarder.parallel {
+            self.forwarder.upstreams.len()
         } else {
-            self.forward_in_order(&outgoing).await
+            1
+        };
+        for _ in 0..first {
+            self.send_next().await;
+        }
+        let mut buf = vec![0u8; 65535];
+        let mut resend_at = Instant::now() + retransmit;
+        loop {
+            if self.failed.iter().all(|f| *f) {
+                return Err(self.all_failed());
+            }
+            tokio::select! {
+                (i, received) = recv_any(&self.attempts, &mut buf) => {
+                    if let Some(done) = self.received(i, received.map(|n| &buf[..n])).await {
+                        return done;
+                    }
+                    if self.attempts.iter().all(|a| a.settled) {
+                        // Failed over: the next upstream at once.
+                        self.send_next().await;
+                        resend_at = Instant::now() + retransmit;
+                    }
+                }
+                () = tokio::time::sleep_until(resend_at.min(self.deadline)) => {
+                    if Instant::now() >= self.deadline {
+                        self.last.get_or_insert((self.forwarder.upstreams[0], ExchangeError::Timeout));
+                        return Err(self.all_failed());
+                    }
+                    self.send_next().await;
+                    resend_at = Instant::now() + retransmit;
+                }
+            }
         }
     }
 
-    /// One server after the other, in the configured order.
-    async fn forward_in_order(&self, out: &Outgoing) -> Result<Forwarded, ForwardError> {
-        let mut last = None;
-        for (index, &server) in self.upstreams.iter().enumerate() {
-            match exchange_counted(index, server, out, self.timeout, &self.metrics).await {
-                Ok(reply) => {
-                    return Ok(Forwarded {
-                        reply,
-                        upstream: server,
+    /// Sends the query to the next upstream that has not failed (again, when it was
+    /// asked before: the datagram may have been lost).
+    async fn send_next(&mut self) {
+        let n = self.forwarder.upstreams.len();
+        let Some(index) = (0..n)
+            .map(|k| (self.next + k) % n)
+            .find(|i| !self.failed[*i])
+        else {
+            return;
+        };
+        self.next = (index + 1) % n;
+        let server = self.forwarder.upstreams[index];
+        let sent = match self.attempts.iter().position(|a| a.index == index) {
+            Some(at) => self.attempts[at]
+                .sock
+                .send(&self.out.bytes)
+                .await
+                .map(|_| ()),
+            None => match connected(server).await {
+                Ok(sock) => {
+                    let sent = sock.send(&self.out.bytes).await.map(|_| ());
+                    self.attempts.push(Attempt {
+                        index,
+                        sock,
+                        sent: std::time::Instant::now(),
+                        settled: false,
                     });
+                    sent
                 }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = sent {
+            self.fail(index, ExchangeError::Io(e));
+        }
+    }
+
+    /// Handles a datagram (or a socket error) from attempt `i`; `Some` when the
+    /// exchange is over.
+    async fn received(
+        &mut self,
+        i: usize,
+        received: std::io::Result<&[u8]>,
+    ) -> Option<Result<Forwarded, ForwardError>> {
+        let index = self.attempts[i].index;
+        let server = self.forwarder.upstreams[index];
+        let bytes = match received {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.fail(index, ExchangeError::Io(e));
+                return None;
+            }
+        };
+        let Some(reply) = matching(bytes, &self.out.query) else {
+            // A stray or spoofed datagram: keep waiting for the real answer.
+            tracing::debug!(target: "dns", %server, "ignored a reply that does not match the query");
+            return None;
+        };
+        let reply = if reply.metadata.truncation {
+            match tcp_exchange(server, &self.out.bytes, &self.out.query, self.deadline).await {
+                Ok(reply) => reply,
                 Err(e) => {
-                    tracing::debug!(target: "dns", %server, error = %crate::report(&e), "upstream failed, trying the next");
-                    last = Some((server, e));
+                    self.fail(index, e);
+                    return None;
                 }
             }
+        } else {
+            reply
+        };
+        let code = reply.metadata.response_code;
+        if matches!(code, ResponseCode::ServFail | ResponseCode::Refused) {
+            self.fail(index, ExchangeError::Refused(code));
+            return None;
         }
-        Err(self.all_failed(last))
+        self.settle(index, false);
+        Some(Ok(Forwarded {
+            reply,
+            upstream: server,
+        }))
     }
 
-    /// Every server at once; the first good answer wins (the others are dropped with
-    /// the set that owns them).
-    async fn forward_parallel(&self, out: Outgoing) -> Result<Forwarded, ForwardError> {
-        let mut set = tokio::task::JoinSet::new();
-        for (index, &server) in self.upstreams.iter().enumerate() {
-            let (out, timeout, metrics) = (out.clone(), self.timeout, Arc::clone(&self.metrics));
-            set.spawn(async move {
-                let result = exchange_counted(index, server, &out, timeout, &metrics).await;
-                (server, result)
-            });
-        }
-        let mut last = None;
-        while let Some(joined) = set.join_next().await {
-            let Ok((server, result)) = joined else {
-                continue;
-            };
-            match result {
-                Ok(reply) => {
-                    return Ok(Forwarded {
-                        reply,
-                        upstream: server,
-                    });
-                }
-                Err(e) => last = Some((server, e)),
-            }
-        }
-        Err(self.all_failed(last))
+    /// Upstream `index` failed this exchange: counted, and not asked again.
+    fn fail(&mut self, index: usize, error: ExchangeError) {
+        let server = self.forwarder.upstreams[index];
+        tracing::debug!(target: "dns", %server, error = %crate::report(&error), "upstream failed, trying the next");
+        self.failed[index] = true;
+        self.settle(index, true);
+        self.last = Some((server, error));
     }
 
-    fn all_failed(&self, last: Option<(SocketAddr, ExchangeError)>) -> ForwardError {
-        match last {
+    /// Counts the outcome of upstream `index`'s attempt, once.
+    fn settle(&mut self, index: usize, failed: bool) {
+        let qtype = self
+            .out
+            .query
+            .queries
+            .first()
+            .map_or(RecordType::NULL, Query::query_type);
+        for a in self
+            .attempts
+            .iter_mut()
+            .filter(|a| a.index == index && !a.settled)
+        {
+            a.settled = true;
+            self.forwarder
+                .metrics
+                .upstream(index, qtype, a.sent.elapsed(), failed);
+        }
+    }
+
+    /// Upstreams asked that never answered count as failed.
+    fn settle_unanswered(&mut self) {
+        let unanswered: Vec<usize> = self
+            .attempts
+            .iter()
+            .filter(|a| !a.settled)
+            .map(|a| a.index)
+            .collect();
+        for index in unanswered {
+            self.settle(index, true);
+        }
+    }
+
+    fn all_failed(&mut self) -> ForwardError {
+        match self.last.take() {
             Some((server, last)) => ForwardError::AllFailed {
-                count: self.upstreams.len(),
+                count: self.forwarder.upstreams.len(),
                 server,
                 last,
             },
             None => ForwardError::NoUpstream,
         }
     }
+}
+
+/// A UDP socket connected to `server`.
+async fn connected(server: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any).await?;
+    sock.connect(server).await?;
+    Ok(sock)
+}
+
+/// The next datagram (or error) on any unsettled attempt's socket, with its position.
+async fn recv_any(attempts: &[Attempt], buf: &mut [u8]) -> (usize, std::io::Result<usize>) {
+    std::future::poll_fn(|cx| {
+        for (i, a) in attempts.iter().enumerate().filter(|(_, a)| !a.settled) {
+            let mut read = tokio::io::ReadBuf::new(&mut buf[..]);
+            if let std::task::Poll::Ready(result) = a.sock.poll_recv(cx, &mut read) {
+                let n = read.filled().len();
+                return std::task::Poll::Ready((i, result.map(|()| n)));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Our query for `question`: a fresh random ID, RD set, EDNS with our payload size.
@@ -181,44 +364,6 @@ fn upstream_query(question: &Query) -> Result<Outgoing, ForwardError> {
     })
 }
 
-async fn exchange_counted(
-    index: usize,
-    server: SocketAddr,
-    out: &Outgoing,
-    timeout: Duration,
-    metrics: &Metrics,
-) -> Result<Message, ExchangeError> {
-    let started = std::time::Instant::now();
-    let result = exchange(server, &out.bytes, &out.query, timeout).await;
-    let qtype = out
-        .query
-        .queries
-        .first()
-        .map_or(RecordType::NULL, Query::query_type);
-    metrics.upstream(index, qtype, started.elapsed(), result.is_err());
-    result
-}
-
-async fn exchange(
-    server: SocketAddr,
-    bytes: &[u8],
-    query: &Message,
-    timeout: Duration,
-) -> Result<Message, ExchangeError> {
-    let reply = udp_exchange(server, bytes, query, Instant::now() + timeout).await?;
-    let reply = if reply.metadata.truncation {
-        tcp_exchange(server, bytes, query, Instant::now() + timeout).await?
-    } else {
-        reply
-    };
-    match reply.metadata.response_code {
-        ResponseCode::ServFail | ResponseCode::Refused => {
-            Err(ExchangeError::Refused(reply.metadata.response_code))
-        }
-        _ => Ok(reply),
-    }
-}
-
 /// The parsed reply if it answers `query`: same ID, a response, same question.
 fn matching(reply: &[u8], query: &Message) -> Option<Message> {
     let msg = Message::from_vec(reply).ok()?;
@@ -234,35 +379,6 @@ fn matching(reply: &[u8], query: &Message) -> Option<Message> {
         && msg.metadata.message_type == MessageType::Response
         && same_question)
         .then_some(msg)
-}
-
-async fn udp_exchange(
-    server: SocketAddr,
-    bytes: &[u8],
-    query: &Message,
-    deadline: Instant,
-) -> Result<Message, ExchangeError> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("literal");
-    let sock = UdpSocket::bind(bind).await?;
-    sock.connect(server).await?;
-    sock.send(bytes).await?;
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let n = timeout_at(deadline, sock.recv(&mut buf))
-            .await
-            .map_err(|_| ExchangeError::Timeout)??;
-        if let Some(msg) = matching(&buf[..n], query) {
-            return Ok(msg);
-        }
-        // A stray or spoofed datagram: keep waiting for the real answer.
-        tracing::debug!(target: "dns", %server, "ignored a reply that does not match the query");
-    }
 }
 
 async fn tcp_exchange(

@@ -519,7 +519,8 @@ async fn pods_that_opt_out_of_auto_allocation_are_forwarded() {
 }
 
 /// A loopback upstream that answers A queries with 198.51.100.9 (TTL `ttl`) after
-/// `delay`, while `answering` holds; it counts every query it receives.
+/// `delay`, while `answering` holds; it counts the distinct queries it receives (a
+/// retransmission carries the same ID).
 struct FakeUpstream {
     addr: SocketAddr,
     queries: Arc<std::sync::atomic::AtomicUsize>,
@@ -537,13 +538,16 @@ async fn fake_upstream(delay: Duration, ttl: u32) -> FakeUpstream {
     let (seen, on) = (Arc::clone(&queries), Arc::clone(&answering));
     tokio::spawn(async move {
         let mut buf = [0u8; 1500];
+        let mut ids = std::collections::HashSet::new();
         loop {
             let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            seen.fetch_add(1, SeqCst);
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            if ids.insert(q.metadata.id) {
+                seen.fetch_add(1, SeqCst);
+            }
             if !on.load(SeqCst) {
                 continue;
             }
-            let q = Message::from_vec(&buf[..n]).unwrap();
             let mut r = response_to(&q);
             r.add_answer(Record::from_rdata(
                 q.queries[0].name().clone(),
@@ -652,4 +656,43 @@ async fn serve_stale_answers_from_the_expired_cache_while_upstreams_fail() {
     assert_eq!(stale.metadata.response_code, ResponseCode::NoError);
     assert_eq!(records(&stale), ["stale.test. A 198.51.100.9"]);
     assert_eq!(stale.answers[0].ttl, crate::dns::cache::STALE_TTL);
+}
+
+#[tokio::test]
+async fn a_lost_datagram_is_retransmitted_within_the_timeout() {
+    // Drops the first datagram of every query, answers the retransmission.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            if seen.insert(q.metadata.id) {
+                continue;
+            }
+            let mut r = response_to(&q);
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(rdata::A("198.51.100.3".parse().unwrap())),
+            ));
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    let h = handler_with(vec![addr], false);
+    let started = Instant::now();
+    let reply = ask(
+        &h,
+        &query("lossy.test.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
+    assert_eq!(records(&reply), ["lossy.test. A 198.51.100.3"]);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "answered within the 300 ms timeout: {:?}",
+        started.elapsed()
+    );
 }
