@@ -32,7 +32,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{bpf::pinned, dns::handler::Handler, registry::Registry};
+use crate::{bpf::pinned, dns::server::Shared, registry::Registry};
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,11 +52,11 @@ impl AdminState {
     /// `metrics`.
     pub fn new(
         mut metrics: MetricsRegistry,
-        handler: Arc<Handler>,
+        shared: Shared,
         registry: Arc<Registry>,
         pin_dir: PathBuf,
     ) -> Self {
-        metrics.register_collector(Box::new(CacheCollector { handler }));
+        metrics.register_collector(Box::new(ServerCollector { shared }));
         metrics.register_collector(Box::new(EbpfCollector { pin_dir }));
         AdminState {
             ready: AtomicBool::new(false),
@@ -214,20 +214,21 @@ fn render_ndsz(state: &AdminState) -> String {
 
 // === collectors read at scrape time ===
 
-/// `dns_cache_entries`, `dns_cache_bytes`, `dns_cache_evictions_total`.
-struct CacheCollector {
-    handler: Arc<Handler>,
+/// What the DNS server holds right now: `dns_cache_entries`, `dns_cache_bytes`,
+/// `dns_cache_evictions_total`, `dns_upstream_inflight`, `dns_tcp_connections`.
+struct ServerCollector {
+    shared: Shared,
 }
 
-impl std::fmt::Debug for CacheCollector {
+impl std::fmt::Debug for ServerCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheCollector")
+        f.write_str("ServerCollector")
     }
 }
 
-impl Collector for CacheCollector {
+impl Collector for ServerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let cache = self.handler.cache();
+        let cache = self.shared.handler.cache();
         let gauges = [
             (
                 "dns_cache_entries",
@@ -238,6 +239,16 @@ impl Collector for CacheCollector {
                 "dns_cache_bytes",
                 "Memory the cache holds, as weighed.",
                 cache.bytes(),
+            ),
+            (
+                "dns_upstream_inflight",
+                "Questions with the upstreams right now.",
+                self.shared.handler.in_flight() as u64,
+            ),
+            (
+                "dns_tcp_connections",
+                "DNS-over-TCP connections open right now.",
+                self.shared.tcp.len() as u64,
             ),
         ];
         for (name, help, value) in gauges {

@@ -155,6 +155,36 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128, env = "DNSPROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: usize,
 
+    /// Most DNS-over-TCP connections open at once, across the daemon. At the bound the
+    /// quietest connection is closed to make room, else the new one is refused.
+    #[arg(long, default_value_t = 1024, env = "DNSPROXY_MAX_TCP_CONNECTIONS")]
+    pub max_tcp_connections: usize,
+
+    /// Most of those for one client (a pod in node mode).
+    #[arg(
+        long,
+        default_value_t = 128,
+        env = "DNSPROXY_MAX_TCP_CONNECTIONS_PER_CLIENT"
+    )]
+    pub max_tcp_connections_per_client: usize,
+
+    /// A TCP connection with nothing pending is closed after this, in milliseconds.
+    #[arg(long, default_value_t = 10_000, env = "DNSPROXY_TCP_IDLE_TIMEOUT_MS")]
+    pub tcp_idle_timeout_ms: u64,
+
+    /// A TCP query frame must arrive whole within this of its first byte, in
+    /// milliseconds (slowloris).
+    #[arg(long, default_value_t = 2000, env = "DNSPROXY_TCP_READ_TIMEOUT_MS")]
+    pub tcp_read_timeout_ms: u64,
+
+    /// A TCP client must take an answer within this, in milliseconds.
+    #[arg(long, default_value_t = 2000, env = "DNSPROXY_TCP_WRITE_TIMEOUT_MS")]
+    pub tcp_write_timeout_ms: u64,
+
+    /// Queries one TCP connection may send; then it is closed after the answers.
+    #[arg(long, default_value_t = 1000, env = "DNSPROXY_TCP_MAX_QUERIES")]
+    pub tcp_max_queries: u32,
+
     /// TTL of locally answered records, in seconds.
     #[arg(long, default_value_t = 30, env = "DNSPROXY_TTL")]
     pub ttl: u32,

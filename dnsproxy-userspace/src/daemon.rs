@@ -35,7 +35,8 @@ use crate::{
         inflight::{self, InFlight},
         local::ClientContext,
         metrics::Metrics,
-        server::{self, Listeners},
+        server::{self, Listeners, Shared},
+        tcp,
         upstream::UpstreamPath,
     },
     name::normalize,
@@ -239,7 +240,8 @@ struct Daemon {
     admin: Arc<AdminState>,
     registry: Arc<Registry>,
     forwarder: Arc<Forwarder>,
-    handler: Arc<Handler>,
+    /// What every DNS listener shares: the handler and the TCP connection registry.
+    shared: Shared,
     /// Every long-running task. A task that ends before shutdown is a fatal error.
     tasks: JoinSet<anyhow::Result<()>>,
     /// Cancelled once, at shutdown; every task holds a child of it.
@@ -308,9 +310,21 @@ impl Daemon {
             args.ttl,
             Arc::clone(&metrics),
         ));
+        let tcp = tcp::Connections::new(
+            tcp::Limits {
+                total: args.max_tcp_connections,
+                per_client: args.max_tcp_connections_per_client,
+                idle: Duration::from_millis(args.tcp_idle_timeout_ms),
+                read: Duration::from_millis(args.tcp_read_timeout_ms),
+                write: Duration::from_millis(args.tcp_write_timeout_ms),
+                max_queries: args.tcp_max_queries,
+            },
+            Arc::clone(&metrics),
+        );
+        let shared = Shared { handler, tcp };
         let admin = Arc::new(AdminState::new(
             metrics_registry,
-            Arc::clone(&handler),
+            shared.clone(),
             Arc::clone(&registry),
             args.pin_dir.clone(),
         ));
@@ -320,7 +334,7 @@ impl Daemon {
             admin,
             registry,
             forwarder,
-            handler,
+            shared,
             tasks: JoinSet::new(),
             shutdown: CancellationToken::new(),
         }
@@ -351,9 +365,9 @@ impl Daemon {
             &args.namespace,
             self.settings.extra_search.clone(),
         )));
-        let (handler, token) = (Arc::clone(&self.handler), self.shutdown.child_token());
+        let (shared, token) = (self.shared.clone(), self.shutdown.child_token());
         self.tasks.spawn(async move {
-            listeners.serve(handler, ctx, token).await;
+            listeners.serve(shared, ctx, token).await;
             Ok(())
         });
         let Some(path) = args.registry.clone() else {
@@ -383,7 +397,7 @@ impl Daemon {
             client,
             self.settings.node_config(),
             Arc::clone(&self.registry),
-            Arc::clone(&self.handler),
+            self.shared.clone(),
             tx,
             self.shutdown.child_token(),
         );

@@ -36,9 +36,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bpf::{BpfError, pinned},
     dns::{
-        handler::Handler,
         local::ClientContext,
-        server::{Listeners, SharedContext},
+        server::{Listeners, Shared, SharedContext},
     },
     netns,
     registry::{
@@ -276,13 +275,13 @@ pub async fn run(
     client: Client,
     config: NodeConfig,
     registry: Arc<Registry>,
-    handler: Arc<Handler>,
+    shared: Shared,
     ready: tokio::sync::oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut watches = Watches::start(&client, &config).await?;
     watches.synced().await?;
-    let mut listeners = PodListeners::new(config, handler, shutdown.clone());
+    let mut listeners = PodListeners::new(config, shared, shutdown.clone());
     let mut ready = Some(ready);
     let followed = shutdown
         .run_until_cancelled(async {
@@ -327,7 +326,7 @@ type Desired = HashMap<String, (String, ClientContext)>;
 /// The in-pod listeners of this node's captured pods, by pod UID.
 struct PodListeners {
     config: NodeConfig,
-    handler: Arc<Handler>,
+    shared: Shared,
     by_uid: HashMap<String, PodListener>,
     /// Last decision per pod, to log changes once.
     decisions: HashMap<String, (bool, &'static str)>,
@@ -337,10 +336,10 @@ struct PodListeners {
 }
 
 impl PodListeners {
-    fn new(config: NodeConfig, handler: Arc<Handler>, shutdown: CancellationToken) -> Self {
+    fn new(config: NodeConfig, shared: Shared, shutdown: CancellationToken) -> Self {
         PodListeners {
             config,
-            handler,
+            shared,
             by_uid: HashMap::new(),
             decisions: HashMap::new(),
             serving: TaskTracker::new(),
@@ -476,11 +475,8 @@ impl PodListeners {
         policy_map
             .insert(cookie, entry, 0)
             .context("cannot write the policy entry")?;
-        self.serving.spawn(listeners.serve(
-            Arc::clone(&self.handler),
-            Arc::clone(&ctx),
-            stop.clone(),
-        ));
+        self.serving
+            .spawn(listeners.serve(self.shared.clone(), Arc::clone(&ctx), stop.clone()));
         tracing::info!(pod = %name, netns = %netns.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
         Ok(PodListener {
             name: name.to_owned(),

@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::Protocol;
+use super::{Protocol, tcp::Reason};
 
 /// Query types counted by name; everything else is `other`.
 const TYPES: [&str; 9] = [
@@ -98,6 +98,9 @@ pub struct Metrics {
     cache_misses: Counter,
     merged: Counter,
     failure_cache_hits: Counter,
+    /// By [`Reason::REFUSED`] / [`Reason::CLOSED`] position.
+    tcp_refused: Vec<Counter>,
+    tcp_closed: Vec<Counter>,
 }
 
 impl Metrics {
@@ -128,6 +131,18 @@ impl Metrics {
             cache_misses: Counter::default(),
             merged: Counter::default(),
             failure_cache_hits: Counter::default(),
+            tcp_refused: by_reason(
+                registry,
+                "dns_tcp_connections_refused",
+                "TCP connections refused at a bound (nothing quiet to close).",
+                &Reason::REFUSED,
+            ),
+            tcp_closed: by_reason(
+                registry,
+                "dns_tcp_connections_closed",
+                "TCP connections closed by the daemon: to make room, or by a timeout or cap.",
+                &Reason::CLOSED,
+            ),
         };
         registry.register(
             "dns_upstream_merged",
@@ -181,6 +196,20 @@ impl Metrics {
         self.failure_cache_hits.inc();
     }
 
+    /// Counts a TCP connection refused at a bound.
+    pub fn tcp_refused(&self, reason: Reason) {
+        if let Some(i) = Reason::REFUSED.iter().position(|r| *r == reason) {
+            self.tcp_refused[i].inc();
+        }
+    }
+
+    /// Counts a TCP connection the daemon closed.
+    pub fn tcp_closed(&self, reason: Reason) {
+        if let Some(i) = Reason::CLOSED.iter().position(|r| *r == reason) {
+            self.tcp_closed[i].inc();
+        }
+    }
+
     /// Counts a lookup the cache could not serve.
     pub fn cache_miss(&self) {
         self.cache_misses.inc();
@@ -198,6 +227,21 @@ impl Metrics {
         }
         u.duration.observe(elapsed.as_secs_f64());
     }
+}
+
+/// A counter family labelled `reason`, one series per reason, in `reasons` order.
+fn by_reason(registry: &mut Registry, name: &str, help: &str, reasons: &[Reason]) -> Vec<Counter> {
+    let family = Family::<Labels, Counter>::default();
+    let series = reasons
+        .iter()
+        .map(|r| {
+            family
+                .get_or_create(&vec![("reason", r.label().to_owned())])
+                .clone()
+        })
+        .collect();
+    registry.register(name, help, family);
+    series
 }
 
 /// The per-upstream families, and each upstream's series by index.

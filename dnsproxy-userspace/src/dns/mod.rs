@@ -10,7 +10,11 @@ pub mod inflight;
 pub mod local;
 pub mod metrics;
 pub mod server;
+pub mod tcp;
 pub mod upstream;
+
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::fmt;
 

@@ -7,31 +7,23 @@
 //! Every task has an owner: a listener's receive loops sit in a `JoinSet`, and the
 //! per-query and per-connection tasks they start in a `TaskTracker`. One cancellation
 //! token stops a listener: the loops stop reading (UDP first answers what the kernel
-//! had already queued), TCP connections finish the query at hand and close, and
-//! [`Listeners::serve`] returns once every query in flight is answered.
+//! had already queued), TCP connections ([`super::tcp`]) finish the queries at hand
+//! and close, and [`Listeners::serve`] returns once every query in flight is answered.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::{
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, UdpSocket},
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{
-    Protocol,
-    framing::{read_frame, write_frame},
-    handler::Handler,
-    local::ClientContext,
-};
-
-/// How long a TCP client may stay idle between queries.
-const TCP_IDLE: Duration = Duration::from_secs(10);
+use super::{Protocol, handler::Handler, local::ClientContext, tcp};
 
 /// Most queued datagrams a stopping UDP socket still answers (a default receive buffer
 /// holds a few hundred queries).
@@ -181,16 +173,11 @@ impl Listeners {
 
     /// Serves until `shutdown` is cancelled, then answers what is in flight and returns
     /// (dropping the sockets closes them).
-    pub async fn serve(
-        self,
-        handler: Arc<Handler>,
-        ctx: SharedContext,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn serve(self, shared: Shared, ctx: SharedContext, shutdown: CancellationToken) {
         let in_flight = TaskTracker::new();
         let mut loops = JoinSet::new();
         let serving = Serving {
-            handler,
+            shared,
             ctx,
             in_flight: in_flight.clone(),
             shutdown,
@@ -207,10 +194,18 @@ impl Listeners {
     }
 }
 
+/// What every listener of the daemon shares: the handler and the TCP connection
+/// registry (its bounds are the daemon's, not a listener's).
+#[derive(Clone)]
+pub struct Shared {
+    pub handler: Arc<Handler>,
+    pub tcp: Arc<tcp::Connections>,
+}
+
 /// What every loop of one listener shares.
 #[derive(Clone)]
 struct Serving {
-    handler: Arc<Handler>,
+    shared: Shared,
     ctx: SharedContext,
     /// Queries being answered and TCP connections being served.
     in_flight: TaskTracker,
@@ -247,7 +242,7 @@ impl Serving {
     fn answer_udp(&self, sock: &Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr) {
         let (sock, handler, ctx) = (
             Arc::clone(sock),
-            Arc::clone(&self.handler),
+            Arc::clone(&self.shared.handler),
             self.ctx.load_full(),
         );
         self.in_flight.spawn(async move {
@@ -268,38 +263,27 @@ impl Serving {
             };
             match accepted {
                 Ok((stream, client)) => {
-                    self.in_flight
-                        .spawn(self.clone().tcp_client(stream, client));
+                    let ctx = self.ctx.load_full();
+                    // At a bound: refused (counted); dropping the stream closes it.
+                    let Some(registration) = self.shared.tcp.admit(&ctx.client, Instant::now())
+                    else {
+                        continue;
+                    };
+                    let handler = Arc::clone(&self.shared.handler);
+                    let shutdown = self.shutdown.clone();
+                    self.in_flight.spawn(tcp::serve(
+                        stream,
+                        client,
+                        registration,
+                        handler,
+                        ctx,
+                        shutdown,
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "TCP accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            }
-        }
-    }
-
-    /// Serves one TCP client, one query after the other, until it goes quiet, closes,
-    /// or the listener stops (the query at hand is answered first).
-    async fn tcp_client(self, mut stream: TcpStream, client: SocketAddr) {
-        loop {
-            let frame = tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                frame = tokio::time::timeout(TCP_IDLE, read_frame(&mut stream)) => frame,
-            };
-            let Ok(Ok(Some(query))) = frame else {
-                return;
-            };
-            let ctx = self.ctx.load_full();
-            let Some(reply) = self
-                .handler
-                .handle(&query, Protocol::Tcp, client, &ctx)
-                .await
-            else {
-                continue;
-            };
-            if write_frame(&mut stream, &reply).await.is_err() {
-                return;
             }
         }
     }

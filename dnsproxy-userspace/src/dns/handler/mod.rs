@@ -247,14 +247,19 @@ fn bits(request: &Message) -> Bits {
     }
 }
 
-/// The encoded reply; over UDP, one too large for the client's limit becomes the
-/// question only with TC set, so the client retries over TCP.
+/// The encoded reply within what the transport carries: the client's UDP limit, or a
+/// TCP frame's 65535 bytes; a larger one is truncated (never dropped), so a UDP client
+/// retries over TCP and a TCP client still gets what fits.
 fn fit_to_transport(reply: &Message, request: &Message, protocol: Protocol) -> Option<Vec<u8>> {
     let bytes = encode(reply)?;
-    let limit = udp_limit(request);
-    match protocol {
-        Protocol::Udp if bytes.len() > limit => truncate_to(reply, limit),
-        _ => Some(bytes),
+    let limit = match protocol {
+        Protocol::Udp => udp_limit(request),
+        Protocol::Tcp => usize::from(u16::MAX),
+    };
+    if bytes.len() > limit {
+        truncate_to(reply, limit)
+    } else {
+        Some(bytes)
     }
 }
 
