@@ -7,7 +7,8 @@
 //!   over a bound is refused at once (the handler answers SERVFAIL, counted as
 //!   `overload`); answers from the table and the cache never come here.
 //! * Identical questions in flight (name, type, class, DO and CD bits) are merged: the
-//!   first asker leads, the others wait for its answer and take no slot.
+//!   first asker leads, the others wait for its answer and take no slot — at most
+//!   [`FOLLOWERS_PER_SLOT`] times `--max-inflight` of them wait at once.
 //! * A question whose upstreams all failed is answered from memory for
 //!   [`FAILURE_TTL`] (RFC 9520) instead of going upstream again.
 use std::{
@@ -25,6 +26,9 @@ use tokio::sync::watch;
 /// How long a failed question is answered SERVFAIL from memory (RFC 9520 §3.2: at
 /// least 1 s).
 pub const FAILURE_TTL: Duration = Duration::from_secs(1);
+
+/// Questions that may wait on merged ones, per slot of `--max-inflight`.
+pub const FOLLOWERS_PER_SLOT: usize = 8;
 
 /// Most remembered failures; past it, expired ones are dropped first and new ones are
 /// not remembered (the bound on in-flight work bounds how fast failures arrive anyway).
@@ -69,6 +73,7 @@ pub enum Admission {
 #[derive(Default)]
 struct State {
     total: usize,
+    followers: usize,
     per_client: HashMap<Arc<str>, usize>,
     pending: HashMap<Question, watch::Receiver<Option<Shared>>>,
     failed: HashMap<Question, Instant>,
@@ -90,8 +95,11 @@ pub struct Lead {
     state: Arc<Mutex<State>>,
 }
 
-/// A question merged into one in flight.
-pub struct Follower(watch::Receiver<Option<Shared>>);
+/// A question merged into one in flight; dropping it frees its place.
+pub struct Follower {
+    outcome: watch::Receiver<Option<Shared>>,
+    state: Arc<Mutex<State>>,
+}
 
 impl InFlight {
     pub fn new(limits: Limits) -> Self {
@@ -128,7 +136,15 @@ impl InFlight {
             state.failed.remove(&question);
         }
         if let Some(outcome) = state.pending.get(&question) {
-            return Admission::Follow(Follower(outcome.clone()));
+            if state.followers >= self.limits.total.saturating_mul(FOLLOWERS_PER_SLOT) {
+                return Admission::Overloaded;
+            }
+            let outcome = outcome.clone();
+            state.followers += 1;
+            return Admission::Follow(Follower {
+                outcome,
+                state: Arc::clone(&self.state),
+            });
         }
         let mine = state.per_client.get(client).copied().unwrap_or(0);
         if state.total >= self.limits.total || mine >= self.limits.per_client {
@@ -189,10 +205,20 @@ impl Drop for Lead {
 impl Follower {
     /// The leader's outcome; `None` when it failed or was cancelled.
     pub async fn outcome(mut self) -> Shared {
-        match self.0.wait_for(Option::is_some).await {
+        match self.outcome.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().flatten(),
             Err(_) => None,
         }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.followers -= 1;
     }
 }
 
@@ -261,6 +287,15 @@ mod tests {
         );
         drop(b1);
         let _b2 = lead(f.admit(q("5"), &b, now));
+        // Followers of one question: at most FOLLOWERS_PER_SLOT per slot.
+        let waiting: Vec<Admission> = (0..3 * FOLLOWERS_PER_SLOT)
+            .map(|_| f.admit(q("1"), &a, now))
+            .collect();
+        assert!(waiting.iter().all(|w| matches!(w, Admission::Follow(_))));
+        assert!(
+            matches!(f.admit(q("1"), &a, now), Admission::Overloaded),
+            "followers"
+        );
     }
 
     #[tokio::test]
