@@ -281,7 +281,11 @@ impl Daemon {
     fn assemble(settings: Settings, datapath: DataPath, registry: Arc<Registry>) -> Self {
         let args = &settings.args;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(Metrics::new(&settings.upstreams, &mut metrics_registry));
+        let metrics = Arc::new(Metrics::new(
+            &settings.upstreams,
+            &mut metrics_registry,
+            settings.node(),
+        ));
         let forwarder = Arc::new(Forwarder::new(
             settings.upstreams.clone(),
             Duration::from_millis(args.upstream_timeout_ms),

@@ -12,8 +12,8 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    Cgroup, Daemon, DaemonOptions, FakeDns, FakeKube, Netns, Resource, dnsproxy_bin,
-    run_with_timeout, unique_name,
+    ADMIN_ADDR, Cgroup, Daemon, DaemonOptions, FakeDns, FakeKube, Netns, Resource, dnsproxy_bin,
+    http_get, run_with_timeout, unique_name,
 };
 
 /// The node this test plays.
@@ -187,6 +187,13 @@ impl NodeEnv {
             .arg("--")
             .args(args);
         run_with_timeout(&mut cmd, Duration::from_secs(20))
+    }
+
+    /// The daemon's `/metrics` (on the node's loopback).
+    pub fn metrics(&self) -> String {
+        self.node
+            .within(|| http_get(ADMIN_ADDR, "/metrics"))
+            .unwrap_or_default()
     }
 
     /// `dig +short` of `name` (A) from inside pod `pod`, to the cluster DNS.

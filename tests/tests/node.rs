@@ -139,6 +139,9 @@ fn global_default_on_and_a_pod_that_goes_away() {
 
     // p2 is deleted from the API (its process still runs here): listener and policy
     // entry go, so its queries reach the cluster DNS again.
+    let series = "dns_requests_total{type=\"A\",protocol=\"udp\",result=\"local\",namespace=\"default\",pod=\"p2\"} 1";
+    let metrics = env.metrics();
+    assert!(metrics.contains(series), "per-pod series: {metrics}");
     env.api.delete(Resource::Pods, "default", "p2");
     wait_policy_entries(&daemon, 1);
     env.wait_for_answer(p2, "reviews.default.svc.cluster.local", FAKE_A);
@@ -147,6 +150,10 @@ fn global_default_on_and_a_pod_that_goes_away() {
         REVIEWS_IP,
         "the other pod is untouched"
     );
+    // The pod's series went with it; the other pod's stay.
+    let metrics = env.metrics();
+    assert!(!metrics.contains("pod=\"p2\""), "{metrics}");
+    assert!(metrics.contains("pod=\"p1\""), "{metrics}");
 }
 
 #[test]

@@ -394,6 +394,7 @@ impl PodListeners {
                     debug_log: decision.dns_debug,
                     client: Arc::from(name.as_str()),
                     pod: Some(name.clone()),
+                    requests: None,
                 };
                 desired.insert(uid, (name, ctx));
             }
@@ -427,8 +428,10 @@ impl PodListeners {
     /// settings. True when some pod could not be served yet.
     async fn open_new(&mut self, desired: Desired, policy_map: &mut PolicyMap) -> bool {
         let mut pending = false;
-        for (uid, (name, ctx)) in desired {
+        for (uid, (name, mut ctx)) in desired {
             if let Some(existing) = self.by_uid.get(&uid) {
+                // The pod keeps its metric series across settings changes.
+                ctx.requests.clone_from(&existing.ctx.load().requests);
                 if **existing.ctx.load() != ctx {
                     tracing::info!(pod = %name, auto_allocate = ctx.auto_allocate, dns_debug = ctx.debug_log, "pod settings changed");
                     existing.ctx.store(Arc::new(ctx));
@@ -466,6 +469,9 @@ impl PodListeners {
                 .context("the listener thread failed")??;
         let listeners =
             Listeners::from_std(std_listeners).context("cannot register the in-pod listener")?;
+        let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
+        let mut ctx = ctx;
+        ctx.requests = self.shared.handler.metrics().pod_requests(namespace, pod);
         let ctx = Arc::new(ArcSwap::from_pointee(ctx));
         let stop = self.shutdown.child_token();
         let entry = NetnsPolicy {

@@ -6,6 +6,7 @@ use std::{collections::HashSet, sync::Arc};
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
 use rand::seq::SliceRandom as _;
 
+use super::metrics::PodRequests;
 use crate::{
     name::{fqdn, normalize_name, reverse_ip},
     registry::{
@@ -43,6 +44,8 @@ pub struct ClientContext {
     /// Who shares a bound on upstream work: the pod in node mode, everyone in local
     /// mode.
     pub client: Arc<str>,
+    /// The pod's `dns_requests_total` series (node mode).
+    pub requests: Option<Arc<PodRequests>>,
 }
 
 impl ClientContext {
@@ -55,6 +58,7 @@ impl ClientContext {
             debug_log: false,
             pod: None,
             client: Arc::from("local"),
+            requests: None,
         }
     }
 }

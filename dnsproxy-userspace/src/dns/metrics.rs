@@ -1,7 +1,11 @@
 //! Counters of the DNS server with Istio's metric names, kept by `prometheus-client`.
 //! Every label set is created once, at start-up, and held by index, so that counting a
 //! query is one atomic add with no lookup and no lock.
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use hickory_proto::rr::RecordType;
 use prometheus_client::{
@@ -74,6 +78,77 @@ impl Outcome {
     }
 }
 
+/// Label sets of `dns_requests_total`: query types × protocols × outcomes.
+const REQUEST_SERIES: usize = TYPES.len() * Protocol::ALL.len() * Outcome::ALL.len();
+
+fn request_index(qtype: RecordType, protocol: Protocol, outcome: Outcome) -> usize {
+    let p = Protocol::ALL
+        .iter()
+        .position(|x| *x == protocol)
+        .unwrap_or(0);
+    let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+    (type_index(qtype) * Protocol::ALL.len() + p) * Outcome::ALL.len() + o
+}
+
+/// The `type`, `protocol` and `result` labels of series `i`.
+fn request_labels(i: usize) -> Labels {
+    let o = i % Outcome::ALL.len();
+    let p = (i / Outcome::ALL.len()) % Protocol::ALL.len();
+    let t = i / (Outcome::ALL.len() * Protocol::ALL.len());
+    vec![
+        ("type", TYPES[t].to_owned()),
+        ("protocol", Protocol::ALL[p].as_str().to_owned()),
+        ("result", Outcome::ALL[o].label().to_owned()),
+    ]
+}
+
+/// One pod's `dns_requests_total` series (node mode): each made on first use, so the
+/// output holds only what a pod asked; all removed when the pod's listener goes, so
+/// the series stay bounded by the pods on the node.
+pub struct PodRequests {
+    family: Family<Labels, Counter>,
+    namespace: String,
+    pod: String,
+    series: Box<[OnceLock<Counter>]>,
+}
+
+impl PodRequests {
+    fn labels(&self, i: usize) -> Labels {
+        let mut labels = request_labels(i);
+        labels.push(("namespace", self.namespace.clone()));
+        labels.push(("pod", self.pod.clone()));
+        labels
+    }
+
+    fn counter(&self, i: usize) -> &Counter {
+        self.series[i].get_or_init(|| self.family.get_or_create(&self.labels(i)).clone())
+    }
+}
+
+impl PartialEq for PodRequests {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.pod) == (&other.namespace, &other.pod)
+    }
+}
+
+impl Eq for PodRequests {}
+
+impl std::fmt::Debug for PodRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PodRequests({}/{})", self.namespace, self.pod)
+    }
+}
+
+impl Drop for PodRequests {
+    fn drop(&mut self) {
+        for (i, slot) in self.series.iter().enumerate() {
+            if slot.get().is_some() {
+                self.family.remove(&self.labels(i));
+            }
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the upstream duration histogram.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -91,8 +166,10 @@ struct Upstream {
 
 /// Counters of one daemon.
 pub struct Metrics {
-    /// By (query type, protocol, outcome): see [`Metrics::request_index`].
+    /// By (query type, protocol, outcome): see [`request_index`].
     requests: Vec<Counter>,
+    /// Node mode: `dns_requests_total` with `namespace` and `pod`.
+    pod_requests: Option<Family<Labels, Counter>>,
     upstreams: Vec<Upstream>,
     cache_hits: Counter,
     cache_misses: Counter,
@@ -105,27 +182,24 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counters for the given upstream servers, registered in `registry`.
-    pub fn new(upstreams: &[SocketAddr], registry: &mut Registry) -> Self {
+    /// Counters for the given upstream servers, registered in `registry`. With
+    /// `per_pod` (node mode) `dns_requests_total` also carries `namespace` and `pod`,
+    /// counted through [`Metrics::pod_requests`].
+    pub fn new(upstreams: &[SocketAddr], registry: &mut Registry, per_pod: bool) -> Self {
         let requests = Family::<Labels, Counter>::default();
-        let series = TYPES.iter().flat_map(|ty| {
-            Protocol::ALL.iter().flat_map(move |p| {
-                Outcome::ALL.iter().map(move |o| {
-                    vec![
-                        ("type", (*ty).to_owned()),
-                        ("protocol", p.as_str().to_owned()),
-                        ("result", o.label().to_owned()),
-                    ]
-                })
-            })
-        });
-        let requests_by_index = series.map(|l| requests.get_or_create(&l).clone()).collect();
-        registry.register(
-            "dns_requests",
-            "Total number of DNS requests.",
-            requests.clone(),
-        );
+        let requests_by_index = (0..REQUEST_SERIES)
+            .map(|i| requests.get_or_create(&request_labels(i)).clone())
+            .collect();
+        let pod_requests = Family::<Labels, Counter>::default();
+        let help = "Total number of DNS requests.";
+        if per_pod {
+            registry.register("dns_requests", help, pod_requests.clone());
+        } else {
+            registry.register("dns_requests", help, requests.clone());
+        }
         let metrics = Metrics {
             requests: requests_by_index,
+            pod_requests: per_pod.then_some(pod_requests),
             upstreams: register_upstreams(upstreams, registry),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
@@ -167,18 +241,30 @@ impl Metrics {
         metrics
     }
 
-    fn request_index(qtype: RecordType, protocol: Protocol, outcome: Outcome) -> usize {
-        let p = Protocol::ALL
-            .iter()
-            .position(|x| *x == protocol)
-            .unwrap_or(0);
-        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
-        (type_index(qtype) * Protocol::ALL.len() + p) * Outcome::ALL.len() + o
+    /// The `dns_requests_total` series of one pod (node mode only).
+    pub fn pod_requests(&self, namespace: &str, pod: &str) -> Option<Arc<PodRequests>> {
+        let family = self.pod_requests.clone()?;
+        Some(Arc::new(PodRequests {
+            family,
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            series: (0..REQUEST_SERIES).map(|_| OnceLock::new()).collect(),
+        }))
     }
 
-    /// Counts one answered query.
-    pub fn request(&self, qtype: RecordType, protocol: Protocol, outcome: Outcome) {
-        self.requests[Self::request_index(qtype, protocol, outcome)].inc();
+    /// Counts one answered query, for `pod` when it is a pod's.
+    pub fn request(
+        &self,
+        qtype: RecordType,
+        protocol: Protocol,
+        outcome: Outcome,
+        pod: Option<&PodRequests>,
+    ) {
+        let i = request_index(qtype, protocol, outcome);
+        match pod {
+            Some(pod) => pod.counter(i).inc(),
+            None => self.requests[i].inc(),
+        };
     }
 
     /// Counts an upstream answer served from the cache.
@@ -296,10 +382,10 @@ mod tests {
     #[test]
     fn renders_labels_and_histogram() {
         let mut registry = Registry::default();
-        let m = Metrics::new(&["10.96.0.10:53".parse().unwrap()], &mut registry);
-        m.request(RecordType::A, Protocol::Udp, Outcome::Local);
-        m.request(RecordType::A, Protocol::Udp, Outcome::Local);
-        m.request(RecordType::NULL, Protocol::Tcp, Outcome::ServFail);
+        let m = Metrics::new(&["10.96.0.10:53".parse().unwrap()], &mut registry, false);
+        m.request(RecordType::A, Protocol::Udp, Outcome::Local, None);
+        m.request(RecordType::A, Protocol::Udp, Outcome::Local, None);
+        m.request(RecordType::NULL, Protocol::Tcp, Outcome::ServFail, None);
         m.cache_hit();
         m.upstream(0, RecordType::AAAA, Duration::from_millis(3), false);
         m.upstream(0, RecordType::AAAA, Duration::from_secs(2), true);

@@ -349,6 +349,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new(
             &[],
             &mut prometheus_client::registry::Registry::default(),
+            false,
         ));
         let connections = Connections::new(limits, metrics);
         let registry = Arc::clone(&connections);

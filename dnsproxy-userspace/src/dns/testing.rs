@@ -85,6 +85,7 @@ pub(crate) fn handler_with_limits(
     let metrics = Arc::new(Metrics::new(
         &upstreams,
         &mut prometheus_client::registry::Registry::default(),
+        false,
     ));
     let forwarder = Forwarder::new(
         upstreams,

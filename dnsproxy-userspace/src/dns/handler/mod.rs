@@ -73,6 +73,11 @@ impl Handler {
         self.upstream.cache()
     }
 
+    /// The counters it keeps.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Questions with the upstreams right now.
     pub fn in_flight(&self) -> usize {
         self.upstream.in_flight()
@@ -120,7 +125,8 @@ impl Handler {
                 }
             }
         };
-        self.metrics.request(asked.qtype, protocol, outcome);
+        let pod = ctx.requests.as_deref();
+        self.metrics.request(asked.qtype, protocol, outcome, pod);
         fit_to_transport(&reply, &request, protocol)
     }
 
@@ -137,8 +143,9 @@ impl Handler {
             Ok(m) => m,
             Err(e) => {
                 query_log!(ctx, %client, %protocol, error = %e, "malformed query");
+                let pod = ctx.requests.as_deref();
                 self.metrics
-                    .request(RecordType::NULL, protocol, Outcome::Rejected);
+                    .request(RecordType::NULL, protocol, Outcome::Rejected, pod);
                 return Err(formerr_from_header(query));
             }
         };
@@ -156,7 +163,9 @@ impl Handler {
         } else {
             return Ok(request);
         };
-        self.metrics.request(qtype, protocol, Outcome::Rejected);
+        let pod = ctx.requests.as_deref();
+        self.metrics
+            .request(qtype, protocol, Outcome::Rejected, pod);
         Err(encode(&error_reply(&request, code)))
     }
 
