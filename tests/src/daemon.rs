@@ -128,6 +128,18 @@ impl Daemon {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// The daemon's process id (nsenter and `dnsproxy exec` exec it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would: no cleanup; the pins stay.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Sends SIGTERM (without waiting); returns the instant it was sent.
     pub fn terminate(&mut self) -> Instant {
         let child = self.child.as_ref().expect("daemon running");

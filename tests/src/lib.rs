@@ -13,6 +13,7 @@ mod dig;
 mod env;
 pub mod fake_dns;
 pub mod fake_kube;
+pub mod load;
 mod netns;
 pub mod node;
 mod process;

@@ -1,8 +1,17 @@
-//! The daemon protecting itself and the node: damaged state, ... (issue-by-issue
-//! fault injection, each in its own netns with bounded loops).
-use std::collections::HashSet;
+//! Fault injection: the daemon protecting itself and the node. Each test runs in its
+//! own netns, with loops bounded in count and time, prints its figures and asserts
+//! bounds that do not depend on timing luck.
+use std::{
+    collections::HashSet,
+    net::UdpSocket,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use dnsproxy_e2e::*;
+use dnsproxy_e2e::{load::*, *};
 
 /// Four hosts whose VIPs are auto-allocated.
 const AUTO: &str = r"
@@ -70,4 +79,160 @@ fn a_damaged_vip_state_file_keeps_the_vips_it_still_holds() {
     // The file is whole again.
     let rewritten = std::fs::read_to_string(&state).unwrap();
     assert!(rewritten.contains("h4.example"), "{rewritten}");
+}
+
+/// A UDP server in `netns` at `addr` that reads every query and answers none while
+/// `black_hole` holds, else answers A 192.0.2.53 (TTL 60).
+fn switchable_upstream(
+    netns: &Netns,
+    addr: &str,
+    black_hole: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let sock = netns.within({
+        let addr = addr.to_owned();
+        move || UdpSocket::bind(addr).unwrap()
+    });
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::SeqCst) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            if black_hole.load(Ordering::SeqCst) || n < 12 {
+                continue;
+            }
+            let qend = 12 + buf[12..n].iter().position(|b| *b == 0).unwrap_or(0) + 5;
+            let mut reply = buf[..qend.min(n)].to_vec();
+            reply[2] |= 0x80;
+            reply[3] = 0x80;
+            reply[6..8].copy_from_slice(&1u16.to_be_bytes());
+            reply[8..12].fill(0);
+            reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 53]);
+            let _ = sock.send_to(&reply, from);
+        }
+    })
+}
+
+#[test]
+fn a_black_holed_upstream_under_a_flood_stays_bounded_and_table_answers_flow() {
+    if !privileged() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (black_hole, stop) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let upstream = switchable_upstream(
+        &env.netns,
+        "127.0.0.1:5399",
+        Arc::clone(&black_hole),
+        Arc::clone(&stop),
+    );
+    let mut opts = env.daemon_options();
+    opts.env.push(("RUST_LOG".into(), "info".into()));
+    opts.extra_args
+        .extend(["--upstream".into(), "127.0.0.1:5399".into()]);
+    let daemon = Daemon::start(opts);
+    let pid = daemon.pid();
+    let listener: std::net::SocketAddr = "127.0.0.1:15053".parse().unwrap();
+    let (fds_idle, rss_idle) = (open_fds(pid), rss_bytes(pid));
+
+    // Unique names, so that neither the cache nor merging helps.
+    let flood = Flood::start(
+        udp_client(&env.netns, listener),
+        FLOOD_RATE,
+        FLOOD_FOR,
+        |n| query(n as u16, &format!("n{n}.flood.example"), false),
+    );
+    let sampler = {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let (mut f, mut r) = (0, 0);
+            while !s.load(Ordering::SeqCst) {
+                f = f.max(open_fds(pid));
+                r = r.max(rss_bytes(pid));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (f, r)
+        });
+        (stop, handle)
+    };
+    // A second client asks names from the table meanwhile.
+    let probe_sock = udp_client(&env.netns, listener);
+    let latencies = probe(
+        &probe_sock,
+        PROBES,
+        FLOOD_FOR / u32::from(PROBES),
+        Duration::from_secs(1),
+        |i| query(i, "registry.test", false),
+        |r| rcode(r) == 0,
+    );
+    let (sent, rate) = flood.stop();
+    sampler.0.store(true, Ordering::SeqCst);
+    let (fds_max, rss_max) = sampler.1.join().unwrap();
+    let answered = latencies.len() as f64 / f64::from(PROBES) * 100.0;
+    let metrics = env.admin("/metrics");
+    let overload = metric_sum(&metrics, "result=\"overload\"");
+    println!(
+        "black hole + flood: {sent} queries at {rate:.0} qps; table client {answered:.1}% answered, \
+         p50 {:?} p99 {:?}; descriptors {fds_idle} idle -> {fds_max} max; RSS {} MiB idle -> {} MiB max; \
+         overload SERVFAILs {overload}",
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
+        rss_idle >> 20,
+        rss_max >> 20,
+    );
+    assert!(rate >= 20_000.0, "the flood reached only {rate:.0} qps");
+    assert!(answered >= 99.0, "table client answered {answered:.1}%");
+    // Every in-flight upstream query holds one socket: bounded by --max-inflight.
+    assert!(fds_max <= fds_idle + 1024 + 64, "{fds_max} descriptors");
+    assert!(
+        rss_max <= rss_idle + (64 << 20),
+        "RSS {} MiB",
+        rss_max >> 20
+    );
+    assert!(
+        overload > 0.0,
+        "the bound acted and was counted:\n{metrics}"
+    );
+
+    // The upstream comes back: the daemon recovers by itself (the black-holed
+    // questions time out and free their slots), and forwards again.
+    black_hole.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_sum(&env.admin("/metrics"), "dns_upstream_inflight ") > 0.0 {
+        assert!(Instant::now() < deadline, "in-flight work drained");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recovered = probe(
+        &probe_sock,
+        1,
+        Duration::ZERO,
+        Duration::from_secs(5),
+        |_| query(7, "after.flood.example", false),
+        |r| rcode(r) == 0,
+    );
+    assert_eq!(recovered.len(), 1, "forwarding works again");
+    stop.store(true, Ordering::SeqCst);
+    upstream.join().unwrap();
+}
+
+/// Offered load of the floods, and how long they last.
+const FLOOD_RATE: u32 = 21_000;
+const FLOOD_FOR: Duration = Duration::from_secs(10);
+/// Queries the second client asks during a flood, spread over it.
+const PROBES: u16 = 500;
+
+/// The sum of the values of every `/metrics` line containing `needle`.
+fn metric_sum(metrics: &str, needle: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
