@@ -236,3 +236,139 @@ fn metric_sum(metrics: &str, needle: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Raises this process's open-files limit to its hard limit (the test holds 1000
+/// connections).
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer, then a valid rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
+    }
+}
+
+#[test]
+fn stalled_and_slowloris_tcp_clients_cannot_crowd_out_others() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+    };
+    if !privileged() {
+        return;
+    }
+    raise_nofile();
+    let env = TestEnv::new();
+    let mut opts = env.daemon_options();
+    opts.env.push(("RUST_LOG".into(), "info".into()));
+    opts.extra_args.extend(
+        [
+            "--tcp-idle-timeout-ms",
+            "2000",
+            "--tcp-read-timeout-ms",
+            "1000",
+            "--tcp-write-timeout-ms",
+            "1000",
+        ]
+        .map(String::from),
+    );
+    let _daemon = Daemon::start(opts);
+    let listener: std::net::SocketAddr = "127.0.0.1:15053".parse().unwrap();
+
+    // 1000 connections: half pipeline 16 queries and never read, half send one byte
+    // of a length and nothing more (slowloris).
+    let stalled: Vec<TcpStream> = env.netns.within(move || {
+        let pipeline: Vec<u8> = (0..16u16)
+            .flat_map(|i| {
+                let q = query(i, "registry.test", false);
+                let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+                framed.extend(q);
+                framed
+            })
+            .collect();
+        (0..1000)
+            .filter_map(|i| {
+                let mut s = TcpStream::connect_timeout(&listener, Duration::from_secs(2)).ok()?;
+                let _ = if i % 2 == 0 {
+                    s.write_all(&pipeline)
+                } else {
+                    s.write_all(&[0])
+                };
+                Some(s)
+            })
+            .collect()
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let peak = metric_sum(&env.admin("/metrics"), "dns_tcp_connections ");
+
+    // UDP and a fresh TCP client are answered at once.
+    let udp = probe(
+        &udp_client(&env.netns, listener),
+        20,
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+        |i| query(i, "registry.test", false),
+        |r| rcode(r) == 0,
+    );
+    let (tcp_ok, tcp_latency) = env.netns.within(move || {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(listener).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let q = query(42, "registry.test", false);
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend(q);
+        s.write_all(&framed).unwrap();
+        let mut reply = [0u8; 512];
+        let ok = s
+            .read(&mut reply)
+            .is_ok_and(|n| n > 4 && reply[2..4] == [0, 42]);
+        (ok, started.elapsed())
+    });
+
+    // The stalled ones are reaped by the timeouts.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut open = peak;
+    while open > 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        open = metric_sum(&env.admin("/metrics"), "dns_tcp_connections ");
+    }
+    let metrics = env.admin("/metrics");
+    let closed = |reason: &str| {
+        metric_sum(
+            &metrics,
+            &format!("dns_tcp_connections_closed_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let refused = metric_sum(&metrics, "dns_tcp_connections_refused_total");
+    println!(
+        "stalled TCP: {} connections opened, {peak} held at once (bound 128 per client); \
+         refused {refused}, evicted {}, read timeouts {}, idle {}, write timeouts {}; \
+         UDP {}/20 within 100 ms (p99 {:?}); fresh TCP client answered {tcp_ok} in {tcp_latency:?}; \
+         {open} open after the timeouts",
+        stalled.len(),
+        closed("evicted"),
+        closed("read_timeout"),
+        closed("idle"),
+        closed("write_timeout"),
+        udp.len(),
+        percentile(&udp, 99),
+    );
+    assert_eq!(stalled.len(), 1000);
+    assert!(peak <= 128.0, "{peak} connections held");
+    assert_eq!(udp.len(), 20, "UDP answered within 100 ms");
+    assert!(
+        tcp_ok && tcp_latency < Duration::from_millis(100),
+        "fresh TCP client: {tcp_latency:?}"
+    );
+    assert!(open <= 1.0, "{open} connections still open");
+    assert!(
+        closed("read_timeout") > 0.0 && closed("idle") + closed("evicted") > 0.0,
+        "{metrics}"
+    );
+    drop(stalled);
+}
