@@ -372,3 +372,124 @@ fn stalled_and_slowloris_tcp_clients_cannot_crowd_out_others() {
     );
     drop(stalled);
 }
+
+/// A UDP upstream in `netns` at `addr` answering every question with one TXT record
+/// of `size` bytes (TTL one day), until `stop`.
+fn txt_upstream(
+    netns: &Netns,
+    addr: &str,
+    size: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let sock = netns.within({
+        let addr = addr.to_owned();
+        move || UdpSocket::bind(addr).unwrap()
+    });
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let text = vec![b'x'; size];
+        while !stop.load(Ordering::SeqCst) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let qend = 12 + buf[12..n].iter().position(|b| *b == 0).unwrap_or(0) + 5;
+            let mut reply = buf[..qend.min(n)].to_vec();
+            reply[2] |= 0x80;
+            reply[3] = 0x80;
+            reply[6..8].copy_from_slice(&1u16.to_be_bytes());
+            reply[8..12].fill(0);
+            reply.extend_from_slice(&[0xc0, 0x0c, 0, 16, 0, 1, 0, 1, 0x51, 0x80]);
+            let strings: Vec<u8> = text
+                .chunks(255)
+                .flat_map(|c| [&[c.len() as u8][..], c].concat())
+                .collect();
+            reply.extend_from_slice(&(strings.len() as u16).to_be_bytes());
+            reply.extend_from_slice(&strings);
+            let _ = sock.send_to(&reply, from);
+        }
+    })
+}
+
+/// The cache budget of the cache flood, and how many distinct large answers it sends.
+const BUDGET: u64 = 8 << 20;
+const NAMES: u64 = 20_000;
+
+#[test]
+fn a_cache_flood_of_large_answers_stays_within_the_cache_budget() {
+    if !privileged() {
+        return;
+    }
+    let env = TestEnv::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let upstream = txt_upstream(&env.netns, "127.0.0.1:5399", 1000, Arc::clone(&stop));
+    let mut opts = env.daemon_options();
+    opts.env.push(("RUST_LOG".into(), "info".into()));
+    opts.extra_args.extend(
+        [
+            "--upstream",
+            "127.0.0.1:5399",
+            "--cache-bytes",
+            &BUDGET.to_string(),
+            "--cache-size",
+            "1000000",
+        ]
+        .map(String::from),
+    );
+    let daemon = Daemon::start(opts);
+    let pid = daemon.pid();
+    let listener: std::net::SocketAddr = "127.0.0.1:15053".parse().unwrap();
+    // Warm up every path once, then take the idle baseline.
+    let warm = udp_client(&env.netns, listener);
+    probe(
+        &warm,
+        20,
+        Duration::ZERO,
+        Duration::from_secs(1),
+        |i| query(i, &format!("w{i}.big.example"), true),
+        |_| true,
+    );
+    let rss_idle = rss_bytes(pid);
+
+    let flood = Flood::start(
+        udp_client(&env.netns, listener),
+        5000,
+        Duration::from_secs(20),
+        |n| query(n as u16, &format!("t{n}.big.example"), true),
+    );
+    let mut rss_max = 0;
+    while flood_sent(&env) < NAMES as f64 {
+        rss_max = rss_max.max(rss_bytes(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (sent, rate) = flood.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    rss_max = rss_max.max(rss_bytes(pid));
+    let metrics = env.admin("/metrics");
+    let (entries, bytes, evictions) = (
+        metric_sum(&metrics, "dns_cache_entries "),
+        metric_sum(&metrics, "dns_cache_bytes "),
+        metric_sum(&metrics, "dns_cache_evictions_total"),
+    );
+    println!(
+        "cache flood: {sent} large TXT answers at {rate:.0} qps; cache holds {entries} answers, \
+         {:.1} MiB weighed (budget {} MiB), {evictions} evicted; RSS {:.1} MiB idle -> {:.1} MiB max",
+        bytes / f64::from(1 << 20),
+        BUDGET >> 20,
+        rss_idle as f64 / f64::from(1 << 20),
+        rss_max as f64 / f64::from(1 << 20),
+    );
+    assert!(bytes <= BUDGET as f64 && evictions > 0.0, "{metrics}");
+    assert!(
+        rss_max < rss_idle + BUDGET,
+        "RSS {rss_max} over {rss_idle} + {BUDGET}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    upstream.join().unwrap();
+}
+
+/// Queries the daemon forwarded so far (cache misses).
+fn flood_sent(env: &TestEnv) -> f64 {
+    metric_sum(&env.admin("/metrics"), "dns_cache_misses_total")
+}
