@@ -173,3 +173,69 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+/// An upstream DNS server for fault injection, in a netns: answers every A question
+/// with 192.0.2.53 (TTL 60) after `delay`, or nothing while it is black-holed. Stops
+/// when dropped.
+pub struct Upstream {
+    pub black_hole: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    pub fn start(netns: &Netns, addr: SocketAddr, delay: Duration) -> Self {
+        let sock = Arc::new(netns.within(move || UdpSocket::bind(addr).unwrap()));
+        sock.set_read_timeout(Some(Duration::from_millis(5)))
+            .unwrap();
+        let (black_hole, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (hole, halt) = (Arc::clone(&black_hole), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let mut due: std::collections::VecDeque<(Instant, Vec<u8>, SocketAddr)> =
+                std::collections::VecDeque::new();
+            let mut buf = [0u8; 1500];
+            while !halt.load(Ordering::SeqCst) {
+                while due.front().is_some_and(|(at, _, _)| *at <= Instant::now()) {
+                    let (_, reply, to) = due.pop_front().unwrap();
+                    let _ = sock.send_to(&reply, to);
+                }
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if hole.load(Ordering::SeqCst) || n < 17 {
+                    continue;
+                }
+                due.push_back((Instant::now() + delay, answer_a(&buf[..n]), from));
+            }
+        });
+        Upstream {
+            black_hole,
+            stop,
+            threads: vec![thread],
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The answer to `query`: its question, and A 192.0.2.53 (TTL 60).
+fn answer_a(query: &[u8]) -> Vec<u8> {
+    let qend = 12 + query[12..].iter().position(|b| *b == 0).unwrap_or(0) + 5;
+    let mut reply = query[..qend.min(query.len())].to_vec();
+    reply[2] |= 0x80;
+    reply[3] = 0x80;
+    reply[6..8].copy_from_slice(&1u16.to_be_bytes());
+    reply[8..12].fill(0);
+    reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 53]);
+    reply
+}

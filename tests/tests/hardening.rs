@@ -81,57 +81,18 @@ fn a_damaged_vip_state_file_keeps_the_vips_it_still_holds() {
     assert!(rewritten.contains("h4.example"), "{rewritten}");
 }
 
-/// A UDP server in `netns` at `addr` that reads every query and answers none while
-/// `black_hole` holds, else answers A 192.0.2.53 (TTL 60).
-fn switchable_upstream(
-    netns: &Netns,
-    addr: &str,
-    black_hole: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    let sock = netns.within({
-        let addr = addr.to_owned();
-        move || UdpSocket::bind(addr).unwrap()
-    });
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while !stop.load(Ordering::SeqCst) {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                continue;
-            };
-            if black_hole.load(Ordering::SeqCst) || n < 12 {
-                continue;
-            }
-            let qend = 12 + buf[12..n].iter().position(|b| *b == 0).unwrap_or(0) + 5;
-            let mut reply = buf[..qend.min(n)].to_vec();
-            reply[2] |= 0x80;
-            reply[3] = 0x80;
-            reply[6..8].copy_from_slice(&1u16.to_be_bytes());
-            reply[8..12].fill(0);
-            reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 53]);
-            let _ = sock.send_to(&reply, from);
-        }
-    })
-}
-
 #[test]
 fn a_black_holed_upstream_under_a_flood_stays_bounded_and_table_answers_flow() {
     if !privileged() {
         return;
     }
     let env = TestEnv::new();
-    let (black_hole, stop) = (
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let upstream = switchable_upstream(
+    let upstream = Upstream::start(
         &env.netns,
-        "127.0.0.1:5399",
-        Arc::clone(&black_hole),
-        Arc::clone(&stop),
+        "127.0.0.1:5399".parse().unwrap(),
+        Duration::ZERO,
     );
+    upstream.black_hole.store(true, Ordering::SeqCst);
     let mut opts = env.daemon_options();
     opts.env.push(("RUST_LOG".into(), "info".into()));
     opts.extra_args
@@ -203,7 +164,7 @@ fn a_black_holed_upstream_under_a_flood_stays_bounded_and_table_answers_flow() {
 
     // The upstream comes back: the daemon recovers by itself (the black-holed
     // questions time out and free their slots), and forwards again.
-    black_hole.store(false, Ordering::SeqCst);
+    upstream.black_hole.store(false, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric_sum(&env.admin("/metrics"), "dns_upstream_inflight ") > 0.0 {
         assert!(Instant::now() < deadline, "in-flight work drained");
@@ -218,8 +179,6 @@ fn a_black_holed_upstream_under_a_flood_stays_bounded_and_table_answers_flow() {
         |r| rcode(r) == 0,
     );
     assert_eq!(recovered.len(), 1, "forwarding works again");
-    stop.store(true, Ordering::SeqCst);
-    upstream.join().unwrap();
 }
 
 /// Offered load of the floods, and how long they last.
@@ -492,4 +451,60 @@ fn a_cache_flood_of_large_answers_stays_within_the_cache_budget() {
 /// Queries the daemon forwarded so far (cache misses).
 fn flood_sent(env: &TestEnv) -> f64 {
     metric_sum(&env.admin("/metrics"), "dns_cache_misses_total")
+}
+
+#[test]
+fn one_pod_flooding_forwarded_names_leaves_the_others_their_share() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None)]);
+    let flooder = env.add_pod("flooder", "default", &[("dnsproxy.io/capture", "true")]);
+    let neighbour = env.add_pod("neighbour", "default", &[("dnsproxy.io/capture", "true")]);
+    // Every forwarded question takes 400 ms upstream: the flooder's would fill every
+    // slot of the daemon.
+    let _upstream = Upstream::start(
+        &env.node,
+        "127.0.0.1:5399".parse().unwrap(),
+        Duration::from_millis(400),
+    );
+    let _daemon = env.start_daemon(&["--upstream", "127.0.0.1:5399", "--max-inflight", "256"]);
+    let listener: std::net::SocketAddr = "127.0.0.1:15053".parse().unwrap();
+    let flood = Flood::start(
+        udp_client(&env.pods[flooder].netns, listener),
+        2000,
+        Duration::from_secs(10),
+        |n| query(n as u16, &format!("f{n}.flood.example"), false),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let theirs = probe(
+        &udp_client(&env.pods[neighbour].netns, listener),
+        20,
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+        |i| query(i, &format!("n{i}.calm.example"), false),
+        |r| rcode(r) == 0,
+    );
+    let (sent, rate) = flood.stop();
+    let metrics = env.metrics();
+    let overload = |pod: &str| {
+        metric_sum(
+            &metrics,
+            &format!("result=\"overload\",namespace=\"default\",pod=\"{pod}\""),
+        )
+    };
+    println!(
+        "unfair client: the flooder sent {sent} forwarded names at {rate:.0} qps, {} refused (overload); \
+         the neighbour's forwarded queries: {}/20 answered, p99 {:?}, {} refused",
+        overload("flooder"),
+        theirs.len(),
+        percentile(&theirs, 99),
+        overload("neighbour"),
+    );
+    assert!(
+        overload("flooder") > 0.0,
+        "the flooder hit its share:\n{metrics}"
+    );
+    assert_eq!(theirs.len(), 20, "the neighbour kept its share");
+    assert!(overload("neighbour") < 1.0, "the neighbour was refused");
 }
