@@ -1,5 +1,9 @@
 //! [`TestEnv`]: everything one local-mode test needs.
-use std::{path::PathBuf, process::Output, time::Duration};
+use std::{
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
 
 use crate::{
     ADMIN_ADDR, Cgroup, DEBUG_ADDR, Daemon, DaemonOptions, FakeDns, Netns, REGISTRY_YAML,
@@ -138,6 +142,15 @@ impl TestEnv {
     /// `args` inside the netns and the captured cgroup, with this env's resolv.conf
     /// bind-mounted over /etc/resolv.conf in a private mount namespace (glibc clients).
     pub fn captured_with_resolv_conf(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            &mut self.captured_with_resolv_conf_command(args),
+            Duration::from_secs(20),
+        )
+    }
+
+    /// The command [`TestEnv::captured_with_resolv_conf`] runs, to start in the
+    /// background (stdout piped).
+    pub fn captured_with_resolv_conf_command(&self, args: &[&str]) -> Command {
         let mut cmd = self.netns.command("unshare");
         cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#)
@@ -147,8 +160,11 @@ impl TestEnv {
             .args(["exec", "--cgroup"])
             .arg(&self.cgroup.path)
             .arg("--")
-            .args(args);
-        run_with_timeout(&mut cmd, Duration::from_secs(20))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
     }
 }
 

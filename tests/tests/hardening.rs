@@ -13,6 +13,16 @@ use std::{
 
 use dnsproxy_e2e::{load::*, *};
 
+/// The tests here load both cores on purpose: one at a time, so that their figures
+/// measure the daemon and not each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Four hosts whose VIPs are auto-allocated.
 const AUTO: &str = r"
 apiVersion: networking.istio.io/v1
@@ -47,6 +57,7 @@ fn a_damaged_vip_state_file_keeps_the_vips_it_still_holds() {
     if !privileged() {
         return;
     }
+    let _serial = one_at_a_time();
     let env = TestEnv::with_registry(AUTO);
     let state = env.dir.join("state/vips.json");
     let mut daemon = env.start_daemon();
@@ -86,6 +97,7 @@ fn a_black_holed_upstream_under_a_flood_stays_bounded_and_table_answers_flow() {
     if !privileged() {
         return;
     }
+    let _serial = one_at_a_time();
     let env = TestEnv::new();
     let upstream = Upstream::start(
         &env.netns,
@@ -380,6 +392,7 @@ fn a_cache_flood_of_large_answers_stays_within_the_cache_budget() {
     if !privileged() {
         return;
     }
+    let _serial = one_at_a_time();
     let env = TestEnv::new();
     let stop = Arc::new(AtomicBool::new(false));
     let upstream = txt_upstream(&env.netns, "127.0.0.1:5399", 1000, Arc::clone(&stop));
@@ -458,6 +471,7 @@ fn one_pod_flooding_forwarded_names_leaves_the_others_their_share() {
     if !privileged() {
         return;
     }
+    let _serial = one_at_a_time();
     let mut env = NodeEnv::new(&[("default", None)]);
     let flooder = env.add_pod("flooder", "default", &[("dnsproxy.io/capture", "true")]);
     let neighbour = env.add_pod("neighbour", "default", &[("dnsproxy.io/capture", "true")]);
@@ -507,4 +521,134 @@ fn one_pod_flooding_forwarded_names_leaves_the_others_their_share() {
     );
     assert_eq!(theirs.len(), 20, "the neighbour kept its share");
     assert!(overload("neighbour") < 1.0, "the neighbour was refused");
+}
+
+/// A UDP flood through the redirect: `rate` queries a second for `registry.test` to the
+/// cluster DNS for `secs`, from Python inside the captured cgroup; prints its rate.
+const REDIRECT_FLOOD: &str = r"
+import socket, struct, sys, time
+rate, secs = int(sys.argv[1]), float(sys.argv[2])
+q = bytes.fromhex('0000010000010000000000000872656769737472790474657374000001000001')
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+n, t0 = 0, time.time()
+while time.time() - t0 < secs:
+    due = int((time.time() - t0) * rate)
+    while n < due:
+        try:
+            s.sendto(struct.pack('>H', n & 0xffff) + q[2:], ('10.96.0.10', 53))
+        except BlockingIOError:
+            pass
+        n += 1
+    try:
+        while True:
+            s.recv(4096)
+    except BlockingIOError:
+        pass
+    time.sleep(0.001)
+print(int(n / (time.time() - t0)))
+";
+
+/// glibc lookups in a loop for `secs`: prints how many succeeded and failed.
+const GETENT_LOOP: &str = r#"end=$(($(date +%s) + $1)); ok=0; fail=0
+while [ "$(date +%s)" -lt "$end" ]; do
+  if getent hosts registry.test >/dev/null; then ok=$((ok + 1)); else fail=$((fail + 1)); fi
+done
+echo "$ok $fail""#;
+
+/// How long the load runs in the SIGKILL and restart tests, and when the daemon goes.
+const LOAD_SECS: u64 = 8;
+const STOP_AFTER: Duration = Duration::from_secs(3);
+
+/// Load through the redirect: one flood, two glibc lookup loops.
+struct RedirectLoad {
+    flood: std::process::Child,
+    lookups: Vec<std::process::Child>,
+}
+
+impl RedirectLoad {
+    fn start(env: &TestEnv) -> Self {
+        // glibc retries a lost query after a second, as a pod's resolver does.
+        env.write_resolv_conf("nameserver 10.96.0.10\noptions timeout:1 attempts:3\n");
+        let secs = LOAD_SECS.to_string();
+        let flood = env
+            .captured_with_resolv_conf_command(&["python3", "-c", REDIRECT_FLOOD, "6000", &secs])
+            .spawn()
+            .unwrap();
+        let lookups = (0..2)
+            .map(|_| {
+                env.captured_with_resolv_conf_command(&["sh", "-c", GETENT_LOOP, "sh", &secs])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        RedirectLoad { flood, lookups }
+    }
+
+    /// Waits for the end; returns (flood rate, lookups that succeeded, that failed).
+    fn finish(self) -> (u64, u64, u64) {
+        let rate = stdout(&self.flood.wait_with_output().unwrap())
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let (mut ok, mut failed) = (0, 0);
+        for child in self.lookups {
+            let out = stdout(&child.wait_with_output().unwrap());
+            let mut counts = out
+                .split_whitespace()
+                .map(|n| n.parse::<u64>().unwrap_or(0));
+            ok += counts.next().unwrap_or(0);
+            failed += counts.next().unwrap_or(u64::MAX / 4);
+        }
+        (rate, ok, failed)
+    }
+}
+
+#[test]
+fn sigkill_under_load_every_lookup_succeeds_by_the_proxy_or_fail_open() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let env = TestEnv::new();
+    let mut daemon = env.start_daemon();
+    let fail_open_before = daemon.counter("fail_open");
+    let load = RedirectLoad::start(&env);
+    std::thread::sleep(STOP_AFTER);
+    daemon.kill();
+    let (rate, ok, failed) = load.finish();
+    let fail_open = daemon.counter("fail_open") - fail_open_before;
+    let redirected = daemon.counter("redirected");
+    println!(
+        "SIGKILL under load: flood {rate} qps through the redirect; lookups {ok} succeeded, \
+         {failed} failed; redirected {redirected}, then fail-open {fail_open}"
+    );
+    assert!(rate >= 5000, "the flood reached only {rate} qps");
+    assert!(ok > 0);
+    assert_eq!(failed, 0, "lookups failed = 0");
+    assert!(fail_open > 0, "the fail-open path answered after the kill");
+}
+
+#[test]
+fn restart_under_load_every_lookup_succeeds() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let env = TestEnv::new();
+    let mut daemon = env.start_daemon();
+    let load = RedirectLoad::start(&env);
+    std::thread::sleep(STOP_AFTER);
+    assert!(daemon.stop().success());
+    drop(daemon);
+    let daemon = env.start_daemon();
+    let (rate, ok, failed) = load.finish();
+    let redirected = daemon.counter("redirected");
+    println!(
+        "restart under load: flood {rate} qps; lookups {ok} succeeded, {failed} failed; \
+         the new daemon redirected {redirected}"
+    );
+    assert!(rate >= 5000, "the flood reached only {rate} qps");
+    assert_eq!(failed, 0, "lookups failed = 0");
+    assert!(redirected > 0, "the new daemon took over");
 }
