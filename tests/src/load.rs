@@ -230,12 +230,19 @@ impl Drop for Upstream {
 
 /// The answer to `query`: its question, and A 192.0.2.53 (TTL 60).
 fn answer_a(query: &[u8]) -> Vec<u8> {
+    reply_with(query, &[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 53])
+}
+
+/// A response to `query` (header and question, EDNS dropped) with one answer record
+/// owned by the question name: `record` is its type, class, TTL, length and data.
+pub fn reply_with(query: &[u8], record: &[u8]) -> Vec<u8> {
     let qend = 12 + query[12..].iter().position(|b| *b == 0).unwrap_or(0) + 5;
     let mut reply = query[..qend.min(query.len())].to_vec();
     reply[2] |= 0x80;
     reply[3] = 0x80;
     reply[6..8].copy_from_slice(&1u16.to_be_bytes());
     reply[8..12].fill(0);
-    reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 53]);
+    reply.extend_from_slice(&[0xc0, 0x0c]);
+    reply.extend_from_slice(record);
     reply
 }

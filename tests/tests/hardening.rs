@@ -365,19 +365,15 @@ fn txt_upstream(
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 continue;
             };
-            let qend = 12 + buf[12..n].iter().position(|b| *b == 0).unwrap_or(0) + 5;
-            let mut reply = buf[..qend.min(n)].to_vec();
-            reply[2] |= 0x80;
-            reply[3] = 0x80;
-            reply[6..8].copy_from_slice(&1u16.to_be_bytes());
-            reply[8..12].fill(0);
-            reply.extend_from_slice(&[0xc0, 0x0c, 0, 16, 0, 1, 0, 1, 0x51, 0x80]);
             let strings: Vec<u8> = text
                 .chunks(255)
                 .flat_map(|c| [&[c.len() as u8][..], c].concat())
                 .collect();
-            reply.extend_from_slice(&(strings.len() as u16).to_be_bytes());
-            reply.extend_from_slice(&strings);
+            // TXT, IN, one day, the strings.
+            let mut record = vec![0, 16, 0, 1, 0, 1, 0x51, 0x80];
+            record.extend_from_slice(&(strings.len() as u16).to_be_bytes());
+            record.extend_from_slice(&strings);
+            let reply = reply_with(&buf[..n], &record);
             let _ = sock.send_to(&reply, from);
         }
     })

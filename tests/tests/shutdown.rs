@@ -2,8 +2,7 @@
 //! every query the daemon had received (table hits, and forwarded queries still
 //! waiting on a slow upstream), and exits within 2 s.
 use std::{
-    collections::VecDeque,
-    net::{SocketAddr, UdpSocket},
+    net::UdpSocket,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -12,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dnsproxy_e2e::*;
+use dnsproxy_e2e::{
+    load::{Upstream, query},
+    *,
+};
 
 /// Table hits per second: well within what a debug build answers on two cores, so
 /// that nothing is lost to a full socket buffer before the signal.
@@ -27,28 +29,15 @@ const SLOW_UPSTREAM: &str = "127.0.0.1:5399";
 const BEFORE: Duration = Duration::from_millis(1500);
 const AFTER: Duration = Duration::from_millis(700);
 
-/// A query for `labels. A` with ID `id`.
-fn query(id: u16, labels: &[&str]) -> Vec<u8> {
-    let mut q = Vec::with_capacity(48);
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in labels {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 /// A table hit (IDs 0..32768) or a forwarded name (IDs from 32768), by sequence number.
 fn table_query(n: u16) -> (u16, Vec<u8>) {
     let id = n % 32768;
-    (id, query(id, &["registry", "test"]))
+    (id, query(id, "registry.test", false))
 }
 
 fn forwarded_query(n: u16) -> (u16, Vec<u8>) {
     let id = 32768 + n % 32768;
-    (id, query(id, &[&format!("q{n}"), "slow", "test"]))
+    (id, query(id, &format!("q{n}.slow.test"), false))
 }
 
 /// What the flood saw: when each ID was sent, and which IDs got a NOERROR answer.
@@ -101,33 +90,6 @@ fn receive_loop(sock: &UdpSocket, stop: &AtomicBool, flood: &Mutex<Flood>) {
     }
 }
 
-/// An upstream that answers every A query with 192.0.2.1 after [`UPSTREAM_DELAY`].
-fn slow_upstream(sock: &UdpSocket, stop: &AtomicBool) {
-    sock.set_read_timeout(Some(Duration::from_millis(5)))
-        .unwrap();
-    let mut due: VecDeque<(Instant, Vec<u8>, SocketAddr)> = VecDeque::new();
-    let mut buf = [0u8; 1500];
-    while !stop.load(Ordering::SeqCst) {
-        while due.front().is_some_and(|(at, _, _)| *at <= Instant::now()) {
-            let (_, reply, to) = due.pop_front().unwrap();
-            let _ = sock.send_to(&reply, to);
-        }
-        let Ok((n, from)) = sock.recv_from(&mut buf) else {
-            continue;
-        };
-        let mut reply = buf[..n].to_vec();
-        reply[2] |= 0x80;
-        reply[3] = 0x80;
-        reply[6..8].copy_from_slice(&1u16.to_be_bytes());
-        reply[8..12].fill(0);
-        // The question only (the daemon's query carries EDNS, which we drop).
-        let qend = 12 + reply[12..].iter().position(|b| *b == 0).unwrap() + 5;
-        reply.truncate(qend);
-        reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
-        due.push_back((Instant::now() + UPSTREAM_DELAY, reply, from));
-    }
-}
-
 fn spawn<T: Send + Sync + 'static>(
     state: &Arc<T>,
     f: impl FnOnce(&T) + Send + 'static,
@@ -142,12 +104,7 @@ fn sigterm_during_a_query_flood_answers_what_was_received_and_exits_within_2s() 
         return;
     }
     let env = TestEnv::new();
-    let upstream = Arc::new(env.netns.within(|| UdpSocket::bind(SLOW_UPSTREAM).unwrap()));
-    let stop_upstream = Arc::new(AtomicBool::new(false));
-    let upstream_thread = {
-        let stop = Arc::clone(&stop_upstream);
-        spawn(&upstream, move |sock| slow_upstream(sock, &stop))
-    };
+    let _upstream = Upstream::start(&env.netns, SLOW_UPSTREAM.parse().unwrap(), UPSTREAM_DELAY);
     let mut opts = env.daemon_options();
     // Per-query debug lines would turn the flood into a logging benchmark.
     opts.env.push(("RUST_LOG".into(), "info".into()));
@@ -195,8 +152,7 @@ fn sigterm_during_a_query_flood_answers_what_was_received_and_exits_within_2s() 
     // Late answers to early queries still count: give the sockets a moment.
     thread::sleep(Duration::from_millis(300));
     stop_receiving.store(true, Ordering::SeqCst);
-    stop_upstream.store(true, Ordering::SeqCst);
-    for t in threads.into_iter().chain([upstream_thread]) {
+    for t in threads {
         t.join().unwrap();
     }
 

@@ -218,26 +218,31 @@ impl Metrics {
                 &Reason::CLOSED,
             ),
         };
-        registry.register(
-            "dns_upstream_merged",
-            "Questions merged into an identical one already in flight upstream.",
-            metrics.merged.clone(),
-        );
-        registry.register(
-            "dns_failure_cache_hits",
-            "Questions answered SERVFAIL from the memory of a recent upstream failure.",
-            metrics.failure_cache_hits.clone(),
-        );
-        registry.register(
-            "dns_cache_hits",
-            "Upstream answers served from the cache.",
-            metrics.cache_hits.clone(),
-        );
-        registry.register(
-            "dns_cache_misses",
-            "Lookups the cache could not serve.",
-            metrics.cache_misses.clone(),
-        );
+        let counters = [
+            (
+                "dns_upstream_merged",
+                "Questions merged into an identical one already in flight upstream.",
+                &metrics.merged,
+            ),
+            (
+                "dns_failure_cache_hits",
+                "Questions answered SERVFAIL from the memory of a recent upstream failure.",
+                &metrics.failure_cache_hits,
+            ),
+            (
+                "dns_cache_hits",
+                "Upstream answers served from the cache.",
+                &metrics.cache_hits,
+            ),
+            (
+                "dns_cache_misses",
+                "Lookups the cache could not serve.",
+                &metrics.cache_misses,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
         metrics
     }
 
