@@ -58,6 +58,9 @@ impl AdminState {
     ) -> Self {
         metrics.register_collector(Box::new(ServerCollector { shared }));
         metrics.register_collector(Box::new(EbpfCollector { pin_dir }));
+        metrics.register_collector(Box::new(RegistryCollector {
+            registry: Arc::clone(&registry),
+        }));
         AdminState {
             ready: AtomicBool::new(false),
             metrics,
@@ -262,6 +265,30 @@ impl Collector for ServerCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(cache.evictions()).encode(metric)
+    }
+}
+
+/// `dnsproxy_vip_moves_total`: auto-allocated VIPs moved because a declared address
+/// claimed them (two hosts never share a VIP).
+struct RegistryCollector {
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for RegistryCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RegistryCollector")
+    }
+}
+
+impl Collector for RegistryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metric = encoder.encode_descriptor(
+            "dnsproxy_vip_moves",
+            "Auto-allocated VIPs moved because a declared address claimed them.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.registry.vip_moves()).encode(metric)
     }
 }
 

@@ -61,6 +61,8 @@ fn slot_of(ip: IpAddr) -> Option<u32> {
 pub struct VipAllocator {
     hosts: BTreeMap<String, u32>,
     state_path: Option<PathBuf>,
+    /// Allocations moved because a declared address claimed their slot.
+    moved: u64,
 }
 
 /// FNV-1a: stable across builds and runs, unlike the standard library's hasher.
@@ -77,6 +79,7 @@ impl VipAllocator {
         VipAllocator {
             hosts: BTreeMap::new(),
             state_path: None,
+            moved: 0,
         }
     }
 
@@ -97,6 +100,7 @@ impl VipAllocator {
         VipAllocator {
             hosts: loaded.hosts,
             state_path: Some(path),
+            moved: 0,
         }
     }
 
@@ -110,6 +114,19 @@ impl VipAllocator {
         let before = self.hosts.clone();
         self.hosts.retain(|host, _| wanted.contains(host));
         let reserved_slots: HashSet<u32> = reserved.iter().filter_map(|ip| slot_of(*ip)).collect();
+        // Never two hosts on one VIP: a declared address (spec or Istio's status) that
+        // claims a slot already given to a host moves that host.
+        let claimed: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, slot)| reserved_slots.contains(slot))
+            .map(|(host, _)| host.clone())
+            .collect();
+        for host in claimed {
+            let slot = self.hosts.remove(&host).unwrap_or_default();
+            self.moved += 1;
+            tracing::warn!(%host, vip = %Vips::from_slot(slot).v4, "a declared address claims this auto-allocated VIP: the host moves to a free one");
+        }
         let mut taken: HashSet<u32> = self.hosts.values().copied().collect();
         taken.extend(&reserved_slots);
         for host in wanted {
@@ -132,6 +149,11 @@ impl VipAllocator {
             .iter()
             .map(|(h, s)| (h.clone(), Vips::from_slot(*s)))
             .collect())
+    }
+
+    /// Allocations moved so far because a declared address claimed their VIP.
+    pub fn moved(&self) -> u64 {
+        self.moved
     }
 
     /// Writes the state atomically and durably. A failure is logged, not fatal:
@@ -186,6 +208,17 @@ mod tests {
             .sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new())
             .unwrap();
         assert_eq!(first, again);
+    }
+
+    #[test]
+    fn a_host_whose_vip_is_claimed_later_moves() {
+        let mut a = VipAllocator::in_memory();
+        let first = a.sync(&set(&["x.com", "y.com"]), &HashSet::new()).unwrap();
+        let claimed: HashSet<IpAddr> = [IpAddr::V4(first["x.com"].v4)].into();
+        let second = a.sync(&set(&["x.com", "y.com"]), &claimed).unwrap();
+        assert_ne!(second["x.com"], first["x.com"], "x.com moved");
+        assert_eq!(second["y.com"], first["y.com"], "y.com untouched");
+        assert_eq!(a.moved(), 1);
     }
 
     #[test]

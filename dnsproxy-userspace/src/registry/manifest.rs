@@ -30,8 +30,8 @@ pub enum ManifestError {
         name: String,
         source: serde_json::Error,
     },
-    /// An address in `spec.addresses` is neither an IP nor a host CIDR.
-    #[error("ServiceEntry {name}: address `{address}` is not an IP or a /32 or /128 CIDR")]
+    /// An address in `spec.addresses` is neither an IP nor a CIDR.
+    #[error("ServiceEntry {name}: address `{address}` is not an IP or a CIDR")]
     BadAddress { name: String, address: String },
 }
 
@@ -142,18 +142,25 @@ pub struct StatusAddress {
 pub const AUTOALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
 
 impl ServiceEntry {
-    /// `spec.addresses` parsed (IPs, or /32 and /128 CIDRs).
-    pub fn spec_addresses(&self) -> Result<Vec<IpAddr>, ManifestError> {
-        self.spec
-            .addresses
-            .iter()
-            .map(|a| {
-                parse_host_address(a).ok_or_else(|| ManifestError::BadAddress {
-                    name: format!("{}/{}", self.metadata.namespace(), self.metadata.name),
-                    address: a.clone(),
-                })
-            })
-            .collect()
+    /// `spec.addresses`: single addresses (an IP, or a /32 or /128), and whether any
+    /// is a wider CIDR (Istio allows those for TCP; DNS answers only single
+    /// addresses, and such an entry never gets auto-allocated VIPs). An entry that is
+    /// neither is an error.
+    pub fn spec_addresses(&self) -> Result<SpecAddresses, ManifestError> {
+        let mut out = SpecAddresses::default();
+        for a in &self.spec.addresses {
+            match parse_address(a) {
+                Some(Address::Single(ip)) => out.single.push(ip),
+                Some(Address::Range) => out.has_range = true,
+                None => {
+                    return Err(ManifestError::BadAddress {
+                        name: format!("{}/{}", self.metadata.namespace(), self.metadata.name),
+                        address: a.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Addresses Istio already allocated for `host` (`status.addresses`).
@@ -183,15 +190,47 @@ impl ServiceEntry {
     }
 }
 
+/// The addresses `spec.addresses` declares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpecAddresses {
+    /// IPs, and /32 or /128 CIDRs.
+    pub single: Vec<IpAddr>,
+    /// Some address is a wider CIDR.
+    pub has_range: bool,
+}
+
+impl SpecAddresses {
+    /// Nothing declared at all.
+    pub fn is_empty(&self) -> bool {
+        self.single.is_empty() && !self.has_range
+    }
+}
+
+/// One address of `spec.addresses`.
+enum Address {
+    Single(IpAddr),
+    Range,
+}
+
+fn parse_address(s: &str) -> Option<Address> {
+    let Some((ip, len)) = s.split_once('/') else {
+        return s.parse().ok().map(Address::Single);
+    };
+    let ip: IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let full = if ip.is_ipv4() { 32 } else { 128 };
+    match len.cmp(&full) {
+        std::cmp::Ordering::Equal => Some(Address::Single(ip)),
+        std::cmp::Ordering::Less => Some(Address::Range),
+        std::cmp::Ordering::Greater => None,
+    }
+}
+
 /// An IP, or a single-host CIDR.
 pub fn parse_host_address(s: &str) -> Option<IpAddr> {
-    match s.split_once('/') {
-        None => s.parse().ok(),
-        Some((ip, len)) => {
-            let ip: IpAddr = ip.parse().ok()?;
-            let full = if ip.is_ipv4() { "32" } else { "128" };
-            (len == full).then_some(ip)
-        }
+    match parse_address(s)? {
+        Address::Single(ip) => Some(ip),
+        Address::Range => None,
     }
 }
 
@@ -469,7 +508,10 @@ items:
             Resolution::DnsRoundRobin
         );
         assert_eq!(o.service_entries[0].spec.ports[0].target_port, Some(8443));
-        assert_eq!(o.service_entries[0].spec_addresses().unwrap().len(), 2);
+        assert_eq!(
+            o.service_entries[0].spec_addresses().unwrap().single.len(),
+            2
+        );
         assert_eq!(
             o.services[0].kind(),
             ServiceKind::ClusterIp(vec![
@@ -520,9 +562,9 @@ items:
                 want: "document 1: unclosed bracket '[' at line 3",
             },
             Case {
-                name: "wide cidr",
-                text: "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: [a.b], addresses: [10.0.0.0/8]}\n",
-                want: "address `10.0.0.0/8` is not an IP",
+                name: "not an address",
+                text: "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: [a.b], addresses: [10.0.0.0/33]}\n",
+                want: "address `10.0.0.0/33` is not an IP or a CIDR",
             },
             Case {
                 name: "hosts not a list",

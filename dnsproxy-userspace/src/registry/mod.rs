@@ -65,6 +65,14 @@ impl Registry {
         Ok(())
     }
 
+    /// Auto-allocated VIPs moved because a declared address claimed them.
+    pub fn vip_moves(&self) -> u64 {
+        self.allocator
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .moved()
+    }
+
     /// Auto-allocated hosts that get AAAA answers: those with IPv6 backends.
     pub fn ipv6_backed(&self) -> arc_swap::Guard<Arc<std::collections::HashSet<String>>> {
         self.ipv6_backed.load()

@@ -359,9 +359,11 @@ impl Builder {
                 self.add_service_entry_host(se, &normalize(host), &vips, &source);
             }
         }
-        self.table
-            .exact
-            .retain(|_, h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
+        // A name without an address is not the table's (wildcards included): such
+        // names are forwarded, as Istio does.
+        for map in [&mut self.table.exact, &mut self.table.wildcards] {
+            map.retain(|_, h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
+        }
         Ok(())
     }
 
@@ -426,7 +428,7 @@ fn declared_addresses(se: &ServiceEntry, host: &str) -> Vec<IpAddr> {
     if spec.is_empty() {
         se.status_addresses(host)
     } else {
-        spec
+        spec.single
     }
 }
 
@@ -440,10 +442,13 @@ fn allocate_vips(
     let mut wanted = BTreeSet::new();
     let mut reserved = HashSet::new();
     for se in &objects.service_entries {
-        reserved.extend(se.spec_addresses().unwrap_or_default());
+        let spec = se.spec_addresses().unwrap_or_default();
+        reserved.extend(&spec.single);
         for host in se.spec.hosts.iter().map(|h| normalize(h)) {
             reserved.extend(se.status_addresses(&host));
-            if declared_addresses(se, &host).is_empty()
+            // A CIDR is declared too: such an entry never gets a VIP.
+            if spec.is_empty()
+                && se.status_addresses(&host).is_empty()
                 && se.wants_autoallocation()
                 && !host.starts_with("*.")
             {

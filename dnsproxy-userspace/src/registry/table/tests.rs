@@ -293,3 +293,45 @@ fn other_entries_do_not_move_a_vip() {
         .unwrap());
     assert_eq!(before, after);
 }
+
+fn build(yaml: &str) -> NameTable {
+    let mut objects = Objects::default();
+    parse_into(yaml, &mut objects).unwrap();
+    NameTable::build(
+        &objects,
+        &mut VipAllocator::in_memory(),
+        &TableConfig::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn cidr_addresses_answer_single_addresses_and_never_get_vips() {
+    let t = build(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: range}\n\
+         spec: {hosts: [range.example], addresses: [10.20.0.0/16], ports: [{number: 5432, name: pg, protocol: TCP}], resolution: DNS}\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: mixed}\n\
+         spec: {hosts: [mixed.example], addresses: [10.30.0.0/16, 10.40.0.7/32], resolution: STATIC, endpoints: [{address: 192.0.2.9}]}\n",
+    );
+    assert!(
+        t.get("range.example").is_none(),
+        "only a range: no address to answer, no VIP; forwarded"
+    );
+    assert_eq!(v4s(t.get("mixed.example").unwrap()), ["10.40.0.7"]);
+    assert!(t.vip_services().iter().all(|s| s.host != "range.example"));
+}
+
+#[test]
+fn a_wildcard_without_addresses_is_left_to_upstream() {
+    let t = build(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: corp}\n\
+         spec: {hosts: [\"*.corp.example\"], resolution: STATIC}\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: dns}\n\
+         spec: {hosts: [\"*.dns.example\"], resolution: DNS}\n",
+    );
+    assert!(t.get("db.corp.example").is_none());
+    assert!(t.get("x.dns.example").is_none());
+    assert!(t.is_empty());
+}
