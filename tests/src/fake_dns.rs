@@ -13,8 +13,8 @@ use std::{
 
 use crate::{FAKE_A, FAKE_AAAA, Netns, Signal, bind_in};
 
-/// Name (lower case, no trailing dot) → (addresses, TTL).
-type Records = Arc<Mutex<HashMap<String, (Vec<IpAddr>, u32)>>>;
+/// Name (lower case, no trailing dot) → (addresses, TTL, AAAA answered SERVFAIL).
+type Records = Arc<Mutex<HashMap<String, (Vec<IpAddr>, u32, bool)>>>;
 
 pub struct FakeDns {
     signal: Signal,
@@ -47,8 +47,16 @@ impl FakeDns {
         let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
         self.records.lock().unwrap().insert(
             name.trim_end_matches('.').to_ascii_lowercase(),
-            (addrs, ttl),
+            (addrs, ttl, false),
         );
+    }
+
+    /// From now on, AAAA questions for `name` (set before) get SERVFAIL, or not.
+    pub fn fail_aaaa(&self, name: &str, failing: bool) {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(entry) = self.records.lock().unwrap().get_mut(&key) {
+            entry.2 = failing;
+        }
     }
 
     /// Queries answered so far.
@@ -128,13 +136,22 @@ fn answer(q: &[u8], records: &Records) -> Option<Vec<u8>> {
     }
     let name = labels.join(".");
     let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-    let (addrs, ttl): (Vec<IpAddr>, u32) = match records.lock().unwrap().get(&name) {
-        Some(set) => set.clone(),
-        None => (
-            vec![FAKE_A.parse().unwrap(), FAKE_AAAA.parse().unwrap()],
-            60,
-        ),
-    };
+    let (addrs, ttl, aaaa_fails): (Vec<IpAddr>, u32, bool) =
+        match records.lock().unwrap().get(&name) {
+            Some(set) => set.clone(),
+            None => (
+                vec![FAKE_A.parse().unwrap(), FAKE_AAAA.parse().unwrap()],
+                60,
+                false,
+            ),
+        };
+    if aaaa_fails && qtype == 28 {
+        let mut r = q[..question_end].to_vec();
+        r[2] = 0x80 | (q[2] & 0x01);
+        r[3] = 0x82; // RA, SERVFAIL
+        r[6..12].fill(0);
+        return Some(r);
+    }
     let rdatas: Vec<Vec<u8>> = addrs
         .iter()
         .filter_map(|ip| match (qtype, ip) {

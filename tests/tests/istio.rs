@@ -96,3 +96,62 @@ fn cidr_addresses_wildcards_without_addresses_and_vips_never_shared() {
     assert!(metrics.contains("dnsproxy_vip_moves_total 1"), "{metrics}");
     assert!(daemon.log_text().contains("claims this auto-allocated VIP"));
 }
+
+/// The backends `dnsproxy maps` shows for `vip` (any port), as "addr:port".
+fn backends_of(daemon: &Daemon, vip: &str) -> Vec<String> {
+    let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    maps["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["vip"] == vip)
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_failing_address_family_keeps_its_last_backends() {
+    if !privileged() {
+        return;
+    }
+    let env = TestEnv::with_registry(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: dual}\n\
+         spec: {hosts: [dual.example], addresses: [240.240.9.9, \"2001:2::909\"], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}\n",
+    );
+    // TTL 1: re-resolved every second.
+    env.fake
+        .set("dual.example", &["203.0.113.10", "2001:db8::10"], 1);
+    let daemon = env.start_daemon();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backends_of(&daemon, "2001:2::909").is_empty() {
+        assert!(Instant::now() < deadline, "{}", daemon.maps_json());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(backends_of(&daemon, "2001:2::909"), ["[2001:db8::10]:443"]);
+    assert_eq!(backends_of(&daemon, "240.240.9.9"), ["203.0.113.10:443"]);
+
+    // AAAA now fails upstream for several refreshes: the IPv6 backend stays.
+    env.fake.fail_aaaa("dual.example", true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        backends_of(&daemon, "2001:2::909"),
+        ["[2001:db8::10]:443"],
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("one address family failed upstream")
+    );
+
+    // A definitive answer without AAAA (NODATA) empties that family: the IPv6 VIP
+    // then reaches the IPv4 backend, IPv4-mapped (shown as IPv4).
+    env.fake.set("dual.example", &["203.0.113.10"], 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backends_of(&daemon, "2001:2::909") != ["203.0.113.10:443"] {
+        assert!(Instant::now() < deadline, "{}", daemon.maps_json());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -31,10 +31,24 @@ pub const MAX_REFRESH: Duration = Duration::from_mins(5);
 /// When a name could not be resolved (or has no address), ask again after this.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// What a name's backends are, per family, and when to ask again.
+#[derive(Default)]
 struct Resolved {
-    addrs: Vec<IpAddr>,
-    refresh_at: Instant,
+    v4: Vec<IpAddr>,
+    v6: Vec<IpAddr>,
+    refresh_at: Option<Instant>,
 }
+
+impl Resolved {
+    fn addrs(&self) -> Vec<IpAddr> {
+        self.v4.iter().chain(&self.v6).copied().collect()
+    }
+}
+
+/// One family's lookup: its addresses and their smallest TTL when the upstream gave a
+/// definitive answer (NOERROR, possibly empty, or NXDOMAIN); `None` when it failed
+/// (timeout, SERVFAIL, ...), so that the family keeps its last good backends.
+type Family = Option<(Vec<IpAddr>, u32)>;
 
 /// Re-resolve a quarter of the TTL before it expires, within the bounds.
 fn refresh_after(ttl: u32) -> Duration {
@@ -63,9 +77,8 @@ pub enum ResolveError {
     Upstream(#[source] ForwardError),
 }
 
-/// A and AAAA addresses of `name` and their smallest TTL; an error when the upstreams
-/// failed for both families.
-async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Vec<IpAddr>, u32), ResolveError> {
+/// A and AAAA lookups of `name`, each definitive or failed; an error when both failed.
+async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Family, Family), ResolveError> {
     let fqdn = Name::from_ascii(format!("{name}.")).map_err(|source| ResolveError::BadName {
         name: name.to_owned(),
         source,
@@ -75,27 +88,37 @@ async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Vec<IpAddr>, u32)
         Query::query(fqdn, RecordType::AAAA),
     );
     let (a, aaaa) = tokio::join!(forwarder.forward(&qa), forwarder.forward(&qaaaa));
-    let replies = match (a, aaaa) {
+    let (a, aaaa) = match (a, aaaa) {
         (Err(e), Err(_)) => return Err(ResolveError::Upstream(e)),
-        (a, aaaa) => [a.ok(), aaaa.ok()],
+        (a, aaaa) => (a.ok(), aaaa.ok()),
     };
-    let mut addrs = Vec::new();
+    Ok((family(a.map(|f| f.reply)), family(aaaa.map(|f| f.reply))))
+}
+
+/// The addresses of a definitive answer; `None` for anything but NOERROR or NXDOMAIN.
+fn family(reply: Option<hickory_proto::op::Message>) -> Family {
+    let reply = reply?;
+    if !matches!(
+        reply.metadata.response_code,
+        ResponseCode::NoError | ResponseCode::NXDomain
+    ) {
+        return None;
+    }
     let mut ttl = u32::MAX;
-    for reply in replies.into_iter().flatten().map(|f| f.reply) {
-        if reply.metadata.response_code != ResponseCode::NoError {
-            continue;
-        }
-        for r in &reply.answers {
+    let addrs = reply
+        .answers
+        .iter()
+        .filter_map(|r| {
             let ip = match &r.data {
                 RData::A(a) => IpAddr::V4(a.0),
                 RData::AAAA(a) => IpAddr::V6(a.0),
-                _ => continue,
+                _ => return None,
             };
-            addrs.push(ip);
             ttl = ttl.min(r.ttl);
-        }
-    }
-    Ok((addrs, ttl))
+            Some(ip)
+        })
+        .collect();
+    Some((addrs, ttl))
 }
 
 /// What the maps hold now (an adopted daemon's translations, or nothing), so that the
@@ -188,7 +211,7 @@ impl BackendSync {
             if let Some(tx) = first.take() {
                 let _ = tx.send(());
             }
-            let next = resolved.values().map(|r| r.refresh_at).min();
+            let next = resolved.values().filter_map(|r| r.refresh_at).min();
             if !next_round(&mut changes, next).await {
                 return;
             }
@@ -201,10 +224,12 @@ impl BackendSync {
         resolved.retain(|name, _| wanted.contains(name));
         let now = Instant::now();
         let mut lookups = tokio::task::JoinSet::new();
-        for name in wanted
-            .iter()
-            .filter(|n| resolved.get(*n).is_none_or(|r| r.refresh_at <= now))
-        {
+        for name in wanted.iter().filter(|n| {
+            resolved
+                .get(*n)
+                .and_then(|r| r.refresh_at)
+                .is_none_or(|at| at <= now)
+        }) {
             let (forwarder, name) = (Arc::clone(&self.forwarder), name.clone());
             lookups.spawn(async move {
                 let result = resolve(&forwarder, &name).await;
@@ -212,7 +237,7 @@ impl BackendSync {
             });
         }
         while let Some(Ok((name, result))) = lookups.join_next().await {
-            record(resolved, name, result);
+            record(resolved, &name, result);
         }
     }
 
@@ -225,7 +250,7 @@ impl BackendSync {
     ) {
         let addrs: HashMap<String, Vec<IpAddr>> = resolved
             .iter()
-            .map(|(n, r)| (n.clone(), r.addrs.clone()))
+            .map(|(n, r)| (n.clone(), r.addrs()))
             .collect();
         let desired = plan(services, &addrs);
         self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
@@ -249,43 +274,47 @@ impl BackendSync {
     }
 }
 
-/// Keeps the outcome of one resolution: new addresses, none (the VIP fails closed), or
-/// an upstream failure (the last addresses stay: an outage must not take them away).
+/// Keeps the outcome of one resolution. A family with a definitive answer takes its
+/// addresses (none: NXDOMAIN or NODATA); a family whose lookup failed keeps its last
+/// good ones, so an upstream glitch never takes backends away. No address at all: the
+/// VIPs fail closed, and the name is asked again soon.
 fn record(
     resolved: &mut HashMap<String, Resolved>,
-    name: String,
-    result: Result<(Vec<IpAddr>, u32), ResolveError>,
+    name: &str,
+    result: Result<(Family, Family), ResolveError>,
 ) {
     let now = Instant::now();
-    match result {
-        Ok((addrs, ttl)) if !addrs.is_empty() => {
-            tracing::debug!(%name, ?addrs, ttl, "resolved VIP backends");
-            let refresh_at = now + refresh_after(ttl);
-            resolved.insert(name, Resolved { addrs, refresh_at });
-        }
-        Ok(_) => {
-            // Said once when it happens, not at every retry.
-            if resolved.get(&name).is_none_or(|r| !r.addrs.is_empty()) {
-                tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
-            }
-            let refresh_at = now + RETRY;
-            resolved.insert(
-                name,
-                Resolved {
-                    addrs: Vec::new(),
-                    refresh_at,
-                },
-            );
-        }
+    let entry = resolved.entry(name.to_owned()).or_default();
+    let had = !entry.v4.is_empty() || !entry.v6.is_empty();
+    let (v4, v6) = match result {
+        Ok(families) => families,
         Err(e) => {
             tracing::warn!(%name, error = %crate::report(&e), "cannot resolve VIP backends, keeping the last ones");
-            let entry = resolved.entry(name).or_insert(Resolved {
-                addrs: Vec::new(),
-                refresh_at: now,
-            });
-            entry.refresh_at = now + RETRY;
+            entry.refresh_at = Some(now + RETRY);
+            return;
+        }
+    };
+    let mut ttl = u32::MAX;
+    for (family, kept) in [(v4, &mut entry.v4), (v6, &mut entry.v6)] {
+        match family {
+            Some((addrs, t)) => {
+                *kept = addrs;
+                ttl = ttl.min(t);
+            }
+            None => {
+                tracing::warn!(%name, "one address family failed upstream: keeping its last backends");
+            }
         }
     }
+    if entry.v4.is_empty() && entry.v6.is_empty() {
+        if had || entry.refresh_at.is_none() {
+            tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
+        }
+        entry.refresh_at = Some(now + RETRY);
+        return;
+    }
+    tracing::debug!(%name, v4 = ?entry.v4, v6 = ?entry.v6, ttl, "resolved VIP backends");
+    entry.refresh_at = Some(now + refresh_after(ttl));
 }
 
 /// Waits for a registry change or the next refresh; false when the registry is gone.
@@ -308,6 +337,36 @@ async fn next_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_family_keeps_its_last_backends_and_only_a_definitive_answer_empties_it() {
+        let v4 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let mut resolved = HashMap::new();
+        let both = Ok((
+            Some((vec![v4("192.0.2.1")], 60)),
+            Some((vec![v4("2001:db8::1")], 60)),
+        ));
+        record(&mut resolved, "h", both);
+        assert_eq!(resolved["h"].addrs().len(), 2);
+        // AAAA times out (or SERVFAIL): its last backend stays; A is updated.
+        record(
+            &mut resolved,
+            "h",
+            Ok((Some((vec![v4("192.0.2.2")], 60)), None)),
+        );
+        assert_eq!(resolved["h"].addrs(), [v4("192.0.2.2"), v4("2001:db8::1")]);
+        // Both fail: nothing changes.
+        let upstream_down = Err(ResolveError::Upstream(ForwardError::NoUpstream));
+        record(&mut resolved, "h", upstream_down);
+        assert_eq!(resolved["h"].addrs(), [v4("192.0.2.2"), v4("2001:db8::1")]);
+        // A definitive NODATA for AAAA empties that family only.
+        record(
+            &mut resolved,
+            "h",
+            Ok((Some((vec![v4("192.0.2.2")], 60)), Some((vec![], 0)))),
+        );
+        assert_eq!(resolved["h"].addrs(), [v4("192.0.2.2")]);
+    }
 
     #[test]
     fn refresh_before_ttl_expiry_within_bounds() {
