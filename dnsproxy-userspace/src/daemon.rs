@@ -312,6 +312,7 @@ impl Daemon {
             Arc::clone(&registry),
             upstream,
             args.ttl,
+            Duration::from_millis(args.upstream_timeout_ms),
             Arc::clone(&metrics),
         ));
         let tcp = tcp::Connections::new(
@@ -426,6 +427,7 @@ impl Daemon {
             registry: Arc::clone(&self.registry),
             forwarder: Arc::clone(&self.forwarder),
             pin_dir: self.settings.args.pin_dir.clone(),
+            retire_after: Duration::from_secs(2 * u64::from(self.settings.args.ttl)),
         };
         let token = self.shutdown.child_token();
         self.tasks.spawn(async move {

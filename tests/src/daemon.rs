@@ -77,7 +77,14 @@ impl Daemon {
             .arg(&opts.pin_dir)
             .arg("--state-dir")
             .arg(&opts.state_dir)
-            .args(["--upstream-timeout-ms", "1000", "--registry-poll-ms", "200"])
+            .args(["--registry-poll-ms", "200"])
+            // A short upstream timeout keeps failure tests quick, unless a test sets one.
+            .args(
+                (!opts.extra_args.iter().any(|a| a == "--upstream-timeout-ms"))
+                    .then_some(["--upstream-timeout-ms", "1000"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,dns=debug")
             .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -13,8 +13,23 @@ use std::{
 
 use crate::{FAKE_A, FAKE_AAAA, Netns, Signal, bind_in};
 
-/// Name (lower case, no trailing dot) → (addresses, TTL, AAAA answered SERVFAIL).
-type Records = Arc<Mutex<HashMap<String, (Vec<IpAddr>, u32, bool)>>>;
+/// What the fake says of one name.
+#[derive(Clone)]
+struct Entry {
+    addrs: Vec<IpAddr>,
+    ttl: u32,
+    /// AAAA questions get SERVFAIL.
+    aaaa_fails: bool,
+    /// UDP answers are sent this late.
+    delay: Duration,
+}
+
+/// Name (lower case, no trailing dot) → what is answered.
+type Records = Arc<Mutex<HashMap<String, Entry>>>;
+
+fn key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
 
 pub struct FakeDns {
     signal: Signal,
@@ -45,17 +60,26 @@ impl FakeDns {
     /// From now on, `name` resolves to `addrs` (A and AAAA by family; none = NODATA).
     pub fn set(&self, name: &str, addrs: &[&str], ttl: u32) {
         let addrs = addrs.iter().map(|a| a.parse().unwrap()).collect();
-        self.records.lock().unwrap().insert(
-            name.trim_end_matches('.').to_ascii_lowercase(),
-            (addrs, ttl, false),
-        );
+        let entry = Entry {
+            addrs,
+            ttl,
+            aaaa_fails: false,
+            delay: Duration::ZERO,
+        };
+        self.records.lock().unwrap().insert(key(name), entry);
     }
 
     /// From now on, AAAA questions for `name` (set before) get SERVFAIL, or not.
     pub fn fail_aaaa(&self, name: &str, failing: bool) {
-        let key = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(entry) = self.records.lock().unwrap().get_mut(&key) {
-            entry.2 = failing;
+        if let Some(entry) = self.records.lock().unwrap().get_mut(&key(name)) {
+            entry.aaaa_fails = failing;
+        }
+    }
+
+    /// From now on, UDP answers for `name` (set before) are sent `delay` late.
+    pub fn delay(&self, name: &str, delay: Duration) {
+        if let Some(entry) = self.records.lock().unwrap().get_mut(&key(name)) {
+            entry.delay = delay;
         }
     }
 
@@ -82,9 +106,16 @@ fn serve_udp(sock: &UdpSocket, signal: &Signal, records: &Records) {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        if let Some(reply) = answer(&buf[..n], records) {
+        if let Some((reply, delay)) = answer(&buf[..n], records) {
             signal.count.fetch_add(1, Ordering::SeqCst);
-            let _ = sock.send_to(&reply, from);
+            if delay.is_zero() {
+                let _ = sock.send_to(&reply, from);
+            } else if let Ok(late) = sock.try_clone() {
+                thread::spawn(move || {
+                    thread::sleep(delay);
+                    let _ = late.send_to(&reply, from);
+                });
+            }
         }
     }
 }
@@ -108,7 +139,7 @@ fn serve_tcp(listener: &TcpListener, signal: &Signal, records: &Records) {
         if stream.read_exact(&mut q).is_err() {
             continue;
         }
-        if let Some(reply) = answer(&q, records) {
+        if let Some((reply, _)) = answer(&q, records) {
             signal.count.fetch_add(1, Ordering::SeqCst);
             let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
             framed.extend_from_slice(&reply);
@@ -118,8 +149,8 @@ fn serve_tcp(listener: &TcpListener, signal: &Signal, records: &Records) {
 }
 
 /// Builds the reply to a one-question query: header, the question as sent, and the
-/// A/AAAA records of the name (none for other types).
-fn answer(q: &[u8], records: &Records) -> Option<Vec<u8>> {
+/// A/AAAA records of the name (none for other types); with the delay to send it after.
+fn answer(q: &[u8], records: &Records) -> Option<(Vec<u8>, Duration)> {
     if q.len() < 12 || q[2] & 0x80 != 0 {
         return None;
     }
@@ -136,21 +167,24 @@ fn answer(q: &[u8], records: &Records) -> Option<Vec<u8>> {
     }
     let name = labels.join(".");
     let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-    let (addrs, ttl, aaaa_fails): (Vec<IpAddr>, u32, bool) =
-        match records.lock().unwrap().get(&name) {
-            Some(set) => set.clone(),
-            None => (
-                vec![FAKE_A.parse().unwrap(), FAKE_AAAA.parse().unwrap()],
-                60,
-                false,
-            ),
-        };
+    let entry = records.lock().unwrap().get(&name).cloned();
+    let Entry {
+        addrs,
+        ttl,
+        aaaa_fails,
+        delay,
+    } = entry.unwrap_or_else(|| Entry {
+        addrs: vec![FAKE_A.parse().unwrap(), FAKE_AAAA.parse().unwrap()],
+        ttl: 60,
+        aaaa_fails: false,
+        delay: Duration::ZERO,
+    });
     if aaaa_fails && qtype == 28 {
         let mut r = q[..question_end].to_vec();
         r[2] = 0x80 | (q[2] & 0x01);
         r[3] = 0x82; // RA, SERVFAIL
         r[6..12].fill(0);
-        return Some(r);
+        return Some((r, delay));
     }
     let rdatas: Vec<Vec<u8>> = addrs
         .iter()
@@ -176,5 +210,5 @@ fn answer(q: &[u8], records: &Records) -> Option<Vec<u8>> {
         r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
         r.extend_from_slice(&rdata);
     }
-    Some(r)
+    Some((r, delay))
 }

@@ -155,3 +155,86 @@ fn a_failing_address_family_keeps_its_last_backends() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Connects from the captured cgroup to `vip:443` and returns the banner (or the error).
+fn banner(env: &TestEnv, vip: &str) -> String {
+    let out = env.captured(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\ntry:\n  s = socket.create_connection(('{vip}', 443), timeout=2)\n  print(s.recv(100).decode().strip())\nexcept OSError as e:\n  print('error', e)"
+        ),
+    ]);
+    stdout(&out).trim().to_owned()
+}
+
+#[test]
+fn a_vip_is_handed_out_only_once_it_translates_and_outlives_its_host_for_two_ttls() {
+    if !privileged() {
+        return;
+    }
+    let env = TestEnv::with_registry(ENTRIES);
+    env.netns.add_addr("203.0.113.10/32");
+    let _server = BannerServer::start(&env.netns, "203.0.113.10:443");
+    // The host's first resolution upstream takes 1.5 s: longer than a client takes
+    // from its answer to connect().
+    env.fake.set("fresh.example", &["203.0.113.10"], 60);
+    env.fake.delay("fresh.example", Duration::from_millis(1500));
+    let mut opts = env.daemon_options();
+    opts.extra_args
+        .extend(["--ttl", "2", "--upstream-timeout-ms", "3000"].map(String::from));
+    let daemon = Daemon::start(opts);
+
+    let entry = env.dir.join("registry/fresh.yaml");
+    std::fs::write(
+        &entry,
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: fresh}\n\
+         spec: {hosts: [fresh.example], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}\n",
+    )
+    .unwrap();
+    // Ask as soon as the name is the table's: the first VIP given must already work.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.log_text().contains("registry changed: reloaded") {
+        assert!(Instant::now() < deadline, "{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let (answers, aa) = answer(&env, "fresh.example");
+    let waited = started.elapsed();
+    assert!(
+        aa && answers.first().is_some_and(|a| a.starts_with("240.240.")),
+        "{answers:?}"
+    );
+    let vip = answers[0].clone();
+    let first = banner(&env, &vip);
+    println!("fresh.example: first answer {vip} after {waited:?}; connect: {first}");
+    assert!(first.starts_with("hello from 203.0.113.10:443"), "{first}");
+
+    // The host goes: its VIP keeps translating for twice the TTL (2 s), then not.
+    std::fs::remove_file(&entry).unwrap();
+    let gone = Instant::now();
+    let deadline = gone + Duration::from_secs(10);
+    while answer(&env, "fresh.example").1 {
+        assert!(Instant::now() < deadline, "the host was not removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let during = banner(&env, &vip);
+    assert!(
+        during.starts_with("hello from 203.0.113.10:443"),
+        "within 2 TTLs: {during}"
+    );
+    let maps_hold = |vip: &str| daemon.maps_json().contains(&format!("\"vip\": \"{vip}\""));
+    while maps_hold(&vip) {
+        assert!(
+            Instant::now() < deadline,
+            "the VIP outlived its grace period"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = gone.elapsed();
+    println!("fresh.example gone: {vip} still translated, removed after {after:?}");
+    assert!(
+        after >= Duration::from_secs(4),
+        "removed after {after:?}, before 2 x TTL"
+    );
+}

@@ -82,6 +82,14 @@ pub(crate) fn handler_with_limits(
         Registry::new(&objects, VipAllocator::in_memory(), TableConfig::default()).unwrap();
     // As if the backend sync had found IPv6 addresses for aliyun.com only.
     registry.set_ipv6_backed(["aliyun.com".to_owned()].into());
+    // As if the backend sync had written every VIP to the data path.
+    let vips = registry
+        .table()
+        .vip_services()
+        .iter()
+        .flat_map(|s| s.vips.clone())
+        .collect();
+    registry.set_programmed(vips);
     let metrics = Arc::new(Metrics::new(
         &upstreams,
         &mut prometheus_client::registry::Registry::default(),
@@ -101,5 +109,11 @@ pub(crate) fn handler_with_limits(
     });
     let inflight = InFlight::new(limits);
     let upstream = UpstreamPath::new(Arc::new(forwarder), cache, inflight, Arc::clone(&metrics));
-    Handler::new(Arc::new(registry), upstream, 30, metrics)
+    Handler::new(
+        Arc::new(registry),
+        upstream,
+        30,
+        Duration::from_millis(300),
+        metrics,
+    )
 }

@@ -26,6 +26,10 @@ pub struct Registry {
     generation: tokio::sync::watch::Sender<u64>,
     /// Auto-allocated hosts with IPv6 backends (kept by the VIP backend sync).
     ipv6_backed: ArcSwap<std::collections::HashSet<String>>,
+    /// VIPs the data path translates right now (written to `dp_vips`), and a
+    /// generation bumped at each change, for answers waiting on their VIP.
+    programmed: ArcSwap<std::collections::HashSet<std::net::IpAddr>>,
+    programmed_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -42,6 +46,8 @@ impl Registry {
             config,
             generation: tokio::sync::watch::Sender::new(0),
             ipv6_backed: ArcSwap::default(),
+            programmed: ArcSwap::default(),
+            programmed_changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -83,6 +89,48 @@ impl Registry {
         if **self.ipv6_backed.load() != hosts {
             self.ipv6_backed.store(Arc::new(hosts));
         }
+    }
+
+    /// Replaces the set of VIPs the data path translates.
+    pub fn set_programmed(&self, vips: std::collections::HashSet<std::net::IpAddr>) {
+        if **self.programmed.load() != vips {
+            self.programmed.store(Arc::new(vips));
+            self.programmed_changed.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Of `ips`, those the table declares as VIPs to translate that the data path does
+    /// not translate yet: a client given one would connect into a black hole.
+    pub fn untranslated(
+        &self,
+        table: &NameTable,
+        ips: &[std::net::IpAddr],
+    ) -> Vec<std::net::IpAddr> {
+        let programmed = self.programmed.load();
+        ips.iter()
+            .filter(|ip| table.is_translated_vip(**ip) && !programmed.contains(*ip))
+            .copied()
+            .collect()
+    }
+
+    /// Waits, at most `limit`, until every one of `vips` is translated; false if not.
+    pub async fn wait_translated(
+        &self,
+        vips: &[std::net::IpAddr],
+        limit: std::time::Duration,
+    ) -> bool {
+        let mut changed = self.programmed_changed.subscribe();
+        let all_in =
+            |p: &std::collections::HashSet<std::net::IpAddr>| vips.iter().all(|v| p.contains(v));
+        let wait = async {
+            while !all_in(&self.programmed.load()) {
+                if changed.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(limit, wait).await.unwrap_or(false)
     }
 
     /// A receiver that wakes up after each table change.

@@ -18,7 +18,7 @@ use hickory_proto::{
 };
 use tokio::time::Instant;
 
-use super::plan::{Plan, names_to_resolve, plan};
+use super::plan::{Plan, ServiceKeyOrd, names_to_resolve, plan};
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
     dns::forwarder::{ForwardError, Forwarder},
@@ -60,6 +60,8 @@ pub struct BackendSync {
     pub registry: Arc<Registry>,
     pub forwarder: Arc<Forwarder>,
     pub pin_dir: PathBuf,
+    /// How long a gone host's VIP keeps translating (twice the TTL clients are told).
+    pub retire_after: Duration,
 }
 
 /// Why a name's backends could not be resolved.
@@ -129,7 +131,7 @@ fn read_current(pin_dir: &std::path::Path) -> Result<Plan, BpfError> {
     let vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
     let mut plan = Plan::default();
     for (k, v) in services.iter().filter_map(Result::ok) {
-        let key = super::plan::ServiceKeyOrd {
+        let key = ServiceKeyOrd {
             vip: crate::bpf::from_map_addr(&k.addr),
             port: k.port,
             protocol: k.protocol,
@@ -189,30 +191,91 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
     Ok(())
 }
 
+/// A VIP whose host is gone, still translated until `until`: clients hold the name
+/// for its TTL, twice over to be safe.
+struct Retired {
+    ports: u32,
+    services: Vec<(ServiceKeyOrd, ServiceValue)>,
+    until: Instant,
+}
+
+/// What the sync loop keeps between rounds.
+struct SyncState {
+    resolved: HashMap<String, Resolved>,
+    /// What the maps hold.
+    written: Plan,
+    retired: HashMap<IpAddr, Retired>,
+}
+
+impl SyncState {
+    /// The next time something is due: a refresh, or the end of a retirement.
+    fn next_wake(&self) -> Option<Instant> {
+        let refresh = self.resolved.values().filter_map(|r| r.refresh_at);
+        let retire = self.retired.values().map(|r| r.until);
+        refresh.chain(retire).min()
+    }
+
+    /// Adds the VIPs still in their grace period to `desired`; starts the grace period
+    /// of VIPs that left it, and ends those that are over or whose VIP is wanted again.
+    fn keep_retired(&mut self, desired: &mut Plan, grace: Duration, now: Instant) {
+        for (vip, ports) in &self.written.vips {
+            if desired.vips.contains_key(vip) || self.retired.contains_key(vip) {
+                continue;
+            }
+            let services = self
+                .written
+                .services
+                .iter()
+                .filter(|(k, _)| k.vip == *vip)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            tracing::info!(%vip, ?grace, "VIP host gone: still translated for twice the DNS TTL");
+            let until = now + grace;
+            self.retired.insert(
+                *vip,
+                Retired {
+                    ports: *ports,
+                    services,
+                    until,
+                },
+            );
+        }
+        self.retired
+            .retain(|vip, r| r.until > now && !desired.vips.contains_key(vip));
+        for (vip, r) in &self.retired {
+            desired.vips.insert(*vip, r.ports);
+            desired.services.extend(r.services.iter().copied());
+        }
+    }
+}
+
 impl BackendSync {
     /// Runs until the task is dropped; `first_sync` fires after the first write.
     pub async fn run(self, first_sync: tokio::sync::oneshot::Sender<()>) {
         let mut changes = self.registry.subscribe();
-        let mut resolved: HashMap<String, Resolved> = HashMap::new();
-        let mut written = read_current(&self.pin_dir).unwrap_or_else(|e| {
+        let written = read_current(&self.pin_dir).unwrap_or_else(|e| {
             tracing::warn!(
                 "cannot read the VIP translation maps: {}",
                 crate::report(&e)
             );
             Plan::default()
         });
+        let mut state = SyncState {
+            resolved: HashMap::new(),
+            written,
+            retired: HashMap::new(),
+        };
         let mut first = Some(first_sync);
         loop {
             changes.borrow_and_update();
             let table = self.registry.table();
             let services = table.vip_services();
-            self.resolve_due(services, &mut resolved).await;
-            self.apply(services, &resolved, &mut written);
+            self.resolve_due(services, &mut state.resolved).await;
+            self.apply(services, &mut state);
             if let Some(tx) = first.take() {
                 let _ = tx.send(());
             }
-            let next = resolved.values().filter_map(|r| r.refresh_at).min();
-            if !next_round(&mut changes, next).await {
+            if !next_round(&mut changes, state.next_wake()).await {
                 return;
             }
         }
@@ -241,36 +304,36 @@ impl BackendSync {
         }
     }
 
-    /// Writes the plan for `services` when it differs from what the maps hold.
-    fn apply(
-        &self,
-        services: &[VipService],
-        resolved: &HashMap<String, Resolved>,
-        written: &mut Plan,
-    ) {
-        let addrs: HashMap<String, Vec<IpAddr>> = resolved
+    /// Writes the plan for `services` (and the retired VIPs still in their grace
+    /// period) when it differs from what the maps hold, then tells the registry which
+    /// VIPs are translated, so DNS hands out no other.
+    fn apply(&self, services: &[VipService], state: &mut SyncState) {
+        let addrs: HashMap<String, Vec<IpAddr>> = state
+            .resolved
             .iter()
             .map(|(n, r)| (n.clone(), r.addrs()))
             .collect();
-        let desired = plan(services, &addrs);
+        let mut desired = plan(services, &addrs);
+        state.keep_retired(&mut desired, self.retire_after, Instant::now());
         self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
-        if desired == *written {
-            return;
-        }
-        match write(&self.pin_dir, written, &desired) {
-            Ok(()) => {
-                tracing::info!(
-                    vips = desired.vips.len(),
-                    services = desired.services.len(),
-                    "VIP translation maps updated"
-                );
-                *written = desired;
+        if desired != state.written {
+            match write(&self.pin_dir, &state.written, &desired) {
+                Ok(()) => {
+                    tracing::info!(
+                        vips = desired.vips.len(),
+                        services = desired.services.len(),
+                        "VIP translation maps updated"
+                    );
+                    state.written = desired;
+                }
+                Err(e) => tracing::error!(
+                    "cannot update the VIP translation maps: {}",
+                    crate::report(&e)
+                ),
             }
-            Err(e) => tracing::error!(
-                "cannot update the VIP translation maps: {}",
-                crate::report(&e)
-            ),
         }
+        self.registry
+            .set_programmed(state.written.vips.keys().copied().collect());
     }
 }
 

@@ -1,11 +1,14 @@
 //! One query in, one answer out. The handler composes the two resolvers: the name table
 //! (`local`) first, then the cache and the upstream forwarder. Malformed input gets
 //! FORMERR (or is dropped when not even a header), other opcodes NOTIMP.
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
-    rr::RecordType,
+    rr::{RData, RecordType},
 };
 
 use super::{
@@ -41,6 +44,8 @@ pub struct Handler {
     registry: Arc<Registry>,
     upstream: UpstreamPath,
     ttl: u32,
+    /// How long an answer may wait for its VIP to be translated.
+    vip_wait: std::time::Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -58,12 +63,14 @@ impl Handler {
         registry: Arc<Registry>,
         upstream: UpstreamPath,
         ttl: u32,
+        vip_wait: std::time::Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             registry,
             upstream,
             ttl,
+            vip_wait,
             metrics,
         }
     }
@@ -103,9 +110,31 @@ impl Handler {
             qtype: question.query_type(),
             edns: request.edns.as_ref().map(Edns::max_payload),
         };
-        let (reply, outcome) = if let Some(local) = self.local(question, ctx) {
-            let reply = self.local_reply(&request, local, &asked).await;
-            (reply, Outcome::Local)
+        let (reply, outcome) = if let Some((local, untranslated)) = self.local(question, ctx) {
+            // Never hand out a VIP the data path does not translate yet: connect()
+            // would go into a black hole. A fresh host's first answer waits for its
+            // first backend resolution.
+            if untranslated.is_empty()
+                || self
+                    .registry
+                    .wait_translated(&untranslated, self.vip_wait)
+                    .await
+            {
+                let reply = self.local_reply(&request, local, &asked).await;
+                (reply, Outcome::Local)
+            } else {
+                answer_log!(
+                    asked,
+                    question.name(),
+                    found = true,
+                    ?untranslated,
+                    "SERVFAIL: VIP not translated yet"
+                );
+                (
+                    error_reply(&request, ResponseCode::ServFail),
+                    Outcome::ServFail,
+                )
+            }
         } else {
             match self
                 .upstream
@@ -171,15 +200,33 @@ impl Handler {
 
     /// The name table's answer. The table guard lives only for the lookup, never
     /// across an await.
-    fn local(&self, question: &Query, ctx: &ClientContext) -> Option<local::LocalAnswer> {
-        local::answer(
-            &self.registry.current(),
+    ///
+    /// Also returns the VIPs in the answer that the data path does not translate yet.
+    fn local(
+        &self,
+        question: &Query,
+        ctx: &ClientContext,
+    ) -> Option<(local::LocalAnswer, Vec<IpAddr>)> {
+        let table = self.registry.current();
+        let answer = local::answer(
+            &table,
             &self.registry.ipv6_backed(),
             question.name(),
             question.query_type(),
             ctx,
             self.ttl,
-        )
+        )?;
+        let ips: Vec<IpAddr> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect();
+        let untranslated = self.registry.untranslated(&table, &ips);
+        Some((answer, untranslated))
     }
 
     /// An authoritative reply from the table; an alias to a name the table does not

@@ -93,6 +93,8 @@ pub struct NameTable {
     wildcards: HashMap<String, Host>,
     reverse: HashMap<IpAddr, String>,
     vip_services: Vec<VipService>,
+    /// Every VIP of `vip_services`: addresses the data path must translate.
+    translated_vips: HashSet<IpAddr>,
 }
 
 /// Settings of the table that do not come from objects.
@@ -124,6 +126,12 @@ impl NameTable {
         };
         b.add_services(objects);
         b.add_service_entries(objects, allocator)?;
+        b.table.translated_vips = b
+            .table
+            .vip_services
+            .iter()
+            .flat_map(|s| s.vips.iter().copied())
+            .collect();
         Ok(b.table)
     }
 
@@ -212,6 +220,12 @@ impl NameTable {
     /// `ServiceEntry` hosts with VIPs to translate (`ClusterIPs` are kube-proxy's).
     pub fn vip_services(&self) -> &[VipService] {
         &self.vip_services
+    }
+
+    /// Whether `ip` is a VIP the data path translates (not a `ClusterIP` or an
+    /// endpoint address).
+    pub fn is_translated_vip(&self, ip: IpAddr) -> bool {
+        self.translated_vips.contains(&ip)
     }
 
     /// The name a VIP or `ClusterIP` belongs to (PTR).
