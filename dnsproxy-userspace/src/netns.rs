@@ -4,6 +4,7 @@
 //! ends — then serves them from the shared runtime. The namespace is found through a
 //! process of the pod (its cgroup path names the pod UID).
 use std::{
+    collections::HashMap,
     fs::File,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
@@ -49,30 +50,60 @@ fn uid_forms(uid: &str) -> [String; 2] {
     [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))]
 }
 
-/// The network namespace of a process whose cgroup path names pod `uid`, found by
-/// scanning `proc_root` (normally /proc; needs the host PID namespace).
-pub fn find_pod_netns(proc_root: &Path, uid: &str) -> Option<PathBuf> {
-    let forms = uid_forms(uid);
-    let entries = std::fs::read_dir(proc_root).ok()?;
+/// A pod's network namespace: a path to open it by, and its identity (device and
+/// inode of the nsfs file), which changes when the runtime recreates the sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodNetns {
+    pub path: PathBuf,
+    pub id: (u64, u64),
+}
+
+/// The network namespaces of the pods `uids`, each through a process whose cgroup
+/// path names it, in one scan of `proc_root` (normally /proc; needs the host PID
+/// namespace). Pods without a process yet are missing.
+pub fn find_pods_netns<'a>(
+    proc_root: &Path,
+    uids: impl IntoIterator<Item = &'a str>,
+) -> HashMap<String, PodNetns> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut wanted: Vec<(String, [String; 2])> = uids
+        .into_iter()
+        .map(|uid| (uid.to_owned(), uid_forms(uid)))
+        .collect();
+    let mut found = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return found;
+    };
     for entry in entries.filter_map(Result::ok) {
+        if wanted.is_empty() {
+            break;
+        }
         let name = entry.file_name();
-        let Some(pid) = name
+        if !name
             .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
             continue;
-        };
+        }
         let Ok(cgroup) = std::fs::read_to_string(entry.path().join("cgroup")) else {
             continue;
         };
-        if cgroup
-            .lines()
-            .any(|l| forms.iter().any(|f| l.contains(f.as_str())))
-        {
-            return Some(proc_root.join(pid).join("ns/net"));
-        }
+        let Some(at) = wanted.iter().position(|(_, forms)| {
+            cgroup
+                .lines()
+                .any(|l| forms.iter().any(|f| l.contains(f.as_str())))
+        }) else {
+            continue;
+        };
+        let path = entry.path().join("ns/net");
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let (uid, _) = wanted.swap_remove(at);
+        let id = (meta.dev(), meta.ino());
+        found.insert(uid, PodNetns { path, id });
     }
-    None
+    found
 }
 
 fn same_namespace(a: &File, b: &File) -> bool {
@@ -164,11 +195,13 @@ mod tests {
             std::fs::create_dir_all(root.join(pid)).unwrap();
             std::fs::write(root.join(pid).join("cgroup"), cgroup).unwrap();
         }
-        assert_eq!(find_pod_netns(&root, uid), Some(root.join("42/ns/net")));
-        assert_eq!(
-            find_pod_netns(&root, "ffffffff-0000-0000-0000-000000000000"),
-            None
-        );
+        // Stands in for the nsfs file (its identity is what the daemon compares).
+        std::fs::create_dir_all(root.join("42/ns")).unwrap();
+        std::fs::write(root.join("42/ns/net"), "").unwrap();
+        let other = "ffffffff-0000-0000-0000-000000000000";
+        let found = find_pods_netns(&root, [uid, other]);
+        assert_eq!(found[uid].path, root.join("42/ns/net"));
+        assert!(!found.contains_key(other));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

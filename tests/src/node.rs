@@ -37,6 +37,35 @@ impl Drop for FakePod {
     }
 }
 
+/// A pod's process: `sleep` in `netns` and `cgroup`.
+fn start_sleeper(netns: &Netns, cgroup: &Cgroup) -> Child {
+    netns
+        .command(dnsproxy_bin())
+        .arg("exec")
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .args(["--", "sleep", "600"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the pod's process")
+}
+
+/// Waits until a process is in `cgroup` (before the daemon looks for it).
+fn wait_in_cgroup(cgroup: &Cgroup) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(cgroup.path.join("cgroup.procs"))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod process never joined its cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Everything of one node-mode test.
 pub struct NodeEnv {
     pub pods: Vec<FakePod>,
@@ -104,15 +133,7 @@ impl NodeEnv {
         let fake = FakeDns::start(&netns);
         let uid = uid();
         let cgroup = self.root.child(&format!("pod{uid}"));
-        let sleeper = netns
-            .command(dnsproxy_bin())
-            .arg("exec")
-            .arg("--cgroup")
-            .arg(&cgroup.path)
-            .args(["--", "sleep", "600"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the pod's process");
+        let sleeper = start_sleeper(&netns, &cgroup);
         let pod = FakePod {
             name: name.into(),
             namespace: namespace.into(),
@@ -122,23 +143,25 @@ impl NodeEnv {
             cgroup,
             netns,
         };
-        // The process must be in the cgroup before the daemon looks for it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::fs::read_to_string(pod.cgroup.path.join("cgroup.procs"))
-            .unwrap_or_default()
-            .trim()
-            .is_empty()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pod process never joined its cgroup"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_in_cgroup(&pod.cgroup);
         self.api
             .apply(Resource::Pods, Self::pod_object(&pod, annotations));
         self.pods.push(pod);
         self.pods.len() - 1
+    }
+
+    /// Recreates a pod's sandbox, as the runtime does when the pause container dies:
+    /// same UID and cgroup, a new network namespace and a new process. The old netns
+    /// is deleted (it lives on while something still holds it).
+    pub fn recreate_sandbox(&mut self, pod: usize) {
+        let p = &mut self.pods[pod];
+        let _ = p.sleeper.kill();
+        let _ = p.sleeper.wait();
+        let netns = Netns::new();
+        p.fake = FakeDns::start(&netns);
+        p.sleeper = start_sleeper(&netns, &p.cgroup);
+        p.netns = netns;
+        wait_in_cgroup(&p.cgroup);
     }
 
     /// Replaces a pod's annotations in the API (a live change: the pod keeps running).

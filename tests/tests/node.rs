@@ -338,3 +338,41 @@ fn the_cluster_dns_is_discovered_from_kube_dns() {
         "{maps}"
     );
 }
+
+#[test]
+fn a_recreated_pod_sandbox_is_captured_again_within_5s() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None)]);
+    publish_registry(&env);
+    let pod = env.add_pod("web", "default", &[("dnsproxy.io/capture", "true")]);
+    let daemon = env.start_daemon(&[]);
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    let before: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    let old_cookie = before["policy"][0]["netns_cookie"].clone();
+
+    // The pause container dies; the runtime builds a new sandbox for the same pod.
+    env.recreate_sandbox(pod);
+    let recreated = Instant::now();
+    env.wait_for_answer(pod, "reviews", REVIEWS_IP);
+    let took = recreated.elapsed();
+    let after: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    let cookies: Vec<_> = after["policy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["netns_cookie"].clone())
+        .collect();
+    println!(
+        "sandbox recreated: captured again after {took:?}; policy cookies {old_cookie} -> {cookies:?}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(
+        cookies.len(),
+        1,
+        "the old namespace's entry is gone: {cookies:?}"
+    );
+    assert_ne!(cookies[0], old_cookie);
+    assert!(daemon.log_text().contains("pod sandbox recreated"));
+}

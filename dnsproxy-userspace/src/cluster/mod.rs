@@ -252,9 +252,8 @@ impl Watches {
             .collect()
     }
 
-    /// Waits for the next change (a burst settles into one), or `retry` when given.
-    async fn next_change(&mut self, retry: Option<Duration>) -> anyhow::Result<()> {
-        let retry = retry.unwrap_or(Duration::from_hours(1));
+    /// Waits for the next change (a burst settles into one), or `retry`.
+    async fn next_change(&mut self, retry: Duration) -> anyhow::Result<()> {
         tokio::select! {
             res = self.changed.changed() => {
                 res.context("the watchers stopped")?;
@@ -293,8 +292,9 @@ pub async fn run(
                 if let Some(r) = ready.take() {
                     let _ = r.send(());
                 }
-                // Pods whose process is not there yet are retried every second.
-                let retry = pending.then_some(Duration::from_secs(1));
+                // Pods whose process is not there yet are retried every second; every
+                // two seconds anyway, to see sandboxes the runtime recreated.
+                let retry = Duration::from_secs(if pending { 1 } else { 2 });
                 watches.next_change(retry).await?;
             }
         })
@@ -310,6 +310,8 @@ pub async fn run(
 struct PodListener {
     name: String,
     cookie: u64,
+    /// Identity of the network namespace it listens in.
+    netns_id: (u64, u64),
     ctx: SharedContext,
     stop: CancellationToken,
 }
@@ -427,6 +429,9 @@ impl PodListeners {
     /// New captured pods get a listener and a policy entry; known ones their current
     /// settings. True when some pod could not be served yet.
     async fn open_new(&mut self, desired: Desired, policy_map: &mut PolicyMap) -> bool {
+        let located =
+            netns::find_pods_netns(&self.config.proc_root, desired.keys().map(String::as_str));
+        self.close_recreated(&located, policy_map);
         let mut pending = false;
         for (uid, (name, mut ctx)) in desired {
             if let Some(existing) = self.by_uid.get(&uid) {
@@ -438,7 +443,12 @@ impl PodListeners {
                 }
                 continue;
             }
-            match self.open(&uid, &name, ctx, policy_map).await {
+            let Some(netns) = located.get(&uid) else {
+                tracing::debug!(pod = %name, "no process of the pod yet: will retry");
+                pending = true;
+                continue;
+            };
+            match self.open(netns, &name, ctx, policy_map).await {
                 Ok(listener) => {
                     self.by_uid.insert(uid, listener);
                 }
@@ -451,18 +461,37 @@ impl PodListeners {
         pending
     }
 
+    /// Pods whose sandbox the runtime recreated (same UID, a new network namespace):
+    /// the listener in the old, dead namespace closes and its policy entry goes, so
+    /// the new namespace is captured in this round.
+    fn close_recreated(
+        &mut self,
+        located: &HashMap<String, netns::PodNetns>,
+        policy_map: &mut PolicyMap,
+    ) {
+        let recreated: Vec<String> = self
+            .by_uid
+            .iter()
+            .filter(|(uid, l)| located.get(*uid).is_some_and(|n| n.id != l.netns_id))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in recreated {
+            let old = self.by_uid.remove(&uid).expect("present");
+            let _ = policy_map.remove(&old.cookie);
+            tracing::info!(pod = %old.name, netns_cookie = old.cookie, "pod sandbox recreated: the old network namespace's listener closed");
+        }
+    }
+
     /// Opens the listener inside the pod's network namespace, starts serving it, and
     /// writes the policy entry that turns capture on for that namespace.
     async fn open(
         &self,
-        uid: &str,
+        netns: &netns::PodNetns,
         name: &str,
         ctx: ClientContext,
         policy_map: &mut PolicyMap,
     ) -> anyhow::Result<PodListener> {
-        let netns = netns::find_pod_netns(&self.config.proc_root, uid)
-            .context("no process of the pod yet")?;
-        let (port, path) = (self.config.listen_port, netns.clone());
+        let (port, path) = (self.config.listen_port, netns.path.clone());
         let (std_listeners, cookie) =
             tokio::task::spawn_blocking(move || netns::bind_in_netns(&path, port))
                 .await
@@ -483,10 +512,11 @@ impl PodListeners {
             .context("cannot write the policy entry")?;
         self.serving
             .spawn(listeners.serve(self.shared.clone(), Arc::clone(&ctx), stop.clone()));
-        tracing::info!(pod = %name, netns = %netns.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
+        tracing::info!(pod = %name, netns = %netns.path.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
         Ok(PodListener {
             name: name.to_owned(),
             cookie,
+            netns_id: netns.id,
             ctx,
             stop,
         })
