@@ -192,6 +192,13 @@ pub struct SockOrig {
     pub rewritten_port: u16,
 }
 
+/// Default size of `dp_vips`: every auto-allocated VIP (240.240.0.1 to 240.240.255.254)
+/// and its IPv6 twin (`--max-vips`).
+pub const MAX_VIPS: u32 = 131_072;
+
+/// Default size of `dp_services`: two ports for every VIP (`--max-vip-services`).
+pub const MAX_VIP_SERVICES: u32 = 262_144;
+
 /// Most backends one service (VIP, port, protocol) holds, inline in its map value.
 /// A power of two, so the kernel side can bound an index with a mask.
 pub const MAX_BACKENDS: usize = 16;

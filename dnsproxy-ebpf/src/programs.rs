@@ -6,7 +6,7 @@ use core::{mem::size_of, ptr};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, bpf_sock_addr, bpf_sock_tuple},
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
-    Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, NetnsPolicy,
-    ServiceKey, ServiceValue, SockOrig, VipInfo, VipKey, ip_proto, stat,
+    Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, MAX_VIP_SERVICES,
+    MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VipInfo, VipKey, ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -41,11 +41,19 @@ static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 #[btf_map(name = "dp_sock_orig")]
 static SOCK_ORIG: SkStorage<SockOrig> = SkStorage::new();
 
+// Not preallocated: sized for every auto-allocated VIP and its IPv6 twin (the daemon
+// may set other sizes at load), they take kernel memory only for what they hold.
 #[btf_map(name = "dp_vips")]
-static VIPS: HashMap<VipKey, VipInfo, 65536> = HashMap::new();
+static VIPS: HashMap<VipKey, VipInfo, { MAX_VIPS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map(name = "dp_services")]
-static SERVICES: HashMap<ServiceKey, ServiceValue, 65536> = HashMap::new();
+static SERVICES: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { MAX_VIP_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 // === entry points ===
 

@@ -288,7 +288,15 @@ impl Collector for RegistryCollector {
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(self.registry.vip_moves()).encode(metric)
+        ConstCounter::new(self.registry.vip_moves()).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "dnsproxy_vips_left_out",
+            "VIPs that do not translate because the translation maps are full.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(self.registry.vips_left_out()).unwrap_or(i64::MAX))
+            .encode(metric)
     }
 }
 

@@ -155,6 +155,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128, env = "DNSPROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: usize,
 
+    /// Size of the VIP map (`dp_vips`): VIPs that translate at once. The default holds
+    /// every auto-allocated VIP and its IPv6 twin. VIPs past it do not translate
+    /// (counted in `dnsproxy_vips_left_out`).
+    #[arg(long, default_value_t = dnsproxy_common::MAX_VIPS, env = "DNSPROXY_MAX_VIPS")]
+    pub max_vips: u32,
+
+    /// Size of the service map (`dp_services`): (VIP, port, protocol) entries.
+    #[arg(long, default_value_t = dnsproxy_common::MAX_VIP_SERVICES, env = "DNSPROXY_MAX_VIP_SERVICES")]
+    pub max_vip_services: u32,
+
     /// Most DNS-over-TCP connections open at once, across the daemon. At the bound the
     /// quietest connection is closed to make room, else the new one is refused.
     #[arg(long, default_value_t = 1024, env = "DNSPROXY_MAX_TCP_CONNECTIONS")]

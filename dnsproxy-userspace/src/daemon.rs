@@ -42,7 +42,7 @@ use crate::{
     name::normalize,
     registry::{self, Registry, TableConfig, allocator::VipAllocator, manifest::Objects},
     resolv_conf,
-    vip::sync::BackendSync,
+    vip::{self, sync::BackendSync},
 };
 
 /// Runs the daemon on its own multi-threaded runtime until it stops.
@@ -138,6 +138,8 @@ impl Settings {
             dns_servers: self.dns_servers.clone(),
             capture_all: !self.node(),
             adopt: self.node(),
+            max_vips: self.args.max_vips,
+            max_vip_services: self.args.max_vip_services,
         }
     }
 
@@ -428,6 +430,10 @@ impl Daemon {
             forwarder: Arc::clone(&self.forwarder),
             pin_dir: self.settings.args.pin_dir.clone(),
             retire_after: Duration::from_secs(2 * u64::from(self.settings.args.ttl)),
+            capacity: vip::plan::Capacity {
+                vips: self.settings.args.max_vips as usize,
+                services: self.settings.args.max_vip_services as usize,
+            },
         };
         let token = self.shutdown.child_token();
         self.tasks.spawn(async move {

@@ -2,7 +2,7 @@
 //! addresses, wildcards without addresses, and VIPs never shared by two hosts.
 use std::time::{Duration, Instant};
 
-use dnsproxy_e2e::*;
+use dnsproxy_e2e::{load, *};
 
 const ENTRIES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -237,4 +237,88 @@ fn a_vip_is_handed_out_only_once_it_translates_and_outlives_its_host_for_two_ttl
         after >= Duration::from_secs(4),
         "removed after {after:?}, before 2 x TTL"
     );
+}
+
+/// Hosts of the scale test: each gets a VIP and its IPv6 twin.
+const HOSTS: usize = 50_000;
+
+#[test]
+fn fifty_thousand_auto_allocated_hosts_all_translate() {
+    if !privileged() {
+        return;
+    }
+    let hosts: Vec<String> = (0..HOSTS).map(|i| format!("h{i}.scale.example")).collect();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: scale}}\n\
+         spec:\n  hosts: [{}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  resolution: STATIC\n  \
+         endpoints: [{{address: 203.0.113.10}}]\n",
+        hosts.join(", ")
+    );
+    let env = TestEnv::with_registry(&yaml);
+    env.netns.add_addr("203.0.113.10/32");
+    let _server = BannerServer::start(&env.netns, "203.0.113.10:443");
+    let mut opts = env.daemon_options();
+    opts.env.push(("RUST_LOG".into(), "info".into()));
+    let started = Instant::now();
+    let daemon = Daemon::start(opts);
+    let ready = started.elapsed();
+    let rss = load::rss_bytes(daemon.pid());
+    let sync = log_gap(
+        &daemon.log_text(),
+        "starting dnsproxy",
+        "VIP translation maps updated",
+    );
+    let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    let (vips, services) = (
+        maps["vips"].as_array().map_or(0, Vec::len),
+        maps["services"].as_array().map_or(0, Vec::len),
+    );
+    let left_out = env
+        .admin("/metrics")
+        .lines()
+        .find(|l| l.starts_with("dnsproxy_vips_left_out "))
+        .unwrap_or_default()
+        .to_owned();
+    let (answers, _) = answer(&env, "h49999.scale.example");
+    let reached = banner(&env, &answers[0]);
+    println!(
+        "scale: {HOSTS} hosts; ready in {ready:?} (start to first map sync {sync:?}); RSS {} MiB; \
+         {vips} VIPs and {services} services translated; {left_out}; h49999 -> {} -> {reached}",
+        rss >> 20,
+        answers[0]
+    );
+    assert_eq!(
+        (vips, services),
+        (2 * HOSTS, 2 * HOSTS),
+        "every host and its IPv6 twin"
+    );
+    assert_eq!(left_out, "dnsproxy_vips_left_out 0");
+    assert!(
+        reached.starts_with("hello from 203.0.113.10:443"),
+        "{reached}"
+    );
+}
+
+/// The time between the first log lines containing `from` and `to`.
+fn log_gap(log: &str, from: &str, to: &str) -> Duration {
+    let at = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|ts| {
+                // 2026-11-26T06:14:33.017226Z: seconds of the day are enough here.
+                let time = ts.split('T').nth(1)?.trim_end_matches('Z');
+                let mut parts = time.split(':');
+                let (h, m, s): (f64, f64, f64) = (
+                    parts.next()?.parse().ok()?,
+                    parts.next()?.parse().ok()?,
+                    parts.next()?.parse().ok()?,
+                );
+                Some(h * 3600.0 + m * 60.0 + s)
+            })
+    };
+    match (at(from), at(to)) {
+        (Some(a), Some(b)) if b >= a => Duration::from_secs_f64(b - a),
+        _ => Duration::ZERO,
+    }
 }

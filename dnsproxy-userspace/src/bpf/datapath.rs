@@ -43,6 +43,9 @@ pub struct DataPathOptions {
     pub capture_all: bool,
     /// Take over pinned maps and links of an earlier daemon (node mode).
     pub adopt: bool,
+    /// Sizes of `dp_vips` and `dp_services` (maps pinned already keep theirs).
+    pub max_vips: u32,
+    pub max_vip_services: u32,
 }
 
 /// The kernel's log records (`aya-log`), waiting to be forwarded.
@@ -87,6 +90,9 @@ impl DataPath {
         for name in map_names::ALL {
             loader.map_pin_path(name, opts.pin_dir.join(name));
         }
+        loader
+            .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::SERVICES, opts.max_vip_services);
         let mut ebpf = loader.load(OBJECT).map_err(BpfError::Load)?;
         if adopted > 0 {
             tracing::info!(maps = adopted, pin_dir = %opts.pin_dir.display(), "adopted pinned maps of an earlier daemon");

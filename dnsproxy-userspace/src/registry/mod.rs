@@ -30,6 +30,8 @@ pub struct Registry {
     /// generation bumped at each change, for answers waiting on their VIP.
     programmed: ArcSwap<std::collections::HashSet<std::net::IpAddr>>,
     programmed_changed: tokio::sync::watch::Sender<u64>,
+    /// VIPs left out of the translation maps because they are full.
+    vips_left_out: std::sync::atomic::AtomicUsize,
 }
 
 impl Registry {
@@ -48,6 +50,7 @@ impl Registry {
             ipv6_backed: ArcSwap::default(),
             programmed: ArcSwap::default(),
             programmed_changed: tokio::sync::watch::Sender::new(0),
+            vips_left_out: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -89,6 +92,18 @@ impl Registry {
         if **self.ipv6_backed.load() != hosts {
             self.ipv6_backed.store(Arc::new(hosts));
         }
+    }
+
+    /// VIPs left out of the translation maps because they are full.
+    pub fn vips_left_out(&self) -> usize {
+        self.vips_left_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records how many VIPs the last sync left out.
+    pub fn set_vips_left_out(&self, n: usize) {
+        self.vips_left_out
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the set of VIPs the data path translates.

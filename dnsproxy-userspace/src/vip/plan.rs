@@ -62,6 +62,42 @@ pub struct Plan {
     pub ipv6_backed: HashSet<String>,
 }
 
+/// How many entries the translation maps take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub vips: usize,
+    pub services: usize,
+}
+
+impl Plan {
+    /// Keeps what fits in `capacity`, whole VIPs in address order (so the same VIPs
+    /// translate whatever the order of the objects); returns how many VIPs were left
+    /// out.
+    pub fn fit(&mut self, capacity: Capacity) -> usize {
+        if self.vips.len() <= capacity.vips && self.services.len() <= capacity.services {
+            return 0;
+        }
+        let mut per_vip: BTreeMap<IpAddr, usize> = BTreeMap::new();
+        for key in self.services.keys() {
+            *per_vip.entry(key.vip).or_default() += 1;
+        }
+        let (mut vips, mut services) = (0, 0);
+        let mut kept = HashSet::new();
+        for vip in self.vips.keys() {
+            let n = per_vip.get(vip).copied().unwrap_or(0);
+            if vips < capacity.vips && services + n <= capacity.services {
+                vips += 1;
+                services += n;
+                kept.insert(*vip);
+            }
+        }
+        let dropped = self.vips.len() - kept.len();
+        self.vips.retain(|vip, _| kept.contains(vip));
+        self.services.retain(|key, _| kept.contains(&key.vip));
+        dropped
+    }
+}
+
 /// The addresses a service's backends may have: its endpoint IPs, and what its names
 /// resolved to.
 fn backend_ips<'a>(
@@ -210,6 +246,38 @@ mod tests {
             .iter()
             .map(|b| format!("{} {}", crate::bpf::from_map_addr(&b.addr), b.port))
             .collect()
+    }
+
+    #[test]
+    fn a_plan_too_large_keeps_whole_vips_in_address_order() {
+        let mut p = Plan::default();
+        for i in 1..=10u8 {
+            let vip: IpAddr = format!("240.240.0.{i}").parse().unwrap();
+            p.vips.insert(vip, 2);
+            for port in [80, 443] {
+                let key = ServiceKeyOrd {
+                    vip,
+                    port,
+                    protocol: TCP,
+                };
+                p.services.insert(key, ServiceValue::default());
+            }
+        }
+        let dropped = p.fit(Capacity {
+            vips: 100,
+            services: 7,
+        });
+        assert_eq!(dropped, 7, "3 whole VIPs (6 services) fit");
+        let kept: Vec<String> = p.vips.keys().map(ToString::to_string).collect();
+        assert_eq!(kept, ["240.240.0.1", "240.240.0.2", "240.240.0.3"]);
+        assert_eq!(p.services.len(), 6);
+        assert_eq!(
+            p.fit(Capacity {
+                vips: 3,
+                services: 6
+            }),
+            0
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use hickory_proto::{
 };
 use tokio::time::Instant;
 
-use super::plan::{Plan, ServiceKeyOrd, names_to_resolve, plan};
+use super::plan::{Capacity, Plan, ServiceKeyOrd, names_to_resolve, plan};
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
     dns::forwarder::{ForwardError, Forwarder},
@@ -62,6 +62,8 @@ pub struct BackendSync {
     pub pin_dir: PathBuf,
     /// How long a gone host's VIP keeps translating (twice the TTL clients are told).
     pub retire_after: Duration,
+    /// What the maps hold at most.
+    pub capacity: Capacity,
 }
 
 /// Why a name's backends could not be resolved.
@@ -315,6 +317,16 @@ impl BackendSync {
             .collect();
         let mut desired = plan(services, &addrs);
         state.keep_retired(&mut desired, self.retire_after, Instant::now());
+        let dropped = desired.fit(self.capacity);
+        if dropped != self.registry.vips_left_out() {
+            tracing::warn!(
+                left_out = dropped,
+                max_vips = self.capacity.vips,
+                max_services = self.capacity.services,
+                "the VIP translation maps are full: VIPs past them (in address order) do not translate; raise --max-vips / --max-vip-services"
+            );
+        }
+        self.registry.set_vips_left_out(dropped);
         self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
         if desired != state.written {
             match write(&self.pin_dir, &state.written, &desired) {
