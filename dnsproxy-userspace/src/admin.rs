@@ -159,7 +159,17 @@ fn respond(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Res
     }
     match (surface, req.uri().path()) {
         (Surface::Debug, "/debug/ndsz") => {
-            reply(StatusCode::OK, "application/json", render_ndsz(state))
+            let namespace = req
+                .uri()
+                .query()
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|kv| kv.strip_prefix("namespace="));
+            reply(
+                StatusCode::OK,
+                "application/json",
+                render_ndsz(state, namespace),
+            )
         }
         (Surface::Debug, _) => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         (Surface::Probes, path) => respond_probe(path, state),
@@ -205,12 +215,14 @@ fn render_metrics(state: &AdminState) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-/// The name table: host → addresses (or alias), sources and alternative names.
-fn render_ndsz(state: &AdminState) -> String {
+/// The name table: host → its entries (addresses or alias, source, namespace,
+/// `exportTo`), or with `namespace` the one entry a client there sees.
+fn render_ndsz(state: &AdminState, namespace: Option<&str>) -> String {
     let table = state.registry.table();
     let dump = serde_json::json!({
         "clusterDomain": table.cluster_domain(),
-        "hosts": table.dump(),
+        "namespace": namespace,
+        "hosts": table.dump(namespace),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
 }

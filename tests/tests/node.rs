@@ -376,3 +376,45 @@ fn a_recreated_pod_sandbox_is_captured_again_within_5s() {
     assert_ne!(cookies[0], old_cookie);
     assert!(daemon.log_text().contains("pod sandbox recreated"));
 }
+
+#[test]
+fn export_to_keeps_a_namespace_from_capturing_another_teams_name() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("payments", None), ("evil", None), ("default", None)]);
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "stripe", "namespace": "payments", "creationTimestamp": "2024-05-01T00:00:00Z"},
+               "spec": {"hosts": ["api.stripe.com"], "addresses": ["240.240.5.5"], "exportTo": ["*"],
+                        "resolution": "STATIC", "endpoints": [{"address": "192.0.2.5"}]}}),
+    );
+    // Older, but exported to its own namespace only.
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "mine", "namespace": "evil", "creationTimestamp": "2023-01-01T00:00:00Z"},
+               "spec": {"hosts": ["api.stripe.com"], "addresses": ["240.240.6.6"], "exportTo": ["."],
+                        "resolution": "STATIC", "endpoints": [{"address": "192.0.2.6"}]}}),
+    );
+    let attacker = env.add_pod("attacker", "evil", &[("dnsproxy.io/capture", "true")]);
+    let victim = env.add_pod("victim", "default", &[("dnsproxy.io/capture", "true")]);
+    let _daemon = env.start_daemon(&[]);
+    assert_eq!(
+        env.dig(attacker, "api.stripe.com"),
+        "240.240.6.6",
+        "its own entry"
+    );
+    assert_eq!(
+        env.dig(victim, "api.stripe.com"),
+        "240.240.5.5",
+        "never the other team's"
+    );
+    let view = env
+        .node
+        .within(|| http_get(DEBUG_ADDR, "/debug/ndsz?namespace=default"))
+        .unwrap_or_default();
+    assert!(
+        view.contains("240.240.5.5") && !view.contains("240.240.6.6"),
+        "{view}"
+    );
+}

@@ -102,7 +102,7 @@ pub fn answer(
         return None;
     }
     let chain = Chain::start(matched, qname, ttl)?;
-    chain.follow(table, ipv6_backed, qtype, ttl)
+    chain.follow(table, ipv6_backed, qtype, ttl, &client.namespace)
 }
 
 /// PTR for a VIP or `ClusterIP` the table knows.
@@ -156,14 +156,15 @@ impl<'a> Chain<'a> {
         })
     }
 
-    /// Follows aliases inside the table (at most [`MAX_CNAME_HOPS`]) to addresses, or
-    /// to a target to chase upstream.
+    /// Follows aliases inside the table (as `namespace` sees it, at most
+    /// [`MAX_CNAME_HOPS`]) to addresses, or to a target to chase upstream.
     fn follow(
         mut self,
         table: &'a NameTable,
         ipv6_backed: &HashSet<String>,
         qtype: RecordType,
         ttl: u32,
+        namespace: &str,
     ) -> Option<LocalAnswer> {
         for _ in 0..MAX_CNAME_HOPS {
             let alias = match &self.host.target {
@@ -183,7 +184,7 @@ impl<'a> Chain<'a> {
             if qtype == RecordType::CNAME {
                 return Some(self.out);
             }
-            let Some(next) = table.get(alias) else {
+            let Some(next) = table.get_for(alias, namespace) else {
                 self.out.chase = Some(target);
                 return Some(self.out);
             };

@@ -49,6 +49,10 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub uid: Option<String>,
+    /// When the API server created it (RFC 3339); decides which of several entries
+    /// for one name wins.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 impl ObjectMeta {

@@ -3,6 +3,7 @@
 //! allocator (`allocator`) and the name table built from them (`table`), which does
 //! not know its source.
 pub mod allocator;
+pub mod export;
 pub mod files;
 pub mod manifest;
 pub mod table;

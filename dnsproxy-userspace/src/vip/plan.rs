@@ -233,6 +233,7 @@ mod tests {
             resolution,
             endpoints,
             source: "test".into(),
+            rank: crate::registry::export::Rank::default(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The name table: built from [`Objects`] (whatever their source), read on every query.
 //! Lookups are hash-map hits: exact names, then Kubernetes short names, then search
-//! suffixes, then wildcard suffixes (one probe per label).
+//! suffixes, then wildcard suffixes (one probe per label). A name defined by several
+//! objects keeps one entry per object, in precedence order; a client sees the one its
+//! namespace may see, its own namespace's first ([`super::export`]).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -10,6 +12,7 @@ use serde::Serialize;
 
 use super::{
     allocator::{AllocatorError, VipAllocator, Vips},
+    export::{Rank, Visibility},
     manifest::{Objects, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind, WorkloadEntry},
 };
 use crate::name::normalize;
@@ -59,6 +62,32 @@ pub struct Host {
     pub alt_hosts: Vec<String>,
     /// Its only addresses are auto-allocated VIPs (pods may opt out of those).
     pub auto_allocated: bool,
+    /// Namespace of the object it came from.
+    pub namespace: String,
+    /// Who may see it (`exportTo`).
+    #[serde(skip_serializing_if = "Visibility::is_all")]
+    pub export_to: Visibility,
+    /// Precedence among the entries for its name.
+    #[serde(skip)]
+    pub rank: Rank,
+}
+
+/// Where an entry comes from: the object's name for logs, namespace, visibility and
+/// precedence.
+pub struct Owner {
+    pub source: String,
+    pub namespace: String,
+    pub export_to: Visibility,
+    pub rank: Rank,
+}
+
+/// The entry a client in `namespace` sees among `candidates` (in precedence order):
+/// its own namespace's, else the first it may see.
+fn pick<'a>(candidates: &'a [Host], namespace: &str) -> Option<&'a Host> {
+    candidates
+        .iter()
+        .find(|h| h.namespace == namespace && h.export_to.allows(namespace))
+        .or_else(|| candidates.iter().find(|h| h.export_to.allows(namespace)))
 }
 
 /// How a query name was matched.
@@ -82,15 +111,19 @@ pub struct VipService {
     pub resolution: Resolution,
     pub endpoints: Vec<WorkloadEntry>,
     pub source: String,
+    /// Precedence: of two entries on one VIP, the first translates it.
+    #[serde(skip)]
+    pub rank: Rank,
 }
 
 /// The table.
 #[derive(Clone, Debug, Default)]
 pub struct NameTable {
     cluster_domain: String,
-    exact: HashMap<String, Host>,
+    /// Name → its entries, in precedence order.
+    exact: HashMap<String, Vec<Host>>,
     /// `*.example.com` is stored under `example.com`.
-    wildcards: HashMap<String, Host>,
+    wildcards: HashMap<String, Vec<Host>>,
     reverse: HashMap<IpAddr, String>,
     vip_services: Vec<VipService>,
     /// Every VIP of `vip_services`: addresses the data path must translate.
@@ -126,12 +159,7 @@ impl NameTable {
         };
         b.add_services(objects);
         b.add_service_entries(objects, allocator)?;
-        b.table.translated_vips = b
-            .table
-            .vip_services
-            .iter()
-            .flat_map(|s| s.vips.iter().copied())
-            .collect();
+        b.finish();
         Ok(b.table)
     }
 
@@ -160,19 +188,25 @@ impl NameTable {
         ]
     }
 
-    /// Exact name, else the most specific wildcard covering it.
-    pub fn get(&self, name: &str) -> Option<&Host> {
-        if let Some(h) = self.exact.get(name) {
+    /// The entry a client in `namespace` sees for `name`: exact, else the most
+    /// specific wildcard covering it.
+    pub fn get_for(&self, name: &str, namespace: &str) -> Option<&Host> {
+        if let Some(h) = self.exact.get(name).and_then(|c| pick(c, namespace)) {
             return Some(h);
         }
         let mut rest = name;
         while let Some((_, suffix)) = rest.split_once('.') {
-            if let Some(h) = self.wildcards.get(suffix) {
+            if let Some(h) = self.wildcards.get(suffix).and_then(|c| pick(c, namespace)) {
                 return Some(h);
             }
             rest = suffix;
         }
         None
+    }
+
+    /// The entry a client of the `default` namespace sees (for tests and tools).
+    pub fn get(&self, name: &str) -> Option<&Host> {
+        self.get_for(name, "default")
     }
 
     /// Matches a (normalized) query name from a client in `namespace`.
@@ -182,7 +216,7 @@ impl NameTable {
         namespace: &str,
         extra_search: &[String],
     ) -> Option<Match<'a>> {
-        if let Some(h) = self.exact.get(name) {
+        if let Some(h) = self.exact.get(name).and_then(|c| pick(c, namespace)) {
             return Some(Match::Direct(h));
         }
         if let Some(h) = self.short_name(name, namespace) {
@@ -196,11 +230,11 @@ impl NameTable {
             else {
                 continue;
             };
-            if let Some(host) = self.get(base) {
+            if let Some(host) = self.get_for(base, namespace) {
                 return Some(Match::SearchSuffix { base, host });
             }
         }
-        self.get(name).map(Match::Direct)
+        self.get_for(name, namespace).map(Match::Direct)
     }
 
     /// `svc`, `svc.ns`, `svc.ns.svc` → the Service `svc.ns.svc.<cluster domain>`.
@@ -214,7 +248,7 @@ impl NameTable {
             }
             _ => return None,
         };
-        self.exact.get(&full)
+        self.exact.get(&full).and_then(|c| pick(c, namespace))
     }
 
     /// `ServiceEntry` hosts with VIPs to translate (`ClusterIPs` are kube-proxy's).
@@ -233,12 +267,19 @@ impl NameTable {
         self.reverse.get(&ip).map(String::as_str)
     }
 
-    /// Every name, sorted, for `/debug/ndsz`.
-    pub fn dump(&self) -> BTreeMap<&str, &Host> {
+    /// Every name, sorted, for `/debug/ndsz`: every entry of each, or with
+    /// `namespace` the one a client there sees.
+    pub fn dump(&self, namespace: Option<&str>) -> BTreeMap<&str, Vec<&Host>> {
         self.exact
-            .iter()
-            .chain(self.wildcards.iter())
-            .map(|(_, h)| (h.name.as_str(), h))
+            .values()
+            .chain(self.wildcards.values())
+            .filter_map(|candidates| {
+                let shown: Vec<&Host> = match namespace {
+                    Some(ns) => pick(candidates, ns).into_iter().collect(),
+                    None => candidates.iter().collect(),
+                };
+                Some((candidates.first()?.name.as_str(), shown)).filter(|(_, s)| !s.is_empty())
+            })
             .collect()
     }
 }
@@ -251,32 +292,37 @@ struct Builder {
 }
 
 impl Builder {
-    fn add_addrs(&mut self, name: &str, addrs: &[IpAddr], source: &str, ptr: bool) {
+    /// Adds `addrs` to `owner`'s entry for `name` (made when it has none yet).
+    fn add_addrs(&mut self, name: &str, addrs: &[IpAddr], owner: &Owner, ptr: bool) {
         let wildcard = name.strip_prefix("*.");
         let map = if wildcard.is_some() {
             &mut self.table.wildcards
         } else {
             &mut self.table.exact
         };
-        let key = wildcard.unwrap_or(name).to_owned();
-        let host = map.entry(key).or_insert_with(|| Host {
-            name: name.to_owned(),
-            target: Target::Addresses(Addrs::default()),
-            sources: Vec::new(),
-            alt_hosts: Vec::new(),
-            auto_allocated: false,
-        });
-        match &mut host.target {
+        let candidates = map.entry(wildcard.unwrap_or(name).to_owned()).or_default();
+        let at = candidates
+            .iter()
+            .position(|h| h.sources.first() == Some(&owner.source))
+            .unwrap_or_else(|| {
+                candidates.push(Host {
+                    name: name.to_owned(),
+                    target: Target::Addresses(Addrs::default()),
+                    sources: vec![owner.source.clone()],
+                    alt_hosts: Vec::new(),
+                    auto_allocated: false,
+                    namespace: owner.namespace.clone(),
+                    export_to: owner.export_to.clone(),
+                    rank: owner.rank.clone(),
+                });
+                candidates.len() - 1
+            });
+        match &mut candidates[at].target {
             Target::Addresses(a) => addrs.iter().for_each(|ip| a.add(*ip)),
             Target::Cname(t) => {
-                tracing::warn!(%name, cname = %t, %source, "name is an alias already: addresses ignored");
+                tracing::warn!(%name, cname = %t, source = %owner.source, "name is an alias already: addresses ignored");
                 return;
             }
-        }
-        if !host.sources.iter().any(|s| s == source) {
-            host.sources.push(source.to_owned());
-            // Set again by the caller when this is the only, auto-allocated, source.
-            host.auto_allocated = false;
         }
         if ptr && wildcard.is_none() {
             for ip in addrs {
@@ -286,6 +332,35 @@ impl Builder {
                     .or_insert_with(|| name.to_owned());
             }
         }
+    }
+
+    /// `owner`'s entry for the exact `name`.
+    fn entry_mut(&mut self, name: &str, owner: &Owner) -> Option<&mut Host> {
+        self.table
+            .exact
+            .get_mut(name)?
+            .iter_mut()
+            .find(|h| h.sources.first() == Some(&owner.source))
+    }
+
+    /// Entries without an address are not the table's (wildcards included): such names
+    /// are forwarded, as Istio does. Entries go in precedence order, and of two VIP
+    /// services on one VIP only the first translates it.
+    fn finish(&mut self) {
+        for map in [&mut self.table.exact, &mut self.table.wildcards] {
+            for candidates in map.values_mut() {
+                candidates.retain(|h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
+                candidates.sort_by(|a, b| a.rank.cmp(&b.rank));
+            }
+            map.retain(|_, candidates| !candidates.is_empty());
+        }
+        self.table.vip_services.sort_by(|a, b| a.rank.cmp(&b.rank));
+        let mut taken = HashSet::new();
+        for svc in &mut self.table.vip_services {
+            svc.vips.retain(|vip| taken.insert(*vip));
+        }
+        self.table.vip_services.retain(|s| !s.vips.is_empty());
+        self.table.translated_vips = taken;
     }
 
     fn add_services(&mut self, objects: &Objects) {
@@ -315,9 +390,14 @@ impl Builder {
             let ns = svc.metadata.namespace();
             let name = normalize(&svc.metadata.name);
             let fqdn = format!("{name}.{ns}.svc.{cd}");
-            let source = format!("Service {ns}/{name}");
+            let owner = Owner {
+                source: format!("Service {ns}/{name}"),
+                namespace: ns.to_owned(),
+                export_to: Visibility::from_annotation(&svc.metadata),
+                rank: Rank::of(&svc.metadata),
+            };
             match svc.kind() {
-                ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &source, true),
+                ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &owner, true),
                 ServiceKind::Headless => {
                     let Some((ips, hostnames)) = endpoints.get(&(ns.to_owned(), name.clone()))
                     else {
@@ -326,25 +406,29 @@ impl Builder {
                     if ips.is_empty() {
                         continue;
                     }
-                    self.add_addrs(&fqdn, ips, &source, false);
+                    self.add_addrs(&fqdn, ips, &owner, false);
                     for (hostname, ip) in hostnames {
-                        self.add_addrs(&format!("{hostname}.{fqdn}"), &[*ip], &source, true);
+                        self.add_addrs(&format!("{hostname}.{fqdn}"), &[*ip], &owner, true);
                     }
                 }
                 ServiceKind::ExternalName(target) => {
-                    self.table.exact.insert(
-                        fqdn.clone(),
-                        Host {
+                    self.table
+                        .exact
+                        .entry(fqdn.clone())
+                        .or_default()
+                        .push(Host {
                             name: fqdn.clone(),
                             target: Target::Cname(target),
-                            sources: vec![source],
+                            sources: vec![owner.source.clone()],
                             alt_hosts: Vec::new(),
                             auto_allocated: false,
-                        },
-                    );
+                            namespace: owner.namespace.clone(),
+                            export_to: owner.export_to.clone(),
+                            rank: owner.rank.clone(),
+                        });
                 }
             }
-            if let Some(h) = self.table.exact.get_mut(&fqdn) {
+            if let Some(h) = self.entry_mut(&fqdn, &owner) {
                 h.alt_hosts = vec![
                     name.clone(),
                     format!("{name}.{ns}"),
@@ -361,22 +445,16 @@ impl Builder {
     ) -> Result<(), AllocatorError> {
         let vips = allocate_vips(objects, allocator)?;
         for se in &objects.service_entries {
-            let source = format!(
-                "ServiceEntry {}/{}",
-                se.metadata.namespace(),
-                se.metadata.name
-            );
-            if !se.spec.export_to.is_empty() && se.spec.export_to.iter().any(|e| e != "*") {
-                tracing::info!(%source, export_to = ?se.spec.export_to, "exportTo is ignored: every client sees this entry");
-            }
+            let ns = se.metadata.namespace();
+            let owner = Owner {
+                source: format!("ServiceEntry {ns}/{}", se.metadata.name),
+                namespace: ns.to_owned(),
+                export_to: Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns),
+                rank: Rank::of(&se.metadata),
+            };
             for host in &se.spec.hosts {
-                self.add_service_entry_host(se, &normalize(host), &vips, &source);
+                self.add_service_entry_host(se, &normalize(host), &vips, &owner);
             }
-        }
-        // A name without an address is not the table's (wildcards included): such
-        // names are forwarded, as Istio does.
-        for map in [&mut self.table.exact, &mut self.table.wildcards] {
-            map.retain(|_, h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
         }
         Ok(())
     }
@@ -388,7 +466,7 @@ impl Builder {
         se: &ServiceEntry,
         host: &str,
         vips: &BTreeMap<String, Vips>,
-        source: &str,
+        owner: &Owner,
     ) {
         let mut addrs = declared_addresses(se, host);
         let mut auto_allocated = false;
@@ -406,18 +484,15 @@ impl Builder {
                 .iter()
                 .filter_map(|e| e.address.parse().ok())
                 .collect();
-            self.add_addrs(host, &endpoints, source, false);
+            self.add_addrs(host, &endpoints, owner, false);
             return;
         }
         if addrs.is_empty() {
-            tracing::debug!(%host, %source, "no address: left to upstream DNS");
+            tracing::debug!(%host, source = %owner.source, "no address: left to upstream DNS");
             return;
         }
-        self.add_addrs(host, &addrs, source, true);
-        if auto_allocated
-            && let Some(h) = self.table.exact.get_mut(host)
-            && h.sources.len() == 1
-        {
+        self.add_addrs(host, &addrs, owner, true);
+        if auto_allocated && let Some(h) = self.entry_mut(host, owner) {
             h.auto_allocated = true;
         }
         // NONE means "pass through to the address asked for"; wildcards have no single
@@ -429,7 +504,8 @@ impl Builder {
                 ports: se.spec.ports.clone(),
                 resolution: se.spec.resolution,
                 endpoints: se.spec.endpoints.clone(),
-                source: source.to_owned(),
+                source: owner.source.clone(),
+                rank: owner.rank.clone(),
             });
         }
     }

@@ -335,3 +335,91 @@ fn a_wildcard_without_addresses_is_left_to_upstream() {
     assert!(t.get("x.dns.example").is_none());
     assert!(t.is_empty());
 }
+
+const EXPORTS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: stripe, namespace: payments, creationTimestamp: "2024-05-01T00:00:00Z"}
+spec: {hosts: [api.stripe.com], addresses: [240.240.5.5], exportTo: ["*"], resolution: STATIC, endpoints: [{address: 192.0.2.5}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mine, namespace: evil, creationTimestamp: "2023-01-01T00:00:00Z"}
+spec: {hosts: [api.stripe.com], addresses: [240.240.6.6], exportTo: ["."], resolution: STATIC, endpoints: [{address: 192.0.2.6}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: newer, namespace: team-b, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec: {hosts: [api.stripe.com], addresses: [240.240.7.7], resolution: STATIC, endpoints: [{address: 192.0.2.7}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: private, namespace: team-b, annotations: {networking.istio.io/exportTo: "."}}
+spec: {clusterIP: 10.0.0.9}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: one, namespace: a, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {hosts: [shared.example], ports: [{number: 443, name: tls, protocol: TLS}], resolution: STATIC, endpoints: [{address: 192.0.2.10}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: two, namespace: b, creationTimestamp: "2024-06-01T00:00:00Z"}
+spec: {hosts: [shared.example], ports: [{number: 443, name: tls, protocol: TLS}], resolution: STATIC, endpoints: [{address: 192.0.2.20}]}
+"#;
+
+#[test]
+fn export_to_and_one_entry_per_client_namespace_never_a_union() {
+    let t = build(EXPORTS);
+    let seen = |name: &str, ns: &str| t.get_for(name, ns).map(v4s);
+    // Own namespace first: even a private entry wins inside its namespace.
+    assert_eq!(
+        seen("api.stripe.com", "evil"),
+        Some(vec!["240.240.6.6".into()])
+    );
+    assert_eq!(
+        seen("api.stripe.com", "team-b"),
+        Some(vec!["240.240.7.7".into()])
+    );
+    // Elsewhere: the oldest entry the namespace may see (evil's is older, but private).
+    assert_eq!(
+        seen("api.stripe.com", "payments"),
+        Some(vec!["240.240.5.5".into()])
+    );
+    assert_eq!(
+        seen("api.stripe.com", "default"),
+        Some(vec!["240.240.5.5".into()])
+    );
+    // A Service exported to its own namespace only.
+    assert!(
+        t.resolve("private.team-b.svc.cluster.local", "default", &[])
+            .is_none()
+    );
+    assert!(t.resolve("private", "team-b", &[]).is_some());
+    // Every entry keeps its own VIPs in the data path.
+    let vips: Vec<String> = t
+        .vip_services()
+        .iter()
+        .flat_map(|s| s.vips.iter().map(ToString::to_string))
+        .collect();
+    for vip in ["240.240.5.5", "240.240.6.6", "240.240.7.7"] {
+        assert!(vips.contains(&vip.to_owned()), "{vip} in {vips:?}");
+    }
+}
+
+#[test]
+fn one_auto_allocated_vip_translates_to_the_oldest_entrys_backends() {
+    let t = build(EXPORTS);
+    let shared: Vec<&VipService> = t
+        .vip_services()
+        .iter()
+        .filter(|s| s.host == "shared.example")
+        .collect();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(shared[0].source, "ServiceEntry a/one");
+    assert_eq!(
+        v4s(t.get_for("shared.example", "b").unwrap()),
+        v4s(t.get_for("shared.example", "a").unwrap()),
+        "the same VIP"
+    );
+}

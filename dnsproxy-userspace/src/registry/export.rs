@@ -1,0 +1,155 @@
+//! Istio's sidecar view of the registry: which namespaces may see an entry
+//! (`ServiceEntry.spec.exportTo`, the Service annotation `networking.istio.io/exportTo`)
+//! and, when several entries define one name, which one a client sees: its own
+//! namespace's first, then the oldest (creationTimestamp, then namespace/name). Never
+//! a union of them.
+use serde::Serialize;
+
+use super::manifest::ObjectMeta;
+
+/// The Service annotation that limits who sees it, comma-separated like `exportTo`.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// Who may see an entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Visibility {
+    /// Every namespace (`*`, or nothing said).
+    #[default]
+    All,
+    /// These namespaces only (`.` is the entry's own; `~` is none at all).
+    Namespaces(Vec<String>),
+}
+
+impl Visibility {
+    /// From `exportTo` values of an object in namespace `own`.
+    pub fn parse<'a>(export_to: impl IntoIterator<Item = &'a str>, own: &str) -> Self {
+        let mut namespaces = Vec::new();
+        let mut said = false;
+        for value in export_to
+            .into_iter()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            said = true;
+            match value {
+                "*" => return Visibility::All,
+                "~" => {}
+                "." => namespaces.push(own.to_owned()),
+                ns => namespaces.push(ns.to_owned()),
+            }
+        }
+        if said {
+            Visibility::Namespaces(namespaces)
+        } else {
+            Visibility::All
+        }
+    }
+
+    /// The annotation form: `".,team-b"`.
+    pub fn from_annotation(meta: &ObjectMeta) -> Self {
+        meta.annotations
+            .get(EXPORT_TO_ANNOTATION)
+            .map_or(Visibility::All, |v| {
+                Visibility::parse(v.split(','), meta.namespace())
+            })
+    }
+
+    /// Whether a client in `namespace` sees the entry.
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Visibility::All => true,
+            Visibility::Namespaces(list) => list.iter().any(|n| n == namespace),
+        }
+    }
+
+    pub fn is_all(&self) -> bool {
+        *self == Visibility::All
+    }
+}
+
+/// Precedence among entries for one name: older first (objects without a
+/// creationTimestamp, e.g. from files, after those with one), then namespace/name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank {
+    untimed: bool,
+    created: String,
+    namespace: String,
+    name: String,
+}
+
+impl Rank {
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Rank {
+            untimed: meta.creation_timestamp.is_none(),
+            created: meta.creation_timestamp.clone().unwrap_or_default(),
+            namespace: meta.namespace().to_owned(),
+            name: meta.name.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_to_values() {
+        struct Case {
+            values: &'static [&'static str],
+            sees: &'static [&'static str],
+            not: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                values: &[],
+                sees: &["a", "b"],
+                not: &[],
+            },
+            Case {
+                values: &["*"],
+                sees: &["a", "b"],
+                not: &[],
+            },
+            Case {
+                values: &["."],
+                sees: &["own"],
+                not: &["a"],
+            },
+            Case {
+                values: &[".", "team-b"],
+                sees: &["own", "team-b"],
+                not: &["a"],
+            },
+            Case {
+                values: &["~"],
+                sees: &[],
+                not: &["own", "a"],
+            },
+        ];
+        for c in cases {
+            let v = Visibility::parse(c.values.iter().copied(), "own");
+            for ns in c.sees {
+                assert!(v.allows(ns), "{:?} hides from {ns}", c.values);
+            }
+            for ns in c.not {
+                assert!(!v.allows(ns), "{:?} shows to {ns}", c.values);
+            }
+        }
+    }
+
+    #[test]
+    fn older_entries_first_then_namespace_and_name() {
+        let meta = |ns: &str, name: &str, created: Option<&str>| ObjectMeta {
+            name: name.into(),
+            namespace: Some(ns.into()),
+            creation_timestamp: created.map(Into::into),
+            ..Default::default()
+        };
+        let old = Rank::of(&meta("z", "z", Some("2024-01-01T00:00:00Z")));
+        let new = Rank::of(&meta("a", "a", Some("2025-01-01T00:00:00Z")));
+        let untimed = Rank::of(&meta("a", "a", None));
+        assert!(old < new && new < untimed);
+        assert!(Rank::of(&meta("a", "x", None)) < Rank::of(&meta("b", "a", None)));
+    }
+}
