@@ -25,15 +25,17 @@ pub enum Resource {
     ServiceEntries,
     Namespaces,
     Pods,
+    WorkloadEntries,
 }
 
 impl Resource {
-    const ALL: [Resource; 5] = [
+    const ALL: [Resource; 6] = [
         Resource::Services,
         Resource::EndpointSlices,
         Resource::ServiceEntries,
         Resource::Namespaces,
         Resource::Pods,
+        Resource::WorkloadEntries,
     ];
 
     fn path(self) -> &'static str {
@@ -43,6 +45,7 @@ impl Resource {
             Resource::ServiceEntries => "/apis/networking.istio.io/v1/serviceentries",
             Resource::Namespaces => "/api/v1/namespaces",
             Resource::Pods => "/api/v1/pods",
+            Resource::WorkloadEntries => "/apis/networking.istio.io/v1/workloadentries",
         }
     }
 
@@ -50,7 +53,7 @@ impl Resource {
         match self {
             Resource::Services | Resource::Namespaces | Resource::Pods => "v1",
             Resource::EndpointSlices => "discovery.k8s.io/v1",
-            Resource::ServiceEntries => "networking.istio.io/v1",
+            Resource::ServiceEntries | Resource::WorkloadEntries => "networking.istio.io/v1",
         }
     }
 
@@ -59,6 +62,7 @@ impl Resource {
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
             Resource::ServiceEntries => "ServiceEntry",
+            Resource::WorkloadEntries => "WorkloadEntry",
             Resource::Namespaces => "Namespace",
             Resource::Pods => "Pod",
         }

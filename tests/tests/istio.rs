@@ -322,3 +322,38 @@ fn log_gap(log: &str, from: &str, to: &str) -> Duration {
         _ => Duration::ZERO,
     }
 }
+
+#[test]
+fn a_static_entry_with_a_workload_selector_reaches_its_workloads() {
+    if !privileged() {
+        return;
+    }
+    let env = TestEnv::with_registry(
+        r"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vm, namespace: default}
+spec:
+  hosts: [vm.example]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: vm}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-1, namespace: default}
+spec: {address: 203.0.113.20, labels: {app: vm}, ports: {tls: 8443}}
+",
+    );
+    env.netns.add_addr("203.0.113.20/32");
+    let _server = BannerServer::start(&env.netns, "203.0.113.20:8443");
+    let _daemon = env.start_daemon();
+    let (answers, aa) = answer(&env, "vm.example");
+    assert!(aa && answers[0].starts_with("240.240."), "{answers:?}");
+    let reached = banner(&env, &answers[0]);
+    println!("vm.example -> {} -> {reached}", answers[0]);
+    assert!(
+        reached.starts_with("hello from 203.0.113.20:8443"),
+        "{reached}"
+    );
+}

@@ -1,7 +1,9 @@
 //! Node mode: the Kubernetes API as the registry source, and per-pod capture.
 //!
 //! kube-rs reflectors (watcher → store, default backoff, objects slimmed) follow
-//! Services, `EndpointSlices`, `ServiceEntries`, Namespaces and this node's Pods; the rest
+//! Services, `EndpointSlices`, `ServiceEntries`, `WorkloadEntries`, Namespaces and Pods
+//! (cluster-wide and slimmed to labels, IP and readiness: this node's are captured,
+//! any may back a `workloadSelector`); the rest
 //! of the daemon reads the stores, never the API. Every change rebuilds the name table
 //! (the same code as for YAML files) and reconciles the in-pod listeners and the
 //! netns policy map with the capture policy (`policy`).
@@ -70,25 +72,51 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
-/// The `ServiceEntry` version this cluster serves: `v1`, else `v1beta1`, else none
-/// (Istio not installed: Services only).
-async fn service_entry_resource(client: &Client) -> anyhow::Result<Option<ApiResource>> {
+/// The version of Istio's `kind` the cluster serves: `v1`, else `v1beta1`, else none
+/// (Istio not installed).
+async fn istio_resource(
+    client: &Client,
+    kind: &str,
+    plural: &str,
+) -> anyhow::Result<Option<ApiResource>> {
     for version in ["v1", "v1beta1"] {
-        let ar = resource(
-            "networking.istio.io",
-            version,
-            "ServiceEntry",
-            "serviceentries",
-        );
+        let ar = resource("networking.istio.io", version, kind, plural);
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         match api.list(&ListParams::default().limit(1)).await {
             Ok(_) => return Ok(Some(ar)),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(e).context("listing ServiceEntries"),
+            Err(e) => return Err(e).with_context(|| format!("listing {plural}")),
         }
     }
-    tracing::info!("the cluster serves no networking.istio.io ServiceEntries: Services only");
+    tracing::info!("the cluster serves no networking.istio.io {kind}");
     Ok(None)
+}
+
+/// Keeps of a Pod what the daemon reads: labels, the capture annotations, node,
+/// host network, phase, IP and readiness (the watch is cluster-wide, for
+/// `workloadSelector` backends, so its memory is kept small).
+fn slim_pod(pod: &mut DynamicObject) {
+    const READ: [&str; 3] = [
+        policy::POD_ANNOTATION,
+        policy::ISTIO_PROXY_CONFIG,
+        policy::ISTIO_LOG_LEVEL,
+    ];
+    if let Some(a) = pod.metadata.annotations.as_mut() {
+        a.retain(|k, _| READ.contains(&k.as_str()));
+    }
+    pod.metadata.owner_references = None;
+    let keep = |value: &serde_json::Value, keys: &[&str]| -> serde_json::Value {
+        let mut kept = serde_json::Map::new();
+        for key in keys {
+            if let Some(v) = value.get(*key) {
+                kept.insert((*key).to_owned(), v.clone());
+            }
+        }
+        serde_json::Value::Object(kept)
+    };
+    let spec = keep(&pod.data["spec"], &["nodeName", "hostNetwork"]);
+    let status = keep(&pod.data["status"], &["phase", "podIP", "conditions"]);
+    pod.data = serde_json::json!({ "spec": spec, "status": status });
 }
 
 /// A reflector's store and the task that feeds it (owned by [`Watches`]).
@@ -99,6 +127,7 @@ fn reflect(
     changes: &tokio::sync::watch::Sender<u64>,
     reflectors: &mut JoinSet<()>,
 ) -> Store<DynamicObject> {
+    let is_pod = ar.kind == "Pod";
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
@@ -106,11 +135,14 @@ fn reflect(
     let changes = changes.clone();
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|obj| {
+        .modify(move |obj| {
             // Slim objects: the store keeps only what the table reads.
             obj.metadata.managed_fields = None;
             if let Some(a) = obj.metadata.annotations.as_mut() {
                 a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+            if is_pod {
+                slim_pod(obj);
             }
         })
         .reflect(writer);
@@ -151,9 +183,12 @@ struct Watches {
     services: Store<DynamicObject>,
     slices: Store<DynamicObject>,
     namespaces: Store<DynamicObject>,
+    /// Every Pod of the cluster, slimmed: this node's are captured, any may be a
+    /// `workloadSelector` backend.
     pods: Store<DynamicObject>,
     /// `None` when the cluster serves no `ServiceEntries` (Istio not installed).
     service_entries: Option<Store<DynamicObject>>,
+    workload_entries: Option<Store<DynamicObject>>,
     changed: tokio::sync::watch::Receiver<u64>,
     /// The change generation the name table was last built from.
     built: Option<u64>,
@@ -161,9 +196,9 @@ struct Watches {
 }
 
 impl Watches {
-    /// Services, `EndpointSlices`, Namespaces, this node's Pods, and `ServiceEntries` when
-    /// the cluster serves them.
-    async fn start(client: &Client, config: &NodeConfig) -> anyhow::Result<Self> {
+    /// Services, `EndpointSlices`, Namespaces, Pods (slimmed), and `ServiceEntries` and
+    /// `WorkloadEntries` when the cluster serves them.
+    async fn start(client: &Client) -> anyhow::Result<Self> {
         let (changes, changed) = tokio::sync::watch::channel(0u64);
         let mut reflectors = JoinSet::new();
         let default = watcher::Config::default();
@@ -179,11 +214,11 @@ impl Watches {
             resource("", "v1", "Namespace", "namespaces"),
             default.clone(),
         );
-        let on_this_node = default
-            .clone()
-            .fields(&format!("spec.nodeName={}", config.node_name));
-        let pods = watch(resource("", "v1", "Pod", "pods"), on_this_node);
-        let service_entries = service_entry_resource(client)
+        let pods = watch(resource("", "v1", "Pod", "pods"), default.clone());
+        let service_entries = istio_resource(client, "ServiceEntry", "serviceentries")
+            .await?
+            .map(|ar| watch(ar, default.clone()));
+        let workload_entries = istio_resource(client, "WorkloadEntry", "workloadentries")
             .await?
             .map(|ar| watch(ar, default));
         Ok(Watches {
@@ -192,6 +227,7 @@ impl Watches {
             namespaces,
             pods,
             service_entries,
+            workload_entries,
             changed,
             built: None,
             reflectors,
@@ -206,8 +242,13 @@ impl Watches {
             ("Namespaces", &self.namespaces),
             ("Pods", &self.pods),
         ];
-        let entries = self.service_entries.as_ref().map(|s| ("ServiceEntries", s));
-        for (kind, store) in stores.into_iter().chain(entries) {
+        let istio = [
+            self.service_entries.as_ref().map(|s| ("ServiceEntries", s)),
+            self.workload_entries
+                .as_ref()
+                .map(|s| ("WorkloadEntries", s)),
+        ];
+        for (kind, store) in stores.into_iter().chain(istio.into_iter().flatten()) {
             store
                 .wait_until_ready()
                 .await
@@ -232,6 +273,12 @@ impl Watches {
                 .unwrap_or_default(),
             services: convert(&self.services),
             endpoint_slices: convert(&self.slices),
+            workload_entries: self
+                .workload_entries
+                .as_ref()
+                .map(convert)
+                .unwrap_or_default(),
+            pods: self.pods(),
         };
         if let Err(e) = registry.update(&objects) {
             tracing::error!(
@@ -278,7 +325,7 @@ pub async fn run(
     ready: tokio::sync::oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut watches = Watches::start(&client, &config).await?;
+    let mut watches = Watches::start(&client).await?;
     watches.synced().await?;
     let mut listeners = PodListeners::new(config, shared, shutdown.clone());
     let mut ready = Some(ready);

@@ -91,6 +91,36 @@ pub struct ServiceEntrySpec {
     pub endpoints: Vec<WorkloadEntry>,
     #[serde(default)]
     pub export_to: Vec<String>,
+    /// Backends are the entry's namespace's WorkloadEntries and ready Pods whose labels
+    /// match (instead of `endpoints`).
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+/// `spec.workloadSelector`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl WorkloadSelector {
+    /// Every label of the selector is on `labels` (an empty selector selects nothing).
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self.labels.is_empty() && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// Istio `WorkloadEntry` (`networking.istio.io/v1`, `v1beta1`): a VM or other
+/// non-Kubernetes workload.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntryObject {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: WorkloadEntry,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -122,6 +152,8 @@ pub enum Resolution {
 pub struct WorkloadEntry {
     #[serde(default)]
     pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: BTreeMap<String, u16>,
 }
@@ -363,6 +395,31 @@ pub struct PodSpec {
 pub struct PodStatus {
     #[serde(default)]
     pub phase: Option<String>,
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<PodCondition>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCondition {
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub status: String,
+}
+
+impl Pod {
+    /// Running with condition Ready: a backend for a `workloadSelector`.
+    pub fn is_ready(&self) -> bool {
+        self.status.phase.as_deref() == Some("Running")
+            && self
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.kind == "Ready" && c.status == "True")
+    }
 }
 
 /// Kubernetes `Namespace` (v1): its labels carry the namespace capture policy.
@@ -381,6 +438,9 @@ pub struct Objects {
     pub service_entries: Vec<ServiceEntry>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// Backends of `workloadSelector` entries.
+    pub workload_entries: Vec<WorkloadEntryObject>,
+    pub pods: Vec<Pod>,
 }
 
 #[derive(Deserialize)]
@@ -461,6 +521,18 @@ fn add_value(index: usize, value: Value, objects: &mut Objects) -> Result<usize,
         ("discovery.k8s.io", "EndpointSlice") => {
             objects
                 .endpoint_slices
+                .push(serde_json::from_value(value).map_err(spec_err)?);
+            Ok(1)
+        }
+        ("networking.istio.io", "WorkloadEntry") => {
+            objects
+                .workload_entries
+                .push(serde_json::from_value(value).map_err(spec_err)?);
+            Ok(1)
+        }
+        ("v1", "Pod") => {
+            objects
+                .pods
                 .push(serde_json::from_value(value).map_err(spec_err)?);
             Ok(1)
         }

@@ -324,10 +324,11 @@ mod tests {
             WorkloadEntry {
                 address: "192.0.2.1".into(),
                 ports: [("http".to_string(), 8080)].into(),
+                ..Default::default()
             },
             WorkloadEntry {
                 address: "192.0.2.2".into(),
-                ports: BTreeMap::default(),
+                ..Default::default()
             },
         ];
         let s = svc(
@@ -355,7 +356,7 @@ mod tests {
     fn dns_endpoints_are_resolved_by_name() {
         let eps = vec![WorkloadEntry {
             address: "Backend.Example.".into(),
-            ports: BTreeMap::default(),
+            ..Default::default()
         }];
         let s = svc(
             Resolution::DnsRoundRobin,
@@ -377,7 +378,7 @@ mod tests {
         let eps: Vec<WorkloadEntry> = (1..=40)
             .map(|i| WorkloadEntry {
                 address: format!("192.0.2.{i}"),
-                ports: BTreeMap::default(),
+                ..Default::default()
             })
             .collect();
         let s = svc(

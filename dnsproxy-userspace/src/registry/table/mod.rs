@@ -453,7 +453,7 @@ impl Builder {
                 rank: Rank::of(&se.metadata),
             };
             for host in &se.spec.hosts {
-                self.add_service_entry_host(se, &normalize(host), &vips, &owner);
+                self.add_service_entry_host(se, objects, &normalize(host), &vips, &owner);
             }
         }
         Ok(())
@@ -464,10 +464,12 @@ impl Builder {
     fn add_service_entry_host(
         &mut self,
         se: &ServiceEntry,
+        objects: &Objects,
         host: &str,
         vips: &BTreeMap<String, Vips>,
         owner: &Owner,
     ) {
+        let workloads = endpoints_of(se, objects);
         let mut addrs = declared_addresses(se, host);
         let mut auto_allocated = false;
         if addrs.is_empty()
@@ -478,9 +480,7 @@ impl Builder {
         }
         if addrs.is_empty() && se.spec.resolution == Resolution::Static {
             // No VIP: answer with the endpoints themselves, like a headless Service.
-            let endpoints: Vec<IpAddr> = se
-                .spec
-                .endpoints
+            let endpoints: Vec<IpAddr> = workloads
                 .iter()
                 .filter_map(|e| e.address.parse().ok())
                 .collect();
@@ -503,12 +503,40 @@ impl Builder {
                 vips: addrs,
                 ports: se.spec.ports.clone(),
                 resolution: se.spec.resolution,
-                endpoints: se.spec.endpoints.clone(),
+                endpoints: workloads,
                 source: owner.source.clone(),
                 rank: owner.rank.clone(),
             });
         }
     }
+}
+
+/// A `ServiceEntry`'s endpoints: with a `workloadSelector`, the WorkloadEntries and
+/// ready Pods of its namespace whose labels match (a workload's `ports` override the
+/// target port by port name, as Istio does); else `spec.endpoints`.
+fn endpoints_of(se: &ServiceEntry, objects: &Objects) -> Vec<WorkloadEntry> {
+    let Some(selector) = &se.spec.workload_selector else {
+        return se.spec.endpoints.clone();
+    };
+    let ns = se.metadata.namespace();
+    let entries = objects
+        .workload_entries
+        .iter()
+        .filter(|w| w.metadata.namespace() == ns)
+        .filter(|w| selector.matches(&w.spec.labels) || selector.matches(&w.metadata.labels))
+        .map(|w| w.spec.clone());
+    let pods = objects
+        .pods
+        .iter()
+        .filter(|p| p.metadata.namespace() == ns && p.is_ready())
+        .filter(|p| selector.matches(&p.metadata.labels))
+        .filter_map(|p| {
+            Some(WorkloadEntry {
+                address: p.status.pod_ip.clone()?,
+                ..Default::default()
+            })
+        });
+    entries.chain(pods).collect()
 }
 
 /// The addresses a `ServiceEntry` itself gives `host`: `spec.addresses`, else the ones

@@ -423,3 +423,58 @@ fn one_auto_allocated_vip_translates_to_the_oldest_entrys_backends() {
         "the same VIP"
     );
 }
+
+#[test]
+fn workload_selector_backends_are_the_matching_workload_entries_and_ready_pods() {
+    let t = build(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vms, namespace: vms}
+spec:
+  hosts: [vm.example]
+  addresses: [240.240.8.8]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: vm}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-1, namespace: vms}
+spec: {address: 10.1.0.5, labels: {app: vm}, ports: {http: 8080}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: elsewhere, namespace: other}
+spec: {address: 10.1.0.6, labels: {app: vm}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ready, namespace: vms, labels: {app: vm}}
+status: {phase: Running, podIP: 10.2.0.7, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: starting, namespace: vms, labels: {app: vm}}
+status: {phase: Running, podIP: 10.2.0.8, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unrelated, namespace: vms, labels: {app: web}}
+status: {phase: Running, podIP: 10.2.0.9, conditions: [{type: Ready, status: "True"}]}
+"#,
+    );
+    let svc = &t.vip_services()[0];
+    let got: Vec<(String, Option<u16>)> = svc
+        .endpoints
+        .iter()
+        .map(|e| (e.address.clone(), e.ports.get("http").copied()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("10.1.0.5".to_owned(), Some(8080)),
+            ("10.2.0.7".to_owned(), None)
+        ]
+    );
+}
