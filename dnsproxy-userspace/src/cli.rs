@@ -155,6 +155,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128, env = "DNSPROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: usize,
 
+    /// Node mode: the ConfigMap, `NAMESPACE/NAME`, in which the daemons of every node
+    /// agree on auto-allocated VIPs (empty: each node allocates alone, from its
+    /// `vips.json`).
+    #[arg(
+        long,
+        default_value = "dnsproxy-system/dnsproxy-vips",
+        env = "DNSPROXY_VIP_STORE"
+    )]
+    pub vip_store: String,
+
     /// Size of the VIP map (`dp_vips`): VIPs that translate at once. The default holds
     /// every auto-allocated VIP and its IPv6 twin. VIPs past it do not translate
     /// (counted in `dnsproxy_vips_left_out`).

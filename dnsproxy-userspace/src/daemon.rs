@@ -158,6 +158,7 @@ impl Settings {
                 .as_ref()
                 .map(|c| c.node_name.clone())
                 .unwrap_or_default(),
+            vip_store: Some(self.args.vip_store.clone()),
             capture_default: self.args.capture_default == Switch::On,
             listen_port: self.args.listen_port,
             extra_search: self.extra_search.clone(),

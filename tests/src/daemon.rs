@@ -98,7 +98,15 @@ impl Daemon {
             pin_dir: opts.pin_dir,
             hand_over: false,
         };
-        daemon.wait_ready(opts.netns);
+        // The admin address the test chose, else the default.
+        let admin = opts
+            .extra_args
+            .iter()
+            .position(|a| a == "--admin")
+            .and_then(|i| opts.extra_args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| ADMIN_ADDR.to_owned());
+        daemon.wait_ready(opts.netns, &admin);
         daemon
     }
 
@@ -107,13 +115,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self, netns: &Netns) {
+    fn wait_ready(&mut self, netns: &Netns, admin: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("dnsproxy exited early ({status}):\n{}", self.log_text());
             }
-            let ready = netns.within(|| http_get(ADMIN_ADDR, "/readyz"));
+            let addr = admin.to_owned();
+            let ready = netns.within(move || http_get(&addr, "/readyz"));
             if ready
                 .as_deref()
                 .is_some_and(|r| r.starts_with("HTTP/1.1 200"))

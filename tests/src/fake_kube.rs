@@ -6,7 +6,7 @@
 //! which makes the client relist. Field selectors `spec.nodeName=` are honoured.
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{Arc, Condvar, Mutex},
     thread,
@@ -26,10 +26,12 @@ pub enum Resource {
     Namespaces,
     Pods,
     WorkloadEntries,
+    ConfigMaps,
 }
 
 impl Resource {
-    const ALL: [Resource; 6] = [
+    const ALL: [Resource; 7] = [
+        Resource::ConfigMaps,
         Resource::Services,
         Resource::EndpointSlices,
         Resource::ServiceEntries,
@@ -46,12 +48,15 @@ impl Resource {
             Resource::Namespaces => "/api/v1/namespaces",
             Resource::Pods => "/api/v1/pods",
             Resource::WorkloadEntries => "/apis/networking.istio.io/v1/workloadentries",
+            Resource::ConfigMaps => "/api/v1/configmaps",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Resource::Services | Resource::Namespaces | Resource::Pods => "v1",
+            Resource::Services | Resource::Namespaces | Resource::Pods | Resource::ConfigMaps => {
+                "v1"
+            }
             Resource::EndpointSlices => "discovery.k8s.io/v1",
             Resource::ServiceEntries | Resource::WorkloadEntries => "networking.istio.io/v1",
         }
@@ -65,6 +70,7 @@ impl Resource {
             Resource::WorkloadEntries => "WorkloadEntry",
             Resource::Namespaces => "Namespace",
             Resource::Pods => "Pod",
+            Resource::ConfigMaps => "ConfigMap",
         }
     }
 }
@@ -81,6 +87,7 @@ struct State {
     lists: usize,
     watches: usize,
     gone: usize,
+    conflicts: usize,
     stopped: bool,
 }
 
@@ -144,26 +151,21 @@ impl FakeKube {
 
     /// Creates or replaces an object (ADDED / MODIFIED), stamping apiVersion, kind and
     /// resourceVersion.
-    pub fn apply(&self, resource: Resource, mut obj: Value) {
-        let (lock, cv) = &*self.shared;
-        let mut st = lock.lock().unwrap();
-        st.rv += 1;
-        let rv = st.rv;
-        obj["apiVersion"] = json!(resource.api_version());
-        obj["kind"] = json!(resource.kind());
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let (ns, name) = key(&obj);
-        let kind = if st
-            .objects
-            .insert((resource, ns, name), obj.clone())
-            .is_some()
-        {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.events.push((rv, resource, kind, obj));
-        cv.notify_all();
+    pub fn apply(&self, resource: Resource, obj: Value) {
+        store(&self.shared, resource, obj);
+    }
+
+    /// An object as stored (with its resourceVersion).
+    pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.shared.0.lock().unwrap();
+        st.objects
+            .get(&(resource, namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Writes that lost a race (409 Conflict, or `AlreadyExists`) so far.
+    pub fn conflicts(&self) -> usize {
+        self.shared.0.lock().unwrap().conflicts
     }
 
     /// Deletes an object (DELETED).
@@ -239,13 +241,39 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `spec.nodeName=X` selection.
+/// Stores `obj` as the API server would: apiVersion, kind and a new resourceVersion
+/// stamped, an ADDED or MODIFIED event; returns it as stored.
+fn store(shared: &Shared, resource: Resource, mut obj: Value) -> Value {
+    let (lock, cv) = &**shared;
+    let mut st = lock.lock().unwrap();
+    st.rv += 1;
+    let rv = st.rv;
+    obj["apiVersion"] = json!(resource.api_version());
+    obj["kind"] = json!(resource.kind());
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let (ns, name) = key(&obj);
+    let kind = if st
+        .objects
+        .insert((resource, ns, name), obj.clone())
+        .is_some()
+    {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    st.events.push((rv, resource, kind, obj.clone()));
+    cv.notify_all();
+    obj
+}
+
+/// `spec.nodeName=X` and `metadata.name=X` selection.
 fn selected(obj: &Value, field_selector: Option<&str>) -> bool {
     let Some(sel) = field_selector else {
         return true;
     };
     sel.split(',').all(|term| match term.split_once('=') {
         Some(("spec.nodeName", want)) => obj["spec"]["nodeName"].as_str() == Some(want),
+        Some(("metadata.name", want)) => obj["metadata"]["name"].as_str() == Some(want),
         _ => true,
     })
 }
@@ -265,72 +293,136 @@ fn chunk(stream: &mut TcpStream, event: &Value) -> std::io::Result<()> {
     stream.flush()
 }
 
-fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn not_found(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("{what} not found"), "reason": "NotFound", "code": 404})
+}
+
+fn conflict(reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": 409})
+}
+
+/// One request: method, path, query parameters and body.
+struct Request {
+    method: String,
+    path: String,
+    params: BTreeMap<String, String>,
+    body: Option<Value>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line)? == 0 {
+        return Ok(None);
+    }
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let mut words = request_line.split_whitespace();
+    let method = words.next().unwrap_or("GET").to_owned();
+    let target = words.next().unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+        .collect();
+    Ok(Some(Request {
+        method,
+        path: path.to_owned(),
+        params,
+        body: serde_json::from_slice(&body).ok(),
+    }))
+}
+
+/// `/api/v1/namespaces/NS/configmaps[/NAME]` → (the collection's cluster-wide path,
+/// namespace, name).
+fn namespaced(path: &str) -> (String, Option<String>, Option<String>) {
+    let parts: Vec<&str> = path.split('/').collect();
+    let Some(at) = parts.iter().position(|p| *p == "namespaces") else {
+        return (path.to_owned(), None, None);
+    };
+    if parts.len() < at + 3 {
+        return (path.to_owned(), None, None);
+    }
+    let collection = [&parts[..at], &parts[at + 2..at + 3]].concat().join("/");
+    let name = parts.get(at + 3).map(|n| (*n).to_owned());
+    (collection, Some(parts[at + 1].to_owned()), name)
+}
+
+fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
+    let mut stream = stream;
+    while let Some(req) = read_request(&mut reader)? {
+        let (collection, namespace, name) = namespaced(&req.path);
+        let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == collection) else {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                &not_found(&format!("the requested resource {}", req.path)),
+            )?;
             return Ok(());
+        };
+        if let (Some(ns), Some(name)) = (&namespace, &name) {
+            one_object(&mut stream, shared, resource, ns, name, &req)?;
+            continue;
         }
-        // Headers (no request bodies: GET only).
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-                break;
-            }
-        }
-        let target = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("/")
-            .to_owned();
-        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        let params: BTreeMap<String, String> = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), percent_decode(v)))
-            .collect();
-        // GET of one Service: /api/v1/namespaces/<ns>/services/<name> (kube-dns discovery).
-        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
-            && let [ns, "services", name] = rest.split('/').collect::<Vec<_>>()[..]
-        {
-            let found = shared
-                .0
-                .lock()
-                .unwrap()
-                .objects
-                .get(&(Resource::Services, ns.to_owned(), name.to_owned()))
-                .cloned();
-            match found {
-                Some(obj) => respond(&mut stream, "200 OK", &obj)?,
-                None => respond(
+        if req.method == "POST" {
+            let mut obj = req.body.clone().unwrap_or_default();
+            obj["metadata"]["namespace"] = json!(namespace.clone().unwrap_or_default());
+            let (ns, name) = key(&obj);
+            let exists =
+                shared
+                    .0
+                    .lock()
+                    .unwrap()
+                    .objects
+                    .contains_key(&(resource, ns, name.clone()));
+            if exists {
+                shared.0.lock().unwrap().conflicts += 1;
+                respond(
                     &mut stream,
-                    "404 Not Found",
-                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                            "message": format!("services \"{name}\" not found"), "reason": "NotFound", "code": 404}),
-                )?,
+                    "409 Conflict",
+                    &conflict("AlreadyExists", &format!("{name} already exists")),
+                )?;
+            } else {
+                let stored = store(shared, resource, obj);
+                respond(&mut stream, "201 Created", &stored)?;
             }
             continue;
         }
-        let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == path) else {
-            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                "message": format!("the server could not find the requested resource {path}"),
-                                "reason": "NotFound", "code": 404});
-            respond(&mut stream, "404 Not Found", &status)?;
-            return Ok(());
+        let fields = req.params.get("fieldSelector").map(String::as_str);
+        let in_namespace = |o: &Value| {
+            namespace
+                .as_deref()
+                .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
         };
-        let fields = params.get("fieldSelector").map(String::as_str);
-        if params.get("watch").map(String::as_str) != Some("true")
-            && params.get("watch").map(String::as_str) != Some("1")
-        {
+        if !matches!(
+            req.params.get("watch").map(String::as_str),
+            Some("true" | "1")
+        ) {
             let (items, rv) = {
                 let mut st = shared.0.lock().unwrap();
                 st.lists += 1;
                 let items: Vec<Value> = st
                     .objects
                     .iter()
-                    .filter(|((r, _, _), o)| *r == resource && selected(o, fields))
+                    .filter(|((r, _, _), o)| {
+                        *r == resource && selected(o, fields) && in_namespace(o)
+                    })
                     .map(|(_, o)| o.clone())
                     .collect();
                 (items, st.rv)
@@ -340,7 +432,43 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             respond(&mut stream, "200 OK", &list)?;
             continue;
         }
-        return watch(stream, shared, resource, &params, fields);
+        return watch(stream, shared, resource, &req.params, fields);
+    }
+    Ok(())
+}
+
+/// GET or PUT of one object; a PUT whose resourceVersion is not the stored one gets
+/// 409 Conflict, as the API server's optimistic concurrency does.
+fn one_object(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    ns: &str,
+    name: &str,
+    req: &Request,
+) -> std::io::Result<()> {
+    let k = (resource, ns.to_owned(), name.to_owned());
+    let current = shared.0.lock().unwrap().objects.get(&k).cloned();
+    match (req.method.as_str(), current) {
+        ("GET", Some(obj)) => respond(stream, "200 OK", &obj),
+        ("PUT", Some(obj)) => {
+            let mut new = req.body.clone().unwrap_or_default();
+            if new["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"] {
+                shared.0.lock().unwrap().conflicts += 1;
+                let message = format!(
+                    "Operation cannot be fulfilled on {name}: the object has been modified"
+                );
+                return respond(stream, "409 Conflict", &conflict("Conflict", &message));
+            }
+            new["metadata"]["namespace"] = json!(ns);
+            let stored = store(shared, resource, new);
+            respond(stream, "200 OK", &stored)
+        }
+        _ => respond(
+            stream,
+            "404 Not Found",
+            &not_found(&format!("{} \"{name}\"", resource.kind())),
+        ),
     }
 }
 

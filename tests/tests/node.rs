@@ -1,7 +1,10 @@
 //! Node mode end to end: the real daemon with kube-rs's real client against a fake API
 //! server over real HTTP (list + watch, bookmarks, 410 Gone), "pods" that are real
 //! network namespaces and cgroups with a process, real dig inside them.
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use dnsproxy_e2e::*;
 use serde_json::json;
@@ -176,8 +179,7 @@ fn per_pod_auto_allocation_opt_out_and_dns_debug_logs() {
         "default",
         &[("proxy.istio.io/config", ISTIO_CAPTURE_NO_ALLOC)],
     );
-    let mut opts =
-        env.daemon_options(std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+    let mut opts = env.daemon_options(PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
     opts.env.push(("RUST_LOG".into(), "info".into()));
     let daemon = Daemon::start(opts);
 
@@ -244,7 +246,7 @@ fn a_daemon_restart_keeps_pods_resolving_and_adopts_the_pinned_data_path() {
     let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
     publish_registry(&env);
     let pod = env.add_pod("p", "default", &[]);
-    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("p"));
+    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("p"));
     let mut first = Daemon::start(env.daemon_options(pin_dir.clone()));
     assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
     let vip = env.dig(pod, "aliyun.com");
@@ -318,8 +320,7 @@ fn the_cluster_dns_is_discovered_from_kube_dns() {
         json!({"metadata": {"name": "kube-dns", "namespace": "kube-system"}, "spec": {"clusterIP": "10.96.0.10"}}),
     );
     let pod = env.add_pod("p", "default", &[]);
-    let mut opts =
-        env.daemon_options(std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+    let mut opts = env.daemon_options(PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
     opts.dns_server_flags = false;
     let daemon = Daemon::start(opts);
     assert_eq!(
@@ -417,4 +418,131 @@ fn export_to_keeps_a_namespace_from_capturing_another_teams_name() {
         view.contains("240.240.5.5") && !view.contains("240.240.6.6"),
         "{view}"
     );
+}
+
+/// Host → VIP as a daemon's debug endpoint at `debug` shows them (auto-allocated
+/// `*.agree.example` hosts only).
+fn vips_seen(env: &NodeEnv, debug: &'static str) -> std::collections::BTreeMap<String, String> {
+    let body = env
+        .node
+        .within(move || http_get(debug, "/debug/ndsz?namespace=default"))
+        .unwrap_or_default();
+    let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let dump: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    dump["hosts"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| name.ends_with(".agree.example"))
+        .filter_map(|(name, entries)| {
+            let v4 = entries[0]["target"]["addresses"]["ipv4"][0].as_str()?;
+            Some((name.clone(), v4.to_owned()))
+        })
+        .collect()
+}
+
+/// Applies `hosts` ServiceEntries from two threads at once, in opposite orders.
+fn apply_concurrently(api: &FakeKube, range: std::ops::Range<usize>) {
+    let entry = |i: usize| {
+        json!({"metadata": {"name": format!("e{i}"), "namespace": "default"},
+               "spec": {"hosts": [format!("h{i}.agree.example")], "resolution": "STATIC",
+                        "endpoints": [{"address": "192.0.2.1"}], "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}})
+    };
+    std::thread::scope(|s| {
+        let forward: Vec<usize> = range.clone().filter(|i| i % 2 == 0).collect();
+        let backward: Vec<usize> = range.filter(|i| i % 2 == 1).rev().collect();
+        for order in [forward, backward] {
+            s.spawn(move || {
+                for i in order {
+                    api.apply(Resource::ServiceEntries, entry(i));
+                }
+            });
+        }
+    });
+}
+
+fn wait_hosts(
+    env: &NodeEnv,
+    debug: &'static str,
+    n: usize,
+) -> std::collections::BTreeMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = vips_seen(env, debug);
+        if seen.len() == n {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} hosts at {debug}",
+            seen.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_daemons_of_two_nodes_give_every_host_the_same_vip() {
+    if !privileged() {
+        return;
+    }
+    let env = NodeEnv::new(&[("default", None)]);
+    let _a = env.start_daemon(&[]);
+    apply_concurrently(&env.api, 0..150);
+
+    // Node B: its own cgroup, pins, ports and state; its vips.json cache holds other
+    // slots for the same hosts, as a node with another history would.
+    let b_cgroup = Cgroup::new();
+    let b_state = env.dir.join("state-b");
+    std::fs::create_dir_all(&b_state).unwrap();
+    let cache: String = (0..150)
+        .map(|i| format!("    \"h{i}.agree.example\": {},\n", 60_000 + i))
+        .collect::<Vec<_>>()
+        .concat();
+    std::fs::write(
+        b_state.join("vips.json"),
+        format!("{{\n  \"hosts\": {{\n{cache}    \"z\": 1\n  }}\n}}\n"),
+    )
+    .unwrap();
+    let mut opts = env.daemon_options(PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+    opts.cgroup = &b_cgroup;
+    opts.state_dir = b_state;
+    opts.env.retain(|(k, _)| k != "NODE_NAME");
+    opts.env.push(("NODE_NAME".into(), "node-b".into()));
+    opts.extra_args.extend(
+        [
+            "--admin",
+            "127.0.0.1:15291",
+            "--debug-addr",
+            "127.0.0.1:15292",
+        ]
+        .map(String::from),
+    );
+    let _b = Daemon::start(opts);
+
+    // Both run; 150 more arrive, from two writers at once.
+    apply_concurrently(&env.api, 150..300);
+    let on_a = wait_hosts(&env, DEBUG_ADDR, 300);
+    let on_b = wait_hosts(&env, "127.0.0.1:15292", 300);
+    let distinct: std::collections::HashSet<&String> = on_a.values().collect();
+    let store = env
+        .api
+        .get(Resource::ConfigMaps, "dnsproxy-system", "dnsproxy-vips");
+    let stored = store.as_ref().map_or(0, |cm| {
+        cm["data"]["vips.json"]
+            .as_str()
+            .unwrap_or("")
+            .matches(".agree.example")
+            .count()
+    });
+    println!(
+        "two nodes: {} hosts, identical VIPs on both: {}, {} distinct VIPs, {stored} in the store, {} writes lost a race",
+        on_a.len(),
+        on_a == on_b,
+        distinct.len(),
+        env.api.conflicts()
+    );
+    assert_eq!(on_a, on_b, "the nodes disagree");
+    assert_eq!(distinct.len(), 300, "a VIP is shared");
+    assert_eq!(stored, 300);
 }

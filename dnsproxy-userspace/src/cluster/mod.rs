@@ -8,6 +8,7 @@
 //! (the same code as for YAML files) and reconciles the in-pod listeners and the
 //! netns policy map with the capture policy (`policy`).
 pub mod policy;
+pub mod vip_store;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -54,8 +55,11 @@ type PolicyMap = BpfHashMap<MapData, u64, NetnsPolicy>;
 /// Settings of node mode.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// This node's name: only its pods are watched.
+    /// This node's name: only its pods are captured.
     pub node_name: String,
+    /// `NAMESPACE/NAME` of the ConfigMap the daemons share their VIPs in (none: local
+    /// allocation only).
+    pub vip_store: Option<String>,
     /// Capture pods that no namespace label or pod annotation decides for.
     pub capture_default: bool,
     /// Port of the in-pod listeners.
@@ -123,6 +127,7 @@ fn slim_pod(pod: &mut DynamicObject) {
 fn reflect(
     client: &Client,
     ar: &ApiResource,
+    namespace: Option<&str>,
     config: watcher::Config,
     changes: &tokio::sync::watch::Sender<u64>,
     reflectors: &mut JoinSet<()>,
@@ -130,7 +135,10 @@ fn reflect(
     let is_pod = ar.kind == "Pod";
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    };
     let kind = ar.kind.clone();
     let changes = changes.clone();
     let stream = watcher(api, config)
@@ -189,6 +197,8 @@ struct Watches {
     /// `None` when the cluster serves no `ServiceEntries` (Istio not installed).
     service_entries: Option<Store<DynamicObject>>,
     workload_entries: Option<Store<DynamicObject>>,
+    /// The ConfigMap of shared VIPs (only watched, so that its changes start a round).
+    vip_store: Option<Store<DynamicObject>>,
     changed: tokio::sync::watch::Receiver<u64>,
     /// The change generation the name table was last built from.
     built: Option<u64>,
@@ -198,12 +208,12 @@ struct Watches {
 impl Watches {
     /// Services, `EndpointSlices`, Namespaces, Pods (slimmed), and `ServiceEntries` and
     /// `WorkloadEntries` when the cluster serves them.
-    async fn start(client: &Client) -> anyhow::Result<Self> {
+    async fn start(client: &Client, store: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let (changes, changed) = tokio::sync::watch::channel(0u64);
         let mut reflectors = JoinSet::new();
         let default = watcher::Config::default();
         let mut watch = |ar: ApiResource, config: watcher::Config| {
-            reflect(client, &ar, config, &changes, &mut reflectors)
+            reflect(client, &ar, None, config, &changes, &mut reflectors)
         };
         let services = watch(resource("", "v1", "Service", "services"), default.clone());
         let slices = watch(
@@ -220,7 +230,13 @@ impl Watches {
             .map(|ar| watch(ar, default.clone()));
         let workload_entries = istio_resource(client, "WorkloadEntry", "workloadentries")
             .await?
-            .map(|ar| watch(ar, default));
+            .map(|ar| watch(ar, default.clone()));
+        // The shared VIP store: another daemon's write starts a round here too.
+        let vip_store = store.map(|(ns, name)| {
+            let ar = resource("", "v1", "ConfigMap", "configmaps");
+            let only = default.fields(&format!("metadata.name={name}"));
+            reflect(client, &ar, Some(ns), only, &changes, &mut reflectors)
+        });
         Ok(Watches {
             services,
             slices,
@@ -228,6 +244,7 @@ impl Watches {
             pods,
             service_entries,
             workload_entries,
+            vip_store,
             changed,
             built: None,
             reflectors,
@@ -247,6 +264,7 @@ impl Watches {
             self.workload_entries
                 .as_ref()
                 .map(|s| ("WorkloadEntries", s)),
+            self.vip_store.as_ref().map(|s| ("the VIP store", s)),
         ];
         for (kind, store) in stores.into_iter().chain(istio.into_iter().flatten()) {
             store
@@ -258,8 +276,9 @@ impl Watches {
         Ok(())
     }
 
-    /// Rebuilds the name table when something changed since the last build.
-    fn update_registry(&mut self, registry: &Registry) {
+    /// Rebuilds the name table when something changed since the last build, with
+    /// the VIPs agreed with the other daemons through `store`.
+    async fn update_registry(&mut self, registry: &Registry, store: Option<&vip_store::VipStore>) {
         let generation = *self.changed.borrow_and_update();
         if self.built == Some(generation) {
             return;
@@ -280,6 +299,27 @@ impl Watches {
                 .unwrap_or_default(),
             pods: self.pods(),
         };
+        if let Some(store) = store {
+            let (wanted, reserved) = crate::registry::table::vip_demand(&objects);
+            match store
+                .agree(&wanted, &reserved, &registry.allocations())
+                .await
+            {
+                Ok((slots, lost)) => {
+                    if lost > 0 {
+                        tracing::info!(
+                            lost,
+                            "VIP store: other daemons wrote first, agreed after re-reading"
+                        );
+                    }
+                    registry.adopt_allocations(slots);
+                }
+                Err(e) => tracing::warn!(
+                    "no agreement on VIPs with the other daemons, allocating locally until the next change: {}",
+                    crate::report(&e)
+                ),
+            }
+        }
         if let Err(e) = registry.update(&objects) {
             tracing::error!(
                 "name table not updated, the last one stays in service: {}",
@@ -325,14 +365,20 @@ pub async fn run(
     ready: tokio::sync::oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut watches = Watches::start(&client).await?;
+    let store = config
+        .vip_store
+        .as_deref()
+        .filter(|l| !l.is_empty())
+        .and_then(|location| vip_store::VipStore::new(client.clone(), location));
+    let watched = store.as_ref().map(|s| (s.namespace(), s.name()));
+    let mut watches = Watches::start(&client, watched).await?;
     watches.synced().await?;
     let mut listeners = PodListeners::new(config, shared, shutdown.clone());
     let mut ready = Some(ready);
     let followed = shutdown
         .run_until_cancelled(async {
             loop {
-                watches.update_registry(&registry);
+                watches.update_registry(&registry, store.as_ref()).await;
                 let pending = listeners
                     .reconcile(&watches.pods(), &watches.namespaces())
                     .await;

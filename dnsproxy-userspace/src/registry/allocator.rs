@@ -65,6 +65,43 @@ pub struct VipAllocator {
     moved: u64,
 }
 
+/// Makes `hosts` (host → slot) cover exactly `wanted`: hosts no longer wanted go; a
+/// host whose slot a `reserved` (declared) address claims moves, so that two hosts
+/// never share a VIP; new hosts take the slot of a stable hash of their name, probing
+/// past taken ones. Returns how many hosts moved.
+pub fn allocate(
+    hosts: &mut BTreeMap<String, u32>,
+    wanted: &BTreeSet<String>,
+    reserved: &HashSet<IpAddr>,
+) -> Result<u64, AllocatorError> {
+    hosts.retain(|host, _| wanted.contains(host));
+    let reserved_slots: HashSet<u32> = reserved.iter().filter_map(|ip| slot_of(*ip)).collect();
+    let claimed: Vec<String> = hosts
+        .iter()
+        .filter(|(_, slot)| reserved_slots.contains(slot))
+        .map(|(host, _)| host.clone())
+        .collect();
+    for host in &claimed {
+        let slot = hosts.remove(host).unwrap_or_default();
+        tracing::warn!(%host, vip = %Vips::from_slot(slot).v4, "a declared address claims this auto-allocated VIP: the host moves to a free one");
+    }
+    let mut taken: HashSet<u32> = hosts.values().copied().collect();
+    taken.extend(&reserved_slots);
+    for host in wanted {
+        if hosts.contains_key(host) {
+            continue;
+        }
+        let start = (stable_hash(host) % u64::from(SLOTS)) as u32;
+        let slot = (0..SLOTS)
+            .map(|i| (start + i) % SLOTS + 1)
+            .find(|s| !taken.contains(s))
+            .ok_or_else(|| AllocatorError::Exhausted { host: host.clone() })?;
+        taken.insert(slot);
+        hosts.insert(host.clone(), slot);
+    }
+    Ok(claimed.len() as u64)
+}
+
 /// FNV-1a: stable across builds and runs, unlike the standard library's hasher.
 fn stable_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -112,35 +149,7 @@ impl VipAllocator {
         reserved: &HashSet<IpAddr>,
     ) -> Result<BTreeMap<String, Vips>, AllocatorError> {
         let before = self.hosts.clone();
-        self.hosts.retain(|host, _| wanted.contains(host));
-        let reserved_slots: HashSet<u32> = reserved.iter().filter_map(|ip| slot_of(*ip)).collect();
-        // Never two hosts on one VIP: a declared address (spec or Istio's status) that
-        // claims a slot already given to a host moves that host.
-        let claimed: Vec<String> = self
-            .hosts
-            .iter()
-            .filter(|(_, slot)| reserved_slots.contains(slot))
-            .map(|(host, _)| host.clone())
-            .collect();
-        for host in claimed {
-            let slot = self.hosts.remove(&host).unwrap_or_default();
-            self.moved += 1;
-            tracing::warn!(%host, vip = %Vips::from_slot(slot).v4, "a declared address claims this auto-allocated VIP: the host moves to a free one");
-        }
-        let mut taken: HashSet<u32> = self.hosts.values().copied().collect();
-        taken.extend(&reserved_slots);
-        for host in wanted {
-            if self.hosts.contains_key(host) {
-                continue;
-            }
-            let start = (stable_hash(host) % u64::from(SLOTS)) as u32;
-            let slot = (0..SLOTS)
-                .map(|i| (start + i) % SLOTS + 1)
-                .find(|s| !taken.contains(s))
-                .ok_or_else(|| AllocatorError::Exhausted { host: host.clone() })?;
-            taken.insert(slot);
-            self.hosts.insert(host.clone(), slot);
-        }
+        self.moved += allocate(&mut self.hosts, wanted, reserved)?;
         if self.hosts != before {
             self.persist();
         }
@@ -149,6 +158,20 @@ impl VipAllocator {
             .iter()
             .map(|(h, s)| (h.clone(), Vips::from_slot(*s)))
             .collect())
+    }
+
+    /// Host → slot, as allocated now.
+    pub fn slots(&self) -> &BTreeMap<String, u32> {
+        &self.hosts
+    }
+
+    /// Takes the allocation agreed with the other daemons (node mode's cluster store);
+    /// the local file keeps it as a cache.
+    pub fn adopt(&mut self, hosts: BTreeMap<String, u32>) {
+        if hosts != self.hosts {
+            self.hosts = hosts;
+            self.persist();
+        }
     }
 
     /// Allocations moved so far because a declared address claimed their VIP.

@@ -75,6 +75,23 @@ impl Registry {
         Ok(())
     }
 
+    /// Host → slot of the auto-allocated VIPs now.
+    pub fn allocations(&self) -> std::collections::BTreeMap<String, u32> {
+        self.allocator
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .slots()
+            .clone()
+    }
+
+    /// Takes the allocation agreed with the other daemons (before the next update).
+    pub fn adopt_allocations(&self, slots: std::collections::BTreeMap<String, u32>) {
+        self.allocator
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .adopt(slots);
+    }
+
     /// Auto-allocated VIPs moved because a declared address claimed them.
     pub fn vip_moves(&self) -> u64 {
         self.allocator

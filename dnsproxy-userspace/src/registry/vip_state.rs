@@ -125,6 +125,14 @@ fn allocation_line(line: &str) -> Option<(String, u32)> {
     plausible.then_some((host, slot))
 }
 
+/// The state as text, one host a line (the file's and the cluster store's form).
+pub fn encode(hosts: &BTreeMap<String, u32>) -> String {
+    let state = StateFile {
+        hosts: hosts.clone(),
+    };
+    serde_json::to_string_pretty(&state).unwrap_or_default()
+}
+
 /// Writes `hosts` to `path` atomically and durably.
 pub fn write(path: &Path, hosts: &BTreeMap<String, u32>) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));

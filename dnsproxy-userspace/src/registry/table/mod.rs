@@ -550,13 +550,19 @@ fn declared_addresses(se: &ServiceEntry, host: &str) -> Vec<IpAddr> {
     }
 }
 
-/// Auto-allocates VIPs for the hosts that need one: no declared address, allocation
-/// not turned off, not a wildcard. Every declared address (spec or status) is
-/// reserved, so that no allocated VIP takes it.
+/// Auto-allocates VIPs for the hosts that need one ([`vip_demand`]).
 fn allocate_vips(
     objects: &Objects,
     allocator: &mut VipAllocator,
 ) -> Result<BTreeMap<String, Vips>, AllocatorError> {
+    let (wanted, reserved) = vip_demand(objects);
+    allocator.sync(&wanted, &reserved)
+}
+
+/// The hosts that need an auto-allocated VIP (no declared address, allocation not
+/// turned off, not a wildcard), and every declared address (spec or status), which no
+/// allocated VIP may take.
+pub fn vip_demand(objects: &Objects) -> (BTreeSet<String>, HashSet<IpAddr>) {
     let mut wanted = BTreeSet::new();
     let mut reserved = HashSet::new();
     for se in &objects.service_entries {
@@ -574,7 +580,7 @@ fn allocate_vips(
             }
         }
     }
-    allocator.sync(&wanted, &reserved)
+    (wanted, reserved)
 }
 
 #[cfg(test)]
