@@ -100,6 +100,15 @@ pub struct FakeKube {
     thread: Option<thread::JoinHandle<()>>,
 }
 
+/// A kubeconfig for the server at `addr` (plain HTTP, no credentials).
+fn kubeconfig_at(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{addr}\"}}\n\
+         users:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\n\
+         current-context: fake\n"
+    )
+}
+
 fn key(obj: &Value) -> (String, String) {
     let meta = &obj["metadata"];
     (
@@ -111,8 +120,10 @@ fn key(obj: &Value) -> (String, String) {
 impl FakeKube {
     /// Serves on 127.0.0.1 (an ephemeral port) inside `netns`.
     pub fn start(netns: &Netns) -> Self {
-        let (_udp, listener) = bind_in(netns, "127.0.0.1:0".parse().unwrap());
-        let addr = listener.local_addr().unwrap();
+        // Every address of the netns: its loopback, and a link another test netns (a
+        // second "node") reaches it over.
+        let (_udp, listener) = bind_in(netns, "0.0.0.0:0".parse().unwrap());
+        let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
         listener.set_nonblocking(true).unwrap();
         let shared: Shared = Arc::default();
         let s = Arc::clone(&shared);
@@ -141,12 +152,12 @@ impl FakeKube {
 
     /// A kubeconfig pointing at this server (plain HTTP, no credentials).
     pub fn kubeconfig(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
-             users:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\n\
-             current-context: fake\n",
-            self.addr
-        )
+        kubeconfig_at(self.addr)
+    }
+
+    /// A kubeconfig reaching this server at `ip` (from a netns linked to its own).
+    pub fn kubeconfig_via(&self, ip: std::net::IpAddr) -> String {
+        kubeconfig_at(SocketAddr::new(ip, self.addr.port()))
     }
 
     /// Creates or replaces an object (ADDED / MODIFIED), stamping apiVersion, kind and

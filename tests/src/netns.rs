@@ -70,6 +70,30 @@ impl Netns {
         must(&mut cmd);
     }
 
+    /// Links this netns with `other` by a veth pair, `ours` and `theirs` (CIDRs such
+    /// as `10.201.0.1/30`) on each end: two test hosts, nothing outside them.
+    pub fn link(&self, other: &Netns, ours: &str, theirs: &str) {
+        let (a, b) = (unique_name("va"), unique_name("vb"));
+        must(Command::new("ip").args([
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            &a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &other.name,
+        ]));
+        for (ns, dev, cidr) in [(&self.name, &a, ours), (&other.name, &b, theirs)] {
+            must(Command::new("ip").args(["-n", ns, "addr", "add", cidr, "dev", dev]));
+            must(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
+        }
+    }
+
     /// `program` run inside this netns (`nsenter --net`, which keeps /sys mounts intact).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");

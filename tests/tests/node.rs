@@ -420,11 +420,10 @@ fn export_to_keeps_a_namespace_from_capturing_another_teams_name() {
     );
 }
 
-/// Host → VIP as a daemon's debug endpoint at `debug` shows them (auto-allocated
+/// Host → VIP as the debug endpoint at `debug` in `node` shows them (auto-allocated
 /// `*.agree.example` hosts only).
-fn vips_seen(env: &NodeEnv, debug: &'static str) -> std::collections::BTreeMap<String, String> {
-    let body = env
-        .node
+fn vips_seen(node: &Netns, debug: &'static str) -> std::collections::BTreeMap<String, String> {
+    let body = node
         .within(move || http_get(debug, "/debug/ndsz?namespace=default"))
         .unwrap_or_default();
     let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -462,13 +461,13 @@ fn apply_concurrently(api: &FakeKube, range: std::ops::Range<usize>) {
 }
 
 fn wait_hosts(
-    env: &NodeEnv,
+    node: &Netns,
     debug: &'static str,
     n: usize,
 ) -> std::collections::BTreeMap<String, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let seen = vips_seen(env, debug);
+        let seen = vips_seen(node, debug);
         if seen.len() == n {
             return seen;
         }
@@ -490,8 +489,17 @@ fn the_daemons_of_two_nodes_give_every_host_the_same_vip() {
     let _a = env.start_daemon(&[]);
     apply_concurrently(&env.api, 0..150);
 
-    // Node B: its own cgroup, pins, ports and state; its vips.json cache holds other
-    // slots for the same hosts, as a node with another history would.
+    // Node B: its own network namespace (linked to node A's, where the API server
+    // is), cgroup, pins and state; its vips.json cache holds other slots for the same
+    // hosts, as a node with another history would.
+    let node_b = Netns::new();
+    env.node.link(&node_b, "10.201.0.1/30", "10.201.0.2/30");
+    let kubeconfig_b = env.dir.join("kubeconfig-b");
+    std::fs::write(
+        &kubeconfig_b,
+        env.api.kubeconfig_via("10.201.0.1".parse().unwrap()),
+    )
+    .unwrap();
     let b_cgroup = Cgroup::new();
     let b_state = env.dir.join("state-b");
     std::fs::create_dir_all(&b_state).unwrap();
@@ -505,25 +513,19 @@ fn the_daemons_of_two_nodes_give_every_host_the_same_vip() {
     )
     .unwrap();
     let mut opts = env.daemon_options(PathBuf::from("/sys/fs/bpf").join(unique_name("p")));
+    opts.netns = &node_b;
     opts.cgroup = &b_cgroup;
     opts.state_dir = b_state;
-    opts.env.retain(|(k, _)| k != "NODE_NAME");
-    opts.env.push(("NODE_NAME".into(), "node-b".into()));
-    opts.extra_args.extend(
-        [
-            "--admin",
-            "127.0.0.1:15291",
-            "--debug-addr",
-            "127.0.0.1:15292",
-        ]
-        .map(String::from),
-    );
+    opts.env = vec![
+        ("KUBECONFIG".into(), kubeconfig_b.display().to_string()),
+        ("NODE_NAME".into(), "node-b".into()),
+    ];
     let _b = Daemon::start(opts);
 
     // Both run; 150 more arrive, from two writers at once.
     apply_concurrently(&env.api, 150..300);
-    let on_a = wait_hosts(&env, DEBUG_ADDR, 300);
-    let on_b = wait_hosts(&env, "127.0.0.1:15292", 300);
+    let on_a = wait_hosts(&env.node, DEBUG_ADDR, 300);
+    let on_b = wait_hosts(&node_b, DEBUG_ADDR, 300);
     let distinct: std::collections::HashSet<&String> = on_a.values().collect();
     let store = env
         .api
