@@ -81,6 +81,22 @@ pub struct Owner {
     pub rank: Rank,
 }
 
+impl Owner {
+    /// A new entry for `name` from this owner.
+    fn host(&self, name: &str, target: Target) -> Host {
+        Host {
+            name: name.to_owned(),
+            target,
+            sources: vec![self.source.clone()],
+            alt_hosts: Vec::new(),
+            auto_allocated: false,
+            namespace: self.namespace.clone(),
+            export_to: self.export_to.clone(),
+            rank: self.rank.clone(),
+        }
+    }
+}
+
 /// The entry a client in `namespace` sees among `candidates` (in precedence order):
 /// its own namespace's, else the first it may see.
 fn pick<'a>(candidates: &'a [Host], namespace: &str) -> Option<&'a Host> {
@@ -305,16 +321,7 @@ impl Builder {
             .iter()
             .position(|h| h.sources.first() == Some(&owner.source))
             .unwrap_or_else(|| {
-                candidates.push(Host {
-                    name: name.to_owned(),
-                    target: Target::Addresses(Addrs::default()),
-                    sources: vec![owner.source.clone()],
-                    alt_hosts: Vec::new(),
-                    auto_allocated: false,
-                    namespace: owner.namespace.clone(),
-                    export_to: owner.export_to.clone(),
-                    rank: owner.rank.clone(),
-                });
+                candidates.push(owner.host(name, Target::Addresses(Addrs::default())));
                 candidates.len() - 1
             });
         match &mut candidates[at].target {
@@ -416,16 +423,7 @@ impl Builder {
                         .exact
                         .entry(fqdn.clone())
                         .or_default()
-                        .push(Host {
-                            name: fqdn.clone(),
-                            target: Target::Cname(target),
-                            sources: vec![owner.source.clone()],
-                            alt_hosts: Vec::new(),
-                            auto_allocated: false,
-                            namespace: owner.namespace.clone(),
-                            export_to: owner.export_to.clone(),
-                            rank: owner.rank.clone(),
-                        });
+                        .push(owner.host(&fqdn, Target::Cname(target)));
                 }
             }
             if let Some(h) = self.entry_mut(&fqdn, &owner) {
