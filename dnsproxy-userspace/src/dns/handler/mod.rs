@@ -110,53 +110,71 @@ impl Handler {
             qtype: question.query_type(),
             edns: request.edns.as_ref().map(Edns::max_payload),
         };
-        let (reply, outcome) = if let Some((local, untranslated)) = self.local(question, ctx) {
-            // Never hand out a VIP the data path does not translate yet: connect()
-            // would go into a black hole. A fresh host's first answer waits for its
-            // first backend resolution.
-            if untranslated.is_empty()
-                || self
-                    .registry
-                    .wait_translated(&untranslated, self.vip_wait)
+        let (reply, outcome) = match self.local(question, ctx) {
+            Some((local, untranslated)) => {
+                self.answer_local(&request, local, &untranslated, &asked)
                     .await
-            {
-                let reply = self.local_reply(&request, local, &asked).await;
-                (reply, Outcome::Local)
-            } else {
-                answer_log!(
-                    asked,
-                    question.name(),
-                    found = true,
-                    ?untranslated,
-                    "SERVFAIL: VIP not translated yet"
-                );
-                (
-                    error_reply(&request, ResponseCode::ServFail),
-                    Outcome::ServFail,
-                )
             }
-        } else {
-            match self
-                .upstream
-                .answer(question, bits(&request), &ctx.client)
-                .await
-            {
-                Ok(upstream) => Self::forwarded_reply(&request, upstream, &asked),
-                Err(refusal) => {
-                    let (why, outcome) = match refusal {
-                        Refusal::Overloaded => {
-                            ("overload: a bound on upstream work", Outcome::Overload)
-                        }
-                        Refusal::Failed => ("every upstream failed", Outcome::ServFail),
-                    };
-                    answer_log!(asked, question.name(), found = false, why, "SERVFAIL");
-                    (error_reply(&request, ResponseCode::ServFail), outcome)
-                }
-            }
+            None => self.answer_forwarded(&request, &asked).await,
         };
         let pod = ctx.requests.as_deref();
         self.metrics.request(asked.qtype, protocol, outcome, pod);
         fit_to_transport(&reply, &request, protocol)
+    }
+
+    /// The reply from the name table. Never hands out a VIP the data path does not
+    /// translate yet (`connect()` would go into a black hole): a fresh host's first
+    /// answer waits for its first backend resolution, else SERVFAIL.
+    async fn answer_local(
+        &self,
+        request: &Message,
+        local: local::LocalAnswer,
+        untranslated: &[IpAddr],
+        asked: &Asked<'_>,
+    ) -> (Message, Outcome) {
+        if untranslated.is_empty()
+            || self
+                .registry
+                .wait_translated(untranslated, self.vip_wait)
+                .await
+        {
+            let reply = self.local_reply(request, local, asked).await;
+            return (reply, Outcome::Local);
+        }
+        let question = &request.queries[0];
+        answer_log!(
+            asked,
+            question.name(),
+            found = true,
+            ?untranslated,
+            "SERVFAIL: VIP not translated yet"
+        );
+        (
+            error_reply(request, ResponseCode::ServFail),
+            Outcome::ServFail,
+        )
+    }
+
+    /// The reply from the upstreams, or SERVFAIL when they fail or a bound refuses.
+    async fn answer_forwarded(&self, request: &Message, asked: &Asked<'_>) -> (Message, Outcome) {
+        let question = &request.queries[0];
+        match self
+            .upstream
+            .answer(question, bits(request), &asked.ctx.client)
+            .await
+        {
+            Ok(upstream) => Self::forwarded_reply(request, upstream, asked),
+            Err(refusal) => {
+                let (why, outcome) = match refusal {
+                    Refusal::Overloaded => {
+                        ("overload: a bound on upstream work", Outcome::Overload)
+                    }
+                    Refusal::Failed => ("every upstream failed", Outcome::ServFail),
+                };
+                answer_log!(asked, question.name(), found = false, why, "SERVFAIL");
+                (error_reply(request, ResponseCode::ServFail), outcome)
+            }
+        }
     }
 
     /// The parsed query if it is one we answer; else the reply to send instead
