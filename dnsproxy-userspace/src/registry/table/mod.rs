@@ -316,7 +316,10 @@ impl Builder {
         } else {
             &mut self.table.exact
         };
-        let candidates = map.entry(wildcard.unwrap_or(name).to_owned()).or_default();
+        // Nearly every name has one entry: a Vec's first growth would reserve four.
+        let candidates = map
+            .entry(wildcard.unwrap_or(name).to_owned())
+            .or_insert_with(|| Vec::with_capacity(1));
         let at = candidates
             .iter()
             .position(|h| h.sources.first() == Some(&owner.source))
@@ -358,6 +361,7 @@ impl Builder {
             for candidates in map.values_mut() {
                 candidates.retain(|h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
                 candidates.sort_by(|a, b| a.rank.cmp(&b.rank));
+                candidates.shrink_to_fit();
             }
             map.retain(|_, candidates| !candidates.is_empty());
         }
@@ -367,6 +371,7 @@ impl Builder {
             svc.vips.retain(|vip| taken.insert(*vip));
         }
         self.table.vip_services.retain(|s| !s.vips.is_empty());
+        self.table.vip_services.shrink_to_fit();
         self.table.translated_vips = taken;
     }
 
@@ -422,7 +427,7 @@ impl Builder {
                     self.table
                         .exact
                         .entry(fqdn.clone())
-                        .or_default()
+                        .or_insert_with(|| Vec::with_capacity(1))
                         .push(owner.host(&fqdn, Target::Cname(target)));
                 }
             }
