@@ -57,9 +57,29 @@ pub fn names_to_resolve(service: &VipService) -> Vec<String> {
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
     pub vips: BTreeMap<IpAddr, u32>,
-    pub services: BTreeMap<ServiceKeyOrd, ServiceValue>,
+    /// Only the backends in use: an inline [`ServiceValue`] is 328 bytes, and two
+    /// plans of 100,000 services are held at once during a sync.
+    pub services: BTreeMap<ServiceKeyOrd, Backends>,
     /// Hosts with at least one IPv6 backend (their IPv6 VIP is worth answering).
     pub ipv6_backed: HashSet<String>,
+}
+
+/// A service's backends, at most [`MAX_BACKENDS`].
+pub type Backends = Box<[Backend]>;
+
+/// The map value holding `backends`.
+pub fn service_value(backends: &[Backend]) -> ServiceValue {
+    let mut value = ServiceValue::default();
+    let n = backends.len().min(MAX_BACKENDS);
+    value.backends[..n].copy_from_slice(&backends[..n]);
+    value.count = n as u32;
+    value
+}
+
+/// The backends a map value holds.
+pub fn backends_of(value: &ServiceValue) -> Backends {
+    let n = (value.count as usize).min(MAX_BACKENDS);
+    value.backends[..n].into()
 }
 
 /// How many entries the translation maps take.
@@ -123,6 +143,24 @@ pub struct ServiceKeyOrd {
 }
 
 impl ServiceKeyOrd {
+    /// The smallest key of `vip`.
+    pub fn first_of(vip: IpAddr) -> Self {
+        ServiceKeyOrd {
+            vip,
+            port: 0,
+            protocol: 0,
+        }
+    }
+
+    /// The largest key of `vip`.
+    pub fn last_of(vip: IpAddr) -> Self {
+        ServiceKeyOrd {
+            vip,
+            port: u16::MAX,
+            protocol: u8::MAX,
+        }
+    }
+
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
             addr: to_map_addr(self.vip),
@@ -179,20 +217,16 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
                 // An IPv6 VIP whose host has only IPv4 backends gets them IPv4-mapped:
                 // a dual-stack socket reaches them, and AAAA answers stay usable.
                 let v4_for_v6 = vip.is_ipv6() && !backends.iter().any(|(ip, _)| ip.is_ipv6());
-                let mut value = ServiceValue::default();
-                for (i, (ip, p)) in backends
+                let value: Backends = backends
                     .iter()
                     .filter(|(ip, _)| same_family(ip) || v4_for_v6)
                     .take(MAX_BACKENDS)
-                    .enumerate()
-                {
-                    value.backends[i] = Backend {
+                    .map(|(ip, p)| Backend {
                         addr: to_map_addr(*ip),
                         port: *p,
                         _pad: 0,
-                    };
-                    value.count = i as u32 + 1;
-                }
+                    })
+                    .collect();
                 let key = ServiceKeyOrd {
                     vip: *vip,
                     port: port.number,
@@ -238,12 +272,11 @@ mod tests {
     }
 
     fn backends(plan: &Plan, vip: &str, port: u16, protocol: u8) -> Vec<String> {
-        let v = plan.services[&ServiceKeyOrd {
+        plan.services[&ServiceKeyOrd {
             vip: vip.parse().unwrap(),
             port,
             protocol,
-        }];
-        v.backends[..v.count as usize]
+        }]
             .iter()
             .map(|b| format!("{} {}", crate::bpf::from_map_addr(&b.addr), b.port))
             .collect()
@@ -261,7 +294,7 @@ mod tests {
                     port,
                     protocol: TCP,
                 };
-                p.services.insert(key, ServiceValue::default());
+                p.services.insert(key, Backends::default());
             }
         }
         let dropped = p.fit(Capacity {

@@ -18,7 +18,9 @@ use hickory_proto::{
 };
 use tokio::time::Instant;
 
-use super::plan::{Capacity, Plan, ServiceKeyOrd, names_to_resolve, plan};
+use super::plan::{
+    Backends, Capacity, Plan, ServiceKeyOrd, backends_of, names_to_resolve, plan, service_value,
+};
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
     dns::forwarder::{ForwardError, Forwarder},
@@ -138,7 +140,7 @@ fn read_current(pin_dir: &std::path::Path) -> Result<Plan, BpfError> {
             port: k.port,
             protocol: k.protocol,
         };
-        plan.services.insert(key, v);
+        plan.services.insert(key, backends_of(&v));
     }
     for (k, v) in vips.iter().filter_map(Result::ok) {
         plan.vips
@@ -155,7 +157,7 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
     for (key, value) in &new.services {
         if old.services.get(key) != Some(value) {
             services
-                .insert(key.key(), value, 0)
+                .insert(key.key(), service_value(value), 0)
                 .map_err(map_err(map_names::SERVICES))?;
         }
     }
@@ -197,7 +199,7 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
 /// for its TTL, twice over to be safe.
 struct Retired {
     ports: u32,
-    services: Vec<(ServiceKeyOrd, ServiceValue)>,
+    services: Vec<(ServiceKeyOrd, Backends)>,
     until: Instant,
 }
 
@@ -224,12 +226,12 @@ impl SyncState {
             if desired.vips.contains_key(vip) || self.retired.contains_key(vip) {
                 continue;
             }
+            // The services of one VIP are adjacent: keys order by VIP first.
             let services = self
                 .written
                 .services
-                .iter()
-                .filter(|(k, _)| k.vip == *vip)
-                .map(|(k, v)| (*k, *v))
+                .range(ServiceKeyOrd::first_of(*vip)..=ServiceKeyOrd::last_of(*vip))
+                .map(|(k, v)| (*k, v.clone()))
                 .collect();
             tracing::info!(%vip, ?grace, "VIP host gone: still translated for twice the DNS TTL");
             let until = now + grace;
@@ -246,7 +248,7 @@ impl SyncState {
             .retain(|vip, r| r.until > now && !desired.vips.contains_key(vip));
         for (vip, r) in &self.retired {
             desired.vips.insert(*vip, r.ports);
-            desired.services.extend(r.services.iter().copied());
+            desired.services.extend(r.services.iter().cloned());
         }
     }
 }
