@@ -281,7 +281,8 @@ impl Collector for ServerCollector {
 }
 
 /// `dnsproxy_vip_moves_total`: auto-allocated VIPs moved because a declared address
-/// claimed them (two hosts never share a VIP).
+/// claimed them (two hosts never share a VIP); `dnsproxy_vips_left_out`;
+/// `dnsproxy_name_table_builds_total`.
 struct RegistryCollector {
     registry: Arc<Registry>,
 }
@@ -308,7 +309,14 @@ impl Collector for RegistryCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::try_from(self.registry.vips_left_out()).unwrap_or(i64::MAX))
-            .encode(metric)
+            .encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "dnsproxy_name_table_builds",
+            "Name tables built (a registry change; in node mode a Pod change only when a workloadSelector selects it).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.registry.builds()).encode(metric)
     }
 }
 

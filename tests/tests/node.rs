@@ -548,3 +548,109 @@ fn the_daemons_of_two_nodes_give_every_host_the_same_vip() {
     assert_eq!(distinct.len(), 300, "a VIP is shared");
     assert_eq!(stored, 300);
 }
+
+/// A Pod of another node, as the API serves it (no process behind it).
+fn api_pod(
+    name: &str,
+    namespace: &str,
+    app: &str,
+    ip: &str,
+    ready: bool,
+    generation: u32,
+) -> serde_json::Value {
+    json!({"metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                        "labels": {"app": app}, "annotations": {"generation": generation.to_string()}},
+           "spec": {"nodeName": "another-node"},
+           "status": {"phase": "Running", "podIP": ip,
+                      "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+}
+
+fn table_builds(env: &NodeEnv) -> u64 {
+    let metrics = env.metrics();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dnsproxy_name_table_builds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dnsproxy_name_table_builds_total in {metrics}"))
+}
+
+fn wait_backends(daemon: &Daemon, vip: &str, want: &[&str]) -> Duration {
+    let started = Instant::now();
+    loop {
+        let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+        let got: Vec<String> = maps["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["vip"] == vip)
+            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b.as_str().map(str::to_owned))
+            .collect();
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "backends of {vip}: {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table() {
+    if !privileged() {
+        return;
+    }
+    let env = NodeEnv::new(&[("vms", None), ("default", None)]);
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "vm", "namespace": "vms"},
+               "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
+                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                        "resolution": "STATIC", "workloadSelector": {"labels": {"app": "vm"}}}}),
+    );
+    env.api.apply(
+        Resource::Pods,
+        api_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
+    );
+    env.api.apply(
+        Resource::Pods,
+        api_pod("web-1", "default", "web", "10.2.0.9", true, 0),
+    );
+    let daemon = env.start_daemon(&[]);
+    wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443"]);
+    // The last watch's initial events may still start one round after ready.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = table_builds(&env);
+    // Churn of a Pod no selector selects: capture policy only, no table build (the
+    // 2 s round included).
+    for generation in 1..=10 {
+        env.api.apply(
+            Resource::Pods,
+            api_pod(
+                "web-1",
+                "default",
+                "web",
+                "10.2.0.9",
+                generation % 2 == 0,
+                generation,
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let after_churn = table_builds(&env);
+    // The selected Pod turns unready: its backend goes.
+    env.api.apply(
+        Resource::Pods,
+        api_pod("vm-1", "vms", "vm", "10.2.0.7", false, 1),
+    );
+    let gone = wait_backends(&daemon, "240.240.8.8", &[]);
+    let after_flip = table_builds(&env);
+    println!(
+        "table builds: {before} settled after ready, {after_churn} after 10 changes of an unselected pod, \
+         {after_flip} after the selected pod turned unready (backend gone after {gone:?})"
+    );
+    assert_eq!(after_churn, before, "an unselected pod rebuilt the table");
+    assert!(after_flip > after_churn);
+}

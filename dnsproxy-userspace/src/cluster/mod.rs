@@ -45,7 +45,8 @@ use crate::{
     netns,
     registry::{
         Registry,
-        manifest::{Namespace, Objects, Pod},
+        manifest::{Namespace, Objects, Pod, ServiceEntry, WorkloadSelector},
+        table::{selectable_pods, workload_selectors},
     },
 };
 
@@ -199,9 +200,17 @@ struct Watches {
     workload_entries: Option<Store<DynamicObject>>,
     /// The ConfigMap of shared VIPs (only watched, so that its changes start a round).
     vip_store: Option<Store<DynamicObject>>,
+    /// Changes of what the name table is built from (Pods aside).
     changed: tokio::sync::watch::Receiver<u64>,
+    /// Changes of Pods and Namespaces: capture policy, and maybe `workloadSelector`
+    /// backends.
+    pods_changed: tokio::sync::watch::Receiver<u64>,
     /// The change generation the name table was last built from.
     built: Option<u64>,
+    /// The `workloadSelectors` of that build and the Pods they selected: a Pod
+    /// change rebuilds the table only when it changes these.
+    selectors: Vec<(String, WorkloadSelector)>,
+    selected: Vec<Pod>,
     reflectors: JoinSet<()>,
 }
 
@@ -210,27 +219,27 @@ impl Watches {
     /// `WorkloadEntries` when the cluster serves them.
     async fn start(client: &Client, store: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let (changes, changed) = tokio::sync::watch::channel(0u64);
+        let (pod_changes, pods_changed) = tokio::sync::watch::channel(0u64);
         let mut reflectors = JoinSet::new();
         let default = watcher::Config::default();
-        let mut watch = |ar: ApiResource, config: watcher::Config| {
-            reflect(client, &ar, None, config, &changes, &mut reflectors)
+        // Pods and Namespaces signal apart: most of their changes concern the capture
+        // policy only, not the name table.
+        let mut watch = |ar: ApiResource, changes: &tokio::sync::watch::Sender<u64>| {
+            reflect(client, &ar, None, default.clone(), changes, &mut reflectors)
         };
-        let services = watch(resource("", "v1", "Service", "services"), default.clone());
+        let services = watch(resource("", "v1", "Service", "services"), &changes);
         let slices = watch(
             resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
-            default.clone(),
+            &changes,
         );
-        let namespaces = watch(
-            resource("", "v1", "Namespace", "namespaces"),
-            default.clone(),
-        );
-        let pods = watch(resource("", "v1", "Pod", "pods"), default.clone());
+        let namespaces = watch(resource("", "v1", "Namespace", "namespaces"), &pod_changes);
+        let pods = watch(resource("", "v1", "Pod", "pods"), &pod_changes);
         let service_entries = istio_resource(client, "ServiceEntry", "serviceentries")
             .await?
-            .map(|ar| watch(ar, default.clone()));
+            .map(|ar| watch(ar, &changes));
         let workload_entries = istio_resource(client, "WorkloadEntry", "workloadentries")
             .await?
-            .map(|ar| watch(ar, default.clone()));
+            .map(|ar| watch(ar, &changes));
         // The shared VIP store: another daemon's write starts a round here too.
         let vip_store = store.map(|(ns, name)| {
             let ar = resource("", "v1", "ConfigMap", "configmaps");
@@ -246,7 +255,10 @@ impl Watches {
             workload_entries,
             vip_store,
             changed,
+            pods_changed,
             built: None,
+            selectors: Vec::new(),
+            selected: Vec::new(),
             reflectors,
         })
     }
@@ -276,20 +288,30 @@ impl Watches {
         Ok(())
     }
 
-    /// Rebuilds the name table when something changed since the last build, with
-    /// the VIPs agreed with the other daemons through `store`.
-    async fn update_registry(&mut self, registry: &Registry, store: Option<&vip_store::VipStore>) {
+    /// Rebuilds the name table when something it is built from changed since the last
+    /// build (of `pods`, only those a `workloadSelector` selects), with the VIPs agreed
+    /// with the other daemons through `store`.
+    async fn update_registry(
+        &mut self,
+        registry: &Registry,
+        store: Option<&vip_store::VipStore>,
+        pods: &[Pod],
+    ) {
         let generation = *self.changed.borrow_and_update();
-        if self.built == Some(generation) {
+        if self.built == Some(generation) && selectable_pods(pods, &self.selectors) == self.selected
+        {
             return;
         }
         self.built = Some(generation);
+        let service_entries: Vec<ServiceEntry> = self
+            .service_entries
+            .as_ref()
+            .map(convert)
+            .unwrap_or_default();
+        self.selectors = workload_selectors(&service_entries);
+        self.selected = selectable_pods(pods, &self.selectors);
         let objects = Objects {
-            service_entries: self
-                .service_entries
-                .as_ref()
-                .map(convert)
-                .unwrap_or_default(),
+            service_entries,
             services: convert(&self.services),
             endpoint_slices: convert(&self.slices),
             workload_entries: self
@@ -297,7 +319,7 @@ impl Watches {
                 .as_ref()
                 .map(convert)
                 .unwrap_or_default(),
-            pods: self.pods(),
+            pods: self.selected.clone(),
         };
         if let Some(store) = store {
             let (wanted, reserved) = crate::registry::table::vip_demand(&objects);
@@ -346,6 +368,10 @@ impl Watches {
                 res.context("the watchers stopped")?;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            res = self.pods_changed.changed() => {
+                res.context("the watchers stopped")?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             ended = self.reflectors.join_next() => {
                 anyhow::bail!("a watch task ended: {ended:?}");
             }
@@ -378,10 +404,11 @@ pub async fn run(
     let followed = shutdown
         .run_until_cancelled(async {
             loop {
-                watches.update_registry(&registry, store.as_ref()).await;
-                let pending = listeners
-                    .reconcile(&watches.pods(), &watches.namespaces())
+                let pods = watches.pods();
+                watches
+                    .update_registry(&registry, store.as_ref(), &pods)
                     .await;
+                let pending = listeners.reconcile(&pods, &watches.namespaces()).await;
                 if let Some(r) = ready.take() {
                     let _ = r.send(());
                 }

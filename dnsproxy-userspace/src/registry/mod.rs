@@ -166,6 +166,11 @@ impl Registry {
         tokio::time::timeout(limit, wait).await.unwrap_or(false)
     }
 
+    /// Name tables built so far.
+    pub fn builds(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// A receiver that wakes up after each table change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()

@@ -13,7 +13,10 @@ use serde::Serialize;
 use super::{
     allocator::{AllocatorError, VipAllocator, Vips},
     export::{Rank, Visibility},
-    manifest::{Objects, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind, WorkloadEntry},
+    manifest::{
+        Objects, Pod, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind, WorkloadEntry,
+        WorkloadSelector,
+    },
 };
 use crate::name::normalize;
 
@@ -512,6 +515,30 @@ impl Builder {
             });
         }
     }
+}
+
+/// The namespace and selector of every `ServiceEntry` with a `workloadSelector`.
+pub fn workload_selectors(service_entries: &[ServiceEntry]) -> Vec<(String, WorkloadSelector)> {
+    service_entries
+        .iter()
+        .filter_map(|se| {
+            let selector = se.spec.workload_selector.clone()?;
+            Some((se.metadata.namespace().to_owned(), selector))
+        })
+        .collect()
+}
+
+/// The Pods some `selectors` entry selects, ready or not: the only Pods the name table
+/// reads, so a change to any other Pod does not rebuild it.
+pub fn selectable_pods(pods: &[Pod], selectors: &[(String, WorkloadSelector)]) -> Vec<Pod> {
+    pods.iter()
+        .filter(|p| {
+            selectors.iter().any(|(ns, selector)| {
+                p.metadata.namespace() == ns && selector.matches(&p.metadata.labels)
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// A `ServiceEntry`'s endpoints: with a `workloadSelector`, the WorkloadEntries and

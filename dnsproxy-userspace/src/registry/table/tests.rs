@@ -424,10 +424,8 @@ fn one_auto_allocated_vip_translates_to_the_oldest_entrys_backends() {
     );
 }
 
-#[test]
-fn workload_selector_backends_are_the_matching_workload_entries_and_ready_pods() {
-    let t = build(
-        r#"
+/// A STATIC entry selecting `app: vm` in `vms`, and workloads in and out of it.
+const SELECTED: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: vms, namespace: vms}
@@ -462,8 +460,11 @@ apiVersion: v1
 kind: Pod
 metadata: {name: unrelated, namespace: vms, labels: {app: web}}
 status: {phase: Running, podIP: 10.2.0.9, conditions: [{type: Ready, status: "True"}]}
-"#,
-    );
+"#;
+
+#[test]
+fn workload_selector_backends_are_the_matching_workload_entries_and_ready_pods() {
+    let t = build(SELECTED);
     let svc = &t.vip_services()[0];
     let got: Vec<(String, Option<u16>)> = svc
         .endpoints
@@ -477,4 +478,18 @@ status: {phase: Running, podIP: 10.2.0.9, conditions: [{type: Ready, status: "Tr
             ("10.2.0.7".to_owned(), None)
         ]
     );
+}
+
+#[test]
+fn only_pods_a_workload_selector_selects_are_read_ready_or_not() {
+    let mut objects = Objects::default();
+    parse_into(SELECTED, &mut objects).unwrap();
+    let selectors = workload_selectors(&objects.service_entries);
+    assert_eq!(selectors.len(), 1);
+    let names: Vec<String> = selectable_pods(&objects.pods, &selectors)
+        .into_iter()
+        .map(|p| p.metadata.name)
+        .collect();
+    assert_eq!(names, ["ready", "starting"]);
+    assert!(selectable_pods(&objects.pods, &[]).is_empty());
 }
