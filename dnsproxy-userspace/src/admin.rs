@@ -282,7 +282,7 @@ impl Collector for ServerCollector {
 
 /// `dnsproxy_vip_moves_total`: auto-allocated VIPs moved because a declared address
 /// claimed them (two hosts never share a VIP); `dnsproxy_vips_left_out`;
-/// `dnsproxy_name_table_builds_total`.
+/// `dnsproxy_name_table_builds_total`; `dnsproxy_vip_store_{conflicts,failures}_total`.
 struct RegistryCollector {
     registry: Arc<Registry>,
 }
@@ -316,7 +316,22 @@ impl Collector for RegistryCollector {
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(self.registry.builds()).encode(metric)
+        ConstCounter::new(self.registry.builds()).encode(metric)?;
+        let (conflicts, failures) = self.registry.vip_store_counts();
+        let metric = encoder.encode_descriptor(
+            "dnsproxy_vip_store_conflicts",
+            "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(conflicts).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "dnsproxy_vip_store_failures",
+            "Node mode: rounds without agreement through the VIP store (VIPs allocated locally until the next change).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(failures).encode(metric)
     }
 }
 

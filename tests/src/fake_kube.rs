@@ -88,6 +88,9 @@ struct State {
     watches: usize,
     gone: usize,
     conflicts: usize,
+    /// Writes (PUT, POST) received, and those refused as invalid (422).
+    writes: usize,
+    invalid: usize,
     stopped: bool,
 }
 
@@ -177,6 +180,12 @@ impl FakeKube {
     /// Writes that lost a race (409 Conflict, or `AlreadyExists`) so far.
     pub fn conflicts(&self) -> usize {
         self.shared.0.lock().unwrap().conflicts
+    }
+
+    /// (writes received, writes refused as invalid: a ConfigMap over 1 MiB) so far.
+    pub fn writes(&self) -> (usize, usize) {
+        let st = self.shared.0.lock().unwrap();
+        (st.writes, st.invalid)
     }
 
     /// Deletes an object (DELETED).
@@ -309,6 +318,31 @@ fn not_found(what: &str) -> Value {
            "message": format!("{what} not found"), "reason": "NotFound", "code": 404})
 }
 
+/// Counts a write; the 422 the API server gives when it is invalid: a ConfigMap whose
+/// data is over 1 MiB.
+fn invalid(shared: &Shared, resource: Resource, obj: &Value) -> Option<Value> {
+    let mut st = shared.0.lock().unwrap();
+    st.writes += 1;
+    if resource != Resource::ConfigMaps {
+        return None;
+    }
+    let size: usize = ["data", "binaryData"]
+        .iter()
+        .filter_map(|field| obj[*field].as_object())
+        .flat_map(|m| m.iter())
+        .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+        .sum();
+    if size <= 1 << 20 {
+        return None;
+    }
+    st.invalid += 1;
+    Some(
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("ConfigMap is invalid: []: Too long: must have at most 1048576 bytes ({size})"),
+                "reason": "Invalid", "code": 422}),
+    )
+}
+
 fn conflict(reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
            "message": message, "reason": reason, "code": 409})
@@ -393,6 +427,10 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
         if req.method == "POST" {
             let mut obj = req.body.clone().unwrap_or_default();
+            if let Some(status) = invalid(shared, resource, &obj) {
+                respond(&mut stream, "422 Unprocessable Entity", &status)?;
+                continue;
+            }
             obj["metadata"]["namespace"] = json!(namespace.clone().unwrap_or_default());
             let (ns, name) = key(&obj);
             let exists =
@@ -470,6 +508,9 @@ fn one_object(
                     "Operation cannot be fulfilled on {name}: the object has been modified"
                 );
                 return respond(stream, "409 Conflict", &conflict("Conflict", &message));
+            }
+            if let Some(status) = invalid(shared, resource, &new) {
+                return respond(stream, "422 Unprocessable Entity", &status);
             }
             new["metadata"]["namespace"] = json!(ns);
             let stored = store(shared, resource, new);

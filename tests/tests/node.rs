@@ -547,6 +547,30 @@ fn the_daemons_of_two_nodes_give_every_host_the_same_vip() {
     assert_eq!(on_a, on_b, "the nodes disagree");
     assert_eq!(distinct.len(), 300, "a VIP is shared");
     assert_eq!(stored, 300);
+    // Every lost race is counted by the daemon that lost it; no round failed.
+    let metrics_b = node_b
+        .within(|| http_get(ADMIN_ADDR, "/metrics"))
+        .unwrap_or_default();
+    let counted = |name: &str| {
+        [env.metrics(), metrics_b.clone()]
+            .iter()
+            .map(|m| metric_value(m, name))
+            .sum::<u64>()
+    };
+    assert_eq!(
+        counted("dnsproxy_vip_store_conflicts_total"),
+        env.api.conflicts() as u64
+    );
+    assert_eq!(counted("dnsproxy_vip_store_failures_total"), 0);
+}
+
+/// The value of the series `name` (no labels) in `metrics`.
+fn metric_value(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 /// A Pod of another node, as the API serves it (no process behind it).
@@ -566,12 +590,7 @@ fn api_pod(
 }
 
 fn table_builds(env: &NodeEnv) -> u64 {
-    let metrics = env.metrics();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("dnsproxy_name_table_builds_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no dnsproxy_name_table_builds_total in {metrics}"))
+    metric_value(&env.metrics(), "dnsproxy_name_table_builds_total")
 }
 
 fn wait_backends(daemon: &Daemon, vip: &str, want: &[&str]) -> Duration {
@@ -653,4 +672,39 @@ fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table(
     );
     assert_eq!(after_churn, before, "an unselected pod rebuilt the table");
     assert!(after_flip > after_churn);
+}
+
+#[test]
+fn a_vip_store_the_api_refuses_is_retried_with_backoff_and_vips_are_allocated_locally() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None)]);
+    // 40,000 auto-allocated hosts: the store would be over the API's 1 MiB.
+    let hosts: Vec<String> = (0..40_000).map(|i| format!("h{i}.full.example")).collect();
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "full", "namespace": "default"},
+               "spec": {"hosts": hosts, "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                        "resolution": "STATIC", "endpoints": [{"address": "192.0.2.1"}]}}),
+    );
+    let client = env.add_pod("client", "default", &[("dnsproxy.io/capture", "true")]);
+    let _daemon = env.start_daemon(&[]);
+    let vip = env.dig(client, "h39999.full.example");
+    assert!(vip.starts_with("240.240."), "allocated locally: {vip:?}");
+    let (_, refused_at_ready) = env.api.writes();
+    std::thread::sleep(Duration::from_secs(12));
+    let (writes, refused) = env.api.writes();
+    let failures = metric_value(&env.metrics(), "dnsproxy_vip_store_failures_total");
+    println!(
+        "store over 1 MiB: h39999 -> {vip}; {refused} writes refused ({refused_at_ready} by ready, \
+         {writes} in all) in 12 s after ready; dnsproxy_vip_store_failures_total {failures}"
+    );
+    assert!(
+        refused_at_ready >= 1 && failures >= 2,
+        "{refused} refused, {failures} failures"
+    );
+    // Backoff 2 s, 4 s, 8 s: three more tries in 12 s at most (every 2 s would be six).
+    assert!(refused - refused_at_ready <= 3, "{refused} refused writes");
+    assert_eq!(env.dig(client, "h39999.full.example"), vip, "the VIP stays");
 }

@@ -50,6 +50,10 @@ use crate::{
     },
 };
 
+/// Backoff of the VIP store after a failed round: first and longest.
+const STORE_RETRY_MIN: Duration = Duration::from_secs(2);
+const STORE_RETRY_MAX: Duration = Duration::from_mins(5);
+
 /// The pinned `dp_policy` map: netns cookie → capture policy.
 type PolicyMap = BpfHashMap<MapData, u64, NetnsPolicy>;
 
@@ -211,6 +215,9 @@ struct Watches {
     /// change rebuilds the table only when it changes these.
     selectors: Vec<(String, WorkloadSelector)>,
     selected: Vec<Pod>,
+    /// After a failed agreement through the VIP store: when to try again, and the
+    /// backoff that led there.
+    store_backoff: Option<(tokio::time::Instant, Duration)>,
     reflectors: JoinSet<()>,
 }
 
@@ -259,6 +266,7 @@ impl Watches {
             built: None,
             selectors: Vec::new(),
             selected: Vec::new(),
+            store_backoff: None,
             reflectors,
         })
     }
@@ -298,7 +306,12 @@ impl Watches {
         pods: &[Pod],
     ) {
         let generation = *self.changed.borrow_and_update();
-        if self.built == Some(generation) && selectable_pods(pods, &self.selectors) == self.selected
+        let store_due = self
+            .store_backoff
+            .is_some_and(|(retry_at, _)| tokio::time::Instant::now() >= retry_at);
+        if self.built == Some(generation)
+            && !store_due
+            && selectable_pods(pods, &self.selectors) == self.selected
         {
             return;
         }
@@ -322,31 +335,65 @@ impl Watches {
             pods: self.selected.clone(),
         };
         if let Some(store) = store {
-            let (wanted, reserved) = crate::registry::table::vip_demand(&objects);
-            match store
-                .agree(&wanted, &reserved, &registry.allocations())
-                .await
-            {
-                Ok((slots, lost)) => {
-                    if lost > 0 {
-                        tracing::info!(
-                            lost,
-                            "VIP store: other daemons wrote first, agreed after re-reading"
-                        );
-                    }
-                    registry.adopt_allocations(slots);
-                }
-                Err(e) => tracing::warn!(
-                    "no agreement on VIPs with the other daemons, allocating locally until the next change: {}",
-                    crate::report(&e)
-                ),
-            }
+            self.agree_vips(registry, store, &objects).await;
         }
         if let Err(e) = registry.update(&objects) {
             tracing::error!(
                 "name table not updated, the last one stays in service: {}",
                 crate::report(&e)
             );
+        }
+    }
+
+    /// Agrees on the auto-allocated VIPs of `objects` with the other daemons through
+    /// `store`. After a failed round the store is left alone for a backoff (2 s,
+    /// doubling up to 5 min): VIPs are allocated locally meanwhile, and a store that
+    /// is full or down is not asked again on every change by every node.
+    async fn agree_vips(
+        &mut self,
+        registry: &Registry,
+        store: &vip_store::VipStore,
+        objects: &Objects,
+    ) {
+        let now = tokio::time::Instant::now();
+        if self
+            .store_backoff
+            .is_some_and(|(retry_at, _)| now < retry_at)
+        {
+            return;
+        }
+        let (wanted, reserved) = crate::registry::table::vip_demand(objects);
+        match store
+            .agree(&wanted, &reserved, &registry.allocations())
+            .await
+        {
+            Ok((slots, lost)) => {
+                registry.count_vip_store_round(lost, false);
+                if lost > 0 {
+                    tracing::info!(
+                        lost,
+                        "VIP store: other daemons wrote first, agreed after re-reading"
+                    );
+                }
+                registry.adopt_allocations(slots);
+                self.store_backoff = None;
+            }
+            Err(e) => {
+                let lost = match e {
+                    vip_store::StoreError::Contended(_) => vip_store::ATTEMPTS,
+                    _ => 0,
+                };
+                registry.count_vip_store_round(lost, true);
+                let backoff = self
+                    .store_backoff
+                    .map_or(STORE_RETRY_MIN, |(_, b)| (b * 2).min(STORE_RETRY_MAX));
+                self.store_backoff = Some((now + backoff, backoff));
+                tracing::warn!(
+                    ?backoff,
+                    "no agreement on VIPs with the other daemons, allocating locally until the next try: {}",
+                    crate::report(&e)
+                );
+            }
         }
     }
 

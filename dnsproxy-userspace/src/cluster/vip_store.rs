@@ -23,7 +23,7 @@ use crate::registry::{allocator, vip_state};
 pub const KEY: &str = "vips.json";
 
 /// Writes that may lose a race before the daemon gives up for this round.
-const ATTEMPTS: usize = 8;
+pub const ATTEMPTS: usize = 8;
 
 /// Why no agreement was reached this round (the daemon then allocates locally, and
 /// tries again at the next change).

@@ -33,6 +33,10 @@ pub struct Registry {
     programmed_changed: tokio::sync::watch::Sender<u64>,
     /// VIPs left out of the translation maps because they are full.
     vips_left_out: std::sync::atomic::AtomicUsize,
+    /// Node mode: writes of the VIP store that lost a race, and rounds that ended
+    /// without agreement.
+    vip_store_conflicts: std::sync::atomic::AtomicU64,
+    vip_store_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -52,6 +56,8 @@ impl Registry {
             programmed: ArcSwap::default(),
             programmed_changed: tokio::sync::watch::Sender::new(0),
             vips_left_out: std::sync::atomic::AtomicUsize::new(0),
+            vip_store_conflicts: std::sync::atomic::AtomicU64::new(0),
+            vip_store_failures: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -122,6 +128,25 @@ impl Registry {
     pub fn set_vips_left_out(&self, n: usize) {
         self.vips_left_out
             .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a round of agreement through the VIP store: writes that lost a race,
+    /// and whether it failed.
+    pub fn count_vip_store_round(&self, conflicts: usize, failed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.vip_store_conflicts
+            .fetch_add(conflicts as u64, Relaxed);
+        self.vip_store_failures
+            .fetch_add(u64::from(failed), Relaxed);
+    }
+
+    /// Writes of the VIP store that lost a race, and rounds without agreement.
+    pub fn vip_store_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.vip_store_conflicts.load(Relaxed),
+            self.vip_store_failures.load(Relaxed),
+        )
     }
 
     /// Replaces the set of VIPs the data path translates.
