@@ -181,13 +181,13 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
         }
         for vip in &svc.vips {
             *out.vips.entry(*vip).or_default() += svc.ports.len() as u32;
-            for port in &svc.ports {
+            for port in svc.ports.iter() {
                 // Candidate backends (address, port), same family as the VIP.
                 let mut backends: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
                 let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
                 match svc.resolution {
                     Resolution::Static => {
-                        for ep in &svc.endpoints {
+                        for ep in svc.endpoints.iter() {
                             if let Ok(ip) = ep.address.parse::<IpAddr>() {
                                 backends.insert((ip, backend_port(port, Some(ep))));
                             }
@@ -199,7 +199,7 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
                                 backends.insert((*ip, backend_port(port, None)));
                             }
                         }
-                        for ep in &svc.endpoints {
+                        for ep in svc.endpoints.iter() {
                             let ips: Vec<IpAddr> = match ep.address.parse::<IpAddr>() {
                                 Ok(ip) => vec![ip],
                                 Err(_) => resolved
@@ -263,11 +263,11 @@ mod tests {
         VipService {
             host: "aliyun.com".into(),
             vips: vec!["240.240.0.5".parse().unwrap(), "2001:2::5".parse().unwrap()],
-            ports,
+            ports: ports.into(),
             resolution,
-            endpoints,
+            endpoints: endpoints.into(),
             source: "test".into(),
-            rank: crate::registry::export::Rank::default(),
+            rank: std::sync::Arc::default(),
         }
     }
 

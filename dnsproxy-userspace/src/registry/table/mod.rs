@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -72,7 +73,7 @@ pub struct Host {
     pub export_to: Visibility,
     /// Precedence among the entries for its name.
     #[serde(skip)]
-    pub rank: Rank,
+    pub rank: Arc<Rank>,
 }
 
 /// Where an entry comes from: the object's name for logs, namespace, visibility and
@@ -81,7 +82,7 @@ pub struct Owner {
     pub source: String,
     pub namespace: String,
     pub export_to: Visibility,
-    pub rank: Rank,
+    pub rank: Arc<Rank>,
 }
 
 impl Owner {
@@ -95,7 +96,7 @@ impl Owner {
             auto_allocated: false,
             namespace: self.namespace.clone(),
             export_to: self.export_to.clone(),
-            rank: self.rank.clone(),
+            rank: Arc::clone(&self.rank),
         }
     }
 }
@@ -126,13 +127,14 @@ pub struct VipService {
     pub host: String,
     /// Auto-allocated, `status.addresses` or `spec.addresses`.
     pub vips: Vec<IpAddr>,
-    pub ports: Vec<ServiceEntryPort>,
+    /// Shared by every host of the entry.
+    pub ports: Arc<[ServiceEntryPort]>,
     pub resolution: Resolution,
-    pub endpoints: Vec<WorkloadEntry>,
+    pub endpoints: Arc<[WorkloadEntry]>,
     pub source: String,
     /// Precedence: of two entries on one VIP, the first translates it.
     #[serde(skip)]
-    pub rank: Rank,
+    pub rank: Arc<Rank>,
 }
 
 /// The table.
@@ -409,7 +411,7 @@ impl Builder {
                 source: format!("Service {ns}/{name}"),
                 namespace: ns.to_owned(),
                 export_to: Visibility::from_annotation(&svc.metadata),
-                rank: Rank::of(&svc.metadata),
+                rank: Arc::new(Rank::of(&svc.metadata)),
             };
             match svc.kind() {
                 ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &owner, true),
@@ -456,10 +458,15 @@ impl Builder {
                 source: format!("ServiceEntry {ns}/{}", se.metadata.name),
                 namespace: ns.to_owned(),
                 export_to: Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns),
-                rank: Rank::of(&se.metadata),
+                rank: Arc::new(Rank::of(&se.metadata)),
+            };
+            // Computed once for all the entry's hosts (there may be thousands).
+            let shared = EntryShared {
+                ports: se.spec.ports.clone().into(),
+                workloads: endpoints_of(se, objects).into(),
             };
             for host in &se.spec.hosts {
-                self.add_service_entry_host(se, objects, &normalize(host), &vips, &owner);
+                self.add_service_entry_host(se, &shared, &normalize(host), &vips, &owner);
             }
         }
         Ok(())
@@ -470,12 +477,12 @@ impl Builder {
     fn add_service_entry_host(
         &mut self,
         se: &ServiceEntry,
-        objects: &Objects,
+        shared: &EntryShared,
         host: &str,
         vips: &BTreeMap<String, Vips>,
         owner: &Owner,
     ) {
-        let workloads = endpoints_of(se, objects);
+        let workloads = &shared.workloads;
         let mut addrs = declared_addresses(se, host);
         let mut auto_allocated = false;
         if addrs.is_empty()
@@ -507,14 +514,20 @@ impl Builder {
             self.table.vip_services.push(VipService {
                 host: host.to_owned(),
                 vips: addrs,
-                ports: se.spec.ports.clone(),
+                ports: Arc::clone(&shared.ports),
                 resolution: se.spec.resolution,
-                endpoints: workloads,
+                endpoints: Arc::clone(workloads),
                 source: owner.source.clone(),
-                rank: owner.rank.clone(),
+                rank: Arc::clone(&owner.rank),
             });
         }
     }
+}
+
+/// What every host of one `ServiceEntry` shares.
+struct EntryShared {
+    ports: Arc<[ServiceEntryPort]>,
+    workloads: Arc<[WorkloadEntry]>,
 }
 
 /// The namespace and selector of every `ServiceEntry` with a `workloadSelector`.
