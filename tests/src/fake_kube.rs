@@ -91,6 +91,8 @@ struct State {
     /// Writes (PUT, POST) received, and those refused as invalid (422).
     writes: usize,
     invalid: usize,
+    /// GETs of one object.
+    reads: usize,
     stopped: bool,
 }
 
@@ -186,6 +188,11 @@ impl FakeKube {
     pub fn writes(&self) -> (usize, usize) {
         let st = self.shared.0.lock().unwrap();
         (st.writes, st.invalid)
+    }
+
+    /// GETs of one object so far.
+    pub fn reads(&self) -> usize {
+        self.shared.0.lock().unwrap().reads
     }
 
     /// Deletes an object (DELETED).
@@ -497,7 +504,13 @@ fn one_object(
     req: &Request,
 ) -> std::io::Result<()> {
     let k = (resource, ns.to_owned(), name.to_owned());
-    let current = shared.0.lock().unwrap().objects.get(&k).cloned();
+    let current = {
+        let mut st = shared.0.lock().unwrap();
+        if req.method == "GET" {
+            st.reads += 1;
+        }
+        st.objects.get(&k).cloned()
+    };
     match (req.method.as_str(), current) {
         ("GET", Some(obj)) => respond(stream, "200 OK", &obj),
         ("PUT", Some(obj)) => {

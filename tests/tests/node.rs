@@ -659,13 +659,20 @@ fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table(
         std::thread::sleep(Duration::from_millis(250));
     }
     let after_churn = table_builds(&env);
-    // The selected Pod turns unready: its backend goes.
+    // The selected Pod turns unready: its backend goes. The round agrees on VIPs from
+    // the watched VIP store, without reading it from the API.
+    let reads = env.api.reads();
     env.api.apply(
         Resource::Pods,
         api_pod("vm-1", "vms", "vm", "10.2.0.7", false, 1),
     );
     let gone = wait_backends(&daemon, "240.240.8.8", &[]);
     let after_flip = table_builds(&env);
+    assert_eq!(
+        env.api.reads(),
+        reads,
+        "the VIP store was read from the API"
+    );
     println!(
         "table builds: {before} settled after ready, {after_churn} after 10 changes of an unselected pod, \
          {after_flip} after the selected pod turned unready (backend gone after {gone:?})"

@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use dnsproxy_common::{NetnsPolicy, map_names};
 use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client,
     api::{DynamicObject, ListParams},
@@ -363,8 +364,12 @@ impl Watches {
             return;
         }
         let (wanted, reserved) = crate::registry::table::vip_demand(objects);
+        let watched = self
+            .vip_store
+            .as_ref()
+            .and_then(|s| convert::<ConfigMap>(s).into_iter().next());
         match store
-            .agree(&wanted, &reserved, &registry.allocations())
+            .agree(&wanted, &reserved, &registry.allocations(), watched)
             .await
         {
             Ok((slots, lost)) => {

@@ -69,22 +69,29 @@ impl VipStore {
     /// Agrees with the other daemons on the allocation that covers `wanted`, never
     /// giving a `reserved` address: the store's allocations are kept, what is missing
     /// is allocated (the same rule every daemon applies) and written back. `local` seeds
-    /// a store that does not exist yet. Returns host → slot and how many writes lost a
-    /// race.
+    /// a store that does not exist yet. The first try starts from `watched` (the watch
+    /// cache's copy, so a round that changes nothing costs the API nothing); after a
+    /// lost race the store is read again. Returns host → slot and how many writes lost
+    /// a race.
     pub async fn agree(
         &self,
         wanted: &BTreeSet<String>,
         reserved: &HashSet<IpAddr>,
         local: &BTreeMap<String, u32>,
+        watched: Option<ConfigMap>,
     ) -> Result<(BTreeMap<String, u32>, usize), StoreError> {
         let what = format!("{}/{}", self.namespace, self.name);
         let mut lost = 0;
+        let mut watched = watched;
         for _ in 0..ATTEMPTS {
-            let current = self
-                .api
-                .get_opt(&self.name)
-                .await
-                .map_err(|e| StoreError::Api(what.clone(), e))?;
+            let current = match watched.take() {
+                Some(cm) => Some(cm),
+                None => self
+                    .api
+                    .get_opt(&self.name)
+                    .await
+                    .map_err(|e| StoreError::Api(what.clone(), e))?,
+            };
             // A store not written yet (missing, or shipped empty) starts from this
             // daemon's cache, so that VIPs given before the store existed stay.
             let mut slots = current
