@@ -203,6 +203,19 @@ impl Daemon {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// The backends (`ip:port`) translated for `vip`, every port, from `dnsproxy maps --json`.
+    pub fn backends(&self, vip: &str) -> Vec<String> {
+        let maps: serde_json::Value = serde_json::from_str(&self.maps_json()).unwrap();
+        maps["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["vip"] == vip)
+            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b.as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// One eBPF counter from `dnsproxy maps --json`.
     pub fn counter(&self, name: &str) -> u64 {
         json_counter(&self.maps_json(), name)

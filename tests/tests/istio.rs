@@ -98,18 +98,6 @@ fn cidr_addresses_wildcards_without_addresses_and_vips_never_shared() {
 }
 
 /// The backends `dnsproxy maps` shows for `vip` (any port), as "addr:port".
-fn backends_of(daemon: &Daemon, vip: &str) -> Vec<String> {
-    let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
-    maps["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["vip"] == vip)
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
-        .filter_map(|b| b.as_str().map(str::to_owned))
-        .collect()
-}
-
 #[test]
 fn a_failing_address_family_keeps_its_last_backends() {
     if !privileged() {
@@ -124,18 +112,18 @@ fn a_failing_address_family_keeps_its_last_backends() {
         .set("dual.example", &["203.0.113.10", "2001:db8::10"], 1);
     let daemon = env.start_daemon();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while backends_of(&daemon, "2001:2::909").is_empty() {
+    while daemon.backends("2001:2::909").is_empty() {
         assert!(Instant::now() < deadline, "{}", daemon.maps_json());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(backends_of(&daemon, "2001:2::909"), ["[2001:db8::10]:443"]);
-    assert_eq!(backends_of(&daemon, "240.240.9.9"), ["203.0.113.10:443"]);
+    assert_eq!(daemon.backends("2001:2::909"), ["[2001:db8::10]:443"]);
+    assert_eq!(daemon.backends("240.240.9.9"), ["203.0.113.10:443"]);
 
     // AAAA now fails upstream for several refreshes: the IPv6 backend stays.
     env.fake.fail_aaaa("dual.example", true);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        backends_of(&daemon, "2001:2::909"),
+        daemon.backends("2001:2::909"),
         ["[2001:db8::10]:443"],
         "{}",
         daemon.log_text()
@@ -150,7 +138,7 @@ fn a_failing_address_family_keeps_its_last_backends() {
     // then reaches the IPv4 backend, IPv4-mapped (shown as IPv4).
     env.fake.set("dual.example", &["203.0.113.10"], 1);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while backends_of(&daemon, "2001:2::909") != ["203.0.113.10:443"] {
+    while daemon.backends("2001:2::909") != ["203.0.113.10:443"] {
         assert!(Instant::now() < deadline, "{}", daemon.maps_json());
         std::thread::sleep(Duration::from_millis(200));
     }

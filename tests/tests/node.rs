@@ -596,15 +596,7 @@ fn table_builds(env: &NodeEnv) -> u64 {
 fn wait_backends(daemon: &Daemon, vip: &str, want: &[&str]) -> Duration {
     let started = Instant::now();
     loop {
-        let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
-        let got: Vec<String> = maps["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["vip"] == vip)
-            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
-            .filter_map(|b| b.as_str().map(str::to_owned))
-            .collect();
+        let got = daemon.backends(vip);
         if got == want {
             return started.elapsed();
         }
