@@ -78,11 +78,10 @@ impl VipStore {
         wanted: &BTreeSet<String>,
         reserved: &HashSet<IpAddr>,
         local: &BTreeMap<String, u32>,
-        watched: Option<ConfigMap>,
+        mut watched: Option<ConfigMap>,
     ) -> Result<(BTreeMap<String, u32>, usize), StoreError> {
         let what = format!("{}/{}", self.namespace, self.name);
         let mut lost = 0;
-        let mut watched = watched;
         for _ in 0..ATTEMPTS {
             let current = match watched.take() {
                 Some(cm) => Some(cm),
@@ -94,13 +93,11 @@ impl VipStore {
             };
             // A store not written yet (missing, or shipped empty) starts from this
             // daemon's cache, so that VIPs given before the store existed stay.
-            let mut slots = current
-                .as_ref()
-                .and_then(stored_slots)
-                .unwrap_or_else(|| local.clone());
+            let stored = current.as_ref().and_then(stored_slots);
+            let written_before = stored.is_some();
+            let mut slots = stored.unwrap_or_else(|| local.clone());
             let before = slots.clone();
             allocator::allocate(&mut slots, wanted, reserved).map_err(StoreError::Allocate)?;
-            let written_before = current.as_ref().and_then(stored_slots).is_some();
             if written_before && slots == before {
                 return Ok((slots, lost));
             }
