@@ -212,9 +212,15 @@ impl NameTable {
     /// The entry a client in `namespace` sees for `name`: exact, else the most
     /// specific wildcard covering it.
     pub fn get_for(&self, name: &str, namespace: &str) -> Option<&Host> {
-        if let Some(h) = self.exact.get(name).and_then(|c| pick(c, namespace)) {
-            return Some(h);
-        }
+        self.exact
+            .get(name)
+            .and_then(|c| pick(c, namespace))
+            .or_else(|| self.wildcard_for(name, namespace))
+    }
+
+    /// The most specific wildcard entry covering `name` that a client in `namespace`
+    /// sees.
+    fn wildcard_for(&self, name: &str, namespace: &str) -> Option<&Host> {
         let mut rest = name;
         while let Some((_, suffix)) = rest.split_once('.') {
             if let Some(h) = self.wildcards.get(suffix).and_then(|c| pick(c, namespace)) {
@@ -255,7 +261,8 @@ impl NameTable {
                 return Some(Match::SearchSuffix { base, host });
             }
         }
-        self.get_for(name, namespace).map(Match::Direct)
+        // The exact name was looked up first.
+        self.wildcard_for(name, namespace).map(Match::Direct)
     }
 
     /// `svc`, `svc.ns`, `svc.ns.svc` → the Service `svc.ns.svc.<cluster domain>`.
@@ -612,13 +619,11 @@ pub fn vip_demand(objects: &Objects) -> (BTreeSet<String>, HashSet<IpAddr>) {
         let spec = se.spec_addresses().unwrap_or_default();
         reserved.extend(&spec.single);
         for host in se.spec.hosts.iter().map(|h| normalize(h)) {
-            reserved.extend(se.status_addresses(&host));
+            let status = se.status_addresses(&host);
             // A CIDR is declared too: such an entry never gets a VIP.
-            if spec.is_empty()
-                && se.status_addresses(&host).is_empty()
-                && se.wants_autoallocation()
-                && !host.starts_with("*.")
-            {
+            let declared = !spec.is_empty() || !status.is_empty();
+            reserved.extend(status);
+            if !declared && se.wants_autoallocation() && !host.starts_with("*.") {
                 wanted.insert(host);
             }
         }
