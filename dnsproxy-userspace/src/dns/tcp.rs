@@ -18,15 +18,14 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    net::{TcpStream, tcp::OwnedReadHalf},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Protocol, handler::Handler, local::ClientContext, metrics::Metrics};
+use super::{
+    Protocol, framing::write_frame, handler::Handler, local::ClientContext, metrics::Metrics,
+};
 
 /// Queries of one connection being answered at once.
 pub const MAX_PIPELINED: usize = 16;
@@ -311,10 +310,6 @@ async fn read_frame(
         }),
     };
     (reader, result)
-}
-
-async fn write_frame(writer: &mut OwnedWriteHalf, message: &[u8]) -> std::io::Result<()> {
-    super::framing::write_frame(writer, message).await
 }
 
 #[cfg(test)]
