@@ -13,10 +13,16 @@ use serde::{Deserialize, Serialize};
 /// Slots run from 1 to this.
 pub const SLOTS: u32 = 65534;
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct StateFile {
     /// host → slot.
     hosts: BTreeMap<String, u32>,
+}
+
+/// [`StateFile`] to write, borrowing the allocations.
+#[derive(Serialize)]
+struct StateFileRef<'a> {
+    hosts: &'a BTreeMap<String, u32>,
 }
 
 /// What is wrong with a state file.
@@ -127,20 +133,14 @@ fn allocation_line(line: &str) -> Option<(String, u32)> {
 
 /// The state as text, one host a line (the file's and the cluster store's form).
 pub fn encode(hosts: &BTreeMap<String, u32>) -> String {
-    let state = StateFile {
-        hosts: hosts.clone(),
-    };
-    serde_json::to_string_pretty(&state).unwrap_or_default()
+    serde_json::to_string_pretty(&StateFileRef { hosts }).unwrap_or_default()
 }
 
 /// Writes `hosts` to `path` atomically and durably.
 pub fn write(path: &Path, hosts: &BTreeMap<String, u32>) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let state = StateFile {
-        hosts: hosts.clone(),
-    };
-    let bytes = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?;
+    let bytes = encode(hosts).into_bytes();
     let tmp = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(&bytes)?;
