@@ -216,21 +216,15 @@ fn initial_objects(args: &RunArgs) -> anyhow::Result<Objects> {
 
 /// The `ClusterIP` of kube-system/kube-dns, the cluster DNS that pods are given.
 async fn cluster_dns_ip(client: &kube::Client) -> anyhow::Result<IpAddr> {
-    let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
-        client.clone(),
-        "kube-system",
-        &kube::core::ApiResource::from_gvk_with_plural(
-            &kube::core::GroupVersionKind::gvk("", "v1", "Service"),
-            "services",
-        ),
-    );
+    let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+        kube::Api::namespaced(client.clone(), "kube-system");
     let svc = api
         .get("kube-dns")
         .await
         .context("reading kube-system/kube-dns (or pass --dns-server)")?;
-    svc.data["spec"]["clusterIP"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
+    svc.spec
+        .and_then(|spec| spec.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
         .context("kube-system/kube-dns has no clusterIP (pass --dns-server)")
 }
 
