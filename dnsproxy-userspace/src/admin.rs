@@ -244,39 +244,41 @@ impl std::fmt::Debug for ServerCollector {
 impl Collector for ServerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cache = self.shared.handler.cache();
-        let gauges = [
-            (
-                "dns_cache_entries",
-                "Answers held in the cache.",
-                cache.len() as u64,
-            ),
-            (
-                "dns_cache_bytes",
-                "Memory the cache holds, as weighed.",
-                cache.bytes(),
-            ),
-            (
-                "dns_upstream_inflight",
-                "Questions with the upstreams right now.",
-                self.shared.handler.in_flight() as u64,
-            ),
-            (
-                "dns_tcp_connections",
-                "DNS-over-TCP connections open right now.",
-                self.shared.tcp.len() as u64,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
-        }
-        let metric = encoder.encode_descriptor(
-            "dns_cache_evictions",
-            "Answers evicted to keep the cache within --cache-bytes and --cache-size.",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(cache.evictions()).encode(metric)
+        encode_all(
+            &mut encoder,
+            [
+                (
+                    "dns_cache_entries",
+                    "Answers held in the cache.",
+                    MetricType::Gauge,
+                    cache.len() as u64,
+                ),
+                (
+                    "dns_cache_bytes",
+                    "Memory the cache holds, as weighed.",
+                    MetricType::Gauge,
+                    cache.bytes(),
+                ),
+                (
+                    "dns_upstream_inflight",
+                    "Questions with the upstreams right now.",
+                    MetricType::Gauge,
+                    self.shared.handler.in_flight() as u64,
+                ),
+                (
+                    "dns_tcp_connections",
+                    "DNS-over-TCP connections open right now.",
+                    MetricType::Gauge,
+                    self.shared.tcp.len() as u64,
+                ),
+                (
+                    "dns_cache_evictions",
+                    "Answers evicted to keep the cache within --cache-bytes and --cache-size.",
+                    MetricType::Counter,
+                    cache.evictions(),
+                ),
+            ],
+        )
     }
 }
 
@@ -295,44 +297,60 @@ impl std::fmt::Debug for RegistryCollector {
 
 impl Collector for RegistryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let metric = encoder.encode_descriptor(
-            "dnsproxy_vip_moves",
-            "Auto-allocated VIPs moved because a declared address claimed them.",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(self.registry.vip_moves()).encode(metric)?;
-        let metric = encoder.encode_descriptor(
-            "dnsproxy_vips_left_out",
-            "VIPs that do not translate because the translation maps are full.",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(i64::try_from(self.registry.vips_left_out()).unwrap_or(i64::MAX))
-            .encode(metric)?;
-        let metric = encoder.encode_descriptor(
-            "dnsproxy_name_table_builds",
-            "Name tables built (a registry change; in node mode a Pod change only when a workloadSelector selects it).",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(self.registry.builds()).encode(metric)?;
         let (conflicts, failures) = self.registry.vip_store_counts();
-        let metric = encoder.encode_descriptor(
-            "dnsproxy_vip_store_conflicts",
-            "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(conflicts).encode(metric)?;
-        let metric = encoder.encode_descriptor(
-            "dnsproxy_vip_store_failures",
-            "Node mode: rounds without agreement through the VIP store (VIPs allocated locally until the next change).",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(failures).encode(metric)
+        encode_all(
+            &mut encoder,
+            [
+                (
+                    "dnsproxy_vip_moves",
+                    "Auto-allocated VIPs moved because a declared address claimed them.",
+                    MetricType::Counter,
+                    self.registry.vip_moves(),
+                ),
+                (
+                    "dnsproxy_vips_left_out",
+                    "VIPs that do not translate because the translation maps are full.",
+                    MetricType::Gauge,
+                    self.registry.vips_left_out() as u64,
+                ),
+                (
+                    "dnsproxy_name_table_builds",
+                    "Name tables built (a registry change; in node mode a Pod change only when a workloadSelector selects it).",
+                    MetricType::Counter,
+                    self.registry.builds(),
+                ),
+                (
+                    "dnsproxy_vip_store_conflicts",
+                    "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
+                    MetricType::Counter,
+                    conflicts,
+                ),
+                (
+                    "dnsproxy_vip_store_failures",
+                    "Node mode: rounds without agreement through the VIP store (VIPs allocated locally until the next try).",
+                    MetricType::Counter,
+                    failures,
+                ),
+            ],
+        )
     }
+}
+
+/// Unlabelled gauges and counters: (name, help, type, value).
+fn encode_all<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    metrics: [(&str, &str, MetricType, u64); N],
+) -> Result<(), std::fmt::Error> {
+    for (name, help, kind, value) in metrics {
+        let counter = matches!(kind, MetricType::Counter);
+        let metric = encoder.encode_descriptor(name, help, None, kind)?;
+        if counter {
+            ConstCounter::new(value).encode(metric)?;
+        } else {
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+        }
+    }
+    Ok(())
 }
 
 /// `dnsproxy_ebpf_decisions_total{decision}`: the data path's per-CPU counters, summed.
