@@ -101,6 +101,14 @@ pub struct Follower {
     state: Arc<Mutex<State>>,
 }
 
+/// The state, also after a panic elsewhere (its counters stay consistent: every
+/// change is made whole under the lock).
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl InFlight {
     pub fn new(limits: Limits) -> Self {
         InFlight {
@@ -120,9 +128,7 @@ impl InFlight {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.state)
     }
 
     /// Decides whether `question` from `client` goes upstream, waits for an identical
@@ -168,10 +174,7 @@ impl Lead {
     /// [`FAILURE_TTL`].
     pub fn finish(self, outcome: Shared, now: Instant) {
         if outcome.is_none() {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut state = lock(&self.state);
             if state.failed.len() >= MAX_FAILURES {
                 state.failed.retain(|_, until| *until > now);
             }
@@ -187,10 +190,7 @@ impl Lead {
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = lock(&self.state);
         state.total -= 1;
         if let Some(n) = state.per_client.get_mut(&self.client) {
             *n -= 1;
@@ -214,10 +214,7 @@ impl Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = lock(&self.state);
         state.followers -= 1;
     }
 }
