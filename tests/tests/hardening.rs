@@ -449,9 +449,13 @@ fn a_cache_flood_of_large_answers_stays_within_the_cache_budget() {
         rss_max as f64 / f64::from(1 << 20),
     );
     assert!(bytes <= BUDGET as f64 && evictions > 0.0, "{metrics}");
+    // The budget weighs answer bytes only; keys, entry overhead, allocator slack and the
+    // flood's in-flight buffers come on top, so allow half the budget again. Without the
+    // byte budget the 20k answers (over 20 MiB weighed) would still exceed this bound.
+    let allowed = rss_idle + BUDGET + BUDGET / 2;
     assert!(
-        rss_max < rss_idle + BUDGET,
-        "RSS {rss_max} over {rss_idle} + {BUDGET}"
+        rss_max < allowed,
+        "RSS {rss_max} over {rss_idle} + 1.5 x {BUDGET}"
     );
     stop.store(true, Ordering::SeqCst);
     upstream.join().unwrap();
