@@ -275,3 +275,27 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// The time between the first log lines containing `from` and `to`.
+pub fn log_gap(log: &str, from: &str, to: &str) -> Duration {
+    let at = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|ts| {
+                // 2026-11-26T06:14:33.017226Z: seconds of the day are enough here.
+                let time = ts.split('T').nth(1)?.trim_end_matches('Z');
+                let mut parts = time.split(':');
+                let (h, m, s): (f64, f64, f64) = (
+                    parts.next()?.parse().ok()?,
+                    parts.next()?.parse().ok()?,
+                    parts.next()?.parse().ok()?,
+                );
+                Some(h * 3600.0 + m * 60.0 + s)
+            })
+    };
+    match (at(from), at(to)) {
+        (Some(a), Some(b)) if b >= a => Duration::from_secs_f64(b - a),
+        _ => Duration::ZERO,
+    }
+}

@@ -20,7 +20,7 @@ mod process;
 mod servers;
 
 pub use cgroup::{Cgroup, cgroup2_root};
-pub use daemon::{Daemon, DaemonOptions, http_get, json_counter};
+pub use daemon::{Daemon, DaemonOptions, http_get, json_counter, log_gap};
 pub use dig::{dig_answers, dig_server};
 pub use env::TestEnv;
 pub use fake_dns::FakeDns;

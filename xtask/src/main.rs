@@ -5,6 +5,8 @@
 //! * `run`    — setup, build, then `dnsproxy run` on the bundled `examples/` registry.
 //! * `test`   — setup (with test tools), then every test, privileged ones included.
 //! * `lint`   — setup, then clippy with warnings as errors.
+//! * `bench`  — setup (with test and bench tools), a release build, then the side-by-side
+//!   comparison with a floor responder, dnsmasq, unbound and iptables (`--quick`: < 1 min).
 //! * `validate-deploy` — deploy/ against the Kubernetes schemas, as files and as
 //!   `kubectl kustomize` renders them.
 //!
@@ -34,6 +36,14 @@ const TEST_TOOLS: [(&str, &str); 8] = [
     ("python3", "python3"),
 ];
 
+/// Commands the bench runs beside the test tools, and the Debian package of each.
+const BENCH_TOOLS: [(&str, &str); 4] = [
+    ("dnsperf", "dnsperf"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("unbound", "unbound"),
+    ("iptables", "iptables"),
+];
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -61,6 +71,14 @@ enum Cmd {
     ValidateDeploy,
     /// Set up, then `cargo clippy --workspace --all-targets -D warnings`.
     Lint,
+    /// Set up, build release, then compare dnsproxy side by side with a floor
+    /// responder, dnsmasq, unbound and an iptables REDIRECT (as root, in its own netns);
+    /// writes target/bench/bench.json.
+    Bench {
+        /// Short runs: the whole comparison in under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, then run every test (unit and end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -92,6 +110,27 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lint => {
             setup(&root, false)?;
             lint(&root)
+        }
+        Cmd::Bench { quick } => {
+            setup(&root, true)?;
+            ensure_packages("bench tools", &BENCH_TOOLS)?;
+            cargo(&root, &["build", "--release", "--package", "dnsproxy-userspace"])?;
+            cargo(
+                &root,
+                &["build", "--release", "--package", "dnsproxy-e2e", "--bin", "bench"],
+            )?;
+            let release = target_dir(&root).join("release");
+            // Through env(1), so that the daemon's path survives sudo.
+            let mut cmd = as_root(Path::new("env"));
+            cmd.current_dir(&root)
+                .arg(format!("DNSPROXY_BIN={}", release.join("dnsproxy").display()))
+                .arg(release.join("bench"))
+                .arg("--out")
+                .arg(target_dir(&root).join("bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Cmd::Test { args } => {
             setup(&root, true)?;
@@ -348,7 +387,12 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
 }
 
 fn ensure_test_tools() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = TEST_TOOLS
+    ensure_packages("test tools", &TEST_TOOLS)
+}
+
+/// Installs the Debian packages of the `tools` (command, package) that are not on PATH.
+fn ensure_packages(what: &str, tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(tool, _)| {
             output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none()
@@ -357,25 +401,32 @@ fn ensure_test_tools() -> anyhow::Result<()> {
         .collect();
     missing.sort_unstable();
     missing.dedup();
+    let names: Vec<&str> = tools.iter().map(|(tool, _)| *tool).collect();
     if missing.is_empty() {
-        eprintln!(
-            "xtask: test tools (dig, bpftool, ip, nsenter, unshare, getent, curl, python3): present"
-        );
+        eprintln!("xtask: {what} ({}): present", names.join(", "));
         return Ok(());
     }
     eprintln!(
-        "xtask: installing Debian packages for the tests: {}",
+        "xtask: installing Debian packages for the {what}: {}",
         missing.join(" ")
     );
-    let apt = |args: &[&str]| {
-        let mut cmd = as_root(Path::new("apt-get"));
-        cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
-        run(&mut cmd)
-    };
-    apt(&["update", "-q"])?;
-    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
-    install.extend(missing);
-    apt(&install)
+    // No service may start from a package (unbound's would fetch the root trust anchor
+    // from the host's network): a policy-rc.d that says no is in place during the
+    // install, and removed after unless the machine had one already.
+    let script = r#"set -e
+export DEBIAN_FRONTEND=noninteractive
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
+apt-get update -q
+apt-get install -y -q --no-install-recommends "$@"
+"#;
+    let mut cmd = as_root(Path::new("sh"));
+    cmd.args(["-c", script, "sh"])
+        .args(missing);
+    run(&mut cmd)
 }
 
 /// `cargo clippy` over every target with warnings as errors (the lint table lives in

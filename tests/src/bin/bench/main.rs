@@ -1,0 +1,199 @@
+//! `cargo xtask bench`: dnsproxy side by side with a floor responder, dnsmasq, unbound
+//! and an iptables REDIRECT, in one run, inside network namespaces of its own (nothing
+//! is sent outside them). Prints a table and the ratios the performance goals are
+//! stated in, and writes them as JSON under `target/bench/`.
+//!
+//! `bench [--quick] [--out DIR]` runs the comparison; `floor ADDR` and
+//! `probe OP ADDR N` are the helper processes it starts.
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use dnsproxy_e2e::{Daemon, TestEnv, privileged};
+
+mod dnsperf;
+mod ebpf;
+mod report;
+mod scale;
+mod servers;
+
+use dnsperf::Measured;
+use servers::{NAMES, forwarded_name, table_name};
+
+/// Where the helper servers listen in the bench netns.
+const FLOOR: &str = "127.0.0.1:5300";
+const DNSMASQ: &str = "127.0.0.1:5301";
+const UNBOUND: &str = "127.0.0.1:5302";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("floor") => servers::serve_floor(&args[1]),
+        Some("probe") => ebpf::run_probe(&args[1], &args[2], args[3].parse().unwrap()),
+        _ => bench(&args),
+    }
+}
+
+fn bench(args: &[String]) {
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
+    assert!(privileged(), "the bench needs root, cgroup v2 and BPF");
+    let secs = if quick { 1 } else { 5 };
+    let mut rows: Vec<(&'static str, Measured)> = Vec::new();
+    let costs;
+    {
+        let env = TestEnv::with_registry(&registry());
+        env.netns.add_addr("203.0.113.10/32");
+        let names = names_file(&env.dir, "table.txt", table_name);
+        let forwarded = names_file(&env.dir, "forwarded.txt", forwarded_name);
+        let dnsmasq = servers::dnsmasq(&env.netns, &env.dir, DNSMASQ.parse().unwrap());
+        let floor = servers::floor(&env.netns, FLOOR.parse().unwrap());
+        let unbound = servers::unbound(&env.netns, &env.dir, UNBOUND.parse().unwrap());
+        for s in [&floor, &dnsmasq, &unbound] {
+            servers::wait_answering(&env.netns, s.addr, &table_name(0));
+            let port = s.addr.port();
+            eprintln!("bench: {} ...", s.name);
+            rows.push((
+                s.name,
+                dnsperf::measure(&|| in_netns(&env), ("127.0.0.1", port), &names, s.pid(), secs),
+            ));
+        }
+        let daemon = start_daemon(&env, &[]);
+        let pid = daemon.pid();
+        let uncaptured = || in_netns(&env);
+        let captured = || in_cgroup(&env);
+        let direct = ("127.0.0.1", 15053);
+        let cluster = ("10.96.0.10", 53);
+        eprintln!("bench: dnsproxy ...");
+        rows.push(("dnsproxy, direct", dnsperf::measure(&uncaptured, direct, &names, pid, secs)));
+        rows.push((
+            "dnsproxy, eBPF redirect",
+            dnsperf::measure(&captured, cluster, &names, pid, secs),
+        ));
+        iptables_redirect(&env, "-A");
+        rows.push((
+            "dnsproxy, iptables REDIRECT",
+            dnsperf::measure(&uncaptured, cluster, &names, pid, secs),
+        ));
+        iptables_redirect(&env, "-D");
+        // Warm the cache, then measure hits.
+        dnsperf::dnsperf(&uncaptured, direct, &forwarded, 1, None);
+        rows.push((
+            "dnsproxy, cache hits",
+            dnsperf::measure(&uncaptured, direct, &forwarded, pid, secs),
+        ));
+        eprintln!("bench: eBPF programs ...");
+        let probe = || {
+            let mut cmd = in_cgroup(&env);
+            cmd.arg(std::env::current_exe().expect("own path"));
+            cmd
+        };
+        costs = ebpf::measure(&env.cgroup.path, &probe, if quick { 20_000 } else { 200_000 });
+        drop(daemon);
+        let cold = start_daemon(&env, &["--cache-size", "0"]);
+        rows.push((
+            "dnsproxy, forwarding to dnsmasq (no cache)",
+            dnsperf::measure(&uncaptured, direct, &forwarded, cold.pid(), secs),
+        ));
+    }
+    let scales: Vec<scale::Scale> = [10_000, 30_000, 50_000]
+        .into_iter()
+        .map(|hosts| {
+            eprintln!("bench: {hosts} hosts ...");
+            scale::row(hosts, secs)
+        })
+        .collect();
+    let report = report::Report {
+        quick,
+        rows,
+        costs,
+        scales,
+    };
+    print!("{}", report.text());
+    std::fs::create_dir_all(&out).expect("create the bench output directory");
+    let file = out.join("bench.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&report.json()).unwrap()).unwrap();
+    println!("\nwritten: {}", file.display());
+}
+
+/// The bench's registry: [`NAMES`] auto-allocated hosts and one explicit VIP (the eBPF
+/// VIP path), all backed by 203.0.113.10 inside the netns.
+fn registry() -> String {
+    let hosts: Vec<String> = (0..NAMES).map(table_name).collect();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: bench}}\n\
+         spec:\n  hosts: [{}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
+         resolution: STATIC\n  endpoints: [{{address: 203.0.113.10}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: vip}}\n\
+         spec:\n  hosts: [vip.example]\n  addresses: [240.240.1.1]\n  \
+         ports: [{{number: 443, name: tls, protocol: TLS}}]\n  resolution: STATIC\n  \
+         endpoints: [{{address: 203.0.113.10}}]\n",
+        hosts.join(", ")
+    )
+}
+
+/// A dnsperf input file of the [`NAMES`] names `name` gives, type A.
+fn names_file(dir: &Path, file: &str, name: fn(usize) -> String) -> PathBuf {
+    let path = dir.join(file);
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..NAMES {
+        writeln!(f, "{} A", name(i)).unwrap();
+    }
+    path
+}
+
+/// The release daemon in `env`, forwarding to dnsmasq, with only warnings and the
+/// start-up lines logged; returns once every VIP is translatable.
+fn start_daemon(env: &TestEnv, extra: &[&str]) -> Daemon {
+    let mut opts = env.daemon_options();
+    opts.env.push(("RUST_LOG".into(), "info".into()));
+    opts.extra_args
+        .extend(["--upstream", DNSMASQ].iter().chain(extra).map(|s| (*s).to_owned()));
+    let daemon = Daemon::start(opts);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.log_text().contains("VIP translation maps updated") {
+        assert!(std::time::Instant::now() < deadline, "VIPs never translated");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon
+}
+
+/// A command prefix that runs in the bench netns, outside the captured cgroup.
+fn in_netns(env: &TestEnv) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", env.netns.path.display()));
+    cmd
+}
+
+/// A command prefix that runs in the bench netns and the captured cgroup.
+fn in_cgroup(env: &TestEnv) -> Command {
+    let mut cmd = in_netns(env);
+    cmd.arg(dnsproxy_e2e::dnsproxy_bin())
+        .args(["exec", "--cgroup"])
+        .arg(&env.cgroup.path)
+        .arg("--");
+    cmd
+}
+
+/// Adds (`-A`) or deletes (`-D`) the iptables REDIRECT of the cluster DNS to the
+/// daemon's port, in the bench netns only (what a sidecar's init container installs).
+fn iptables_redirect(env: &TestEnv, op: &str) {
+    for proto in ["udp", "tcp"] {
+        let mut cmd = in_netns(env);
+        cmd.args(["iptables", "-t", "nat", op, "OUTPUT", "-d", "10.96.0.10/32", "-p", proto])
+            .args(["--dport", "53", "-j", "REDIRECT", "--to-ports", "15053"]);
+        let out = dnsproxy_e2e::run_with_timeout(&mut cmd, Duration::from_secs(20));
+        assert!(
+            out.status.success(),
+            "iptables {op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
