@@ -38,6 +38,7 @@ use crate::{
         server::{self, Listeners, Shared},
         tcp,
         upstream::UpstreamPath,
+        workers::UdpWorkers,
     },
     name::normalize,
     registry::{self, Registry, TableConfig, allocator::VipAllocator, manifest::Objects},
@@ -247,11 +248,16 @@ struct Daemon {
 
 impl Daemon {
     async fn start(settings: Settings) -> anyhow::Result<Self> {
+        let udp = match settings.args.udp_threads {
+            0 => UdpWorkers::start(UdpWorkers::auto_threads()),
+            n => UdpWorkers::start(n),
+        }
+        .context("cannot start the UDP threads")?;
         // Sockets first: "port in use" is reported before anything is attached.
         let listeners = match settings.args.mode {
             Mode::Local => Some(Listeners::from_std(server::bind_std(
                 settings.args.listen_port,
-                server::UdpSockets::PerCore,
+                server::UdpSockets::ReusePort(udp.threads()),
             )?)?),
             Mode::Node => None,
         };
@@ -261,7 +267,7 @@ impl Daemon {
         settings.log_start(listeners.as_ref(), registry.table().len());
 
         let datapath = DataPath::start(&settings.datapath_options())?;
-        let mut daemon = Daemon::assemble(settings, datapath, registry);
+        let mut daemon = Daemon::assemble(settings, datapath, registry, udp);
         daemon.spawn_admin(admin_listeners);
         if let Some(listeners) = listeners {
             daemon.spawn_local(listeners);
@@ -275,7 +281,12 @@ impl Daemon {
     }
 
     /// The shared parts: metrics, forwarder, cache, handler, admin state.
-    fn assemble(settings: Settings, datapath: DataPath, registry: Arc<Registry>) -> Self {
+    fn assemble(
+        settings: Settings,
+        datapath: DataPath,
+        registry: Arc<Registry>,
+        udp: UdpWorkers,
+    ) -> Self {
         let args = &settings.args;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(Metrics::new(
@@ -323,7 +334,7 @@ impl Daemon {
             },
             Arc::clone(&metrics),
         );
-        let shared = Shared { handler, tcp };
+        let shared = Shared { handler, tcp, udp };
         let admin = Arc::new(AdminState::new(
             metrics_registry,
             shared.clone(),

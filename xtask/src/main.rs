@@ -114,16 +114,29 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { quick } => {
             setup(&root, true)?;
             ensure_packages("bench tools", &BENCH_TOOLS)?;
-            cargo(&root, &["build", "--release", "--package", "dnsproxy-userspace"])?;
             cargo(
                 &root,
-                &["build", "--release", "--package", "dnsproxy-e2e", "--bin", "bench"],
+                &["build", "--release", "--package", "dnsproxy-userspace"],
+            )?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "dnsproxy-e2e",
+                    "--bin",
+                    "bench",
+                ],
             )?;
             let release = target_dir(&root).join("release");
             // Through env(1), so that the daemon's path survives sudo.
             let mut cmd = as_root(Path::new("env"));
             cmd.current_dir(&root)
-                .arg(format!("DNSPROXY_BIN={}", release.join("dnsproxy").display()))
+                .arg(format!(
+                    "DNSPROXY_BIN={}",
+                    release.join("dnsproxy").display()
+                ))
                 .arg(release.join("bench"))
                 .arg("--out")
                 .arg(target_dir(&root).join("bench"));
@@ -424,8 +437,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends "$@"
 "#;
     let mut cmd = as_root(Path::new("sh"));
-    cmd.args(["-c", script, "sh"])
-        .args(missing);
+    cmd.args(["-c", script, "sh"]).args(missing);
     run(&mut cmd)
 }
 

@@ -2,7 +2,9 @@
 //! answer), `local` (answers from the name table), `cache` and `forwarder` (upstream),
 //! `framing` (DNS over TCP), `metrics` (counters for /metrics). The protocol facts that
 //! several of them share live here.
+pub mod batch;
 pub mod cache;
+pub mod fast;
 pub mod forwarder;
 pub mod framing;
 pub mod handler;
@@ -12,6 +14,7 @@ pub mod metrics;
 pub mod server;
 pub mod tcp;
 pub mod upstream;
+pub mod workers;
 
 #[cfg(test)]
 pub(crate) mod testing;

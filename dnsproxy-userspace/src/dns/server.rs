@@ -1,6 +1,8 @@
 //! Sockets of a listener and the tasks that serve them: UDP and TCP on 127.0.0.1 and
-//! `::1`. UDP uses one `SO_REUSEPORT` socket per core, so queries spread over cores without
-//! a shared lock. Sockets are created synchronously ([`bind_std`]), so that node mode
+//! `::1`. The local listener has one `SO_REUSEPORT` UDP socket per UDP thread
+//! ([`super::workers`]), so queries spread over threads without a shared lock; UDP
+//! queries are read and answered in batches ([`super::batch`]), table answers from
+//! encoded replies ([`super::fast`]). Sockets are created synchronously ([`bind_std`]), so that node mode
 //! can create them on a thread that entered a pod's network namespace, and so that
 //! "port in use" is reported before the data path is attached.
 //!
@@ -11,6 +13,7 @@
 //! and close, and [`Listeners::serve`] returns once every query in flight is answered.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,16 +21,32 @@ use std::{
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::{
+    io::Interest,
     net::{TcpListener, UdpSocket},
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Protocol, handler::Handler, local::ClientContext, tcp};
+use super::{
+    Protocol, batch, fast, handler::Handler, local::ClientContext, tcp, workers::UdpWorkers,
+};
 
 /// Most queued datagrams a stopping UDP socket still answers (a default receive buffer
 /// holds a few hundred queries).
 const DRAIN_QUEUED: usize = 4096;
+
+/// Batches a loop reads per wake-up before it lets the other loops of its thread run.
+const DRAIN_ROUNDS: usize = 4;
+
+/// What became of one datagram.
+enum Reply {
+    /// Answered from the loop's kept replies: this many bytes of its output slot.
+    Kept(usize),
+    /// Answered at once by the handler.
+    Now(Vec<u8>),
+    /// Answered later, by a task of its own (or dropped, as the handler decides).
+    Later,
+}
 
 /// The client context of a listener, replaceable while it serves.
 pub type SharedContext = Arc<ArcSwap<ClientContext>>;
@@ -58,9 +77,10 @@ pub struct StdListeners {
     tcp: Vec<std::net::TcpListener>,
 }
 
-/// Bound, not yet serving.
+/// Bound, not yet serving: TCP registered with the runtime; UDP is registered by the
+/// UDP thread that will serve it ([`super::workers`]).
 pub struct Listeners {
-    udp: Vec<UdpSocket>,
+    udp: Vec<std::net::UdpSocket>,
     tcp: Vec<TcpListener>,
 }
 
@@ -79,9 +99,9 @@ fn bind_error(addr: SocketAddr, protocol: Protocol, source: std::io::Error) -> B
 /// How many UDP sockets a listener binds per address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UdpSockets {
-    /// One `SO_REUSEPORT` socket per core (the local listener): queries spread over
-    /// cores without a shared lock.
-    PerCore,
+    /// This many `SO_REUSEPORT` sockets (the local listener: one per UDP thread), so
+    /// that queries spread over the threads without a shared lock.
+    ReusePort(usize),
     /// One socket, no `SO_REUSEPORT` (inside pods: a root process in the pod could
     /// otherwise join the group and read or answer other containers' queries).
     One,
@@ -109,11 +129,10 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// thread's network namespace. The TCP listener does not share its port, so a second
 /// daemon fails here.
 pub fn bind_std(port: u16, udp_sockets: UdpSockets) -> Result<StdListeners, BindError> {
-    let per_address = match udp_sockets {
-        UdpSockets::PerCore => std::thread::available_parallelism().map_or(1, usize::from),
-        UdpSockets::One => 1,
+    let (per_address, reuse_port) = match udp_sockets {
+        UdpSockets::ReusePort(n) => (n.max(1), true),
+        UdpSockets::One => (1, false),
     };
-    let reuse_port = udp_sockets == UdpSockets::PerCore;
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
     for ip in [
@@ -147,14 +166,10 @@ impl StdListeners {
 }
 
 impl Listeners {
-    /// Registers bound sockets with the runtime (call inside it).
+    /// Registers the bound TCP listeners with the runtime (call inside it).
     pub fn from_std(std: StdListeners) -> std::io::Result<Self> {
         Ok(Listeners {
-            udp: std
-                .udp
-                .into_iter()
-                .map(UdpSocket::from_std)
-                .collect::<Result<_, _>>()?,
+            udp: std.udp,
             tcp: std
                 .tcp
                 .into_iter()
@@ -183,7 +198,7 @@ impl Listeners {
             shutdown,
         };
         for sock in self.udp {
-            loops.spawn(serving.clone().udp(sock));
+            loops.spawn_on(serving.clone().udp(sock), &serving.shared.udp.next());
         }
         for listener in self.tcp {
             loops.spawn(serving.clone().tcp(listener));
@@ -194,12 +209,13 @@ impl Listeners {
     }
 }
 
-/// What every listener of the daemon shares: the handler and the TCP connection
-/// registry (its bounds are the daemon's, not a listener's).
+/// What every listener of the daemon shares: the handler, the TCP connection registry
+/// (its bounds are the daemon's, not a listener's) and the UDP threads.
 #[derive(Clone)]
 pub struct Shared {
     pub handler: Arc<Handler>,
     pub tcp: Arc<tcp::Connections>,
+    pub udp: UdpWorkers,
 }
 
 /// What every loop of one listener shares.
@@ -213,32 +229,121 @@ struct Serving {
 }
 
 impl Serving {
-    async fn udp(self, sock: UdpSocket) {
-        let sock = Arc::new(sock);
-        let mut buf = vec![0u8; 65535];
+    /// A UDP receive loop, on the UDP thread it was spawned on (which the socket is
+    /// registered with here).
+    async fn udp(self, sock: std::net::UdpSocket) {
+        let sock = match UdpSocket::from_std(sock) {
+            Ok(sock) => Arc::new(sock),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register a UDP listener socket");
+                return;
+            }
+        };
+        let mut fast = fast::Answers::default();
         loop {
-            let received = tokio::select! {
+            tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
-                received = sock.recv_from(&mut buf) => received,
-            };
-            match received {
-                Ok((n, client)) => self.answer_udp(&sock, buf[..n].to_vec(), client),
-                Err(e) => tracing::warn!(error = %e, "UDP receive failed"),
+                ready = sock.readable() => if let Err(e) = ready {
+                    tracing::warn!(error = %e, "UDP receive failed");
+                    continue;
+                },
+            }
+            // A few batches per wake-up, then back to the runtime: the other loops of
+            // this thread (other pods) get their turn.
+            for _ in 0..DRAIN_ROUNDS {
+                if !self.receive_batch(&sock, &mut fast) {
+                    break;
+                }
             }
         }
         // Queries the kernel queued before the stop were sent to us: answer them too
         // (bounded: a flood must not keep a stopping listener reading).
-        for _ in 0..DRAIN_QUEUED {
-            let Ok((n, client)) = sock.try_recv_from(&mut buf) else {
+        for _ in 0..DRAIN_QUEUED / batch::BATCH {
+            if !self.receive_batch(&sock, &mut fast) {
                 break;
-            };
-            self.answer_udp(&sock, buf[..n].to_vec(), client);
+            }
         }
     }
 
-    /// Answers one datagram on its own task: a slow upstream must not hold up local
-    /// answers.
+    /// Reads one batch of queries and answers it; false when the socket had no more.
+    fn receive_batch(&self, sock: &Arc<UdpSocket>, fast: &mut fast::Answers) -> bool {
+        batch::with_scratch(|received, out| {
+            let fd = sock.as_raw_fd();
+            let mut read = 0;
+            // A short batch drained the socket: report WouldBlock so that the runtime
+            // clears readiness now, instead of one more empty read.
+            let outcome = sock.try_io(Interest::READABLE, || {
+                read = received.recv(fd)?;
+                if read < batch::BATCH {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            if let Err(e) = &outcome
+                && e.kind() != std::io::ErrorKind::WouldBlock
+            {
+                tracing::warn!(error = %e, "UDP receive failed");
+            }
+            let mut owned = Vec::new();
+            let mut kept = Vec::with_capacity(read);
+            for (i, out) in out.iter_mut().enumerate().take(read) {
+                let Some((query, client)) = received.get(i) else {
+                    continue;
+                };
+                match self.answer_datagram(sock, query, client, fast, out) {
+                    Reply::Kept(len) => kept.push((i, len, client)),
+                    Reply::Now(bytes) => owned.push((bytes, client)),
+                    Reply::Later => {}
+                }
+            }
+            let replies: Vec<(&[u8], SocketAddr)> = kept
+                .iter()
+                .map(|&(i, len, client)| (&out[i][..len], client))
+                .chain(
+                    owned
+                        .iter()
+                        .map(|(bytes, client)| (bytes.as_slice(), *client)),
+                )
+                .collect();
+            batch::send(fd, &replies);
+            outcome.is_ok()
+        })
+    }
+
+    /// The reply to one datagram when it needs no waiting (a reply this loop kept,
+    /// written into `out`, or one the handler gives at once); else the query goes on a
+    /// task of its own, so that a slow upstream never holds up the others.
+    fn answer_datagram(
+        &self,
+        sock: &Arc<UdpSocket>,
+        query: &[u8],
+        client: SocketAddr,
+        fast: &mut fast::Answers,
+        out: &mut [u8; fast::MAX_KEPT],
+    ) -> Reply {
+        let handler = &self.shared.handler;
+        let ctx = self.ctx.load();
+        if let Some(parsed) = fast::parse(query)
+            && !ctx.debug_log
+        {
+            let generation = handler.answers_generation();
+            if let Some(len) = fast.reply(query, &parsed, generation, &ctx, out) {
+                handler.count_local(parsed.qtype, Protocol::Udp, &ctx);
+                return Reply::Kept(len);
+            }
+            if let Some(now) = handler.answer_now(query, Protocol::Udp, client, &ctx) {
+                if now.from_table {
+                    fast.keep(query, &parsed, &now.bytes, generation, &ctx);
+                }
+                return Reply::Now(now.bytes);
+            }
+        }
+        self.answer_udp(sock, query.to_vec(), client);
+        Reply::Later
+    }
+
+    /// Answers one datagram on its own task.
     fn answer_udp(&self, sock: &Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr) {
         let (sock, handler, ctx) = (
             Arc::clone(sock),

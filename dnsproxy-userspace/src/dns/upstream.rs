@@ -81,6 +81,17 @@ impl UpstreamPath {
         self.inflight.len()
     }
 
+    /// The cached answer to `question`, if there is one (counted as a hit; a miss is
+    /// counted by [`UpstreamPath::answer`], which the caller goes on to).
+    pub fn cached(&self, question: &Query) -> Option<Upstream> {
+        let hit = self.cache.get(&key_of(question), Instant::now())?;
+        self.metrics.cache_hit();
+        Some(Upstream {
+            answer: hit,
+            source: Source::Cache,
+        })
+    }
+
     /// The answer to `question` for `client`.
     pub async fn answer(
         &self,
@@ -88,11 +99,7 @@ impl UpstreamPath {
         bits: Bits,
         client: &Arc<str>,
     ) -> Result<Upstream, Refusal> {
-        let key = Key {
-            name: normalize_name(question.name()),
-            qtype: question.query_type(),
-            qclass: question.query_class(),
-        };
+        let key = key_of(question);
         if let Some(hit) = self.cache.get(&key, Instant::now()) {
             self.metrics.cache_hit();
             return Ok(Upstream {
@@ -162,5 +169,14 @@ impl UpstreamPath {
         let mut answer = CachedAnswer::from(reply);
         answer.clamp_ttls(self.cache.max_ttl());
         Upstream { answer, source }
+    }
+}
+
+/// The cache key of a question.
+fn key_of(question: &Query) -> Key {
+    Key {
+        name: normalize_name(question.name()),
+        qtype: question.query_type(),
+        qclass: question.query_class(),
     }
 }

@@ -37,6 +37,10 @@ pub struct Registry {
     /// without agreement.
     vip_store_conflicts: std::sync::atomic::AtomicU64,
     vip_store_failures: std::sync::atomic::AtomicU64,
+    /// Bumped after every change that can change a table answer (the table, the hosts
+    /// with IPv6 backends, the translated VIPs): answers encoded under an older value
+    /// are stale.
+    answers_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -56,6 +60,7 @@ impl Registry {
             programmed: ArcSwap::default(),
             programmed_changed: tokio::sync::watch::Sender::new(0),
             vips_left_out: std::sync::atomic::AtomicUsize::new(0),
+            answers_generation: std::sync::atomic::AtomicU64::new(0),
             vip_store_conflicts: std::sync::atomic::AtomicU64::new(0),
             vip_store_failures: std::sync::atomic::AtomicU64::new(0),
         })
@@ -77,6 +82,7 @@ impl Registry {
         let mut allocator = self.allocator.lock().expect("allocator lock");
         let table = NameTable::build(objects, &mut allocator, &self.config)?;
         self.table.store(Arc::new(table));
+        self.answers_changed();
         self.generation.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -106,6 +112,19 @@ impl Registry {
             .moved()
     }
 
+    /// The generation of table answers: read it before answering, and an answer kept
+    /// under it is stale once it moves. Bumped only after the change is visible, so an
+    /// answer is never kept under a generation newer than what it was computed from.
+    pub fn answers_generation(&self) -> u64 {
+        self.answers_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn answers_changed(&self) {
+        self.answers_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Auto-allocated hosts that get AAAA answers: those with IPv6 backends.
     pub fn ipv6_backed(&self) -> arc_swap::Guard<Arc<std::collections::HashSet<String>>> {
         self.ipv6_backed.load()
@@ -115,6 +134,7 @@ impl Registry {
     pub fn set_ipv6_backed(&self, hosts: std::collections::HashSet<String>) {
         if **self.ipv6_backed.load() != hosts {
             self.ipv6_backed.store(Arc::new(hosts));
+            self.answers_changed();
         }
     }
 
@@ -153,6 +173,7 @@ impl Registry {
     pub fn set_programmed(&self, vips: std::collections::HashSet<std::net::IpAddr>) {
         if **self.programmed.load() != vips {
             self.programmed.store(Arc::new(vips));
+            self.answers_changed();
             self.programmed_changed.send_modify(|g| *g += 1);
         }
     }

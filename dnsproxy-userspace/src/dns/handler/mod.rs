@@ -49,6 +49,13 @@ pub struct Handler {
     metrics: Arc<Metrics>,
 }
 
+/// A reply given at once ([`Handler::answer_now`]).
+pub struct Immediate {
+    pub bytes: Vec<u8>,
+    /// From the name table (the fast path may keep it for this table generation).
+    pub from_table: bool,
+}
+
 /// Who asked what, for logs and metrics.
 struct Asked<'a> {
     client: SocketAddr,
@@ -120,6 +127,70 @@ impl Handler {
         let pod = ctx.requests.as_deref();
         self.metrics.request(asked.qtype, protocol, outcome, pod);
         fit_to_transport(&reply, &request, protocol)
+    }
+
+    /// Answers at once, on the caller's thread, what needs no waiting: a table answer
+    /// whose VIPs are translated and that has no alias to chase upstream, or a cached
+    /// upstream answer. `None`: the query takes [`Handler::handle`].
+    pub fn answer_now(
+        &self,
+        query: &[u8],
+        protocol: Protocol,
+        client: SocketAddr,
+        ctx: &ClientContext,
+    ) -> Option<Immediate> {
+        let request = Message::from_vec(query).ok()?;
+        if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+            || request.queries.len() != 1
+        {
+            return None;
+        }
+        let question = &request.queries[0];
+        let asked = Asked {
+            client,
+            protocol,
+            ctx,
+            qtype: question.query_type(),
+            edns: request.edns.as_ref().map(Edns::max_payload),
+        };
+        let (reply, outcome) = if let Some((local, untranslated)) = self.local(question, ctx) {
+            if !untranslated.is_empty() || local.chase.is_some() {
+                return None;
+            }
+            let reply = Self::local_message(&request, local, Vec::new(), &asked);
+            (reply, Outcome::Local)
+        } else {
+            let hit = self.upstream.cached(question)?;
+            Self::forwarded_reply(&request, hit, &asked)
+        };
+        self.metrics
+            .request(asked.qtype, protocol, outcome, ctx.requests.as_deref());
+        Some(Immediate {
+            bytes: fit_to_transport(&reply, &request, protocol)?,
+            from_table: outcome == Outcome::Local,
+        })
+    }
+
+    /// Counts a table answer the fast path gave (it answers nothing else).
+    pub fn count_local(&self, qtype: u16, protocol: Protocol, ctx: &ClientContext) {
+        self.metrics.request(
+            RecordType::from(qtype),
+            protocol,
+            Outcome::Local,
+            ctx.requests.as_deref(),
+        );
+    }
+
+    /// The registry it answers from (tests change it under the handler).
+    #[cfg(test)]
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The generation of table answers (see [`Registry::answers_generation`]).
+    pub fn answers_generation(&self) -> u64 {
+        self.registry.answers_generation()
     }
 
     /// The reply from the name table. Never hands out a VIP the data path does not
@@ -252,30 +323,45 @@ impl Handler {
     async fn local_reply(
         &self,
         request: &Message,
+        mut local: local::LocalAnswer,
+        asked: &Asked<'_>,
+    ) -> Message {
+        let mut chased = Vec::new();
+        if let Some(target) = local.chase.take() {
+            let chase = Query::query(target, asked.qtype);
+            let bits = bits(request);
+            if let Ok(upstream) = self.upstream.answer(&chase, bits, &asked.ctx.client).await {
+                chased = upstream.answer.answers;
+            }
+        }
+        Self::local_message(request, local, chased, asked)
+    }
+
+    /// The authoritative reply: the table's records, then `chased` (an alias target's
+    /// records from upstream), and the SOA of a NODATA answer.
+    fn local_message(
+        request: &Message,
         local: local::LocalAnswer,
+        chased: Vec<hickory_proto::rr::Record>,
         asked: &Asked<'_>,
     ) -> Message {
         let mut reply = response_to(request);
         reply.metadata.authoritative = true;
         reply.add_answers(local.answers);
-        if let Some(target) = local.chase {
-            let chased = Query::query(target, asked.qtype);
-            let bits = bits(request);
-            if let Ok(upstream) = self.upstream.answer(&chased, bits, &asked.ctx.client).await {
-                reply.add_answers(upstream.answer.answers);
-            }
-        }
+        reply.add_answers(chased);
         if let Some(soa) = local.soa {
             reply.add_authority(soa);
         }
-        let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
-        answer_log!(
-            asked,
-            request.queries[0].name(),
-            found = true,
-            ?answers,
-            "answered locally"
-        );
+        if asked.ctx.debug_log || tracing::enabled!(target: "dns", tracing::Level::DEBUG) {
+            let answers: Vec<String> = reply.answers.iter().map(|r| r.data.to_string()).collect();
+            answer_log!(
+                asked,
+                request.queries[0].name(),
+                found = true,
+                ?answers,
+                "answered locally"
+            );
+        }
         reply
     }
 

@@ -63,16 +63,16 @@ pub(crate) fn cpu_micros(pid: u32) -> f64 {
     // the 13th.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks * 1e6 / hz
 }
 
 /// A server's figures: its most queries a second, and its CPU per query at
-/// [`FIXED_QPS`].
+/// [`FIXED_QPS`] (medians over the rounds).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Measured {
     pub(crate) max: Run,
@@ -80,7 +80,7 @@ pub(crate) struct Measured {
     pub(crate) cpu_us_per_query: f64,
 }
 
-/// Measures a server with process `pid` at `server` through `prefix`.
+/// One round of a server with process `pid` at `server` through `prefix`.
 pub(crate) fn measure(
     prefix: &dyn Fn() -> Command,
     server: (&str, u16),
@@ -97,4 +97,16 @@ pub(crate) fn measure(
         fixed,
         cpu_us_per_query: cpu / fixed.completed.max(1) as f64,
     }
+}
+
+/// The median round of `rounds` by CPU per query, with the median max qps: this
+/// machine is shared, so one round can be off either way.
+pub(crate) fn median(rounds: &[Measured]) -> Measured {
+    let mut by_cpu = rounds.to_vec();
+    by_cpu.sort_by(|a, b| a.cpu_us_per_query.total_cmp(&b.cpu_us_per_query));
+    let mut qps: Vec<f64> = rounds.iter().map(|m| m.max.qps).collect();
+    qps.sort_by(f64::total_cmp);
+    let mut out = by_cpu.get(by_cpu.len() / 2).copied().unwrap_or_default();
+    out.max.qps = qps.get(qps.len() / 2).copied().unwrap_or_default();
+    out
 }

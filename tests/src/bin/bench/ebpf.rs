@@ -73,11 +73,36 @@ fn program_stats(id: u64) -> (u64, u64) {
 
 /// The paths measured: what the probe does, and which program's cost that shows.
 const PATHS: [(&str, &str, &str, &str); 5] = [
-    ("pass (not DNS, not a VIP)", "connect", "127.0.0.1:9", "cgroup_inet4_connect"),
-    ("DNS redirect (connect)", "connect", "10.96.0.10:53", "cgroup_inet4_connect"),
-    ("DNS redirect (sendmsg)", "sendto", "10.96.0.10:53", "cgroup_udp4_sendmsg"),
-    ("VIP translate (TCP connect)", "tcpconnect", "240.240.1.1:443", "cgroup_inet4_connect"),
-    ("restore (recvmsg)", "pingpong", "10.96.0.10:53", "cgroup_udp4_recvmsg"),
+    (
+        "pass (not DNS, not a VIP)",
+        "connect",
+        "127.0.0.1:9",
+        "cgroup_inet4_connect",
+    ),
+    (
+        "DNS redirect (connect)",
+        "connect",
+        "10.96.0.10:53",
+        "cgroup_inet4_connect",
+    ),
+    (
+        "DNS redirect (sendmsg)",
+        "sendto",
+        "10.96.0.10:53",
+        "cgroup_udp4_sendmsg",
+    ),
+    (
+        "VIP translate (TCP connect)",
+        "tcpconnect",
+        "240.240.1.1:443",
+        "cgroup_inet4_connect",
+    ),
+    (
+        "restore (recvmsg)",
+        "pingpong",
+        "10.96.0.10:53",
+        "cgroup_udp4_recvmsg",
+    ),
 ];
 
 /// Runs every path `runs` times from `probe` (a command in the captured cgroup that
@@ -91,7 +116,7 @@ pub(crate) fn measure(cgroup: &Path, probe: &dyn Fn() -> Command, runs: u64) -> 
             let (t0, c0) = program_stats(id);
             let mut cmd = probe();
             cmd.args(["probe", op, addr, &runs.to_string()]);
-            let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+            let out = run_with_timeout(&mut cmd, Duration::from_mins(1));
             assert!(
                 out.status.success(),
                 "probe {op} {addr}: {}",

@@ -45,64 +45,8 @@ fn bench(args: &[String]) {
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     assert!(privileged(), "the bench needs root, cgroup v2 and BPF");
-    let secs = if quick { 1 } else { 5 };
-    let mut rows: Vec<(&'static str, Measured)> = Vec::new();
-    let costs;
-    {
-        let env = TestEnv::with_registry(&registry());
-        env.netns.add_addr("203.0.113.10/32");
-        let names = names_file(&env.dir, "table.txt", table_name);
-        let forwarded = names_file(&env.dir, "forwarded.txt", forwarded_name);
-        let dnsmasq = servers::dnsmasq(&env.netns, &env.dir, DNSMASQ.parse().unwrap());
-        let floor = servers::floor(&env.netns, FLOOR.parse().unwrap());
-        let unbound = servers::unbound(&env.netns, &env.dir, UNBOUND.parse().unwrap());
-        for s in [&floor, &dnsmasq, &unbound] {
-            servers::wait_answering(&env.netns, s.addr, &table_name(0));
-            let port = s.addr.port();
-            eprintln!("bench: {} ...", s.name);
-            rows.push((
-                s.name,
-                dnsperf::measure(&|| in_netns(&env), ("127.0.0.1", port), &names, s.pid(), secs),
-            ));
-        }
-        let daemon = start_daemon(&env, &[]);
-        let pid = daemon.pid();
-        let uncaptured = || in_netns(&env);
-        let captured = || in_cgroup(&env);
-        let direct = ("127.0.0.1", 15053);
-        let cluster = ("10.96.0.10", 53);
-        eprintln!("bench: dnsproxy ...");
-        rows.push(("dnsproxy, direct", dnsperf::measure(&uncaptured, direct, &names, pid, secs)));
-        rows.push((
-            "dnsproxy, eBPF redirect",
-            dnsperf::measure(&captured, cluster, &names, pid, secs),
-        ));
-        iptables_redirect(&env, "-A");
-        rows.push((
-            "dnsproxy, iptables REDIRECT",
-            dnsperf::measure(&uncaptured, cluster, &names, pid, secs),
-        ));
-        iptables_redirect(&env, "-D");
-        // Warm the cache, then measure hits.
-        dnsperf::dnsperf(&uncaptured, direct, &forwarded, 1, None);
-        rows.push((
-            "dnsproxy, cache hits",
-            dnsperf::measure(&uncaptured, direct, &forwarded, pid, secs),
-        ));
-        eprintln!("bench: eBPF programs ...");
-        let probe = || {
-            let mut cmd = in_cgroup(&env);
-            cmd.arg(std::env::current_exe().expect("own path"));
-            cmd
-        };
-        costs = ebpf::measure(&env.cgroup.path, &probe, if quick { 20_000 } else { 200_000 });
-        drop(daemon);
-        let cold = start_daemon(&env, &["--cache-size", "0"]);
-        rows.push((
-            "dnsproxy, forwarding to dnsmasq (no cache)",
-            dnsperf::measure(&uncaptured, direct, &forwarded, cold.pid(), secs),
-        ));
-    }
+    let (secs, rounds) = if quick { (1, 1) } else { (3, 3) };
+    let (rows, costs) = compare(secs, rounds, quick);
     let scales: Vec<scale::Scale> = [10_000, 30_000, 50_000]
         .into_iter()
         .map(|hosts| {
@@ -112,6 +56,7 @@ fn bench(args: &[String]) {
         .collect();
     let report = report::Report {
         quick,
+        rounds,
         rows,
         costs,
         scales,
@@ -121,6 +66,98 @@ fn bench(args: &[String]) {
     let file = out.join("bench.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report.json()).unwrap()).unwrap();
     println!("\nwritten: {}", file.display());
+}
+
+/// The servers that answer the [`NAMES`] table names, side by side: each round runs
+/// every one of them once, so that a noisy moment of the machine hits one round of all
+/// of them rather than all rounds of one.
+const ROWS: [&str; 7] = [
+    "floor responder",
+    "dnsmasq",
+    "unbound",
+    "dnsproxy, direct",
+    "dnsproxy, eBPF redirect",
+    "dnsproxy, iptables REDIRECT",
+    "dnsproxy, cache hits",
+];
+
+/// The side-by-side rows (median of `rounds`), the cold-forwarding row, and the eBPF
+/// costs, all in one netns.
+fn compare(
+    secs: u64,
+    rounds: usize,
+    quick: bool,
+) -> (Vec<(&'static str, Measured)>, Vec<ebpf::PathCost>) {
+    let env = TestEnv::with_registry(&registry());
+    env.netns.add_addr("203.0.113.10/32");
+    let names = names_file(&env.dir, "table.txt", table_name);
+    let forwarded = names_file(&env.dir, "forwarded.txt", forwarded_name);
+    let dnsmasq = servers::dnsmasq(&env.netns, &env.dir, DNSMASQ.parse().unwrap());
+    let floor = servers::floor(&env.netns, FLOOR.parse().unwrap());
+    let unbound = servers::unbound(&env.netns, &env.dir, UNBOUND.parse().unwrap());
+    for s in [&floor, &dnsmasq, &unbound] {
+        servers::wait_answering(&env.netns, s.addr, &table_name(0));
+        eprintln!("bench: {} answers on {}", s.name, s.addr);
+    }
+    let daemon = start_daemon(&env, &[]);
+    let uncaptured = || in_netns(&env);
+    let captured = || in_cgroup(&env);
+    let direct = ("127.0.0.1", 15053);
+    let cluster = ("10.96.0.10", 53);
+    // Warm the cache once; the cache row then measures hits.
+    dnsperf::dnsperf(&uncaptured, direct, &forwarded, 1, None);
+    let mut samples: Vec<Vec<Measured>> = vec![Vec::new(); ROWS.len()];
+    for round in 1..=rounds {
+        eprintln!("bench: round {round} of {rounds} ...");
+        for (row, samples) in ROWS.iter().zip(&mut samples) {
+            let (prefix, server, file, pid): (&dyn Fn() -> Command, _, _, _) = match *row {
+                "floor responder" => (&uncaptured, port_of(&floor), &names, floor.pid()),
+                "dnsmasq" => (&uncaptured, port_of(&dnsmasq), &names, dnsmasq.pid()),
+                "unbound" => (&uncaptured, port_of(&unbound), &names, unbound.pid()),
+                "dnsproxy, direct" => (&uncaptured, direct, &names, daemon.pid()),
+                "dnsproxy, eBPF redirect" => (&captured, cluster, &names, daemon.pid()),
+                "dnsproxy, iptables REDIRECT" => (&uncaptured, cluster, &names, daemon.pid()),
+                _ => (&uncaptured, direct, &forwarded, daemon.pid()),
+            };
+            let iptables = row.contains("iptables");
+            if iptables {
+                iptables_redirect(&env, "-A");
+            }
+            samples.push(dnsperf::measure(prefix, server, file, pid, secs));
+            if iptables {
+                iptables_redirect(&env, "-D");
+            }
+        }
+    }
+    let mut rows: Vec<(&'static str, Measured)> = ROWS
+        .iter()
+        .zip(&samples)
+        .map(|(row, samples)| (*row, dnsperf::median(samples)))
+        .collect();
+    eprintln!("bench: eBPF programs ...");
+    let probe = || {
+        let mut cmd = in_cgroup(&env);
+        cmd.arg(std::env::current_exe().expect("own path"));
+        cmd
+    };
+    let costs = ebpf::measure(
+        &env.cgroup.path,
+        &probe,
+        if quick { 20_000 } else { 200_000 },
+    );
+    drop(daemon);
+    eprintln!("bench: forwarding without a cache ...");
+    let cold = start_daemon(&env, &["--cache-size", "0"]);
+    rows.push((
+        "dnsproxy, forwarding to dnsmasq (no cache)",
+        dnsperf::measure(&uncaptured, direct, &forwarded, cold.pid(), secs),
+    ));
+    (rows, costs)
+}
+
+/// A helper server's address for dnsperf.
+fn port_of(server: &servers::Server) -> (&'static str, u16) {
+    ("127.0.0.1", server.addr.port())
 }
 
 /// The bench's registry: [`NAMES`] auto-allocated hosts and one explicit VIP (the eBPF
@@ -154,12 +191,19 @@ fn names_file(dir: &Path, file: &str, name: fn(usize) -> String) -> PathBuf {
 fn start_daemon(env: &TestEnv, extra: &[&str]) -> Daemon {
     let mut opts = env.daemon_options();
     opts.env.push(("RUST_LOG".into(), "info".into()));
-    opts.extra_args
-        .extend(["--upstream", DNSMASQ].iter().chain(extra).map(|s| (*s).to_owned()));
+    opts.extra_args.extend(
+        ["--upstream", DNSMASQ]
+            .iter()
+            .chain(extra)
+            .map(|s| (*s).to_owned()),
+    );
     let daemon = Daemon::start(opts);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !daemon.log_text().contains("VIP translation maps updated") {
-        assert!(std::time::Instant::now() < deadline, "VIPs never translated");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VIPs never translated"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     daemon
@@ -187,8 +231,18 @@ fn in_cgroup(env: &TestEnv) -> Command {
 fn iptables_redirect(env: &TestEnv, op: &str) {
     for proto in ["udp", "tcp"] {
         let mut cmd = in_netns(env);
-        cmd.args(["iptables", "-t", "nat", op, "OUTPUT", "-d", "10.96.0.10/32", "-p", proto])
-            .args(["--dport", "53", "-j", "REDIRECT", "--to-ports", "15053"]);
+        cmd.args([
+            "iptables",
+            "-t",
+            "nat",
+            op,
+            "OUTPUT",
+            "-d",
+            "10.96.0.10/32",
+            "-p",
+            proto,
+        ])
+        .args(["--dport", "53", "-j", "REDIRECT", "--to-ports", "15053"]);
         let out = dnsproxy_e2e::run_with_timeout(&mut cmd, Duration::from_secs(20));
         assert!(
             out.status.success(),

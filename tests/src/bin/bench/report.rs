@@ -8,6 +8,8 @@ use crate::{dnsperf::Measured, ebpf::PathCost, scale::Scale};
 
 pub(crate) struct Report {
     pub(crate) quick: bool,
+    /// Rounds of the side-by-side rows (each figure is their median).
+    pub(crate) rounds: usize,
     pub(crate) rows: Vec<(&'static str, Measured)>,
     pub(crate) costs: Vec<PathCost>,
     pub(crate) scales: Vec<Scale>,
@@ -17,7 +19,7 @@ pub(crate) struct Report {
 pub(crate) struct Goal {
     pub(crate) what: &'static str,
     pub(crate) value: f64,
-    pub(crate) goal: &'static str,
+    pub(crate) target: &'static str,
     pub(crate) met: bool,
 }
 
@@ -56,22 +58,74 @@ impl Report {
         let best_qps = dnsmasq.max.qps.max(unbound.max.qps);
         let cpu = direct.cpu_us_per_query;
         let mut goals = vec![
-            goal("local CPU/query vs min(dnsmasq, unbound)", cpu / best_cpu, "<= 1.00", |v| v <= 1.0),
-            goal("local CPU/query vs floor (stretch)", cpu / floor.cpu_us_per_query, "<= 1.15", |v| v <= 1.15),
-            goal("local max qps vs max(dnsmasq, unbound)", direct.max.qps / best_qps, ">= 1.00", |v| v >= 1.0),
-            goal("cache-hit qps vs local qps", cached.max.qps / direct.max.qps, ">= 0.90", |v| v >= 0.9),
-            goal("eBPF redirect qps vs direct", redirect.max.qps / direct.max.qps, ">= 0.97", |v| v >= 0.97),
-            goal("eBPF redirect qps vs iptables REDIRECT", redirect.max.qps / iptables.max.qps, ">= 1.20", |v| v >= 1.2),
-            goal("hook: pass path, ns/run", self.cost("pass"), "<= 50", |v| v <= 50.0),
-            goal("hook: DNS redirect (connect), ns/run", self.cost("DNS redirect (connect)"), "<= 120", |v| v <= 120.0),
-            goal("hook: DNS redirect (sendmsg), ns/run", self.cost("DNS redirect (sendmsg)"), "<= 120", |v| v <= 120.0),
+            goal(
+                "local CPU/query vs min(dnsmasq, unbound)",
+                cpu / best_cpu,
+                "<= 1.00",
+                |v| v <= 1.0,
+            ),
+            goal(
+                "local CPU/query vs floor (stretch)",
+                cpu / floor.cpu_us_per_query,
+                "<= 1.15",
+                |v| v <= 1.15,
+            ),
+            goal(
+                "local max qps vs max(dnsmasq, unbound)",
+                direct.max.qps / best_qps,
+                ">= 1.00",
+                |v| v >= 1.0,
+            ),
+            goal(
+                "cache-hit qps vs local qps",
+                cached.max.qps / direct.max.qps,
+                ">= 0.90",
+                |v| v >= 0.9,
+            ),
+            goal(
+                "eBPF redirect qps vs direct",
+                redirect.max.qps / direct.max.qps,
+                ">= 0.97",
+                |v| v >= 0.97,
+            ),
+            goal(
+                "eBPF redirect qps vs iptables REDIRECT",
+                redirect.max.qps / iptables.max.qps,
+                ">= 1.20",
+                |v| v >= 1.2,
+            ),
+            goal("hook: pass path, ns/run", self.cost("pass"), "<= 50", |v| {
+                v <= 50.0
+            }),
+            goal(
+                "hook: DNS redirect (connect), ns/run",
+                self.cost("DNS redirect (connect)"),
+                "<= 120",
+                |v| v <= 120.0,
+            ),
+            goal(
+                "hook: DNS redirect (sendmsg), ns/run",
+                self.cost("DNS redirect (sendmsg)"),
+                "<= 120",
+                |v| v <= 120.0,
+            ),
         ];
         if let Some(s) = self.scale(30_000) {
-            goals.push(goal("30k hosts: RSS MB", s.rss_mib * 1.048_576, "<= 64", |v| v <= 64.0));
+            goals.push(goal(
+                "30k hosts: RSS MB",
+                s.rss_mib * 1.048_576,
+                "<= 64",
+                |v| v <= 64.0,
+            ));
         }
         if let Some(s) = self.scale(50_000) {
             let worst = s.ready.max(s.translatable).as_secs_f64();
-            goals.push(goal("50k hosts: ready and translatable, s", worst, "< 2", |v| v < 2.0));
+            goals.push(goal(
+                "50k hosts: ready and translatable, s",
+                worst,
+                "< 2",
+                |v| v < 2.0,
+            ));
         }
         goals
     }
@@ -90,10 +144,22 @@ impl Report {
                 m.max.qps, m.max.lost, m.cpu_us_per_query
             );
         }
-        let _ = writeln!(t, "(CPU per query: the server's user+sys CPU at a fixed {} qps)", crate::dnsperf::FIXED_QPS);
-        let _ = writeln!(t, "\n{:<34} {:<22} {:>10} {:>10}", "eBPF path", "program", "runs", "ns/run");
+        let _ = writeln!(
+            t,
+            "(CPU per query: the server's user+sys CPU at a fixed {} qps)",
+            crate::dnsperf::FIXED_QPS
+        );
+        let _ = writeln!(
+            t,
+            "\n{:<34} {:<22} {:>10} {:>10}",
+            "eBPF path", "program", "runs", "ns/run"
+        );
         for c in &self.costs {
-            let _ = writeln!(t, "{:<34} {:<22} {:>10} {:>10.1}", c.path, c.program, c.runs, c.ns_per_run);
+            let _ = writeln!(
+                t,
+                "{:<34} {:<22} {:>10} {:>10.1}",
+                c.path, c.program, c.runs, c.ns_per_run
+            );
         }
         let _ = writeln!(
             t,
@@ -114,7 +180,7 @@ impl Report {
                 "{:<46} {:>10.3} {:>9}  {}",
                 g.what,
                 g.value,
-                g.goal,
+                g.target,
                 if g.met { "yes" } else { "NO" }
             );
         }
@@ -127,6 +193,7 @@ impl Report {
     pub(crate) fn json(&self) -> Value {
         json!({
             "quick": self.quick,
+            "rounds": self.rounds,
             "servers": self.rows.iter().map(|(name, m)| json!({
                 "server": name,
                 "max_qps": m.max.qps,
@@ -145,17 +212,17 @@ impl Report {
                 "qps": s.qps,
             })).collect::<Vec<_>>(),
             "goals": self.goals().iter().map(|g| json!({
-                "ratio": g.what, "value": g.value, "goal": g.goal, "met": g.met,
+                "ratio": g.what, "value": g.value, "goal": g.target, "met": g.met,
             })).collect::<Vec<_>>(),
         })
     }
 }
 
-fn goal(what: &'static str, value: f64, goal: &'static str, met: fn(f64) -> bool) -> Goal {
+fn goal(what: &'static str, value: f64, target: &'static str, met: fn(f64) -> bool) -> Goal {
     Goal {
         what,
         value,
-        goal,
+        target,
         met: met(value),
     }
 }

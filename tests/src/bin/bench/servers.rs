@@ -2,6 +2,7 @@
 //! floor (this binary's `floor` mode), dnsmasq and unbound, all answering [`NAMES`]
 //! table names with one A record each.
 use std::{
+    fmt::Write as _,
     net::{SocketAddr, UdpSocket},
     path::Path,
     process::{Child, Command, Stdio},
@@ -96,8 +97,8 @@ pub(crate) fn dnsmasq(netns: &Netns, dir: &Path, addr: SocketAddr) -> Server {
     let hosts = dir.join("dnsmasq.hosts");
     let mut text = String::new();
     for i in 0..NAMES {
-        text += &format!("{} {}\n", address(i), table_name(i));
-        text += &format!("{} {}\n", address(i), forwarded_name(i));
+        let _ = writeln!(text, "{} {}", address(i), table_name(i));
+        let _ = writeln!(text, "{} {}", address(i), forwarded_name(i));
     }
     std::fs::write(&hosts, text).unwrap();
     let mut cmd = netns.command("dnsmasq");
@@ -110,6 +111,8 @@ pub(crate) fn dnsmasq(netns: &Netns, dir: &Path, addr: SocketAddr) -> Server {
         "--pid-file=",
         "--user=root",
         "--listen-address=127.0.0.1",
+        // Answers from the hosts file carry a TTL, so the daemon may cache them.
+        "--local-ttl=300",
     ])
     .arg(format!("--port={}", addr.port()))
     .arg(format!("--addn-hosts={}", hosts.display()));
@@ -130,7 +133,12 @@ pub(crate) fn unbound(netns: &Netns, dir: &Path, addr: SocketAddr) -> Server {
         dir.display()
     );
     for i in 0..NAMES {
-        text += &format!("  local-data: \"{}. 30 IN A {}\"\n", table_name(i), address(i));
+        let _ = writeln!(
+            text,
+            "  local-data: \"{}. 30 IN A {}\"",
+            table_name(i),
+            address(i)
+        );
     }
     text += "remote-control:\n  control-enable: no\n";
     std::fs::write(&conf, text).unwrap();
@@ -144,7 +152,8 @@ pub(crate) fn wait_answering(netns: &Netns, addr: SocketAddr, name: &str) {
     let query = dnsproxy_e2e::load::query(7, name, false);
     let answered = netns.within(move || {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 1500];
         while Instant::now() < deadline {
