@@ -450,6 +450,7 @@ impl Daemon {
             .await
             .context("first sync of the VIP backends")?;
         self.admin.ready.store(true, Ordering::Release);
+        crate::memory::release_free();
         tracing::info!(dns_servers = ?self.settings.dns_servers, cgroup = %self.settings.cgroup.display(), "ready");
         Ok(())
     }

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod dns;
 pub mod exec;
+pub mod memory;
 pub mod name;
 pub mod netns;
 pub mod registry;

@@ -81,9 +81,11 @@ impl Registry {
     pub fn update(&self, objects: &Objects) -> Result<(), AllocatorError> {
         let mut allocator = self.allocator.lock().expect("allocator lock");
         let table = NameTable::build(objects, &mut allocator, &self.config)?;
-        self.table.store(Arc::new(table));
+        // The old table goes (once no query holds it): give its memory back.
+        drop(self.table.swap(Arc::new(table)));
         self.answers_changed();
         self.generation.send_modify(|g| *g += 1);
+        crate::memory::release_free();
         Ok(())
     }
 

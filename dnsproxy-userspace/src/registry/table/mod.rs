@@ -59,15 +59,15 @@ pub struct Host {
     pub name: String,
     pub target: Target,
     /// Where it came from, e.g. `ServiceEntry default/aliyun`.
-    pub sources: Vec<String>,
+    pub sources: Vec<Arc<str>>,
     /// Names that also reach it from a client in the same namespace (Kubernetes
     /// short names), for the debug dump.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alt_hosts: Vec<String>,
     /// Its only addresses are auto-allocated VIPs (pods may opt out of those).
     pub auto_allocated: bool,
-    /// Namespace of the object it came from.
-    pub namespace: String,
+    /// Namespace of the object it came from (shared by the entry's hosts).
+    pub namespace: Arc<str>,
     /// Who may see it (`exportTo`).
     #[serde(skip_serializing_if = "Visibility::is_all")]
     pub export_to: Visibility,
@@ -79,8 +79,9 @@ pub struct Host {
 /// Where an entry comes from: the object's name for logs, namespace, visibility and
 /// precedence.
 pub struct Owner {
-    pub source: String,
-    pub namespace: String,
+    /// Shared by every host of the entry: one copy per entry, not per host.
+    pub source: Arc<str>,
+    pub namespace: Arc<str>,
     pub export_to: Visibility,
     pub rank: Arc<Rank>,
 }
@@ -91,10 +92,10 @@ impl Owner {
         Host {
             name: name.to_owned(),
             target,
-            sources: vec![self.source.clone()],
+            sources: vec![Arc::clone(&self.source)],
             alt_hosts: Vec::new(),
             auto_allocated: false,
-            namespace: self.namespace.clone(),
+            namespace: Arc::clone(&self.namespace),
             export_to: self.export_to.clone(),
             rank: Arc::clone(&self.rank),
         }
@@ -106,7 +107,7 @@ impl Owner {
 fn pick<'a>(candidates: &'a [Host], namespace: &str) -> Option<&'a Host> {
     candidates
         .iter()
-        .find(|h| h.namespace == namespace && h.export_to.allows(namespace))
+        .find(|h| &*h.namespace == namespace && h.export_to.allows(namespace))
         .or_else(|| candidates.iter().find(|h| h.export_to.allows(namespace)))
 }
 
@@ -131,7 +132,7 @@ pub struct VipService {
     pub ports: Arc<[ServiceEntryPort]>,
     pub resolution: Resolution,
     pub endpoints: Arc<[WorkloadEntry]>,
-    pub source: String,
+    pub source: Arc<str>,
     /// Precedence: of two entries on one VIP, the first translates it.
     #[serde(skip)]
     pub rank: Arc<Rank>,
@@ -415,8 +416,8 @@ impl Builder {
             let name = normalize(&svc.metadata.name);
             let fqdn = format!("{name}.{ns}.svc.{cd}");
             let owner = Owner {
-                source: format!("Service {ns}/{name}"),
-                namespace: ns.to_owned(),
+                source: format!("Service {ns}/{name}").into(),
+                namespace: ns.into(),
                 export_to: Visibility::from_annotation(&svc.metadata),
                 rank: Arc::new(Rank::of(&svc.metadata)),
             };
@@ -462,8 +463,8 @@ impl Builder {
         for se in &objects.service_entries {
             let ns = se.metadata.namespace();
             let owner = Owner {
-                source: format!("ServiceEntry {ns}/{}", se.metadata.name),
-                namespace: ns.to_owned(),
+                source: format!("ServiceEntry {ns}/{}", se.metadata.name).into(),
+                namespace: ns.into(),
                 export_to: Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns),
                 rank: Arc::new(Rank::of(&se.metadata)),
             };
@@ -524,7 +525,7 @@ impl Builder {
                 ports: Arc::clone(&shared.ports),
                 resolution: se.spec.resolution,
                 endpoints: Arc::clone(workloads),
-                source: owner.source.clone(),
+                source: Arc::clone(&owner.source),
                 rank: Arc::clone(&owner.rank),
             });
         }

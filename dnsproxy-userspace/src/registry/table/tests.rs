@@ -416,7 +416,7 @@ fn one_auto_allocated_vip_translates_to_the_oldest_entrys_backends() {
         .filter(|s| s.host == "shared.example")
         .collect();
     assert_eq!(shared.len(), 1, "{shared:?}");
-    assert_eq!(shared[0].source, "ServiceEntry a/one");
+    assert_eq!(&*shared[0].source, "ServiceEntry a/one");
     assert_eq!(
         v4s(t.get_for("shared.example", "b").unwrap()),
         v4s(t.get_for("shared.example", "a").unwrap()),
