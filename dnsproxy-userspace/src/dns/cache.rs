@@ -56,6 +56,16 @@ impl From<Message> for CachedAnswer {
 }
 
 impl CachedAnswer {
+    /// The shortest TTL among its records (`None`: it has none, nothing to time it by).
+    pub fn min_ttl(&self) -> Option<u32> {
+        self.answers
+            .iter()
+            .chain(&self.authorities)
+            .chain(&self.additionals)
+            .map(|r| r.ttl)
+            .min()
+    }
+
     fn records_mut(&mut self) -> impl Iterator<Item = &mut Record> {
         self.answers
             .iter_mut()

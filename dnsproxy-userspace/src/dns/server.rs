@@ -28,7 +28,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Protocol, batch, fast, handler::Handler, local::ClientContext, tcp, workers::UdpWorkers,
+    Protocol, batch, fast,
+    handler::{Handler, Keep},
+    local::ClientContext,
+    tcp,
+    workers::UdpWorkers,
 };
 
 /// Most queued datagrams a stopping UDP socket still answers (a default receive buffer
@@ -130,7 +134,9 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// daemon fails here.
 pub fn bind_std(port: u16, udp_sockets: UdpSockets) -> Result<StdListeners, BindError> {
     let (per_address, reuse_port) = match udp_sockets {
-        UdpSockets::ReusePort(n) => (n.max(1), true),
+        // One socket needs no group (and the data path's listener lookup is cheaper
+        // without one).
+        UdpSockets::ReusePort(n) => (n.max(1), n > 1),
         UdpSockets::One => (1, false),
     };
     let mut udp = Vec::new();
@@ -328,14 +334,17 @@ impl Serving {
             && !ctx.debug_log
         {
             let generation = handler.answers_generation();
-            if let Some(len) = fast.reply(query, &parsed, generation, &ctx, out) {
-                handler.count_local(parsed.qtype, Protocol::Udp, &ctx);
-                return Reply::Kept(len);
+            if let Some(written) = fast.reply(query, &parsed, generation, &ctx, out) {
+                handler.count_kept(parsed.qtype, written.cached, Protocol::Udp, &ctx);
+                return Reply::Kept(written.len);
             }
             if let Some(now) = handler.answer_now(query, Protocol::Udp, client, &ctx) {
-                if now.from_table {
-                    fast.keep(query, &parsed, &now.bytes, generation, &ctx);
-                }
+                let cached_for = match now.keep {
+                    Keep::Table => None,
+                    Keep::Cached(d) => Some(d),
+                    Keep::No => return Reply::Now(now.bytes),
+                };
+                fast.keep(query, &parsed, &now.bytes, generation, &ctx, cached_for);
                 return Reply::Now(now.bytes);
             }
         }

@@ -10,7 +10,11 @@
 //! for that key: at most 512 bytes (so no client's limit truncates it) and carrying the
 //! query's own question. Anything the strict query parser does not recognise goes to the
 //! handler, which answers as before.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use rand::Rng as _;
 
@@ -113,6 +117,17 @@ struct Entry {
     bytes: Box<[u8]>,
     /// Groups of address RDATA offsets of one type: shuffled on the way out.
     addresses: Box<[(usize, usize)]>,
+    /// A cached upstream answer, right until then; a table answer has no end but its
+    /// generation's.
+    until: Option<Instant>,
+}
+
+/// A reply written by [`Answers::reply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub len: usize,
+    /// A cached upstream answer (else a table answer).
+    pub cached: bool,
 }
 
 /// One receive loop's kept replies, for one table generation and client context.
@@ -155,22 +170,30 @@ impl Answers {
         generation: u64,
         ctx: &Arc<ClientContext>,
         out: &mut [u8; MAX_KEPT],
-    ) -> Option<usize> {
+    ) -> Option<Written> {
         self.refresh(generation, ctx);
         if self.entries.is_empty() {
             return None;
         }
         self.make_key(query, parsed);
         let entry = self.entries.get(self.key.as_slice())?;
+        if entry.until.is_some_and(|until| until <= Instant::now()) {
+            self.entries.remove(self.key.as_slice());
+            return None;
+        }
         let reply = &mut out[..entry.bytes.len()];
         reply.copy_from_slice(&entry.bytes);
         patch(reply, query, parsed.question_end);
         shuffle(reply, &entry.addresses);
-        Some(entry.bytes.len())
+        Some(Written {
+            len: entry.bytes.len(),
+            cached: entry.until.is_some(),
+        })
     }
 
-    /// Keeps `reply`, the handler's answer to `query` (a table answer computed under
-    /// `generation`), when it answers every asker of this key alike.
+    /// Keeps `reply`, the handler's answer to `query` computed under `generation`,
+    /// when it answers every asker of this key alike: a table answer for the
+    /// generation, a cached one for `cached_for`.
     pub fn keep(
         &mut self,
         query: &[u8],
@@ -178,6 +201,7 @@ impl Answers {
         reply: &[u8],
         generation: u64,
         ctx: &Arc<ClientContext>,
+        cached_for: Option<Duration>,
     ) {
         self.refresh(generation, ctx);
         let question = 12..parsed.question_end;
@@ -202,6 +226,7 @@ impl Answers {
             Entry {
                 bytes: reply.into(),
                 addresses,
+                until: cached_for.map(|d| Instant::now() + d),
             },
         );
     }

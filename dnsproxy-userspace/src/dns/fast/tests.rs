@@ -1,5 +1,5 @@
 //! The fast path against the handler's own answers to the same questions.
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query},
@@ -54,12 +54,13 @@ fn kept_then_fast(h: &Handler, first: &[u8], second: &[u8]) -> Option<Vec<u8>> {
     let now = h
         .answer_now(first, Protocol::Udp, client(), &ctx)
         .expect("answered at once");
-    assert!(now.from_table);
-    answers.keep(first, &parsed, &now.bytes, generation, &ctx);
+    assert_eq!(now.keep, crate::dns::handler::Keep::Table);
+    answers.keep(first, &parsed, &now.bytes, generation, &ctx, None);
     let parsed = parse(second).expect("a plain query");
     let mut out = [0u8; MAX_KEPT];
-    let len = answers.reply(second, &parsed, generation, &ctx, &mut out)?;
-    Some(out[..len].to_vec())
+    let written = answers.reply(second, &parsed, generation, &ctx, &mut out)?;
+    assert!(!written.cached);
+    Some(out[..written.len].to_vec())
 }
 
 /// A message with its answer records sorted (addresses are shuffled on both paths).
@@ -253,13 +254,13 @@ fn a_new_table_generation_or_context_empties_the_store() {
     let mut answers = Answers::default();
     let now = h.answer_now(&q, Protocol::Udp, client(), &ctx).unwrap();
     let mut out = [0u8; MAX_KEPT];
-    answers.keep(&q, &parsed, &now.bytes, 1, &ctx);
+    answers.keep(&q, &parsed, &now.bytes, 1, &ctx, None);
     assert!(answers.reply(&q, &parsed, 1, &ctx, &mut out).is_some());
     assert!(
         answers.reply(&q, &parsed, 2, &ctx, &mut out).is_none(),
         "generation moved"
     );
-    answers.keep(&q, &parsed, &now.bytes, 2, &ctx);
+    answers.keep(&q, &parsed, &now.bytes, 2, &ctx, None);
     let other = Arc::new(ClientContext::local("other", vec![]));
     assert!(
         answers.reply(&q, &parsed, 2, &other, &mut out).is_none(),
@@ -346,4 +347,40 @@ fn only_plain_queries_parse() {
     for (what, q) in rejected {
         assert_eq!(parse(&q), None, "{what}");
     }
+}
+
+#[test]
+fn a_kept_cached_answer_ends_with_its_time() {
+    let h = handler_with(vec![], false);
+    let q = wire(
+        "aliyun.com.",
+        RecordType::A,
+        &Shape {
+            id: 1,
+            rd: true,
+            cd: false,
+            edns: None,
+        },
+    );
+    let parsed = parse(&q).unwrap();
+    let ctx = Arc::new(ctx());
+    let now = h.answer_now(&q, Protocol::Udp, client(), &ctx).unwrap();
+    let mut answers = Answers::default();
+    let mut out = [0u8; MAX_KEPT];
+    answers.keep(
+        &q,
+        &parsed,
+        &now.bytes,
+        1,
+        &ctx,
+        Some(Duration::from_millis(50)),
+    );
+    let written = answers.reply(&q, &parsed, 1, &ctx, &mut out).expect("kept");
+    assert!(written.cached);
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(
+        answers.reply(&q, &parsed, 1, &ctx, &mut out),
+        None,
+        "expired"
+    );
 }

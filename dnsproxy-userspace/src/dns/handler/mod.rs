@@ -52,9 +52,24 @@ pub struct Handler {
 /// A reply given at once ([`Handler::answer_now`]).
 pub struct Immediate {
     pub bytes: Vec<u8>,
-    /// From the name table (the fast path may keep it for this table generation).
-    pub from_table: bool,
+    /// How long the fast path may give these bytes to the next asker.
+    pub keep: Keep,
 }
+
+/// How long an immediate reply stays right for the next asker of the same question.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// A table answer: for this table generation.
+    Table,
+    /// A cached answer: for this long (its TTLs are then at most this much too high,
+    /// never past the cache's own expiry).
+    Cached(std::time::Duration),
+    /// Not at all.
+    No,
+}
+
+/// Longest a cached answer is kept encoded: its TTLs are stated in whole seconds.
+const KEEP_CACHED: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Who asked what, for logs and metrics.
 struct Asked<'a> {
@@ -154,30 +169,41 @@ impl Handler {
             qtype: question.query_type(),
             edns: request.edns.as_ref().map(Edns::max_payload),
         };
-        let (reply, outcome) = if let Some((local, untranslated)) = self.local(question, ctx) {
+        let (reply, outcome, keep) = if let Some((local, untranslated)) = self.local(question, ctx)
+        {
             if !untranslated.is_empty() || local.chase.is_some() {
                 return None;
             }
             let reply = Self::local_message(&request, local, Vec::new(), &asked);
-            (reply, Outcome::Local)
+            (reply, Outcome::Local, Keep::Table)
         } else {
             let hit = self.upstream.cached(question)?;
-            Self::forwarded_reply(&request, hit, &asked)
+            let keep = hit.answer.min_ttl().map_or(Keep::No, |ttl| {
+                Keep::Cached(KEEP_CACHED.min(std::time::Duration::from_secs(ttl.into())))
+            });
+            let (reply, outcome) = Self::forwarded_reply(&request, hit, &asked);
+            (reply, outcome, keep)
         };
         self.metrics
             .request(asked.qtype, protocol, outcome, ctx.requests.as_deref());
         Some(Immediate {
             bytes: fit_to_transport(&reply, &request, protocol)?,
-            from_table: outcome == Outcome::Local,
+            keep,
         })
     }
 
-    /// Counts a table answer the fast path gave (it answers nothing else).
-    pub fn count_local(&self, qtype: u16, protocol: Protocol, ctx: &ClientContext) {
+    /// Counts a reply the fast path gave: a table answer, or a cached one (`cached`).
+    pub fn count_kept(&self, qtype: u16, cached: bool, protocol: Protocol, ctx: &ClientContext) {
+        let outcome = if cached {
+            self.metrics.cache_hit();
+            Outcome::Cached
+        } else {
+            Outcome::Local
+        };
         self.metrics.request(
             RecordType::from(qtype),
             protocol,
-            Outcome::Local,
+            outcome,
             ctx.requests.as_deref(),
         );
     }
