@@ -175,6 +175,7 @@ pub struct Metrics {
     cache_misses: Counter,
     merged: Counter,
     failure_cache_hits: Counter,
+    fast_resets: Counter,
     /// By [`Reason::REFUSED`] / [`Reason::CLOSED`] position.
     tcp_refused: Vec<Counter>,
     tcp_closed: Vec<Counter>,
@@ -205,6 +206,7 @@ impl Metrics {
             cache_misses: Counter::default(),
             merged: Counter::default(),
             failure_cache_hits: Counter::default(),
+            fast_resets: Counter::default(),
             tcp_refused: by_reason(
                 registry,
                 "dns_tcp_connections_refused",
@@ -238,6 +240,11 @@ impl Metrics {
                 "dns_cache_misses",
                 "Lookups the cache could not serve.",
                 &metrics.cache_misses,
+            ),
+            (
+                "dns_fast_path_resets",
+                "Times a UDP loop's kept answers reached their bound and started over.",
+                &metrics.fast_resets,
             ),
         ];
         for (name, help, counter) in counters {
@@ -280,6 +287,11 @@ impl Metrics {
     /// Counts a question merged into one in flight.
     pub fn merged(&self) {
         self.merged.inc();
+    }
+
+    /// Counts a UDP loop's kept answers starting over at their bound.
+    pub fn fast_reset(&self) {
+        self.fast_resets.inc();
     }
 
     /// Counts a SERVFAIL from the failure memory.

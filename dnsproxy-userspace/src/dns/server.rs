@@ -344,7 +344,9 @@ impl Serving {
                     Keep::Cached(d) => Some(d),
                     Keep::No => return Reply::Now(now.bytes),
                 };
-                fast.keep(query, &parsed, &now.bytes, generation, &ctx, cached_for);
+                if fast.keep(query, &parsed, &now.bytes, generation, &ctx, cached_for) {
+                    handler.metrics().fast_reset();
+                }
                 return Reply::Now(now.bytes);
             }
         }

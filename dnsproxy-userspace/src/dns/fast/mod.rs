@@ -193,7 +193,8 @@ impl Answers {
 
     /// Keeps `reply`, the handler's answer to `query` computed under `generation`,
     /// when it answers every asker of this key alike: a table answer for the
-    /// generation, a cached one for `cached_for`.
+    /// generation, a cached one for `cached_for`. True when the store was full and
+    /// started over.
     pub fn keep(
         &mut self,
         query: &[u8],
@@ -202,7 +203,7 @@ impl Answers {
         generation: u64,
         ctx: &Arc<ClientContext>,
         cached_for: Option<Duration>,
-    ) {
+    ) -> bool {
         self.refresh(generation, ctx);
         let question = 12..parsed.question_end;
         // A truncated reply (TC) depends on the asker's limit: never kept.
@@ -212,12 +213,13 @@ impl Answers {
                 .get(question.clone())
                 .is_none_or(|q| !q.eq_ignore_ascii_case(&query[question]))
         {
-            return;
+            return false;
         }
         let Some(addresses) = address_groups(reply, parsed.question_end) else {
-            return;
+            return false;
         };
-        if self.entries.len() >= MAX_ENTRIES {
+        let reset = self.entries.len() >= MAX_ENTRIES;
+        if reset {
             self.entries.clear();
         }
         self.make_key(query, parsed);
@@ -229,6 +231,7 @@ impl Answers {
                 until: cached_for.map(|d| Instant::now() + d),
             },
         );
+        reset
     }
 }
 

@@ -55,7 +55,7 @@ fn kept_then_fast(h: &Handler, first: &[u8], second: &[u8]) -> Option<Vec<u8>> {
         .answer_now(first, Protocol::Udp, client(), &ctx)
         .expect("answered at once");
     assert_eq!(now.keep, crate::dns::handler::Keep::Table);
-    answers.keep(first, &parsed, &now.bytes, generation, &ctx, None);
+    assert!(!answers.keep(first, &parsed, &now.bytes, generation, &ctx, None));
     let parsed = parse(second).expect("a plain query");
     let mut out = [0u8; MAX_KEPT];
     let written = answers.reply(second, &parsed, generation, &ctx, &mut out)?;
@@ -254,13 +254,13 @@ fn a_new_table_generation_or_context_empties_the_store() {
     let mut answers = Answers::default();
     let now = h.answer_now(&q, Protocol::Udp, client(), &ctx).unwrap();
     let mut out = [0u8; MAX_KEPT];
-    answers.keep(&q, &parsed, &now.bytes, 1, &ctx, None);
+    assert!(!answers.keep(&q, &parsed, &now.bytes, 1, &ctx, None));
     assert!(answers.reply(&q, &parsed, 1, &ctx, &mut out).is_some());
     assert!(
         answers.reply(&q, &parsed, 2, &ctx, &mut out).is_none(),
         "generation moved"
     );
-    answers.keep(&q, &parsed, &now.bytes, 2, &ctx, None);
+    assert!(!answers.keep(&q, &parsed, &now.bytes, 2, &ctx, None));
     let other = Arc::new(ClientContext::local("other", vec![]));
     assert!(
         answers.reply(&q, &parsed, 2, &other, &mut out).is_none(),

@@ -146,8 +146,10 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "(CPU per query: the server's user+sys CPU at a fixed {} qps)",
-            crate::dnsperf::FIXED_QPS
+            "(CPU per query: the server's user+sys CPU at a fixed {} qps; each figure the \
+             median of {} rounds, the servers taking turns)",
+            crate::dnsperf::FIXED_QPS,
+            self.rounds
         );
         let _ = writeln!(
             t,
