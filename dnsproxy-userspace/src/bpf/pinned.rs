@@ -70,6 +70,22 @@ pub struct ServiceDump {
     pub backends: Vec<std::net::SocketAddr>,
 }
 
+impl ServiceDump {
+    /// A `dp_services` entry as read from the map, whatever its bytes: a count past
+    /// the backends array shows the whole array.
+    pub fn decode(key: &ServiceKey, value: &ServiceValue) -> Self {
+        ServiceDump {
+            vip: from_map_addr(&key.addr),
+            port: key.port,
+            protocol: Protocol::from_ip_proto(key.protocol).as_str(),
+            backends: value.backends[..(value.count as usize).min(value.backends.len())]
+                .iter()
+                .map(|b| std::net::SocketAddr::new(from_map_addr(&b.addr), b.port))
+                .collect(),
+        }
+    }
+}
+
 /// Counters in their declared order (a JSON object, name → value).
 #[derive(Debug)]
 pub struct Counters(pub Vec<(&'static str, u64)>);
@@ -148,15 +164,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
     let mut services: Vec<ServiceDump> = service_map
         .iter()
         .filter_map(Result::ok)
-        .map(|(k, v)| ServiceDump {
-            vip: from_map_addr(&k.addr),
-            port: k.port,
-            protocol: Protocol::from_ip_proto(k.protocol).as_str(),
-            backends: v.backends[..(v.count as usize).min(v.backends.len())]
-                .iter()
-                .map(|b| std::net::SocketAddr::new(from_map_addr(&b.addr), b.port))
-                .collect(),
-        })
+        .map(|(k, v)| ServiceDump::decode(&k, &v))
         .collect();
     services.sort_by_key(|s| (s.vip, s.port, s.protocol));
     let mut links: Vec<String> = std::fs::read_dir(pin_dir.join(LINKS_DIR))

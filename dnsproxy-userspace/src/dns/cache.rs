@@ -31,6 +31,8 @@ pub struct Key {
     pub name: String,
     pub qtype: RecordType,
     pub qclass: DNSClass,
+    /// RD, DO and CD as the client set them.
+    pub bits: super::upstream::Bits,
 }
 
 /// What the cache keeps of an answer.
@@ -320,6 +322,7 @@ mod tests {
             name: n.into(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
+            bits: crate::dns::upstream::Bits::RECURSIVE,
         }
     }
 

@@ -19,6 +19,7 @@ use super::{
     EDNS_PAYLOAD,
     framing::{read_frame, write_frame},
     metrics::Metrics,
+    upstream::Bits,
 };
 
 /// Why forwarding failed.
@@ -94,11 +95,11 @@ impl Forwarder {
     }
 
     /// Resolves `question` upstream (recursion desired), within one timeout.
-    pub async fn forward(&self, question: &Query) -> Result<Forwarded, ForwardError> {
+    pub async fn forward(&self, question: &Query, bits: Bits) -> Result<Forwarded, ForwardError> {
         if self.upstreams.is_empty() {
             return Err(ForwardError::NoUpstream);
         }
-        let out = upstream_query(question)?;
+        let out = upstream_query(question, bits)?;
         let mut exchange = Exchange::new(self, &out);
         let result = exchange.run().await;
         exchange.settle_unanswered();
@@ -349,13 +350,16 @@ async fn recv_any(attempts: &[Attempt], buf: &mut [u8]) -> (usize, std::io::Resu
     .await
 }
 
-/// Our query for `question`: a fresh random ID, RD set, EDNS with our payload size.
-fn upstream_query(question: &Query) -> Result<Outgoing, ForwardError> {
+/// Our query for `question`: a fresh random ID, the client's RD, CD and DO relayed as
+/// it set them, EDNS with our payload size.
+fn upstream_query(question: &Query, bits: Bits) -> Result<Outgoing, ForwardError> {
     let mut query = Message::new(rand::random(), MessageType::Query, OpCode::Query);
-    query.metadata.recursion_desired = true;
+    query.metadata.recursion_desired = bits.recursion_desired;
+    query.metadata.checking_disabled = bits.checking_disabled;
     query.add_query(question.clone());
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
+    edns.set_dnssec_ok(bits.dnssec_ok);
     query.set_edns(edns);
     let bytes = query.to_vec().map_err(ForwardError::Encode)?;
     Ok(Outgoing {

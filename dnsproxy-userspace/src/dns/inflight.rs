@@ -41,10 +41,8 @@ pub struct Question {
     pub name: String,
     pub qtype: RecordType,
     pub qclass: DNSClass,
-    /// The client's DNSSEC OK bit (EDNS).
-    pub dnssec_ok: bool,
-    /// The client's Checking Disabled bit.
-    pub checking_disabled: bool,
+    /// The client's RD, DO and CD bits.
+    pub bits: super::upstream::Bits,
 }
 
 /// The outcome a leader shares with the questions merged into it: the upstream's
@@ -230,8 +228,7 @@ mod tests {
             name: name.to_owned(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
-            dnssec_ok: false,
-            checking_disabled: false,
+            bits: crate::dns::upstream::Bits::RECURSIVE,
         }
     }
 
@@ -254,7 +251,7 @@ mod tests {
             panic!("not merged");
         };
         let mut other_bits = q("x");
-        other_bits.dnssec_ok = true;
+        other_bits.bits.dnssec_ok = true;
         let distinct = lead(f.admit(other_bits, &pod, now));
         assert_eq!(f.len(), 2, "the follower takes no slot");
         let answer = Arc::new(Message::new(7, MessageType::Response, OpCode::Query));

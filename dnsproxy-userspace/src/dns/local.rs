@@ -1,6 +1,7 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
+//! ANY (its addresses, RFC 8482), NODATA for every other type of a name the table owns,
 //! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`. Names the
-//! table does not know, and other record types, are left to upstream.
+//! table does not know, and SRV of Kubernetes Services, are left to upstream.
 use std::{collections::HashSet, sync::Arc};
 
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
@@ -92,13 +93,15 @@ pub fn answer(
     if qtype == RecordType::PTR {
         return ptr_answer(table, &name, qname, ttl);
     }
-    if !matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::CNAME) {
-        return None;
-    }
     let matched = table.resolve(&name, &client.namespace, &client.extra_search)?;
     let (Match::Direct(host) | Match::SearchSuffix { host, .. }) = matched;
     if host.auto_allocated && !client.auto_allocate {
         // This pod opted out of auto-allocation: the real name servers answer.
+        return None;
+    }
+    // SRV of a Kubernetes Service: its ports are the cluster DNS's to tell (the
+    // Kubernetes DNS specification), so it goes there.
+    if qtype == RecordType::SRV && host.is_kubernetes_service() {
         return None;
     }
     let chain = Chain::start(matched, qname, ttl)?;
@@ -207,17 +210,33 @@ fn add_addresses(
     let Target::Addresses(addrs) = &host.target else {
         return;
     };
-    let mut records: Vec<Record> = match qtype {
-        RecordType::A => addrs
+    let v4 = || {
+        let mut r: Vec<Record> = addrs
             .ipv4
             .iter()
             .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::A(rdata::A(*ip))))
-            .collect(),
-        RecordType::AAAA if ipv6 => addrs
+            .collect();
+        r.shuffle(&mut rand::rng());
+        r
+    };
+    let v6 = || {
+        let mut r: Vec<Record> = addrs
             .ipv6
             .iter()
+            .filter(|_| ipv6)
             .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::AAAA(rdata::AAAA(*ip))))
-            .collect(),
+            .collect();
+        r.shuffle(&mut rand::rng());
+        r
+    };
+    let records: Vec<Record> = match qtype {
+        RecordType::A => v4(),
+        RecordType::AAAA => v6(),
+        // RFC 8482: the minimal answer to ANY, the addresses.
+        RecordType::ANY => v4().into_iter().chain(v6()).collect(),
+        // TXT, MX, HTTPS, SVCB…: a name the table owns has none (RFC 8020: the name
+        // exists, so NODATA, not the upstream's NXDOMAIN; and no HTTPS hint can bypass
+        // the VIP).
         _ => Vec::new(),
     };
     if records.is_empty() {
@@ -226,6 +245,5 @@ fn add_addresses(
         out.soa = Some(soa(owner, ttl));
         return;
     }
-    records.shuffle(&mut rand::rng());
     out.answers.extend(records);
 }

@@ -48,7 +48,7 @@ enum Reply {
     Kept(usize),
     /// Answered at once by the handler.
     Now(Vec<u8>),
-    /// Answered later, by a task of its own (or dropped, as the handler decides).
+    /// Answered later, by a task of its own, or not at all (as the handler decides).
     Later,
 }
 
@@ -339,15 +339,18 @@ impl Serving {
                 return Reply::Kept(written.len);
             }
             if let Some(now) = handler.answer_now(query, Protocol::Udp, client, &ctx) {
+                let Some(bytes) = now.bytes else {
+                    return Reply::Later;
+                };
                 let cached_for = match now.keep {
                     Keep::Table => None,
                     Keep::Cached(d) => Some(d),
-                    Keep::No => return Reply::Now(now.bytes),
+                    Keep::No => return Reply::Now(bytes),
                 };
-                if fast.keep(query, &parsed, &now.bytes, generation, &ctx, cached_for) {
+                if fast.keep(query, &parsed, &bytes, generation, &ctx, cached_for) {
                     handler.metrics().fast_reset();
                 }
-                return Reply::Now(now.bytes);
+                return Reply::Now(bytes);
             }
         }
         self.answer_udp(sock, query.to_vec(), client);

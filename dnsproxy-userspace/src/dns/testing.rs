@@ -42,6 +42,16 @@ kind: Service
 metadata: {name: outside, namespace: default}
 spec: {type: ExternalName, externalName: upstream-only.test}
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: gone, namespace: default}
+spec: {type: ExternalName, externalName: nx.upstream.test}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: default}
+spec: {type: ExternalName, externalName: fail.upstream.test}
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: big}

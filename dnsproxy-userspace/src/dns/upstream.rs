@@ -41,11 +41,22 @@ pub enum Refusal {
     Failed,
 }
 
-/// The question as the client asked it: its DNSSEC bits make it different upstream work.
-#[derive(Clone, Copy, Debug, Default)]
+/// The client's flags, relayed upstream as it set them: each makes its question
+/// different upstream work (and a different answer to cache).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Bits {
+    pub recursion_desired: bool,
     pub dnssec_ok: bool,
     pub checking_disabled: bool,
+}
+
+impl Bits {
+    /// What the daemon asks for itself (backend resolution): recursion, no DNSSEC.
+    pub const RECURSIVE: Bits = Bits {
+        recursion_desired: true,
+        dnssec_ok: false,
+        checking_disabled: false,
+    };
 }
 
 /// The cache, the in-flight bookkeeping and the forwarder, composed.
@@ -83,8 +94,8 @@ impl UpstreamPath {
 
     /// The cached answer to `question`, if there is one (counted as a hit; a miss is
     /// counted by [`UpstreamPath::answer`], which the caller goes on to).
-    pub fn cached(&self, question: &Query) -> Option<Upstream> {
-        let hit = self.cache.get(&key_of(question), Instant::now())?;
+    pub fn cached(&self, question: &Query, bits: Bits) -> Option<Upstream> {
+        let hit = self.cache.get(&key_of(question, bits), Instant::now())?;
         self.metrics.cache_hit();
         Some(Upstream {
             answer: hit,
@@ -99,7 +110,7 @@ impl UpstreamPath {
         bits: Bits,
         client: &Arc<str>,
     ) -> Result<Upstream, Refusal> {
-        let key = key_of(question);
+        let key = key_of(question, bits);
         if let Some(hit) = self.cache.get(&key, Instant::now()) {
             self.metrics.cache_hit();
             return Ok(Upstream {
@@ -132,8 +143,7 @@ impl UpstreamPath {
             name: key.name.clone(),
             qtype: key.qtype,
             qclass: key.qclass,
-            dnssec_ok: bits.dnssec_ok,
-            checking_disabled: bits.checking_disabled,
+            bits,
         };
         let lead = match self.inflight.admit(work, client, Instant::now()) {
             Admission::Lead(lead) => lead,
@@ -148,7 +158,7 @@ impl UpstreamPath {
             }
             Admission::Overloaded => return Err(Refusal::Overloaded),
         };
-        match self.forwarder.forward(question).await {
+        match self.forwarder.forward(question, bits).await {
             Ok(fwd) => {
                 self.cache.insert(key.clone(), &fwd.reply, Instant::now());
                 let shared = Arc::new(fwd.reply);
@@ -172,11 +182,12 @@ impl UpstreamPath {
     }
 }
 
-/// The cache key of a question.
-fn key_of(question: &Query) -> Key {
+/// The cache key of a question asked with `bits`.
+fn key_of(question: &Query, bits: Bits) -> Key {
     Key {
         name: normalize_name(question.name()),
         qtype: question.query_type(),
         qclass: question.query_class(),
+        bits,
     }
 }

@@ -110,8 +110,7 @@ fn stable_hash(s: &str) -> u64 {
 }
 
 impl VipAllocator {
-    /// An allocator without persistence.
-    #[cfg(test)]
+    /// An allocator without persistence (tests, fuzzing).
     pub fn in_memory() -> Self {
         VipAllocator {
             hosts: BTreeMap::new(),

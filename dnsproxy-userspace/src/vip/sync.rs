@@ -23,7 +23,10 @@ use super::plan::{
 };
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
-    dns::forwarder::{ForwardError, Forwarder},
+    dns::{
+        forwarder::{ForwardError, Forwarder},
+        upstream::Bits,
+    },
     registry::{Registry, table::VipService},
 };
 
@@ -93,7 +96,10 @@ async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Family, Family), 
         Query::query(fqdn.clone(), RecordType::A),
         Query::query(fqdn, RecordType::AAAA),
     );
-    let (a, aaaa) = tokio::join!(forwarder.forward(&qa), forwarder.forward(&qaaaa));
+    let (a, aaaa) = tokio::join!(
+        forwarder.forward(&qa, Bits::RECURSIVE),
+        forwarder.forward(&qaaaa, Bits::RECURSIVE)
+    );
     let (a, aaaa) = match (a, aaaa) {
         (Err(e), Err(_)) => return Err(ResolveError::Upstream(e)),
         (a, aaaa) => (a.ok(), aaaa.ok()),

@@ -41,8 +41,10 @@ pub struct Parsed {
     /// End of the question (header + name + type + class).
     pub question_end: usize,
     pub qtype: u16,
-    /// EDNS present (bit 0) and DO set (bit 1): the reply carries them.
-    edns: u8,
+    /// What the answer depends on besides the question: EDNS present (bit 0), DO
+    /// (bit 1), RD (bit 2) and CD (bit 3); the upstream is asked with the client's
+    /// flags, so a cached answer is one per combination.
+    shape: u8,
 }
 
 /// Parses a plain query strictly: QR=0, opcode QUERY, one question with an
@@ -77,10 +79,12 @@ pub fn parse(query: &[u8]) -> Option<Parsed> {
         1 => opt_flags(&query[question_end..])?,
         _ => return None,
     };
+    let recursion_desired = header[2] & 0x01;
+    let checking_disabled = (header[3] >> 4) & 0x01;
     Some(Parsed {
         question_end,
         qtype,
-        edns,
+        shape: edns | (recursion_desired << 2) | (checking_disabled << 3),
     })
 }
 
@@ -150,7 +154,7 @@ impl Answers {
         }
     }
 
-    /// Fills `self.key`: the question in lower case, then the EDNS shape.
+    /// Fills `self.key`: the question in lower case, then the shape of the query.
     fn make_key(&mut self, query: &[u8], parsed: &Parsed) {
         self.key.clear();
         self.key.extend(
@@ -158,7 +162,7 @@ impl Answers {
                 .iter()
                 .map(u8::to_ascii_lowercase),
         );
-        self.key.push(parsed.edns);
+        self.key.push(parsed.shape);
     }
 
     /// Writes the reply to `query` into `out` and returns its length, when one is kept

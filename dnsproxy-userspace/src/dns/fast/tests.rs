@@ -55,7 +55,8 @@ fn kept_then_fast(h: &Handler, first: &[u8], second: &[u8]) -> Option<Vec<u8>> {
         .answer_now(first, Protocol::Udp, client(), &ctx)
         .expect("answered at once");
     assert_eq!(now.keep, crate::dns::handler::Keep::Table);
-    assert!(!answers.keep(first, &parsed, &now.bytes, generation, &ctx, None));
+    let bytes = now.bytes.expect("a reply");
+    assert!(!answers.keep(first, &parsed, &bytes, generation, &ctx, None));
     let parsed = parse(second).expect("a plain query");
     let mut out = [0u8; MAX_KEPT];
     let written = answers.reply(second, &parsed, generation, &ctx, &mut out)?;
@@ -96,20 +97,6 @@ fn patched_replies_equal_the_handlers_answer_to_the_same_question() {
             "the question's case as the second asker wrote it",
             wire("aliyun.com.", RecordType::A, &plain),
             wire("AliYun.COM.", RecordType::A, &Shape { id: 7, ..plain }),
-        ),
-        (
-            "RD clear and CD set, copied from the query",
-            wire("aliyun.com.", RecordType::A, &plain),
-            wire(
-                "aliyun.com.",
-                RecordType::A,
-                &Shape {
-                    id: 9,
-                    rd: false,
-                    cd: true,
-                    edns: None,
-                },
-            ),
         ),
         (
             "EDNS echoed, whatever payload size the client offers",
@@ -177,7 +164,7 @@ fn patched_replies_equal_the_handlers_answer_to_the_same_question() {
 }
 
 #[test]
-fn other_edns_shapes_and_truncated_replies_are_not_shared() {
+fn other_flags_edns_shapes_and_truncated_replies_are_not_shared() {
     let h = handler_with(vec![], false);
     let plain = Shape {
         id: 1,
@@ -198,12 +185,17 @@ fn other_edns_shapes_and_truncated_replies_are_not_shared() {
         );
         assert_eq!(kept_then_fast(&h, &first, &second), None, "{edns:?}");
     }
+    // RD clear or CD set: relayed upstream as set, so another key too.
+    for (rd, cd) in [(false, false), (true, true)] {
+        let second = wire("aliyun.com.", RecordType::A, &Shape { rd, cd, ..plain });
+        assert_eq!(kept_then_fast(&h, &first, &second), None, "rd {rd} cd {cd}");
+    }
     // 32 addresses do not fit 512 bytes: truncated (TC), so never kept.
     let truncated = wire("big.test.", RecordType::A, &plain);
     let now = h
         .answer_now(&truncated, Protocol::Udp, client(), &ctx())
         .unwrap();
-    assert_ne!(now.bytes[2] & 0x02, 0, "TC set");
+    assert_ne!(now.bytes.unwrap()[2] & 0x02, 0, "TC set");
     assert_eq!(kept_then_fast(&h, &truncated, &truncated), None);
 }
 
@@ -252,15 +244,19 @@ fn a_new_table_generation_or_context_empties_the_store() {
     let parsed = parse(&q).unwrap();
     let ctx = Arc::new(ctx());
     let mut answers = Answers::default();
-    let now = h.answer_now(&q, Protocol::Udp, client(), &ctx).unwrap();
+    let now = h
+        .answer_now(&q, Protocol::Udp, client(), &ctx)
+        .unwrap()
+        .bytes
+        .unwrap();
     let mut out = [0u8; MAX_KEPT];
-    assert!(!answers.keep(&q, &parsed, &now.bytes, 1, &ctx, None));
+    assert!(!answers.keep(&q, &parsed, &now, 1, &ctx, None));
     assert!(answers.reply(&q, &parsed, 1, &ctx, &mut out).is_some());
     assert!(
         answers.reply(&q, &parsed, 2, &ctx, &mut out).is_none(),
         "generation moved"
     );
-    assert!(!answers.keep(&q, &parsed, &now.bytes, 2, &ctx, None));
+    assert!(!answers.keep(&q, &parsed, &now, 2, &ctx, None));
     let other = Arc::new(ClientContext::local("other", vec![]));
     assert!(
         answers.reply(&q, &parsed, 2, &other, &mut out).is_none(),
@@ -365,16 +361,18 @@ fn a_kept_cached_answer_ends_with_its_time() {
     let parsed = parse(&q).unwrap();
     let ctx = Arc::new(ctx());
     let now = h.answer_now(&q, Protocol::Udp, client(), &ctx).unwrap();
+    let bytes = now.bytes.unwrap();
     let mut answers = Answers::default();
     let mut out = [0u8; MAX_KEPT];
-    answers.keep(
+    let reset = answers.keep(
         &q,
         &parsed,
-        &now.bytes,
+        &bytes,
         1,
         &ctx,
         Some(Duration::from_millis(50)),
     );
+    assert!(!reset);
     let written = answers.reply(&q, &parsed, 1, &ctx, &mut out).expect("kept");
     assert!(written.cached);
     std::thread::sleep(Duration::from_millis(60));
@@ -383,4 +381,22 @@ fn a_kept_cached_answer_ends_with_its_time() {
         None,
         "expired"
     );
+}
+
+#[test]
+fn rejections_are_answered_at_once_and_never_kept() {
+    let h = handler_with(vec![], false);
+    let plain = Shape {
+        id: 9,
+        rd: true,
+        cd: false,
+        edns: None,
+    };
+    for (qtype, rcode) in [(RecordType::IXFR, 4), (RecordType::AXFR, 4)] {
+        let q = wire("fixed.test.", qtype, &plain);
+        assert!(parse(&q).is_some(), "a plain query on the wire");
+        let now = h.answer_now(&q, Protocol::Udp, client(), &ctx()).unwrap();
+        assert_eq!(now.keep, crate::dns::handler::Keep::No, "{qtype}");
+        assert_eq!(now.bytes.unwrap()[3] & 0x0f, rcode, "{qtype}");
+    }
 }

@@ -51,7 +51,8 @@ pub struct Handler {
 
 /// A reply given at once ([`Handler::answer_now`]).
 pub struct Immediate {
-    pub bytes: Vec<u8>,
+    /// `None`: nothing is sent (a response, or not even a header).
+    pub bytes: Option<Vec<u8>>,
     /// How long the fast path may give these bytes to the next asker.
     pub keep: Keep,
 }
@@ -144,9 +145,10 @@ impl Handler {
         fit_to_transport(&reply, &request, protocol)
     }
 
-    /// Answers at once, on the caller's thread, what needs no waiting: a table answer
-    /// whose VIPs are translated and that has no alias to chase upstream, or a cached
-    /// upstream answer. `None`: the query takes [`Handler::handle`].
+    /// Answers at once, on the caller's thread, what needs no waiting: a query it
+    /// rejects (FORMERR, NOTIMP, BADVERS), a table answer whose VIPs are translated and
+    /// that has no alias to chase upstream, or a cached upstream answer. `None`: the
+    /// query takes [`Handler::handle`].
     pub fn answer_now(
         &self,
         query: &[u8],
@@ -154,13 +156,15 @@ impl Handler {
         client: SocketAddr,
         ctx: &ClientContext,
     ) -> Option<Immediate> {
-        let request = Message::from_vec(query).ok()?;
-        if request.metadata.message_type != MessageType::Query
-            || request.metadata.op_code != OpCode::Query
-            || request.queries.len() != 1
-        {
-            return None;
-        }
+        let request = match self.admit(query, protocol, client, ctx) {
+            Ok(request) => request,
+            Err(rejection) => {
+                return Some(Immediate {
+                    bytes: rejection,
+                    keep: Keep::No,
+                });
+            }
+        };
         let question = &request.queries[0];
         let asked = Asked {
             client,
@@ -177,7 +181,7 @@ impl Handler {
             let reply = Self::local_message(&request, local, Vec::new(), &asked);
             (reply, Outcome::Local, Keep::Table)
         } else {
-            let hit = self.upstream.cached(question)?;
+            let hit = self.upstream.cached(question, bits(&request))?;
             let keep = hit.answer.min_ttl().map_or(Keep::No, |ttl| {
                 Keep::Cached(KEEP_CACHED.min(std::time::Duration::from_secs(ttl.into())))
             });
@@ -187,7 +191,7 @@ impl Handler {
         self.metrics
             .request(asked.qtype, protocol, outcome, ctx.requests.as_deref());
         Some(Immediate {
-            bytes: fit_to_transport(&reply, &request, protocol)?,
+            bytes: Some(fit_to_transport(&reply, &request, protocol)?),
             keep,
         })
     }
@@ -235,8 +239,7 @@ impl Handler {
                 .wait_translated(untranslated, self.vip_wait)
                 .await
         {
-            let reply = self.local_reply(request, local, asked).await;
-            return (reply, Outcome::Local);
+            return self.local_reply(request, local, asked).await;
         }
         let question = &request.queries[0];
         answer_log!(
@@ -304,6 +307,12 @@ impl Handler {
             ResponseCode::NotImp
         } else if request.queries.len() != 1 {
             ResponseCode::FormErr
+        } else if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            // RFC 6891 §6.1.3: only version 0 is spoken here.
+            ResponseCode::BADVERS
+        } else if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // Zone transfers are not a stub resolver's business (RFC 5936 §4.2).
+            ResponseCode::NotImp
         } else {
             return Ok(request);
         };
@@ -322,6 +331,10 @@ impl Handler {
         question: &Query,
         ctx: &ClientContext,
     ) -> Option<(local::LocalAnswer, Vec<IpAddr>)> {
+        // The table holds Internet-class names only: CH, HS and the rest go upstream.
+        if question.query_class() != hickory_proto::rr::DNSClass::IN {
+            return None;
+        }
         let table = self.registry.current();
         let answer = local::answer(
             &table,
@@ -345,22 +358,52 @@ impl Handler {
     }
 
     /// An authoritative reply from the table; an alias to a name the table does not
-    /// know gets the target's records from upstream appended.
+    /// know gets the target's records from upstream appended, and the target's fate:
+    /// its NXDOMAIN (RFC 6604: the CNAME, then the name error), or SERVFAIL when the
+    /// upstreams fail (never a dangling CNAME with NOERROR).
     async fn local_reply(
         &self,
         request: &Message,
         mut local: local::LocalAnswer,
         asked: &Asked<'_>,
-    ) -> Message {
-        let mut chased = Vec::new();
-        if let Some(target) = local.chase.take() {
-            let chase = Query::query(target, asked.qtype);
-            let bits = bits(request);
-            if let Ok(upstream) = self.upstream.answer(&chase, bits, &asked.ctx.client).await {
-                chased = upstream.answer.answers;
+    ) -> (Message, Outcome) {
+        let Some(target) = local.chase.take() else {
+            return (
+                Self::local_message(request, local, Vec::new(), asked),
+                Outcome::Local,
+            );
+        };
+        let chase = Query::query(target, asked.qtype);
+        let chased = self
+            .upstream
+            .answer(&chase, bits(request), &asked.ctx.client)
+            .await;
+        let Ok(Upstream {
+            answer: upstream, ..
+        }) = chased
+        else {
+            let question = request.queries[0].name();
+            answer_log!(asked, question, found = true, chase = %chase.name(), "SERVFAIL: the alias target failed upstream");
+            return (
+                error_reply(request, ResponseCode::ServFail),
+                Outcome::ServFail,
+            );
+        };
+        let mut reply = Self::local_message(request, local, upstream.answers, asked);
+        match upstream.response_code {
+            ResponseCode::NoError => {}
+            ResponseCode::NXDomain => {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+                reply.add_authorities(upstream.authorities);
+            }
+            _ => {
+                return (
+                    error_reply(request, ResponseCode::ServFail),
+                    Outcome::ServFail,
+                );
             }
         }
-        Self::local_message(request, local, chased, asked)
+        (reply, Outcome::Local)
     }
 
     /// The authoritative reply: the table's records, then `chased` (an alias target's
@@ -425,9 +468,10 @@ impl Handler {
     }
 }
 
-/// The client's DNSSEC bits, which make its question different upstream work.
+/// The client's flags, relayed upstream.
 fn bits(request: &Message) -> Bits {
     Bits {
+        recursion_desired: request.metadata.recursion_desired,
         dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
         checking_disabled: request.metadata.checking_disabled,
     }

@@ -599,3 +599,260 @@ async fn a_lost_datagram_is_retransmitted_within_the_timeout() {
         started.elapsed()
     );
 }
+
+/// An upstream for the conformance cases: `nx.*` is NXDOMAIN (with an SOA), `fail.*`
+/// SERVFAIL, anything else one A record (198.51.100.7) in the question's class.
+async fn conformance_upstream() -> SocketAddr {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut r = response_to(&q);
+            let name = q.queries[0].name().clone();
+            let label = name.to_ascii();
+            if label.starts_with("nx.") {
+                r.metadata.response_code = ResponseCode::NXDomain;
+                r.add_authority(local_soa(&name));
+            } else if label.starts_with("fail.") {
+                r.metadata.response_code = ResponseCode::ServFail;
+            } else {
+                let mut a = Record::from_rdata(
+                    name,
+                    60,
+                    RData::A(rdata::A("198.51.100.7".parse().unwrap())),
+                );
+                a.dns_class = q.queries[0].query_class();
+                r.add_answer(a);
+            }
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    addr
+}
+
+fn local_soa(owner: &Name) -> Record {
+    let soa = rdata::SOA::new(
+        Name::from_ascii("ns.upstream.test.").unwrap(),
+        Name::from_ascii("hostmaster.upstream.test.").unwrap(),
+        1,
+        60,
+        60,
+        60,
+        60,
+    );
+    Record::from_rdata(owner.clone(), 60, RData::SOA(soa))
+}
+
+/// One query shape and the answer a careful resolver gives it.
+struct Shape {
+    what: &'static str,
+    query: Message,
+    rcode: ResponseCode,
+    /// Authoritative (from the table) or not (relayed).
+    aa: bool,
+    /// Answer records as "owner TYPE data", sorted.
+    answers: Vec<String>,
+    /// An SOA in the authority section (NODATA, NXDOMAIN).
+    soa: bool,
+}
+
+fn with_class(mut m: Message, class: hickory_proto::rr::DNSClass) -> Message {
+    let q = m.queries[0].clone();
+    m.queries[0] = Query::query(q.name().clone(), q.query_type());
+    m.queries[0].set_query_class(class);
+    m
+}
+
+#[tokio::test]
+async fn every_query_shape_gets_the_rfc_answer() {
+    let h = handler_with(vec![conformance_upstream().await], false);
+    let fixed = ["fixed.test. A 240.241.0.1", "fixed.test. A 240.241.0.2"];
+    let s = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let nodata = |what, name: &str, qtype| Shape {
+        what,
+        query: query(name, qtype, false),
+        rcode: ResponseCode::NoError,
+        aa: true,
+        answers: vec![],
+        soa: true,
+    };
+    let mut edns1 = query("fixed.test.", RecordType::A, true);
+    edns1.edns.as_mut().unwrap().set_version(1);
+    let upstream_a = |name: &str| vec![format!("{name} A 198.51.100.7")];
+    let cases = vec![
+        Shape {
+            what: "EDNS version 1: BADVERS",
+            query: edns1,
+            rcode: ResponseCode::BADVERS,
+            aa: false,
+            answers: vec![],
+            soa: false,
+        },
+        Shape {
+            what: "class CH of a table name: relayed, not the table's IN answer",
+            query: with_class(
+                query("fixed.test.", RecordType::A, false),
+                hickory_proto::rr::DNSClass::CH,
+            ),
+            rcode: ResponseCode::NoError,
+            aa: false,
+            answers: upstream_a("fixed.test."),
+            soa: false,
+        },
+        Shape {
+            what: "AXFR: NOTIMP",
+            query: query("fixed.test.", RecordType::AXFR, false),
+            rcode: ResponseCode::NotImp,
+            aa: false,
+            answers: vec![],
+            soa: false,
+        },
+        Shape {
+            what: "IXFR: NOTIMP",
+            query: query("fixed.test.", RecordType::IXFR, false),
+            rcode: ResponseCode::NotImp,
+            aa: false,
+            answers: vec![],
+            soa: false,
+        },
+        Shape {
+            what: "ANY: the addresses (RFC 8482)",
+            query: query("fixed.test.", RecordType::ANY, false),
+            rcode: ResponseCode::NoError,
+            aa: true,
+            answers: s(&fixed),
+            soa: false,
+        },
+        nodata(
+            "TXT of a table name: NODATA",
+            "fixed.test.",
+            RecordType::TXT,
+        ),
+        nodata("MX of a table name: NODATA", "fixed.test.", RecordType::MX),
+        nodata(
+            "HTTPS of a table name: NODATA (no ipv4hint past the VIP)",
+            "fixed.test.",
+            RecordType::HTTPS,
+        ),
+        nodata(
+            "SVCB of a table name: NODATA",
+            "fixed.test.",
+            RecordType::SVCB,
+        ),
+        nodata(
+            "SRV of a ServiceEntry host: NODATA",
+            "fixed.test.",
+            RecordType::SRV,
+        ),
+        Shape {
+            what: "SRV of a Kubernetes Service: the cluster DNS's",
+            query: query("reviews.default.svc.cluster.local.", RecordType::SRV, false),
+            rcode: ResponseCode::NoError,
+            aa: false,
+            answers: upstream_a("reviews.default.svc.cluster.local."),
+            soa: false,
+        },
+        Shape {
+            what: "ExternalName whose target does not exist: CNAME, then NXDOMAIN",
+            query: query("gone.default.svc.cluster.local.", RecordType::A, false),
+            rcode: ResponseCode::NXDomain,
+            aa: true,
+            answers: s(&["gone.default.svc.cluster.local. CNAME nx.upstream.test."]),
+            soa: true,
+        },
+        Shape {
+            what: "ExternalName whose target fails: SERVFAIL, not a dangling CNAME",
+            query: query("broken.default.svc.cluster.local.", RecordType::A, false),
+            rcode: ResponseCode::ServFail,
+            aa: false,
+            answers: vec![],
+            soa: false,
+        },
+        nodata(
+            "NODATA with SOA for the missing family",
+            "v4only.test.",
+            RecordType::AAAA,
+        ),
+        Shape {
+            what: "case kept",
+            query: query("FiXeD.TeSt.", RecordType::A, false),
+            rcode: ResponseCode::NoError,
+            aa: true,
+            answers: s(&["FiXeD.TeSt. A 240.241.0.1", "FiXeD.TeSt. A 240.241.0.2"]),
+            soa: false,
+        },
+    ];
+    for case in cases {
+        let reply = ask(&h, &case.query, Protocol::Udp).await;
+        assert_eq!(reply.metadata.id, case.query.metadata.id, "{}", case.what);
+        assert_eq!(
+            reply.queries, case.query.queries,
+            "{}: question echoed",
+            case.what
+        );
+        // Compared as numbers: BADVERS shares 16 with BADSIG, which hickory decodes.
+        assert_eq!(
+            u16::from(reply.metadata.response_code),
+            u16::from(case.rcode),
+            "{}",
+            case.what
+        );
+        assert_eq!(reply.metadata.authoritative, case.aa, "{}: aa", case.what);
+        assert_eq!(records(&reply), case.answers, "{}", case.what);
+        let soa = reply
+            .authorities
+            .iter()
+            .any(|r| r.record_type() == RecordType::SOA);
+        assert_eq!(soa, case.soa, "{}: SOA", case.what);
+    }
+}
+
+#[tokio::test]
+async fn the_clients_flags_are_relayed_and_key_the_cache() {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = sock.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let dnssec_ok = q.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+            log.lock().unwrap().push((
+                q.metadata.recursion_desired,
+                q.metadata.checking_disabled,
+                dnssec_ok,
+            ));
+            let mut r = response_to(&q);
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
+            ));
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    let h = handler_with(vec![upstream], false);
+    let mut q = query("relay.test.", RecordType::A, true);
+    q.metadata.recursion_desired = false;
+    q.metadata.checking_disabled = true;
+    q.edns.as_mut().unwrap().set_dnssec_ok(true);
+    let reply = ask(&h, &q, Protocol::Udp).await;
+    assert!(!reply.metadata.recursion_desired && reply.metadata.checking_disabled);
+    assert!(reply.edns.as_ref().unwrap().flags().dnssec_ok, "DO echoed");
+    // The same question with other flags is other upstream work, not a cache hit; the
+    // same flags again are.
+    let plain = query("relay.test.", RecordType::A, true);
+    ask(&h, &plain, Protocol::Udp).await;
+    ask(&h, &plain, Protocol::Udp).await;
+    ask(&h, &q, Protocol::Udp).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(false, true, true), (true, false, false)],
+        "(RD, CD, DO) as each client set them, each asked once"
+    );
+}

@@ -76,6 +76,18 @@ pub struct Host {
     pub rank: Arc<Rank>,
 }
 
+impl Host {
+    /// It comes from a Kubernetes Service (not a `ServiceEntry`).
+    pub fn is_kubernetes_service(&self) -> bool {
+        self.sources
+            .first()
+            .is_some_and(|s| s.starts_with(SERVICE_SOURCE))
+    }
+}
+
+/// How a Service's entries name their source: `Service <namespace>/<name>`.
+const SERVICE_SOURCE: &str = "Service ";
+
 /// Where an entry comes from: the object's name for logs, namespace, visibility and
 /// precedence.
 pub struct Owner {
@@ -416,7 +428,7 @@ impl Builder {
             let name = normalize(&svc.metadata.name);
             let fqdn = format!("{name}.{ns}.svc.{cd}");
             let owner = Owner {
-                source: format!("Service {ns}/{name}").into(),
+                source: format!("{SERVICE_SOURCE}{ns}/{name}").into(),
                 namespace: ns.into(),
                 export_to: Visibility::from_annotation(&svc.metadata),
                 rank: Arc::new(Rank::of(&svc.metadata)),
