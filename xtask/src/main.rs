@@ -5,6 +5,7 @@
 //! * `run`    — setup, build, then `dnsproxy run` on the bundled `examples/` registry.
 //! * `test`   — setup (with test tools), then every test, privileged ones included.
 //! * `lint`   — setup, then clippy with warnings as errors.
+//! * `fuzz`   — setup and cargo-fuzz, then each fuzz target (or one) for `--secs`.
 //! * `bench`  — setup (with test and bench tools), a release build, then the side-by-side
 //!   comparison with a floor responder, dnsmasq, unbound and iptables (`--quick`: < 1 min).
 //! * `validate-deploy` — deploy/ against the Kubernetes schemas, as files and as
@@ -35,6 +36,12 @@ const TEST_TOOLS: [(&str, &str); 8] = [
     ("curl", "curl"),
     ("python3", "python3"),
 ];
+
+/// The fuzz targets in fuzz/, in the order `cargo xtask fuzz` runs them.
+const FUZZ_TARGETS: [&str; 4] = ["handler", "manifests", "vip_state", "maps_decode"];
+
+/// cargo-fuzz version installed when missing.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Commands the bench runs beside the test tools, and the Debian package of each.
 const BENCH_TOOLS: [(&str, &str); 4] = [
@@ -78,6 +85,16 @@ enum Cmd {
         /// Short runs: the whole comparison in under a minute.
         #[arg(long)]
         quick: bool,
+    },
+    /// Set up (cargo-fuzz too), then run each fuzz target for `--secs` seconds, with the
+    /// pinned nightly; the committed seeds in fuzz/corpus/ are read, new inputs go to
+    /// target/fuzz-corpus/, crashes to fuzz/artifacts/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Only this target (handler, manifests, `vip_state`, `maps_decode`).
+        target: Option<String>,
     },
     /// Set up, then run every test (unit and end-to-end).
     Test {
@@ -144,6 +161,10 @@ fn main() -> anyhow::Result<()> {
                 cmd.arg("--quick");
             }
             run(&mut cmd)
+        }
+        Cmd::Fuzz { secs, target } => {
+            setup(&root, false)?;
+            fuzz(&root, secs, target.as_deref())
         }
         Cmd::Test { args } => {
             setup(&root, true)?;
@@ -439,6 +460,50 @@ apt-get install -y -q --no-install-recommends "$@"
     let mut cmd = as_root(Path::new("sh"));
     cmd.args(["-c", script, "sh"]).args(missing);
     run(&mut cmd)
+}
+
+/// Runs the fuzz targets (all, or `only`) for `secs` each; fails on the first crash.
+fn fuzz(root: &Path, secs: u64, only: Option<&str>) -> anyhow::Result<()> {
+    let toolchain = bpf_toolchain(root)?;
+    let installed =
+        output_of(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if installed.contains(CARGO_FUZZ_VERSION) {
+        eprintln!("xtask: cargo-fuzz {CARGO_FUZZ_VERSION}: present");
+    } else {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run(Command::new("cargo")
+            .env("PATH", path_with_cargo_bin())
+            .args([
+                "install",
+                &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+                "--locked",
+            ]))?;
+    }
+    let targets: Vec<&str> = match only {
+        Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!("no fuzz target {t}: one of {}", FUZZ_TARGETS.join(", ")),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let fuzz_dir = root.join("fuzz");
+    for target in targets {
+        let work = target_dir(root).join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        eprintln!("xtask: fuzzing {target} for {secs} s");
+        run(Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .env("PATH", path_with_cargo_bin())
+            .arg(format!("+{toolchain}"))
+            .args(["fuzz", "run", "-O", target])
+            .arg(&work)
+            .arg(fuzz_dir.join("corpus").join(target))
+            .args([
+                "--",
+                &format!("-max_total_time={secs}"),
+                "-print_final_stats=1",
+            ]))
+        .with_context(|| format!("fuzz target {target} failed (see fuzz/artifacts/{target})"))?;
+    }
+    Ok(())
 }
 
 /// `cargo clippy` over every target with warnings as errors (the lint table lives in

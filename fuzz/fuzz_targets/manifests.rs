@@ -1,0 +1,39 @@
+//! Manifests, from arbitrary YAML documents to the name table: never a panic, and
+//! never one VIP for two hosts.
+#![no_main]
+use std::collections::HashMap;
+
+use dnsproxy::registry::{
+    TableConfig,
+    allocator::VipAllocator,
+    manifest::{Objects, parse_into},
+    table::NameTable,
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut objects = Objects::default();
+    if parse_into(text, &mut objects).is_err() {
+        return;
+    }
+    let mut allocator = VipAllocator::in_memory();
+    let Ok(table) = NameTable::build(&objects, &mut allocator, &TableConfig::default()) else {
+        return;
+    };
+    let mut owners: HashMap<std::net::IpAddr, (&str, &str)> = HashMap::new();
+    for service in table.vip_services() {
+        for vip in &service.vips {
+            if let Some((host, source)) = owners.insert(*vip, (&service.host, &service.source)) {
+                // Two entries may declare one address for one host; two hosts never share.
+                assert!(
+                    host == service.host || source != &*service.source,
+                    "{vip} given to {host} and {}",
+                    service.host
+                );
+            }
+        }
+    }
+});
