@@ -63,6 +63,18 @@ spec:
   resolution: STATIC
 "#;
 
+/// A registry of `hosts` names (`h<i>.scale.example`) in one STATIC entry backed by
+/// 203.0.113.10: each gets an auto-allocated VIP and its IPv6 twin.
+pub fn scale_registry(hosts: usize) -> String {
+    let names: Vec<String> = (0..hosts).map(|i| format!("h{i}.scale.example")).collect();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: scale}}\n\
+         spec:\n  hosts: [{}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
+         resolution: STATIC\n  endpoints: [{{address: 203.0.113.10}}]\n",
+        names.join(", ")
+    )
+}
+
 /// True when privileged tests can run. Outside CI, a missing privilege skips the test
 /// with a message; under `CI=true` it fails the test, naming what is missing.
 pub fn privileged() -> bool {

@@ -235,14 +235,7 @@ fn fifty_thousand_auto_allocated_hosts_all_translate() {
     if !privileged() {
         return;
     }
-    let hosts: Vec<String> = (0..HOSTS).map(|i| format!("h{i}.scale.example")).collect();
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: scale}}\n\
-         spec:\n  hosts: [{}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  resolution: STATIC\n  \
-         endpoints: [{{address: 203.0.113.10}}]\n",
-        hosts.join(", ")
-    );
-    let env = TestEnv::with_registry(&yaml);
+    let env = TestEnv::with_registry(&scale_registry(HOSTS));
     env.netns.add_addr("203.0.113.10/32");
     let _server = BannerServer::start(&env.netns, "203.0.113.10:443");
     let mut opts = env.daemon_options();

@@ -21,6 +21,14 @@ struct Shape {
     edns: Option<(u16, bool)>,
 }
 
+/// A plain query: ID 1, RD, no EDNS.
+const PLAIN: Shape = Shape {
+    id: 1,
+    rd: true,
+    cd: false,
+    edns: None,
+};
+
 fn wire(name: &str, qtype: RecordType, shape: &Shape) -> Vec<u8> {
     let mut m = Message::new(shape.id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = shape.rd;
@@ -74,12 +82,7 @@ fn sorted(bytes: &[u8]) -> Message {
 #[test]
 fn patched_replies_equal_the_handlers_answer_to_the_same_question() {
     let h = handler_with(vec![], false);
-    let plain = Shape {
-        id: 1,
-        rd: true,
-        cd: false,
-        edns: None,
-    };
+    let plain = PLAIN;
     let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
         (
             "another ID",
@@ -166,12 +169,7 @@ fn patched_replies_equal_the_handlers_answer_to_the_same_question() {
 #[test]
 fn other_flags_edns_shapes_and_truncated_replies_are_not_shared() {
     let h = handler_with(vec![], false);
-    let plain = Shape {
-        id: 1,
-        rd: true,
-        cd: false,
-        edns: None,
-    };
+    let plain = PLAIN;
     // Kept without EDNS: a query with EDNS (or DO) is another key.
     let first = wire("aliyun.com.", RecordType::A, &plain);
     for edns in [(4096, false), (4096, true)] {
@@ -231,16 +229,7 @@ fn addresses_are_shuffled_on_the_fast_path_too() {
 #[test]
 fn a_new_table_generation_or_context_empties_the_store() {
     let h = handler_with(vec![], false);
-    let q = wire(
-        "aliyun.com.",
-        RecordType::A,
-        &Shape {
-            id: 1,
-            rd: true,
-            cd: false,
-            edns: None,
-        },
-    );
+    let q = wire("aliyun.com.", RecordType::A, &PLAIN);
     let parsed = parse(&q).unwrap();
     let ctx = Arc::new(ctx());
     let mut answers = Answers::default();
@@ -275,12 +264,7 @@ fn the_registry_moves_the_generation_on_each_change_that_alters_answers() {
 
 #[test]
 fn only_plain_queries_parse() {
-    let plain = Shape {
-        id: 1,
-        rd: true,
-        cd: false,
-        edns: None,
-    };
+    let plain = PLAIN;
     let ok = wire("aliyun.com.", RecordType::A, &plain);
     assert_eq!(
         parse(&ok).map(|p| (p.question_end, p.qtype)),
@@ -348,16 +332,7 @@ fn only_plain_queries_parse() {
 #[test]
 fn a_kept_cached_answer_ends_with_its_time() {
     let h = handler_with(vec![], false);
-    let q = wire(
-        "aliyun.com.",
-        RecordType::A,
-        &Shape {
-            id: 1,
-            rd: true,
-            cd: false,
-            edns: None,
-        },
-    );
+    let q = wire("aliyun.com.", RecordType::A, &PLAIN);
     let parsed = parse(&q).unwrap();
     let ctx = Arc::new(ctx());
     let now = h.answer_now(&q, Protocol::Udp, client(), &ctx).unwrap();
@@ -386,12 +361,7 @@ fn a_kept_cached_answer_ends_with_its_time() {
 #[test]
 fn rejections_are_answered_at_once_and_never_kept() {
     let h = handler_with(vec![], false);
-    let plain = Shape {
-        id: 9,
-        rd: true,
-        cd: false,
-        edns: None,
-    };
+    let plain = Shape { id: 9, ..PLAIN };
     for (qtype, rcode) in [(RecordType::IXFR, 4), (RecordType::AXFR, 4)] {
         let q = wire("fixed.test.", qtype, &plain);
         assert!(parse(&q).is_some(), "a plain query on the wire");

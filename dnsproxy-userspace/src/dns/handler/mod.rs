@@ -81,6 +81,23 @@ struct Asked<'a> {
     edns: Option<u16>,
 }
 
+impl<'a> Asked<'a> {
+    fn new(
+        request: &Message,
+        client: SocketAddr,
+        protocol: Protocol,
+        ctx: &'a ClientContext,
+    ) -> Self {
+        Asked {
+            client,
+            protocol,
+            ctx,
+            qtype: request.queries[0].query_type(),
+            edns: request.edns.as_ref().map(Edns::max_payload),
+        }
+    }
+}
+
 impl Handler {
     pub fn new(
         registry: Arc<Registry>,
@@ -126,13 +143,7 @@ impl Handler {
             Err(rejection) => return rejection,
         };
         let question = &request.queries[0];
-        let asked = Asked {
-            client,
-            protocol,
-            ctx,
-            qtype: question.query_type(),
-            edns: request.edns.as_ref().map(Edns::max_payload),
-        };
+        let asked = Asked::new(&request, client, protocol, ctx);
         let (reply, outcome) = match self.local(question, ctx) {
             Some((local, untranslated)) => {
                 self.answer_local(&request, local, &untranslated, &asked)
@@ -166,13 +177,7 @@ impl Handler {
             }
         };
         let question = &request.queries[0];
-        let asked = Asked {
-            client,
-            protocol,
-            ctx,
-            qtype: question.query_type(),
-            edns: request.edns.as_ref().map(Edns::max_payload),
-        };
+        let asked = Asked::new(&request, client, protocol, ctx);
         let (reply, outcome, keep) = if let Some((local, untranslated)) = self.local(question, ctx)
         {
             if !untranslated.is_empty() || local.chase.is_some() {

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dnsproxy_e2e::{Daemon, TestEnv, load, log_gap};
+use dnsproxy_e2e::{Daemon, TestEnv, load, log_gap, scale_registry};
 
 use crate::dnsperf;
 
@@ -20,17 +20,6 @@ pub(crate) struct Scale {
     pub(crate) translatable: Duration,
     pub(crate) rss_mib: f64,
     pub(crate) qps: f64,
-}
-
-/// The registry: `hosts` names in one STATIC entry, each given a VIP and its IPv6 twin.
-fn registry(hosts: usize) -> String {
-    let names: Vec<String> = (0..hosts).map(|i| format!("h{i}.scale.example")).collect();
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: scale}}\n\
-         spec:\n  hosts: [{}]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
-         resolution: STATIC\n  endpoints: [{{address: 203.0.113.10}}]\n",
-        names.join(", ")
-    )
 }
 
 /// 1,000 names drawn (deterministically) from the table, for dnsperf.
@@ -50,7 +39,7 @@ fn random_names(dir: &Path, hosts: usize) -> PathBuf {
 
 /// Starts a daemon on `hosts` names and measures it.
 pub(crate) fn row(hosts: usize, secs: u64) -> Scale {
-    let env = TestEnv::with_registry(&registry(hosts));
+    let env = TestEnv::with_registry(&scale_registry(hosts));
     env.netns.add_addr("203.0.113.10/32");
     let mut opts = env.daemon_options();
     opts.env.push(("RUST_LOG".into(), "info".into()));
