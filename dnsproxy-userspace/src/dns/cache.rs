@@ -31,8 +31,8 @@ pub struct Key {
     pub name: String,
     pub qtype: RecordType,
     pub qclass: DNSClass,
-    /// RD, DO and CD as the client set them.
-    pub bits: super::upstream::Bits,
+    /// RD, DO, CD and the end-to-end EDNS options as the client set them.
+    pub relay: super::upstream::Relay,
 }
 
 /// What the cache keeps of an answer.
@@ -322,7 +322,7 @@ mod tests {
             name: n.into(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
-            bits: crate::dns::upstream::Bits::RECURSIVE,
+            relay: crate::dns::upstream::Relay::RECURSIVE,
         }
     }
 

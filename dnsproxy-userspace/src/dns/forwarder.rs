@@ -19,7 +19,7 @@ use super::{
     EDNS_PAYLOAD,
     framing::{read_frame, write_frame},
     metrics::Metrics,
-    upstream::Bits,
+    upstream::Relay,
 };
 
 /// Why forwarding failed.
@@ -95,11 +95,15 @@ impl Forwarder {
     }
 
     /// Resolves `question` upstream (recursion desired), within one timeout.
-    pub async fn forward(&self, question: &Query, bits: Bits) -> Result<Forwarded, ForwardError> {
+    pub async fn forward(
+        &self,
+        question: &Query,
+        relay: &Relay,
+    ) -> Result<Forwarded, ForwardError> {
         if self.upstreams.is_empty() {
             return Err(ForwardError::NoUpstream);
         }
-        let out = upstream_query(question, bits)?;
+        let out = upstream_query(question, relay)?;
         let mut exchange = Exchange::new(self, &out);
         let result = exchange.run().await;
         exchange.settle_unanswered();
@@ -350,9 +354,10 @@ async fn recv_any(attempts: &[Attempt], buf: &mut [u8]) -> (usize, std::io::Resu
     .await
 }
 
-/// Our query for `question`: a fresh random ID, the client's RD, CD and DO relayed as
-/// it set them, EDNS with our payload size.
-fn upstream_query(question: &Query, bits: Bits) -> Result<Outgoing, ForwardError> {
+/// Our query for `question`: a fresh random ID, the client's RD, CD, DO and end-to-end
+/// EDNS options relayed as it set them, EDNS with our payload size.
+fn upstream_query(question: &Query, relay: &Relay) -> Result<Outgoing, ForwardError> {
+    let bits = relay.bits;
     let mut query = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     query.metadata.recursion_desired = bits.recursion_desired;
     query.metadata.checking_disabled = bits.checking_disabled;
@@ -360,6 +365,9 @@ fn upstream_query(question: &Query, bits: Bits) -> Result<Outgoing, ForwardError
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
     edns.set_dnssec_ok(bits.dnssec_ok);
+    for option in &relay.options {
+        edns.options_mut().insert(option.clone());
+    }
     query.set_edns(edns);
     let bytes = query.to_vec().map_err(ForwardError::Encode)?;
     Ok(Outgoing {

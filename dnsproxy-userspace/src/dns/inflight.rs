@@ -41,8 +41,8 @@ pub struct Question {
     pub name: String,
     pub qtype: RecordType,
     pub qclass: DNSClass,
-    /// The client's RD, DO and CD bits.
-    pub bits: super::upstream::Bits,
+    /// The client's RD, DO and CD bits and end-to-end EDNS options.
+    pub relay: super::upstream::Relay,
 }
 
 /// The outcome a leader shares with the questions merged into it: the upstream's
@@ -228,7 +228,7 @@ mod tests {
             name: name.to_owned(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
-            bits: crate::dns::upstream::Bits::RECURSIVE,
+            relay: crate::dns::upstream::Relay::RECURSIVE,
         }
     }
 
@@ -251,7 +251,7 @@ mod tests {
             panic!("not merged");
         };
         let mut other_bits = q("x");
-        other_bits.bits.dnssec_ok = true;
+        other_bits.relay.bits.dnssec_ok = true;
         let distinct = lead(f.admit(other_bits, &pod, now));
         assert_eq!(f.len(), 2, "the follower takes no slot");
         let answer = Arc::new(Message::new(7, MessageType::Response, OpCode::Query));

@@ -3,7 +3,10 @@
 //! forwarder; when every upstream fails, a stale answer if serve-stale is on.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use hickory_proto::op::{Message, Query};
+use hickory_proto::{
+    op::{Message, Query},
+    rr::rdata::opt::EdnsOption,
+};
 
 use super::{
     cache::{Cache, CachedAnswer, Key},
@@ -59,6 +62,23 @@ impl Bits {
     };
 }
 
+/// What is relayed upstream with a question: the client's flags and its end-to-end
+/// EDNS options (Client Subnet and others; never the hop-by-hop COOKIE, TCP keepalive,
+/// padding, NSID). Both change the answer, so both key the cache and the merging.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Relay {
+    pub bits: Bits,
+    pub options: Vec<EdnsOption>,
+}
+
+impl Relay {
+    /// What the daemon asks for itself: recursion, no DNSSEC, no options.
+    pub const RECURSIVE: Relay = Relay {
+        bits: Bits::RECURSIVE,
+        options: Vec::new(),
+    };
+}
+
 /// The cache, the in-flight bookkeeping and the forwarder, composed.
 pub struct UpstreamPath {
     forwarder: Arc<Forwarder>,
@@ -94,8 +114,8 @@ impl UpstreamPath {
 
     /// The cached answer to `question`, if there is one (counted as a hit; a miss is
     /// counted by [`UpstreamPath::answer`], which the caller goes on to).
-    pub fn cached(&self, question: &Query, bits: Bits) -> Option<Upstream> {
-        let hit = self.cache.get(&key_of(question, bits), Instant::now())?;
+    pub fn cached(&self, question: &Query, relay: &Relay) -> Option<Upstream> {
+        let hit = self.cache.get(&key_of(question, relay), Instant::now())?;
         self.metrics.cache_hit();
         Some(Upstream {
             answer: hit,
@@ -107,10 +127,10 @@ impl UpstreamPath {
     pub async fn answer(
         &self,
         question: &Query,
-        bits: Bits,
+        relay: &Relay,
         client: &Arc<str>,
     ) -> Result<Upstream, Refusal> {
-        let key = key_of(question, bits);
+        let key = key_of(question, relay);
         if let Some(hit) = self.cache.get(&key, Instant::now()) {
             self.metrics.cache_hit();
             return Ok(Upstream {
@@ -119,7 +139,7 @@ impl UpstreamPath {
             });
         }
         self.metrics.cache_miss();
-        let asked = self.ask(question, &key, bits, client).await;
+        let asked = self.ask(question, &key, client).await;
         if asked.as_ref().err() == Some(&Refusal::Failed)
             && let Some(stale) = self.cache.stale(&key, Instant::now())
         {
@@ -136,14 +156,13 @@ impl UpstreamPath {
         &self,
         question: &Query,
         key: &Key,
-        bits: Bits,
         client: &Arc<str>,
     ) -> Result<Upstream, Refusal> {
         let work = Question {
             name: key.name.clone(),
             qtype: key.qtype,
             qclass: key.qclass,
-            bits,
+            relay: key.relay.clone(),
         };
         let lead = match self.inflight.admit(work, client, Instant::now()) {
             Admission::Lead(lead) => lead,
@@ -158,7 +177,7 @@ impl UpstreamPath {
             }
             Admission::Overloaded => return Err(Refusal::Overloaded),
         };
-        match self.forwarder.forward(question, bits).await {
+        match self.forwarder.forward(question, &key.relay).await {
             Ok(fwd) => {
                 self.cache.insert(key.clone(), &fwd.reply, Instant::now());
                 let shared = Arc::new(fwd.reply);
@@ -182,12 +201,12 @@ impl UpstreamPath {
     }
 }
 
-/// The cache key of a question asked with `bits`.
-fn key_of(question: &Query, bits: Bits) -> Key {
+/// The cache key of a question relayed with `relay`.
+fn key_of(question: &Query, relay: &Relay) -> Key {
     Key {
         name: normalize_name(question.name()),
         qtype: question.query_type(),
         qclass: question.query_class(),
-        bits,
+        relay: relay.clone(),
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
     dns::{
         forwarder::{ForwardError, Forwarder},
-        upstream::Bits,
+        upstream::Relay,
     },
     registry::{Registry, table::VipService},
 };
@@ -96,9 +96,10 @@ async fn resolve(forwarder: &Forwarder, name: &str) -> Result<(Family, Family), 
         Query::query(fqdn.clone(), RecordType::A),
         Query::query(fqdn, RecordType::AAAA),
     );
+    let relay = Relay::RECURSIVE;
     let (a, aaaa) = tokio::join!(
-        forwarder.forward(&qa, Bits::RECURSIVE),
-        forwarder.forward(&qaaaa, Bits::RECURSIVE)
+        forwarder.forward(&qa, &relay),
+        forwarder.forward(&qaaaa, &relay)
     );
     let (a, aaaa) = match (a, aaaa) {
         (Err(e), Err(_)) => return Err(ResolveError::Upstream(e)),

@@ -16,7 +16,7 @@ use super::{
     cache::{Cache, CachedAnswer},
     local::{self, ClientContext},
     metrics::{Metrics, Outcome},
-    upstream::{Bits, Refusal, Source, Upstream, UpstreamPath},
+    upstream::{Bits, Refusal, Relay, Source, Upstream, UpstreamPath},
 };
 use crate::registry::Registry;
 
@@ -186,7 +186,7 @@ impl Handler {
             let reply = Self::local_message(&request, local, Vec::new(), &asked);
             (reply, Outcome::Local, Keep::Table)
         } else {
-            let hit = self.upstream.cached(question, bits(&request))?;
+            let hit = self.upstream.cached(question, &relay(&request))?;
             let keep = hit.answer.min_ttl().map_or(Keep::No, |ttl| {
                 Keep::Cached(KEEP_CACHED.min(std::time::Duration::from_secs(ttl.into())))
             });
@@ -265,7 +265,7 @@ impl Handler {
         let question = &request.queries[0];
         match self
             .upstream
-            .answer(question, bits(request), &asked.ctx.client)
+            .answer(question, &relay(request), &asked.ctx.client)
             .await
         {
             Ok(upstream) => Self::forwarded_reply(request, upstream, asked),
@@ -381,7 +381,7 @@ impl Handler {
         let chase = Query::query(target, asked.qtype);
         let chased = self
             .upstream
-            .answer(&chase, bits(request), &asked.ctx.client)
+            .answer(&chase, &relay(request), &asked.ctx.client)
             .await;
         let Ok(Upstream {
             answer: upstream, ..
@@ -470,6 +470,26 @@ impl Handler {
         };
         answer_log!(asked, question, found = false, upstream = %via, rcode = %code, answers = reply.answers.len(), "forwarded");
         (reply, outcome)
+    }
+}
+
+/// EDNS options that concern one hop only: never relayed. COOKIE (RFC 7873), TCP
+/// keepalive (RFC 7828), padding (RFC 7830), NSID (RFC 5001: this server's identity).
+const HOP_BY_HOP: [u16; 4] = [10, 11, 12, 3];
+
+/// What is relayed upstream: the client's flags and end-to-end EDNS options.
+fn relay(request: &Message) -> Relay {
+    let options = request.edns.as_ref().map_or_else(Vec::new, |edns| {
+        edns.options()
+            .as_ref()
+            .iter()
+            .filter(|(code, _)| !HOP_BY_HOP.contains(&u16::from(*code)))
+            .map(|(_, option)| option.clone())
+            .collect()
+    });
+    Relay {
+        bits: bits(request),
+        options,
     }
 }
 

@@ -856,3 +856,60 @@ async fn the_clients_flags_are_relayed_and_key_the_cache() {
         "(RD, CD, DO) as each client set them, each asked once"
     );
 }
+
+#[tokio::test]
+async fn client_subnet_is_relayed_and_keys_the_cache_and_cookies_are_not() {
+    use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = sock.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let codes: Vec<u16> = q
+                .edns
+                .as_ref()
+                .map(|e| {
+                    e.options()
+                        .as_ref()
+                        .iter()
+                        .map(|(c, _)| u16::from(*c))
+                        .collect()
+                })
+                .unwrap_or_default();
+            log.lock().unwrap().push(codes);
+            let mut r = response_to(&q);
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
+            ));
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    let h = handler_with(vec![upstream], false);
+    let with = |subnet: &str, cookie: bool| {
+        let mut q = query("ecs.test.", RecordType::A, true);
+        let opts = q.edns.as_mut().unwrap().options_mut();
+        opts.insert(EdnsOption::Subnet(ClientSubnet::new(
+            subnet.parse().unwrap(),
+            24,
+            0,
+        )));
+        if cookie {
+            opts.insert(EdnsOption::Unknown(10, vec![1, 2, 3, 4, 5, 6, 7, 8]));
+        }
+        q
+    };
+    ask(&h, &with("192.0.2.0", true), Protocol::Udp).await;
+    ask(&h, &with("192.0.2.0", false), Protocol::Udp).await;
+    ask(&h, &with("198.51.100.0", false), Protocol::Udp).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [vec![8], vec![8]],
+        "ECS (8) relayed, the cookie (10) not; one upstream query per subnet"
+    );
+}
