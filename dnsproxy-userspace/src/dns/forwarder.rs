@@ -9,6 +9,7 @@ use hickory_proto::{
     ProtoError,
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::RecordType,
+    serialize::binary::DecodeError,
 };
 use tokio::{
     net::{TcpStream, UdpSocket},
@@ -378,7 +379,7 @@ fn upstream_query(question: &Query, relay: &Relay) -> Result<Outgoing, ForwardEr
 
 /// The parsed reply if it answers `query`: same ID, a response, same question.
 fn matching(reply: &[u8], query: &Message) -> Option<Message> {
-    let msg = Message::from_vec(reply).ok()?;
+    let msg = parse_reply(reply)?;
     let same_question = match (msg.queries.first(), query.queries.first()) {
         (Some(a), Some(b)) => {
             a.query_type() == b.query_type()
@@ -392,6 +393,29 @@ fn matching(reply: &[u8], query: &Message) -> Option<Message> {
         && same_question)
         .then_some(msg)
 }
+
+/// An upstream reply, parsed. A record with empty RDATA (an empty NULL record, say) is
+/// valid in an answer, but hickory accepts it only in UPDATE messages: such a reply is
+/// read as one (the sections have the same layout), then set back to a QUERY response,
+/// so that it is relayed instead of dropped.
+fn parse_reply(reply: &[u8]) -> Option<Message> {
+    match Message::from_vec(reply) {
+        Ok(msg) => Some(msg),
+        Err(DecodeError::InvalidEmptyRecord) => {
+            let mut as_update = reply.to_vec();
+            let op_code = as_update[2] & OPCODE_BITS;
+            as_update[2] = (as_update[2] & !OPCODE_BITS) | (UPDATE << 3);
+            let mut msg = Message::from_vec(&as_update).ok()?;
+            msg.metadata.op_code = OpCode::from_u8(op_code >> 3);
+            Some(msg)
+        }
+        Err(_) => None,
+    }
+}
+
+/// The opcode's bits in the third header byte, and UPDATE's value (RFC 2136).
+const OPCODE_BITS: u8 = 0x78;
+const UPDATE: u8 = 5;
 
 async fn tcp_exchange(
     server: SocketAddr,

@@ -913,3 +913,84 @@ async fn client_subnet_is_relayed_and_keys_the_cache_and_cookies_are_not() {
         "ECS (8) relayed, the cookie (10) not; one upstream query per subnet"
     );
 }
+
+/// An upstream that answers every query with `records` (type, RDATA) owned by the
+/// question name, written by hand on the wire.
+async fn raw_upstream(records: Vec<(u16, Vec<u8>)>) -> SocketAddr {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = &buf[..n];
+            let mut end = 12;
+            while q[end] != 0 {
+                end += 1 + usize::from(q[end]);
+            }
+            end += 5;
+            let mut r = q[..end].to_vec();
+            r[2] |= 0x80;
+            r[3] = 0x80;
+            r[6..8].copy_from_slice(&u16::try_from(records.len()).unwrap().to_be_bytes());
+            r[8..12].fill(0);
+            for (rtype, rdata) in &records {
+                r.extend_from_slice(&[0xc0, 0x0c]);
+                r.extend_from_slice(&rtype.to_be_bytes());
+                r.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+                r.extend_from_slice(&u16::try_from(rdata.len()).unwrap().to_be_bytes());
+                r.extend_from_slice(rdata);
+            }
+            sock.send_to(&r, from).await.unwrap();
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn records_hickory_has_no_type_for_pass_through_intact() {
+    // An empty NULL record, and an RRSIG and a DNSKEY with arbitrary bytes.
+    let rrsig: Vec<u8> = (0u8..40).collect();
+    let dnskey = vec![1, 1, 3, 13, 0xaa, 0xbb, 0xcc];
+    let upstream = raw_upstream(vec![(46, rrsig.clone()), (48, dnskey.clone())]).await;
+    let h = handler_with(vec![upstream], false);
+    let mut q = query("signed.test.", RecordType::A, true);
+    q.edns.as_mut().unwrap().set_dnssec_ok(true);
+    let bytes = h
+        .handle(&q.to_vec().unwrap(), Protocol::Udp, client(), &ctx())
+        .await
+        .expect("an answer");
+    let reply = Message::from_vec(&bytes).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    let types: Vec<u16> = reply
+        .answers
+        .iter()
+        .map(|r| u16::from(r.record_type()))
+        .collect();
+    assert_eq!(types, [46, 48], "every record relayed, in order");
+    // The RDATA bytes are the upstream's own.
+    let wire = |rdata: &[u8]| bytes.windows(rdata.len()).any(|w| w == rdata);
+    assert!(wire(&rrsig) && wire(&dnskey), "RRSIG and DNSKEY intact");
+}
+
+#[tokio::test]
+async fn an_answer_with_an_empty_record_is_relayed_not_dropped() {
+    let upstream = raw_upstream(vec![(10, vec![])]).await;
+    let h = handler_with(vec![upstream], false);
+    let q = query("empty.test.", RecordType::NULL, false);
+    let bytes = h
+        .handle(&q.to_vec().unwrap(), Protocol::Udp, client(), &ctx())
+        .await
+        .expect("an answer");
+    // hickory itself would not read this reply back (an empty record outside an UPDATE),
+    // so the wire is checked: NOERROR, one answer, NULL, RDLENGTH 0.
+    assert_eq!(bytes[..2], [0x12, 0x34], "the client's ID");
+    assert_eq!(bytes[3] & 0x0f, 0, "NOERROR, not SERVFAIL");
+    assert_eq!(bytes[6..8], [0, 1], "one answer");
+    let question_end = 12 + "empty.test.".len() + 1 + 4;
+    assert_eq!(
+        bytes[question_end..question_end + 12],
+        [0xc0, 0x0c, 0, 10, 0, 1, 0, 0, 0, 60, 0, 0],
+        "the empty NULL record"
+    );
+}
