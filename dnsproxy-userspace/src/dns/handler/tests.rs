@@ -646,6 +646,33 @@ fn local_soa(owner: &Name) -> Record {
     Record::from_rdata(owner.clone(), 60, RData::SOA(soa))
 }
 
+/// A loopback upstream answering every query with 198.51.100.7 (TTL 60), keeping what
+/// `see` makes of each query it got.
+async fn recording_upstream<T: Send + 'static>(
+    see: impl Fn(&Message) -> T + Send + 'static,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<T>>>) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            log.lock().unwrap().push(see(&q));
+            let mut r = response_to(&q);
+            r.add_answer(Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
+            ));
+            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    (addr, seen)
+}
+
 /// One query shape and the answer a careful resolver gives it.
 struct Shape {
     what: &'static str,
@@ -812,30 +839,15 @@ async fn every_query_shape_gets_the_rfc_answer() {
 
 #[tokio::test]
 async fn the_clients_flags_are_relayed_and_key_the_cache() {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let upstream = sock.local_addr().unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = Arc::clone(&seen);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        loop {
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            let dnssec_ok = q.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
-            log.lock().unwrap().push((
-                q.metadata.recursion_desired,
-                q.metadata.checking_disabled,
-                dnssec_ok,
-            ));
-            let mut r = response_to(&q);
-            r.add_answer(Record::from_rdata(
-                q.queries[0].name().clone(),
-                60,
-                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
-            ));
-            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
-        }
-    });
+    let (upstream, seen) = recording_upstream(|q| {
+        let dnssec_ok = q.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        (
+            q.metadata.recursion_desired,
+            q.metadata.checking_disabled,
+            dnssec_ok,
+        )
+    })
+    .await;
     let h = handler_with(vec![upstream], false);
     let mut q = query("relay.test.", RecordType::A, true);
     q.metadata.recursion_desired = false;
@@ -860,36 +872,19 @@ async fn the_clients_flags_are_relayed_and_key_the_cache() {
 #[tokio::test]
 async fn client_subnet_is_relayed_and_keys_the_cache_and_cookies_are_not() {
     use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let upstream = sock.local_addr().unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = Arc::clone(&seen);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        loop {
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            let codes: Vec<u16> = q
-                .edns
-                .as_ref()
-                .map(|e| {
-                    e.options()
-                        .as_ref()
-                        .iter()
-                        .map(|(c, _)| u16::from(*c))
-                        .collect()
-                })
-                .unwrap_or_default();
-            log.lock().unwrap().push(codes);
-            let mut r = response_to(&q);
-            r.add_answer(Record::from_rdata(
-                q.queries[0].name().clone(),
-                60,
-                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
-            ));
-            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
-        }
-    });
+    let (upstream, seen) = recording_upstream(|q| -> Vec<u16> {
+        q.edns
+            .as_ref()
+            .map(|e| {
+                e.options()
+                    .as_ref()
+                    .iter()
+                    .map(|(c, _)| u16::from(*c))
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+    .await;
     let h = handler_with(vec![upstream], false);
     let with = |subnet: &str, cookie: bool| {
         let mut q = query("ecs.test.", RecordType::A, true);
