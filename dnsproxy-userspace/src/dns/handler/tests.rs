@@ -989,3 +989,34 @@ async fn an_answer_with_an_empty_record_is_relayed_not_dropped() {
         "the empty NULL record"
     );
 }
+
+/// Found by fuzzing (fuzz/artifacts handler crash-9336bea3…): a query with six long
+/// questions got a FORMERR echoing all six, 558 bytes for a client that takes 512.
+#[tokio::test]
+async fn an_error_for_many_long_questions_still_fits_the_clients_limit() {
+    let h = handler_with(vec![], false);
+    let long = format!(
+        "{}.{}.{}.test.",
+        "a".repeat(60),
+        "b".repeat(60),
+        "c".repeat(10)
+    );
+    let mut m = query(&long, RecordType::A, false);
+    for _ in 0..5 {
+        m.add_query(Query::query(
+            Name::from_ascii(&long).unwrap(),
+            RecordType::A,
+        ));
+    }
+    let bytes = h
+        .handle(&m.to_vec().unwrap(), Protocol::Udp, client(), &ctx())
+        .await
+        .expect("FORMERR");
+    assert!(bytes.len() <= 512, "{} bytes", bytes.len());
+    let reply = Message::from_vec(&bytes).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(reply.metadata.id, m.metadata.id);
+    // Over TCP there is room: the questions are echoed.
+    let tcp = ask(&h, &m, Protocol::Tcp).await;
+    assert_eq!(tcp.queries.len(), 6);
+}
