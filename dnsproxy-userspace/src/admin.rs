@@ -104,6 +104,26 @@ impl Listeners {
         })
     }
 
+    /// Listeners a predecessor handed over (admin, then debug).
+    pub fn from_fds(fds: [std::os::fd::OwnedFd; 2]) -> std::io::Result<Self> {
+        let [admin, debug] = fds.map(std::net::TcpListener::from);
+        admin.set_nonblocking(true)?;
+        debug.set_nonblocking(true)?;
+        Ok(Listeners {
+            admin: TcpListener::from_std(admin)?,
+            debug: TcpListener::from_std(debug)?,
+        })
+    }
+
+    /// New descriptors for both, kept for a successor.
+    pub fn dup(&self) -> std::io::Result<[std::os::fd::OwnedFd; 2]> {
+        use std::os::fd::AsFd as _;
+        Ok([
+            self.admin.as_fd().try_clone_to_owned()?,
+            self.debug.as_fd().try_clone_to_owned()?,
+        ])
+    }
+
     /// Each listener with what it serves.
     pub fn with_surfaces(self) -> [(TcpListener, Surface); 2] {
         [(self.admin, Surface::Probes), (self.debug, Surface::Debug)]

@@ -264,6 +264,19 @@ pub struct RunArgs {
     /// daemon exits anyway, in milliseconds. Listeners stop reading at once.
     #[arg(long, default_value_t = 1500, env = "DNSPROXY_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: u64,
+
+    /// After handing its sockets to a successor, how long this daemon waits for the
+    /// successor to serve them (its first sync included) before it carries on alone,
+    /// in milliseconds.
+    #[arg(long, default_value_t = 30_000, env = "DNSPROXY_HANDOFF_TIMEOUT_MS")]
+    pub handoff_timeout_ms: u64,
+
+    /// On SIGTERM, how long to wait for a successor to take the sockets over before
+    /// stopping without one (pods then fail open until the next daemon), in
+    /// milliseconds. Default: 10000 in node mode (a rollout's new pod may still be
+    /// starting), 0 in local mode.
+    #[arg(long, env = "DNSPROXY_HANDOFF_WAIT_MS")]
+    pub handoff_wait_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -277,6 +290,14 @@ impl RunArgs {
             };
             SocketAddr::from((ip, ADMIN_PORT))
         })
+    }
+
+    /// `--handoff-wait-ms`, else the mode's default.
+    pub fn handoff_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handoff_wait_ms.unwrap_or(match self.mode {
+            Mode::Local => 0,
+            Mode::Node => 10_000,
+        }))
     }
 }
 

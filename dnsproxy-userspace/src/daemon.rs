@@ -3,13 +3,17 @@
 //! 1. [`Settings::resolve`]: flags, environment and (node mode) the cluster give what
 //!    the daemon needs; everything that can fail on bad input fails here, before
 //!    anything is attached to the kernel.
-//! 2. [`Daemon::start`]: sockets bound, data path attached, every task started under
-//!    one owner, ready once the registry and the VIP backends had their first sync.
-//! 3. [`Daemon::serve_until_signal`]: serve until SIGTERM/SIGINT (or a fatal task
-//!    error), then stop accepting, answer what is in flight within
-//!    `--shutdown-grace-ms`, and exit.
+//! 2. [`Daemon::start`]: sockets bound (or taken over from a running daemon, see
+//!    [`crate::handoff`]), data path attached, every task started under one owner,
+//!    ready once the registry and the VIP backends had their first sync; then a
+//!    predecessor is told to stop.
+//! 3. [`Daemon::serve_until_signal`]: serve until SIGTERM/SIGINT, a successor's
+//!    takeover (or a fatal task error), then stop accepting, answer what is in flight
+//!    within `--shutdown-grace-ms`, and exit.
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -35,11 +39,12 @@ use crate::{
         inflight::{self, InFlight},
         local::ClientContext,
         metrics::Metrics,
-        server::{self, Listeners, Shared},
+        server::{self, Listeners, Shared, StdListeners},
         tcp,
         upstream::UpstreamPath,
         workers::UdpWorkers,
     },
+    handoff::{self, Inventory, PodSockets, Sockets, Start, Taken},
     name::normalize,
     registry::{self, Registry, TableConfig, allocator::VipAllocator, manifest::Objects},
     resolv_conf,
@@ -64,7 +69,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
     let settings = Settings::resolve(args).await?;
-    let daemon = Daemon::start(settings).await?;
+    let start = settings.ask_predecessor().await;
+    let daemon = Daemon::start(settings, start).await?;
     daemon.serve_until_signal().await
 }
 
@@ -129,6 +135,45 @@ impl Settings {
 
     fn node(&self) -> bool {
         self.cluster.is_some()
+    }
+
+    /// Asks a daemon running with this state directory for its sockets.
+    async fn ask_predecessor(&self) -> Start {
+        let a = &self.args;
+        let (state_dir, pin_dir, port, node) = (
+            a.state_dir.clone(),
+            a.pin_dir.clone(),
+            a.listen_port,
+            self.node(),
+        );
+        let start =
+            tokio::task::spawn_blocking(move || handoff::take(&state_dir, &pin_dir, port, node))
+                .await
+                .unwrap_or_else(|e| Start::Fallback(handoff::Fallback::Failed(e.to_string())));
+        match &start {
+            Start::Fresh => {}
+            Start::Taken(t) => tracing::info!(
+                predecessor = t.predecessor,
+                pods = t.pods.len(),
+                "handoff: took the listening sockets over from the running daemon"
+            ),
+            Start::Fallback(f) => tracing::warn!(
+                reason = f.reason(),
+                "handoff not possible, starting on our own (captured pods fail open until our listeners are up): {f}"
+            ),
+        }
+        if let Start::Fallback(handoff::Fallback::Timeout) = &start {
+            let pin_dir = a.pin_dir.clone();
+            match tokio::task::spawn_blocking(move || handoff::kill_unresponsive(&pin_dir)).await {
+                Ok(Ok(Some(pid))) => tracing::warn!(pid, "killed the unresponsive previous daemon"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!("cannot find the previous daemon: {}", crate::report(&e));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot stop the previous daemon"),
+            }
+        }
+        start
     }
 
     fn datapath_options(&self) -> DataPathOptions {
@@ -240,44 +285,109 @@ struct Daemon {
     forwarder: Arc<Forwarder>,
     /// What every DNS listener shares: the handler and the TCP connection registry.
     shared: Shared,
+    /// What a successor would get, and the handoff counters.
+    handoff: (Arc<Inventory>, handoff::Counters),
+    /// Cancelled when a successor has taken the sockets over.
+    handed_over: CancellationToken,
     /// Every long-running task. A task that ends before shutdown is a fatal error.
     tasks: JoinSet<anyhow::Result<()>>,
     /// Cancelled once, at shutdown; every task holds a child of it.
     shutdown: CancellationToken,
 }
 
+/// The sockets a daemon serves: bound here, or handed over by its predecessor.
+struct OpenSockets {
+    local: Option<Listeners>,
+    admin: admin::Listeners,
+    /// Copies kept for a successor.
+    local_kept: Option<Sockets>,
+    admin_kept: [OwnedFd; 2],
+}
+
 impl Daemon {
-    async fn start(settings: Settings) -> anyhow::Result<Self> {
+    async fn start(settings: Settings, start: Start) -> anyhow::Result<Self> {
+        let counters = handoff::Counters::default();
+        let (mut taken, predecessor) = match start {
+            Start::Fresh => (None, false),
+            Start::Taken(t) => (Some(t), true),
+            Start::Fallback(f) => {
+                counters.fallback(&f);
+                (None, !matches!(f, handoff::Fallback::Mismatch(_)))
+            }
+        };
         let udp = match settings.args.udp_threads {
             0 => UdpWorkers::start(UdpWorkers::auto_threads()),
             n => UdpWorkers::start(n),
         }
         .context("cannot start the UDP threads")?;
         // Sockets first: "port in use" is reported before anything is attached.
-        let listeners = match settings.args.mode {
-            Mode::Local => Some(Listeners::from_std(server::bind_std(
-                settings.args.listen_port,
-                server::UdpSockets::ReusePort(udp.threads()),
-            )?)?),
-            Mode::Node => None,
-        };
-        let admin_listeners =
-            admin::Listeners::bind(settings.args.admin_addr(), settings.args.debug_addr).await?;
+        let sockets = open_sockets(&settings, taken.as_mut(), udp.threads()).await?;
         let registry = Arc::new(settings.registry()?);
-        settings.log_start(listeners.as_ref(), registry.table().len());
+        settings.log_start(sockets.local.as_ref(), registry.table().len());
 
-        let datapath = DataPath::start(&settings.datapath_options())?;
-        let mut daemon = Daemon::assemble(settings, datapath, registry, udp);
-        daemon.spawn_admin(admin_listeners);
-        if let Some(listeners) = listeners {
+        // A predecessor's pins are adopted (node mode always does).
+        let mut options = settings.datapath_options();
+        options.adopt |= predecessor;
+        let datapath = DataPath::start(&options, taken.as_mut().and_then(|t| t.lock.take()))?;
+        let inventory = Arc::new(Inventory::new(
+            settings.args.pin_dir.clone(),
+            settings.args.listen_port,
+            datapath
+                .lock_fd()
+                .context("keeping the pin directory lock")?,
+            sockets.admin_kept,
+            sockets.local_kept,
+        ));
+        let handed_pods = taken
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.pods))
+            .unwrap_or_default();
+        let mut daemon = Daemon::assemble(settings, datapath, registry, udp, (inventory, counters));
+        daemon.spawn_admin(sockets.admin);
+        if let Some(listeners) = sockets.local {
             daemon.spawn_local(listeners);
         }
-        let first_sync = daemon.spawn_cluster();
+        let first_sync = daemon.spawn_cluster(handed_pods);
         if let Err(e) = daemon.become_ready(first_sync).await {
             daemon.stop().await?;
             return Err(e);
         }
+        if let Err(e) = daemon.complete_start(taken).await {
+            daemon.stop().await?;
+            return Err(e);
+        }
         Ok(daemon)
+    }
+
+    /// Serving: a predecessor is told to stop, and the handoff socket opens for a
+    /// successor.
+    async fn complete_start(&mut self, taken: Option<Taken>) -> anyhow::Result<()> {
+        if let Some(taken) = taken {
+            let predecessor = taken.predecessor;
+            tokio::task::spawn_blocking(move || taken.finish())
+                .await?
+                .with_context(|| format!("handoff: the previous daemon (pid {predecessor}) did not confirm it stopped; exiting so that it carries on alone"))?;
+            self.handoff.1.handoff("received");
+            tracing::info!(
+                predecessor,
+                "handoff complete: the previous daemon stopped, this one serves every socket"
+            );
+        }
+        let giver = handoff::Giver::bind(&self.settings.args.state_dir).with_context(|| {
+            format!(
+                "cannot open the handoff socket in {}",
+                self.settings.args.state_dir.display()
+            )
+        })?;
+        let inventory = Arc::clone(&self.handoff.0);
+        let stop_wait = Duration::from_millis(self.settings.args.handoff_timeout_ms);
+        let outcome = (self.handed_over.clone(), self.handoff.1.clone());
+        let token = self.shutdown.child_token();
+        self.tasks.spawn(async move {
+            handoff::serve(giver, inventory, stop_wait, outcome, token).await;
+            Ok(())
+        });
+        Ok(())
     }
 
     /// The shared parts: metrics, forwarder, cache, handler, admin state.
@@ -286,9 +396,11 @@ impl Daemon {
         datapath: DataPath,
         registry: Arc<Registry>,
         udp: UdpWorkers,
+        handoff: (Arc<Inventory>, handoff::Counters),
     ) -> Self {
         let args = &settings.args;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
+        handoff.1.register(&mut metrics_registry);
         let metrics = Arc::new(Metrics::new(
             &settings.upstreams,
             &mut metrics_registry,
@@ -348,6 +460,8 @@ impl Daemon {
             registry,
             forwarder,
             shared,
+            handoff,
+            handed_over: CancellationToken::new(),
             tasks: JoinSet::new(),
             shutdown: CancellationToken::new(),
         }
@@ -403,14 +517,21 @@ impl Daemon {
     }
 
     /// Node mode: the cluster watch; the receiver fires after its first full sync.
-    fn spawn_cluster(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    fn spawn_cluster(
+        &mut self,
+        handed: HashMap<String, PodSockets>,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let client = self.settings.cluster.as_ref()?.client.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let handoff = cluster::Handoff {
+            inventory: Arc::clone(&self.handoff.0),
+            handed,
+        };
         let watch = cluster::run(
             client,
             self.settings.node_config(),
             Arc::clone(&self.registry),
-            self.shared.clone(),
+            (self.shared.clone(), handoff),
             tx,
             self.shutdown.child_token(),
         );
@@ -465,16 +586,52 @@ impl Daemon {
 
     async fn serve_until_signal(mut self) -> anyhow::Result<()> {
         let outcome = tokio::select! {
-            signal = shutdown_signal() => Ok(signal),
+            biased;
+            () = self.handed_over.cancelled() => Ok(None),
+            signal = shutdown_signal() => Ok(Some(signal)),
             ended = self.tasks.join_next() => Err(task_ended(ended)),
         };
-        if let Ok(signal) = &outcome {
+        if let Ok(Some(signal)) = &outcome {
+            self.wait_for_successor(signal).await;
             tracing::info!("{signal}: stopping, answering what is in flight");
         }
+        let node = self.settings.node();
         self.stop().await?;
-        let signal = outcome?;
-        tracing::info!("{signal}: stopped");
+        match outcome? {
+            Some(signal) => tracing::info!("{signal}: stopped"),
+            // A DaemonSet pod's container that exits is restarted: it stays, idle,
+            // until its pod is deleted.
+            None if node => {
+                tracing::info!("handed over: idle until SIGTERM (the pod is being replaced)");
+                let signal = shutdown_signal().await;
+                tracing::info!("{signal}: stopped");
+            }
+            None => tracing::info!("handed over: stopped"),
+        }
         Ok(())
+    }
+
+    /// On SIGTERM, a successor that is taking over (or, within `--handoff-wait-ms`,
+    /// one that comes: a rollout's new pod) gets the sockets before this daemon stops.
+    async fn wait_for_successor(&self, signal: &str) {
+        let args = &self.settings.args;
+        let wait = if self.handoff.0.frozen() {
+            Duration::from_millis(args.handoff_timeout_ms)
+        } else {
+            args.handoff_wait()
+        };
+        if wait.is_zero() {
+            return;
+        }
+        tracing::info!("{signal}: waiting up to {wait:?} for a successor to take the sockets over");
+        if tokio::time::timeout(wait, self.handed_over.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "no successor took over: stopping without one (captured pods fail open until the next daemon)"
+            );
+        }
     }
 
     /// Stops accepting, lets every task finish what it has in flight within the grace
@@ -498,9 +655,10 @@ impl Daemon {
             );
             self.tasks.shutdown().await;
         }
-        // Node mode keeps the data path for the next daemon (it adopts it); meanwhile
-        // captured pods fail open to the cluster DNS.
-        let keep_pins = self.settings.args.keep_pins || self.settings.node();
+        // A successor serves the data path now; node mode keeps it for the next daemon
+        // (it adopts it; meanwhile captured pods fail open to the cluster DNS).
+        let keep_pins =
+            self.settings.args.keep_pins || self.settings.node() || self.handed_over.is_cancelled();
         self.datapath.shutdown(keep_pins)?;
         Ok(())
     }
@@ -524,4 +682,39 @@ async fn shutdown_signal() -> &'static str {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     }
+}
+
+/// The local listener (local mode) and the admin listeners: a predecessor's, else new.
+async fn open_sockets(
+    settings: &Settings,
+    mut taken: Option<&mut Taken>,
+    udp_threads: usize,
+) -> anyhow::Result<OpenSockets> {
+    let args = &settings.args;
+    let local = match args.mode {
+        Mode::Local => Some(match taken.as_mut().and_then(|t| t.local.take()) {
+            Some(sockets) => StdListeners::from_sockets(sockets),
+            None => server::bind_std(args.listen_port, server::UdpSockets::ReusePort(udp_threads))?,
+        }),
+        Mode::Node => None,
+    };
+    let local_kept = local
+        .as_ref()
+        .map(StdListeners::dup)
+        .transpose()
+        .context("keeping the local listener for a successor")?;
+    let local = local.map(Listeners::from_std).transpose()?;
+    let admin = match taken.and_then(|t| t.admin.take()) {
+        Some(fds) => admin::Listeners::from_fds(fds).context("the handed-over admin listeners")?,
+        None => admin::Listeners::bind(args.admin_addr(), args.debug_addr).await?,
+    };
+    let admin_kept = admin
+        .dup()
+        .context("keeping the admin listeners for a successor")?;
+    Ok(OpenSockets {
+        local,
+        admin,
+        local_kept,
+        admin_kept,
+    })
 }

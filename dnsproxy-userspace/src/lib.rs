@@ -4,7 +4,8 @@
 //! One module per concern: `bpf` (the kernel side: checks, load, attach, pinned maps),
 //! `dns` (server, handler, forwarder, cache, metrics), `name` (DNS names), `registry`
 //! (objects, name table, VIP allocator), `vip` (VIP backends into the data path),
-//! `cluster` and `netns` (node mode: the Kubernetes API, in-pod listeners), `admin`
+//! `cluster` and `netns` (node mode: the Kubernetes API, in-pod listeners), `handoff`
+//! (a successor takes the listening sockets over), `admin`
 //! (HTTP probes, metrics, debug dumps), `daemon` (`dnsproxy run` start to stop), and
 //! `cli` (flags).
 pub mod admin;
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod dns;
 pub mod exec;
+pub mod handoff;
 pub mod memory;
 pub mod name;
 pub mod netns;

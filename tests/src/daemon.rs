@@ -85,6 +85,13 @@ impl Daemon {
                     .into_iter()
                     .flatten(),
             )
+            // SIGTERM stops at once unless a test waits for a successor.
+            .args(
+                (!opts.extra_args.iter().any(|a| a == "--handoff-wait-ms"))
+                    .then_some(["--handoff-wait-ms", "0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,dns=debug")
             .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -179,6 +186,13 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Waits for a daemon that handed its sockets to a successor to exit (local mode
+    /// exits by itself); its pins are the successor's now.
+    pub fn wait_handed_over(&mut self, limit: Duration) -> std::process::ExitStatus {
+        self.hand_over = true;
+        self.wait_exit(limit)
     }
 
     /// Stops the daemon and leaves its pinned state for a successor (node mode).

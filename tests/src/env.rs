@@ -151,21 +151,37 @@ impl TestEnv {
     /// The command [`TestEnv::captured_with_resolv_conf`] runs, to start in the
     /// background (stdout piped).
     pub fn captured_with_resolv_conf_command(&self, args: &[&str]) -> Command {
-        let mut cmd = self.netns.command("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#)
-            .arg("sh")
-            .arg(self.dir.join("resolv.conf"))
-            .arg(dnsproxy_bin())
-            .args(["exec", "--cgroup"])
-            .arg(&self.cgroup.path)
-            .arg("--")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
+        captured_command(
+            &self.netns,
+            &self.cgroup,
+            &self.dir.join("resolv.conf"),
+            args,
+        )
     }
+}
+
+/// `args` inside `netns` and `cgroup`, with `resolv_conf` bind-mounted over
+/// /etc/resolv.conf in a private mount namespace (for glibc clients); stdout piped.
+pub fn captured_command(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    resolv_conf: &std::path::Path,
+    args: &[&str],
+) -> Command {
+    let mut cmd = netns.command("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#)
+        .arg("sh")
+        .arg(resolv_conf)
+        .arg(dnsproxy_bin())
+        .args(["exec", "--cgroup"])
+        .arg(&cgroup.path)
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 impl Default for TestEnv {

@@ -41,7 +41,8 @@ pub struct DataPathOptions {
     pub dns_servers: Vec<IpAddr>,
     /// Capture every socket in the cgroup (local mode).
     pub capture_all: bool,
-    /// Take over pinned maps and links of an earlier daemon (node mode).
+    /// Take over pinned maps and links of an earlier daemon (node mode, and a
+    /// successor in local mode).
     pub adopt: bool,
     /// Sizes of `dp_vips` and `dp_services` (maps pinned already keep theirs).
     pub max_vips: u32,
@@ -56,15 +57,18 @@ pub struct DataPath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     logger: Option<KernelLogger>,
-    _lock: PinDirLock,
+    lock: PinDirLock,
 }
 
 impl DataPath {
     /// Loads, configures, attaches and pins. Stale pins of an earlier run in the same
     /// pin directory are removed first (the lock guarantees no live daemon owns them).
-    pub fn start(opts: &DataPathOptions) -> Result<Self, BpfError> {
+    pub fn start(
+        opts: &DataPathOptions,
+        handed_lock: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Self, BpfError> {
         system::ensure_bpffs(&opts.pin_dir)?;
-        let lock = system::lock_pin_dir(&opts.pin_dir)?;
+        let lock = system::lock_pin_dir(&opts.pin_dir, handed_lock)?;
         if !opts.adopt {
             let stale = pinned::remove_pins(&opts.pin_dir)?;
             if stale > 0 {
@@ -104,7 +108,7 @@ impl DataPath {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             logger,
-            _lock: lock,
+            lock,
         };
         dp.write_config(Config {
             listen_port: opts.listen_port,
@@ -185,6 +189,11 @@ impl DataPath {
             })?;
         }
         Ok(())
+    }
+
+    /// A descriptor of the pin directory's lock, to hand to a successor.
+    pub fn lock_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.lock.dup()
     }
 
     /// The task that forwards the programs' log records, for the caller to own (once).

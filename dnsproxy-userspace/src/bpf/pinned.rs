@@ -123,10 +123,15 @@ pub struct VipDump {
 }
 
 /// Reads every pinned map under `pin_dir`.
-pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
+/// The data path's configuration (`dp_config`), as the running daemon wrote it.
+pub fn read_config(pin_dir: &Path) -> Result<Config, BpfError> {
     let name = map_names::CONFIG;
     let config: Array<_, Config> = Array::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
-    let cfg = config.get(&0, 0).map_err(map_err(name))?;
+    config.get(&0, 0).map_err(map_err(name))
+}
+
+pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
+    let cfg = read_config(pin_dir)?;
 
     let servers: HashMap<_, DnsServer, DnsServerInfo> = open_hash(pin_dir, map_names::DNS_SERVERS)?;
     let mut dns_servers: Vec<IpAddr> = servers

@@ -136,12 +136,20 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
 
 /// An exclusive lock on the pin directory, held while the daemon runs.
 pub struct PinDirLock {
-    _file: std::fs::File,
+    file: std::fs::File,
 }
 
-/// Locks `pin_dir` so two daemons never share pins.
-pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, BpfError> {
-    let file = std::fs::File::open(pin_dir).map_err(super::pin_err(pin_dir))?;
+/// Locks `pin_dir` so two daemons never share pins. `handed` is the lock of a
+/// predecessor that handed its sockets over: the same open file, so the lock is
+/// already ours through it (and stays when the predecessor exits).
+pub fn lock_pin_dir(
+    pin_dir: &Path,
+    handed: Option<std::os::fd::OwnedFd>,
+) -> Result<PinDirLock, BpfError> {
+    let file = match handed {
+        Some(fd) => std::fs::File::from(fd),
+        None => std::fs::File::open(pin_dir).map_err(super::pin_err(pin_dir))?,
+    };
     // SAFETY: valid fd.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -149,7 +157,15 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock, BpfError> {
             path: pin_dir.display().to_string(),
         });
     }
-    Ok(PinDirLock { _file: file })
+    Ok(PinDirLock { file })
+}
+
+impl PinDirLock {
+    /// A new descriptor of the locked file, to hand to a successor.
+    pub fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        self.file.as_fd().try_clone_to_owned()
+    }
 }
 
 #[cfg(test)]

@@ -41,8 +41,9 @@ use crate::{
     bpf::{BpfError, pinned},
     dns::{
         local::ClientContext,
-        server::{Listeners, Shared, SharedContext},
+        server::{Listeners, Shared, SharedContext, StdListeners},
     },
+    handoff::{Inventory, PodSockets},
     netns,
     registry::{
         Registry,
@@ -439,7 +440,7 @@ pub async fn run(
     client: Client,
     config: NodeConfig,
     registry: Arc<Registry>,
-    shared: Shared,
+    (shared, handoff): (Shared, Handoff),
     ready: tokio::sync::oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -451,7 +452,7 @@ pub async fn run(
     let watched = store.as_ref().map(|s| (s.namespace(), s.name()));
     let mut watches = Watches::start(&client, watched).await?;
     watches.synced().await?;
-    let mut listeners = PodListeners::new(config, shared, shutdown.clone());
+    let mut listeners = PodListeners::new(config, shared, handoff, shutdown.clone());
     let mut ready = Some(ready);
     let followed = shutdown
         .run_until_cancelled(async {
@@ -460,7 +461,9 @@ pub async fn run(
                 watches
                     .update_registry(&registry, store.as_ref(), &pods)
                     .await;
-                let pending = listeners.reconcile(&pods, &watches.namespaces()).await;
+                // While a successor takes the sockets over, they stay as they are.
+                let pending = listeners.handoff.inventory.frozen()
+                    || listeners.reconcile(&pods, &watches.namespaces()).await;
                 if let Some(r) = ready.take() {
                     let _ = r.send(());
                 }
@@ -480,6 +483,8 @@ pub async fn run(
 /// A captured pod's listener; dropping it stops the listener (its in-flight queries
 /// are answered first).
 struct PodListener {
+    uid: String,
+    inventory: Arc<Inventory>,
     name: String,
     cookie: u64,
     /// Identity of the network namespace it listens in.
@@ -491,7 +496,17 @@ struct PodListener {
 impl Drop for PodListener {
     fn drop(&mut self) {
         self.stop.cancel();
+        // The copies kept for a successor go too, so the sockets really close.
+        self.inventory.remove_pod(&self.uid);
     }
+}
+
+/// Node mode's part in a handoff: what this daemon keeps for a successor, and what
+/// its predecessor handed over (by pod UID), used instead of new sockets while the
+/// pod's network namespace is the same.
+pub struct Handoff {
+    pub inventory: Arc<Inventory>,
+    pub handed: HashMap<String, PodSockets>,
 }
 
 /// What a captured pod should get: its name and the context its queries are answered in.
@@ -502,6 +517,7 @@ struct PodListeners {
     config: NodeConfig,
     shared: Shared,
     by_uid: HashMap<String, PodListener>,
+    handoff: Handoff,
     /// Last decision per pod, to log changes once.
     decisions: HashMap<String, (bool, &'static str)>,
     /// The serving tasks of every listener.
@@ -510,11 +526,17 @@ struct PodListeners {
 }
 
 impl PodListeners {
-    fn new(config: NodeConfig, shared: Shared, shutdown: CancellationToken) -> Self {
+    fn new(
+        config: NodeConfig,
+        shared: Shared,
+        handoff: Handoff,
+        shutdown: CancellationToken,
+    ) -> Self {
         PodListeners {
             config,
             shared,
             by_uid: HashMap::new(),
+            handoff,
             decisions: HashMap::new(),
             serving: TaskTracker::new(),
             shutdown,
@@ -538,6 +560,8 @@ impl PodListeners {
         };
         self.close_stale(&desired, &mut policy_map);
         let pending = self.open_new(desired, &mut policy_map).await;
+        // Handed-over sockets of pods that are gone (or not captured) close now.
+        self.handoff.handed.clear();
         self.remove_orphans(&mut policy_map);
         pending
     }
@@ -620,7 +644,7 @@ impl PodListeners {
                 pending = true;
                 continue;
             };
-            match self.open(netns, &name, ctx, policy_map).await {
+            match self.open(&uid, netns, &name, ctx, policy_map).await {
                 Ok(listener) => {
                     self.by_uid.insert(uid, listener);
                 }
@@ -657,17 +681,25 @@ impl PodListeners {
     /// Opens the listener inside the pod's network namespace, starts serving it, and
     /// writes the policy entry that turns capture on for that namespace.
     async fn open(
-        &self,
+        &mut self,
+        uid: &str,
         netns: &netns::PodNetns,
         name: &str,
         ctx: ClientContext,
         policy_map: &mut PolicyMap,
     ) -> anyhow::Result<PodListener> {
-        let (port, path) = (self.config.listen_port, netns.path.clone());
-        let (std_listeners, cookie) =
-            tokio::task::spawn_blocking(move || netns::bind_in_netns(&path, port))
-                .await
-                .context("the listener thread failed")??;
+        let (std_listeners, cookie) = self.bind(uid, netns, name).await?;
+        let kept = std_listeners
+            .dup()
+            .context("cannot keep the in-pod sockets for a successor")?;
+        self.handoff.inventory.add_pod(
+            uid,
+            PodSockets {
+                netns: netns.id,
+                cookie,
+                sockets: kept,
+            },
+        );
         let listeners =
             Listeners::from_std(std_listeners).context("cannot register the in-pod listener")?;
         let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
@@ -686,12 +718,37 @@ impl PodListeners {
             .spawn(listeners.serve(self.shared.clone(), Arc::clone(&ctx), stop.clone()));
         tracing::info!(pod = %name, netns = %netns.path.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
         Ok(PodListener {
+            uid: uid.to_owned(),
+            inventory: Arc::clone(&self.handoff.inventory),
             name: name.to_owned(),
             cookie,
             netns_id: netns.id,
             ctx,
             stop,
         })
+    }
+
+    /// The pod's sockets: those the predecessor handed over when they live in the
+    /// pod's current network namespace, else new ones bound inside it.
+    async fn bind(
+        &mut self,
+        uid: &str,
+        netns: &netns::PodNetns,
+        name: &str,
+    ) -> anyhow::Result<(StdListeners, u64)> {
+        if let Some(handed) = self.handoff.handed.remove(uid) {
+            if handed.netns == netns.id {
+                tracing::info!(pod = %name, netns_cookie = handed.cookie, "serving the sockets the previous daemon handed over");
+                return Ok((StdListeners::from_sockets(handed.sockets), handed.cookie));
+            }
+            tracing::info!(pod = %name, "handed-over sockets are in a network namespace the pod left: binding new ones");
+        }
+        let (port, path) = (self.config.listen_port, netns.path.clone());
+        Ok(
+            tokio::task::spawn_blocking(move || netns::bind_in_netns(&path, port))
+                .await
+                .context("the listener thread failed")??,
+        )
     }
 
     /// Entries nobody serves (an earlier daemon's pods that are gone) go away.

@@ -13,7 +13,7 @@
 //! and close, and [`Listeners::serve`] returns once every query in flight is answered.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -26,6 +26,8 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::handoff::Sockets;
 
 use super::{
     Protocol, batch, fast,
@@ -168,6 +170,24 @@ impl StdListeners {
     /// One of the sockets, e.g. to read its network namespace cookie.
     pub fn any_socket(&self) -> Option<&std::net::UdpSocket> {
         self.udp.first()
+    }
+
+    /// New descriptors for the same sockets, kept for a successor ([`crate::handoff`]).
+    pub fn dup(&self) -> std::io::Result<Sockets> {
+        let udp = self.udp.iter().map(|s| Ok(OwnedFd::from(s.try_clone()?)));
+        let tcp = self.tcp.iter().map(|s| Ok(OwnedFd::from(s.try_clone()?)));
+        Ok(Sockets {
+            udp: udp.collect::<std::io::Result<_>>()?,
+            tcp: tcp.collect::<std::io::Result<_>>()?,
+        })
+    }
+
+    /// Sockets a predecessor handed over: bound and listening already.
+    pub fn from_sockets(sockets: Sockets) -> Self {
+        StdListeners {
+            udp: sockets.udp.into_iter().map(Into::into).collect(),
+            tcp: sockets.tcp.into_iter().map(Into::into).collect(),
+        }
     }
 }
 

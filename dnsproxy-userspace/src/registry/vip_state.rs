@@ -136,12 +136,18 @@ pub fn encode(hosts: &BTreeMap<String, u32>) -> String {
     serde_json::to_string_pretty(&StateFileRef { hosts }).unwrap_or_default()
 }
 
+/// The temporary file a write goes through: one per process, since during a handoff
+/// two daemons share the state directory.
+fn temp_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension(format!("json.{}.tmp", std::process::id()))
+}
+
 /// Writes `hosts` to `path` atomically and durably.
 pub fn write(path: &Path, hosts: &BTreeMap<String, u32>) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let bytes = encode(hosts).into_bytes();
-    let tmp = path.with_extension("json.tmp");
+    let tmp = temp_path(path);
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(&bytes)?;
     file.sync_all()?;
@@ -232,7 +238,7 @@ mod tests {
         assert_eq!(loaded.hosts, want);
         // What we write salvages completely, line by line.
         assert_eq!(salvage(&std::fs::read_to_string(&path).unwrap()), want);
-        assert!(!path.with_extension("json.tmp").exists());
+        assert!(!temp_path(&path).exists());
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(
             read(&path).hosts.is_empty(),

@@ -1,0 +1,421 @@
+//! Upgrades: a second daemon takes the listening sockets over from the running one
+//! while clients resolve names only the daemon knows (glibc loops and a UDP sender
+//! through the redirect), in node mode (a captured pod, fake API server) and in local
+//! mode. With a handoff nothing reaches the fail-open path and every answer is the
+//! daemon's; with the old daemon killed instead, the fail-open path covers the gap
+//! and the new daemon adopts the pins.
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use dnsproxy_e2e::*;
+use serde_json::json;
+
+/// The tests here load both cores: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// UDP queries for `name` at `rate` a second for `secs` to the cluster DNS; prints
+/// how many were sent, answered with `want` (the daemon's answer), answered otherwise,
+/// and the rate reached. Replies are counted once per ID; stragglers get 1.5 s.
+const SENDER: &str = r"
+import socket, struct, sys, time
+name, want, rate, secs = sys.argv[1], socket.inet_aton(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+qname = b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\0'
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.setblocking(False)
+sent = ours = other = 0
+seen = set()
+def drain():
+    global ours, other
+    while True:
+        try:
+            r = s.recv(4096)
+        except BlockingIOError:
+            return
+        i = struct.unpack('>H', r[:2])[0]
+        if i in seen:
+            continue
+        seen.add(i)
+        if r[3] & 0xf == 0 and r[6:8] != b'\0\0' and want in r[12:]:
+            ours += 1
+        else:
+            other += 1
+t0 = time.time()
+while time.time() - t0 < secs:
+    due = int((time.time() - t0) * rate)
+    while sent < due:
+        q = struct.pack('>HHHHHH', sent & 0xffff, 0x0100, 1, 0, 0, 0) + qname + struct.pack('>HH', 1, 1)
+        try:
+            s.sendto(q, ('10.96.0.10', 53))
+        except OSError:
+            pass
+        sent += 1
+    drain()
+    time.sleep(0.001)
+end = time.time() + 1.5
+while time.time() < end:
+    drain()
+    time.sleep(0.01)
+print(sent, ours, other, int(sent / secs))
+";
+
+/// glibc lookups of `$2` in a loop for `$1` seconds: prints how many returned `$3`
+/// (the daemon's address), another address, or nothing.
+const GETENT_LOOP: &str = r#"end=$(($(date +%s) + $1)); ours=0; other=0; failed=0
+while [ "$(date +%s)" -lt "$end" ]; do
+  if out=$(getent ahostsv4 "$2"); then
+    case "$out" in *"$3"*) ours=$((ours + 1));; *) other=$((other + 1));; esac
+  else failed=$((failed + 1)); fi
+done
+echo "$ours $other $failed""#;
+
+const LOAD_SECS: u64 = 8;
+const RATE: u32 = 2500;
+/// When the old daemon goes (is taken over or killed), into the load.
+const SWITCH_AFTER: Duration = Duration::from_millis(2500);
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct Seen {
+    sent: u64,
+    udp_ours: u64,
+    udp_other: u64,
+    rate: u64,
+    lookups_ours: u64,
+    lookups_other: u64,
+    lookups_failed: u64,
+}
+
+/// One UDP sender and two glibc loops, running.
+struct Load {
+    sender: Child,
+    lookups: Vec<Child>,
+}
+
+impl Load {
+    /// `captured(args)` is the command that runs `args` as a captured client.
+    fn start(captured: impl Fn(&[&str]) -> Command, name: &str, want: &str) -> Self {
+        let secs = LOAD_SECS.to_string();
+        let sender = captured(&[
+            "python3",
+            "-c",
+            SENDER,
+            name,
+            want,
+            &RATE.to_string(),
+            &secs,
+        ])
+        .spawn()
+        .unwrap();
+        let lookups = (0..2)
+            .map(|_| {
+                captured(&["sh", "-c", GETENT_LOOP, "sh", &secs, name, want])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        Load { sender, lookups }
+    }
+
+    fn finish(self) -> Seen {
+        let numbers = |child: Child| -> Vec<u64> {
+            stdout(&child.wait_with_output().unwrap())
+                .split_whitespace()
+                .map(|n| n.parse().unwrap_or(u64::MAX))
+                .collect()
+        };
+        let udp = numbers(self.sender);
+        assert_eq!(udp.len(), 4, "the sender failed");
+        let mut seen = Seen {
+            sent: udp[0],
+            udp_ours: udp[1],
+            udp_other: udp[2],
+            rate: udp[3],
+            ..Seen::default()
+        };
+        for child in self.lookups {
+            let n = numbers(child);
+            assert_eq!(n.len(), 3, "a lookup loop failed");
+            seen.lookups_ours += n[0];
+            seen.lookups_other += n[1];
+            seen.lookups_failed += n[2];
+        }
+        seen
+    }
+}
+
+/// How the old daemon goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    /// A second daemon starts and takes the sockets over.
+    Handoff,
+    /// The old daemon is killed (`SIGKILL`), then a second one starts.
+    Kill,
+    /// The old daemon is stopped (`SIGSTOP`: hung), then a second one starts: it gets no
+    /// answer, kills the old one and starts as after a crash.
+    Hang,
+}
+
+/// The node of a node-mode test: one captured pod, a `ServiceEntry` only the daemon
+/// knows.
+const MESH_HOST: &str = "payments.mesh.internal";
+const MESH_VIP: &str = "240.240.7.7";
+
+fn node_env() -> (NodeEnv, usize) {
+    let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "payments", "namespace": "default"},
+               "spec": {"hosts": [MESH_HOST], "addresses": [MESH_VIP], "resolution": "STATIC",
+                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                        "endpoints": [{"address": "203.0.113.10"}]}}),
+    );
+    let pod = env.add_pod("client", "default", &[]);
+    std::fs::write(
+        env.dir.join("resolv.conf"),
+        "nameserver 10.96.0.10\noptions timeout:1 attempts:3\n",
+    )
+    .unwrap();
+    (env, pod)
+}
+
+/// Starts the old daemon, the load, switches daemons as `switch` says, and returns
+/// what the clients saw with the new daemon (still running) and the fail-open count.
+fn upgrade(
+    start: impl Fn() -> Daemon,
+    captured: impl Fn(&[&str]) -> Command,
+    (name, want): (&str, &str),
+    switch: Switch,
+) -> (Seen, Daemon, u64) {
+    let mut old = start();
+    let fail_open_before = old.counter("fail_open");
+    let load = Load::start(captured, name, want);
+    std::thread::sleep(SWITCH_AFTER);
+    match switch {
+        Switch::Kill => {
+            old.kill();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // SAFETY: kill(2) on our child.
+        Switch::Hang => unsafe {
+            libc::kill(old.pid() as i32, libc::SIGSTOP);
+        },
+        Switch::Handoff => {}
+    }
+    let new = start();
+    if switch == Switch::Hang {
+        // Killed by the new daemon; its pins are the new daemon's.
+        let _ = old.wait_handed_over(Duration::from_secs(10));
+    }
+    if switch == Switch::Handoff {
+        wait_for_log(&new, "handoff complete");
+        let stopped = Instant::now();
+        // Local mode exits by itself; node mode idles until its pod is deleted.
+        wait_for_log(&old, "handed over:");
+        if old.log_text().contains("idle until SIGTERM") {
+            assert!(old.stop_and_hand_over().success());
+        } else {
+            assert!(old.wait_handed_over(Duration::from_secs(10)).success());
+        }
+        println!(
+            "the old daemon exited {:?} after the handoff",
+            stopped.elapsed()
+        );
+    }
+    let seen = load.finish();
+    let fail_open = new.counter("fail_open") - fail_open_before;
+    (seen, new, fail_open)
+}
+
+fn wait_for_log(daemon: &Daemon, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemon.log_text().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn check_handoff(mode: &str, seen: &Seen, fail_open: u64, metrics: &str) {
+    println!(
+        "{mode} handoff under load: UDP {} sent at {} qps, {} answered by the daemon, {} otherwise, {} lost; \
+         glibc lookups {} by the daemon, {} otherwise, {} failed; fail-open {fail_open}",
+        seen.sent,
+        seen.rate,
+        seen.udp_ours,
+        seen.udp_other,
+        seen.sent - seen.udp_ours - seen.udp_other,
+        seen.lookups_ours,
+        seen.lookups_other,
+        seen.lookups_failed,
+    );
+    assert!(
+        seen.rate >= 2000,
+        "the sender reached only {} qps",
+        seen.rate
+    );
+    assert_eq!(fail_open, 0, "queries went to the fail-open path");
+    assert_eq!(seen.udp_other, 0, "answers that are not the daemon's");
+    assert_eq!(seen.udp_ours, seen.sent, "UDP queries lost");
+    assert!(seen.lookups_ours > 0);
+    assert_eq!((seen.lookups_other, seen.lookups_failed), (0, 0));
+    assert!(
+        metrics.contains("dnsproxy_handoffs_total{role=\"received\"} 1"),
+        "{metrics}"
+    );
+}
+
+fn check_fallback(mode: &str, seen: &Seen, fail_open: u64, metrics: &str, log: &str) {
+    println!(
+        "{mode} SIGKILL under load: UDP {} sent at {} qps, {} answered by the daemon, {} by fail-open; \
+         glibc lookups {} by the daemon, {} by fail-open, {} failed; fail-open {fail_open}",
+        seen.sent,
+        seen.rate,
+        seen.udp_ours,
+        seen.udp_other,
+        seen.lookups_ours,
+        seen.lookups_other,
+        seen.lookups_failed,
+    );
+    assert!(fail_open > 0, "the fail-open path covered the gap");
+    assert!(
+        seen.udp_other > 0,
+        "fail-open answers (the fake cluster DNS's)"
+    );
+    assert_eq!(seen.lookups_failed, 0, "lookups failed");
+    assert!(
+        log.contains("reason=\"crashed\"") || log.contains("reason=crashed"),
+        "{log}"
+    );
+    assert!(log.contains("adopted pinned maps"), "{log}");
+    assert!(
+        metrics.contains("dnsproxy_handoff_fallbacks_total{reason=\"crashed\"} 1"),
+        "{metrics}"
+    );
+}
+
+fn check_hang(seen: &Seen, fail_open: u64, metrics: &str, log: &str) {
+    println!(
+        "local SIGSTOP under load: UDP {} sent, {} answered by the daemon, {} by fail-open, {} lost; \
+         glibc lookups {} by the daemon, {} by fail-open, {} failed; fail-open {fail_open}",
+        seen.sent,
+        seen.udp_ours,
+        seen.udp_other,
+        seen.sent - seen.udp_ours - seen.udp_other,
+        seen.lookups_ours,
+        seen.lookups_other,
+        seen.lookups_failed,
+    );
+    assert!(
+        log.contains("killed the unresponsive previous daemon"),
+        "{log}"
+    );
+    assert!(log.contains("adopted pinned maps"), "{log}");
+    assert!(
+        metrics.contains("dnsproxy_handoff_fallbacks_total{reason=\"timeout\"} 1"),
+        "{metrics}"
+    );
+    // The new daemon answers once it is up: the last lookups and queries are its own.
+    assert!(seen.udp_ours > 0 && seen.lookups_ours > 0);
+}
+
+fn node_upgrade(switch: Switch) {
+    let (env, pod) = node_env();
+    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("p"));
+    let start = || Daemon::start(env.daemon_options(pin_dir.clone()));
+    let p = &env.pods[pod];
+    let resolv = env.dir.join("resolv.conf");
+    let captured = |args: &[&str]| captured_command(&p.netns, &p.cgroup, &resolv, args);
+    let (seen, new, fail_open) = upgrade(start, captured, (MESH_HOST, MESH_VIP), switch);
+    match switch {
+        Switch::Handoff => {
+            check_handoff("node", &seen, fail_open, &env.metrics());
+            assert!(
+                new.log_text()
+                    .contains("serving the sockets the previous daemon handed over"),
+                "{}",
+                new.log_text()
+            );
+        }
+        Switch::Kill => check_fallback("node", &seen, fail_open, &env.metrics(), &new.log_text()),
+        Switch::Hang => unreachable!("tested in local mode"),
+    }
+    drop(new);
+}
+
+fn local_upgrade(switch: Switch) {
+    let env = TestEnv::new();
+    env.write_resolv_conf("nameserver 10.96.0.10\noptions timeout:1 attempts:3\n");
+    let pin_dir = env.daemon_options().pin_dir;
+    let start = || {
+        let mut opts = env.daemon_options();
+        opts.pin_dir.clone_from(&pin_dir);
+        Daemon::start(opts)
+    };
+    let captured = |args: &[&str]| env.captured_with_resolv_conf_command(args);
+    let (seen, new, fail_open) = upgrade(start, captured, ("registry.test", "240.240.1.1"), switch);
+    let metrics = env.admin("/metrics");
+    match switch {
+        Switch::Handoff => check_handoff("local", &seen, fail_open, &metrics),
+        Switch::Kill => check_fallback("local", &seen, fail_open, &metrics, &new.log_text()),
+        Switch::Hang => check_hang(&seen, fail_open, &metrics, &new.log_text()),
+    }
+    drop(new);
+}
+
+#[test]
+fn node_mode_a_new_daemon_takes_the_pods_sockets_over_without_a_gap() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    node_upgrade(Switch::Handoff);
+}
+
+#[test]
+fn local_mode_a_new_daemon_takes_the_listener_over_without_a_gap() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    local_upgrade(Switch::Handoff);
+}
+
+#[test]
+fn node_mode_after_a_sigkill_pods_fail_open_until_the_new_daemon_adopts() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    node_upgrade(Switch::Kill);
+}
+
+#[test]
+fn local_mode_after_a_sigkill_clients_fail_open_until_the_new_daemon_adopts() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    local_upgrade(Switch::Kill);
+}
+
+#[test]
+fn local_mode_a_hung_daemon_is_killed_and_the_new_one_adopts() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    local_upgrade(Switch::Hang);
+}
