@@ -289,6 +289,9 @@ struct Daemon {
     handoff: (Arc<Inventory>, handoff::Counters),
     /// Cancelled when a successor has taken the sockets over.
     handed_over: CancellationToken,
+    /// Set while a predecessor still serves (a handoff not yet complete): stopping
+    /// then leaves the data path to it.
+    predecessor_serving: bool,
     /// Every long-running task. A task that ends before shutdown is a fatal error.
     tasks: JoinSet<anyhow::Result<()>>,
     /// Cancelled once, at shutdown; every task holds a child of it.
@@ -343,6 +346,7 @@ impl Daemon {
             .map(|t| std::mem::take(&mut t.pods))
             .unwrap_or_default();
         let mut daemon = Daemon::assemble(settings, datapath, registry, udp, (inventory, counters));
+        daemon.predecessor_serving = taken.is_some();
         daemon.spawn_admin(sockets.admin);
         if let Some(listeners) = sockets.local {
             daemon.spawn_local(listeners);
@@ -367,6 +371,7 @@ impl Daemon {
             tokio::task::spawn_blocking(move || taken.finish())
                 .await?
                 .with_context(|| format!("handoff: the previous daemon (pid {predecessor}) did not confirm it stopped; exiting so that it carries on alone"))?;
+            self.predecessor_serving = false;
             self.handoff.1.handoff("received");
             tracing::info!(
                 predecessor,
@@ -462,6 +467,7 @@ impl Daemon {
             shared,
             handoff,
             handed_over: CancellationToken::new(),
+            predecessor_serving: false,
             tasks: JoinSet::new(),
             shutdown: CancellationToken::new(),
         }
@@ -596,8 +602,12 @@ impl Daemon {
             tracing::info!("{signal}: stopping, answering what is in flight");
         }
         let node = self.settings.node();
+        let handed_over = self.handed_over.clone();
         self.stop().await?;
         match outcome? {
+            Some(signal) if handed_over.is_cancelled() => {
+                tracing::info!("{signal}: handed over, stopped")
+            }
             Some(signal) => tracing::info!("{signal}: stopped"),
             // A DaemonSet pod's container that exits is restarted: it stays, idle,
             // until its pod is deleted.
@@ -657,8 +667,10 @@ impl Daemon {
         }
         // A successor serves the data path now; node mode keeps it for the next daemon
         // (it adopts it; meanwhile captured pods fail open to the cluster DNS).
-        let keep_pins =
-            self.settings.args.keep_pins || self.settings.node() || self.handed_over.is_cancelled();
+        let keep_pins = self.settings.args.keep_pins
+            || self.settings.node()
+            || self.handed_over.is_cancelled()
+            || self.predecessor_serving;
         self.datapath.shutdown(keep_pins)?;
         Ok(())
     }

@@ -160,6 +160,9 @@ enum Switch {
     Handoff,
     /// The old daemon is killed (`SIGKILL`), then a second one starts.
     Kill,
+    /// The old daemon gets SIGTERM first (its pod deleted while the new one starts),
+    /// waits for a successor, and hands over to the one that starts then.
+    TermFirst,
     /// The old daemon is stopped (`SIGSTOP`: hung), then a second one starts: it gets no
     /// answer, kills the old one and starts as after a crash.
     Hang,
@@ -209,26 +212,30 @@ fn upgrade(
         Switch::Hang => unsafe {
             libc::kill(old.pid() as i32, libc::SIGSTOP);
         },
+        Switch::TermFirst => {
+            old.terminate();
+            std::thread::sleep(Duration::from_millis(300));
+        }
         Switch::Handoff => {}
     }
+    let switched = Instant::now();
     let new = start();
     if switch == Switch::Hang {
         // Killed by the new daemon; its pins are the new daemon's.
         let _ = old.wait_handed_over(Duration::from_secs(10));
     }
-    if switch == Switch::Handoff {
+    if matches!(switch, Switch::Handoff | Switch::TermFirst) {
         wait_for_log(&new, "handoff complete");
-        let stopped = Instant::now();
         // Local mode exits by itself; node mode idles until its pod is deleted.
-        wait_for_log(&old, "handed over:");
+        wait_for_log(&old, "handed over");
         if old.log_text().contains("idle until SIGTERM") {
             assert!(old.stop_and_hand_over().success());
         } else {
             assert!(old.wait_handed_over(Duration::from_secs(10)).success());
         }
         println!(
-            "the old daemon exited {:?} after the handoff",
-            stopped.elapsed()
+            "the new daemon started, took over, and the old one exited within {:?}",
+            switched.elapsed()
         );
     }
     let seen = load.finish();
@@ -350,7 +357,7 @@ fn node_upgrade(switch: Switch) {
             );
         }
         Switch::Kill => check_fallback("node", &seen, fail_open, &env.metrics(), &new.log_text()),
-        Switch::Hang => unreachable!("tested in local mode"),
+        Switch::Hang | Switch::TermFirst => unreachable!("tested in local mode"),
     }
     drop(new);
 }
@@ -362,13 +369,19 @@ fn local_upgrade(switch: Switch) {
     let start = || {
         let mut opts = env.daemon_options();
         opts.pin_dir.clone_from(&pin_dir);
+        if switch == Switch::TermFirst {
+            opts.extra_args
+                .extend(["--handoff-wait-ms".into(), "5000".into()]);
+        }
         Daemon::start(opts)
     };
     let captured = |args: &[&str]| env.captured_with_resolv_conf_command(args);
     let (seen, new, fail_open) = upgrade(start, captured, ("registry.test", "240.240.1.1"), switch);
     let metrics = env.admin("/metrics");
     match switch {
-        Switch::Handoff => check_handoff("local", &seen, fail_open, &metrics),
+        Switch::Handoff | Switch::TermFirst => {
+            check_handoff("local", &seen, fail_open, &metrics);
+        }
         Switch::Kill => check_fallback("local", &seen, fail_open, &metrics, &new.log_text()),
         Switch::Hang => check_hang(&seen, fail_open, &metrics, &new.log_text()),
     }
@@ -418,4 +431,13 @@ fn local_mode_a_hung_daemon_is_killed_and_the_new_one_adopts() {
     }
     let _serial = one_at_a_time();
     local_upgrade(Switch::Hang);
+}
+
+#[test]
+fn local_mode_a_daemon_told_to_stop_waits_and_hands_over_to_the_next_one() {
+    if !privileged() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    local_upgrade(Switch::TermFirst);
 }
