@@ -606,7 +606,7 @@ impl Daemon {
         self.stop().await?;
         match outcome? {
             Some(signal) if handed_over.is_cancelled() => {
-                tracing::info!("{signal}: handed over, stopped")
+                tracing::info!("{signal}: handed over, stopped");
             }
             Some(signal) => tracing::info!("{signal}: stopped"),
             // A DaemonSet pod's container that exits is restarted: it stays, idle,
