@@ -21,7 +21,7 @@ use std::{
 
 use hickory_proto::{
     op::{Message, ResponseCode},
-    rr::{DNSClass, RData, Record, RecordType},
+    rr::{DNSClass, RData, Record, RecordType, rdata::opt::EdnsOption},
 };
 use quick_cache::{Lifecycle, Weighter};
 
@@ -42,17 +42,31 @@ pub struct CachedAnswer {
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
+    /// The upstream's Client Subnet option (its scope says for which clients the
+    /// answer holds), relayed to a client that sent one (RFC 7871 §7.2.2).
+    pub client_subnet: Option<EdnsOption>,
 }
 
+/// EDNS Client Subnet (RFC 7871).
+pub const CLIENT_SUBNET: u16 = 8;
+
 impl From<Message> for CachedAnswer {
-    /// The sections of an answer (EDNS excluded: hickory keeps it apart, and each
-    /// client gets its own).
+    /// The sections of an answer (EDNS apart: each client gets its own, with the
+    /// upstream's Client Subnet option only).
     fn from(msg: Message) -> Self {
+        let client_subnet = msg.edns.as_ref().and_then(|edns| {
+            edns.options()
+                .as_ref()
+                .iter()
+                .find(|(code, _)| u16::from(*code) == CLIENT_SUBNET)
+                .map(|(_, option)| option.clone())
+        });
         CachedAnswer {
             response_code: msg.metadata.response_code,
             answers: msg.answers,
             authorities: msg.authorities,
             additionals: msg.additionals,
+            client_subnet,
         }
     }
 }

@@ -2,7 +2,10 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Name, RData, Record, rdata},
+    rr::{
+        Name, RData, Record, rdata,
+        rdata::opt::{ClientSubnet, EdnsOption},
+    },
 };
 
 use super::*;
@@ -648,6 +651,19 @@ fn local_soa(owner: &Name) -> Record {
 
 /// A loopback upstream answering every query with 198.51.100.7 (TTL 60), keeping what
 /// `see` makes of each query it got.
+/// The Client Subnet option of a message.
+fn subnet_of(m: &Message) -> Option<ClientSubnet> {
+    m.edns
+        .as_ref()?
+        .options()
+        .as_ref()
+        .iter()
+        .find_map(|(_, o)| match o {
+            EdnsOption::Subnet(s) => Some(s.clone()),
+            _ => None,
+        })
+}
+
 async fn recording_upstream<T: Send + 'static>(
     see: impl Fn(&Message) -> T + Send + 'static,
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<T>>>) {
@@ -667,6 +683,12 @@ async fn recording_upstream<T: Send + 'static>(
                 60,
                 RData::A(rdata::A("198.51.100.7".parse().unwrap())),
             ));
+            // As an ECS-aware server: the client's subnet back, with a scope.
+            if let Some(subnet) = subnet_of(&q) {
+                let scoped = ClientSubnet::new(subnet.addr(), subnet.source_prefix(), 20);
+                let edns = r.edns.as_mut().unwrap().options_mut();
+                edns.insert(EdnsOption::Subnet(scoped));
+            }
             sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
         }
     });
@@ -871,7 +893,6 @@ async fn the_clients_flags_are_relayed_and_key_the_cache() {
 
 #[tokio::test]
 async fn client_subnet_is_relayed_and_keys_the_cache_and_cookies_are_not() {
-    use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
     let (upstream, seen) = recording_upstream(|q| -> Vec<u16> {
         q.edns
             .as_ref()
@@ -899,14 +920,22 @@ async fn client_subnet_is_relayed_and_keys_the_cache_and_cookies_are_not() {
         }
         q
     };
-    ask(&h, &with("192.0.2.0", true), Protocol::Udp).await;
-    ask(&h, &with("192.0.2.0", false), Protocol::Udp).await;
-    ask(&h, &with("198.51.100.0", false), Protocol::Udp).await;
+    let first = ask(&h, &with("192.0.2.0", true), Protocol::Udp).await;
+    let cached = ask(&h, &with("192.0.2.0", false), Protocol::Udp).await;
+    let other = ask(&h, &with("198.51.100.0", false), Protocol::Udp).await;
+    let none = ask(&h, &query("ecs.test.", RecordType::A, true), Protocol::Udp).await;
     assert_eq!(
         *seen.lock().unwrap(),
-        [vec![8], vec![8]],
+        [vec![8], vec![8], vec![]],
         "ECS (8) relayed, the cookie (10) not; one upstream query per subnet"
     );
+    // The upstream's option (its scope) reaches the client that sent one, also from
+    // the cache (RFC 7871 §7.2.2); a client without ECS gets none.
+    let scope = |m: &Message| subnet_of(m).map(|s| (s.addr().to_string(), s.scope_prefix()));
+    assert_eq!(scope(&first), Some(("192.0.2.0".to_owned(), 20)));
+    assert_eq!(scope(&cached), Some(("192.0.2.0".to_owned(), 20)));
+    assert_eq!(scope(&other), Some(("198.51.100.0".to_owned(), 20)));
+    assert_eq!(scope(&none), None);
 }
 
 /// An upstream that answers every query with `records` (type, RDATA) owned by the
