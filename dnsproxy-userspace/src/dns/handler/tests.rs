@@ -659,7 +659,7 @@ fn subnet_of(m: &Message) -> Option<ClientSubnet> {
         .as_ref()
         .iter()
         .find_map(|(_, o)| match o {
-            EdnsOption::Subnet(s) => Some(s.clone()),
+            EdnsOption::Subnet(s) => Some(*s),
             _ => None,
         })
 }
