@@ -34,8 +34,9 @@ pub mod map_names {
     pub const SOCK_ORIG: &str = "dp_sock_orig";
     pub const VIPS: &str = "dp_vips";
     pub const SERVICES: &str = "dp_services";
+    pub const VIP_FILTER: &str = "dp_vip_filter";
     /// Every map the daemon pins.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         CONFIG,
         DNS_SERVERS,
         POLICY,
@@ -43,6 +44,7 @@ pub mod map_names {
         SOCK_ORIG,
         VIPS,
         SERVICES,
+        VIP_FILTER,
     ];
 }
 
@@ -57,6 +59,10 @@ pub const PROGRAMS: [&str; 8] = [
     "dnsproxy_getpeername4",
     "dnsproxy_getpeername6",
 ];
+
+/// Buckets of `dp_vip_filter`, and the u64 words that hold them.
+pub const VIP_FILTER_BITS: u32 = 4096;
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
 
 /// A 16-byte address in network byte order; IPv4 is IPv4-mapped.
 #[repr(C)]
@@ -102,6 +108,19 @@ impl Addr {
             u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
             u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
         ]
+    }
+
+    /// This address's bucket in `dp_vip_filter` (0..[`VIP_FILTER_BITS`]): its /12 for
+    /// IPv4, its /48 folded to 12 bits for IPv6. A destination whose bucket holds no
+    /// VIP is no VIP: the pass path skips the `dp_vips` lookup.
+    #[inline(always)]
+    pub const fn vip_filter_bit(&self) -> u32 {
+        let o = &self.octets;
+        if self.is_ipv4_mapped() {
+            ((o[12] as u32) << 4) | ((o[13] as u32) >> 4)
+        } else {
+            (((o[0] ^ o[2] ^ o[4]) as u32) << 4) ^ ((o[1] ^ o[3] ^ o[5]) as u32)
+        }
     }
 
     /// True for `::ffff:a.b.c.d`.
@@ -342,6 +361,35 @@ mod tests {
         let a = Addr { octets };
         assert_eq!(Addr::from_ipv6_words(a.ipv6_words()), a);
         assert_eq!(a.ipv6_words()[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+    }
+
+    #[test]
+    fn vip_filter_buckets_are_prefixes_in_range() {
+        let v4 = |a: u8, b: u8, c: u8, d: u8| Addr::from_ipv4_be(u32::from_ne_bytes([a, b, c, d]));
+        // Every auto-allocated IPv4 VIP shares one bucket (240.240.0.0/12)...
+        let auto = v4(240, 240, 0, 1).vip_filter_bit();
+        assert_eq!(auto, v4(240, 255, 255, 254).vip_filter_bit());
+        // ...which the usual pod and service ranges are not in.
+        for other in [v4(10, 96, 0, 10), v4(10, 244, 1, 5), v4(203, 0, 113, 10)] {
+            assert_ne!(other.vip_filter_bit(), auto);
+        }
+        let v6 = |s: &str| Addr {
+            octets: s.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        };
+        assert_eq!(
+            v6("2001:2::1").vip_filter_bit(),
+            v6("2001:2::ffff").vip_filter_bit(),
+            "one /48, one bucket"
+        );
+        for a in [
+            v6("2001:2::1"),
+            v6("fd00::10"),
+            v6("ffff:ffff:ffff::"),
+            LOOPBACK6,
+        ] {
+            assert!(a.vip_filter_bit() < VIP_FILTER_BITS);
+        }
+        assert!(v4(255, 255, 255, 255).vip_filter_bit() < VIP_FILTER_BITS);
     }
 
     #[test]

@@ -18,7 +18,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
     Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, MAX_VIP_SERVICES,
-    MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VipInfo, VipKey, ip_proto, stat,
+    MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey,
+    ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -46,6 +47,11 @@ static SOCK_ORIG: SkStorage<SockOrig> = SkStorage::new();
 #[btf_map(name = "dp_vips")]
 static VIPS: HashMap<VipKey, VipInfo, { MAX_VIPS as usize }, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// Buckets ([`Addr::vip_filter_bit`]) that hold some VIP: set by the daemon before it
+/// adds a VIP to `dp_vips`, never cleared while pinned.
+#[btf_map(name = "dp_vip_filter")]
+static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 #[btf_map(name = "dp_services")]
 static SERVICES: HashMap<
@@ -243,11 +249,21 @@ fn rewrite_destination(ctx: &SockAddrContext, family: Family) -> i32 {
         redirect_dns(ctx, family, &cfg, dst);
         return ALLOW;
     }
-    if VIPS.get_ptr(VipKey { addr: dst }).is_some() {
+    if may_be_vip(&dst) && VIPS.get_ptr(VipKey { addr: dst }).is_some() {
         return translate_vip(ctx, family, &cfg, dst, port);
     }
     count(stat::PASSED);
     ALLOW
+}
+
+/// False when `dst`'s bucket holds no VIP (an array read instead of a hash lookup).
+#[inline(always)]
+fn may_be_vip(dst: &Addr) -> bool {
+    let bit = dst.vip_filter_bit();
+    match VIP_FILTER.get(bit / 64) {
+        Some(word) => word & (1u64 << (bit % 64)) != 0,
+        None => true,
+    }
 }
 
 /// `dst` is a configured DNS server whose entry is enabled.

@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, HashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use dnsproxy_common::{Config, DnsServer, DnsServerInfo, PROGRAMS, map_names};
+use dnsproxy_common::{Config, DnsServer, DnsServerInfo, PROGRAMS, VipInfo, VipKey, map_names};
 
 use super::{
     BpfError, Cause, map_err, pin_err, pinned,
@@ -118,6 +118,10 @@ impl DataPath {
             _pad: 0,
         })?;
         dp.set_dns_servers(&opts.dns_servers)?;
+        // Adopted VIPs (perhaps from a daemon without the filter) stay translated.
+        let vips: HashMap<_, VipKey, VipInfo> = pinned::open_hash(&opts.pin_dir, map_names::VIPS)?;
+        let adopted: Vec<_> = vips.keys().filter_map(Result::ok).map(|k| k.addr).collect();
+        pinned::mark_vips(&opts.pin_dir, adopted)?;
         dp.attach(&opts.cgroup)?;
         Ok(dp)
     }

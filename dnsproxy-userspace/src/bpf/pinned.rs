@@ -123,6 +123,29 @@ pub struct VipDump {
 }
 
 /// Reads every pinned map under `pin_dir`.
+/// Marks the buckets of `addrs` in `dp_vip_filter` (set only: a bucket is never
+/// cleared while pinned, so a VIP is never skipped). Call before adding them to
+/// `dp_vips`.
+pub fn mark_vips(
+    pin_dir: &Path,
+    addrs: impl IntoIterator<Item = dnsproxy_common::Addr>,
+) -> Result<(), BpfError> {
+    let name = map_names::VIP_FILTER;
+    let mut filter: Array<_, u64> = Array::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
+    let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    for addr in addrs {
+        let bit = addr.vip_filter_bit();
+        *words.entry(bit / 64).or_default() |= 1u64 << (bit % 64);
+    }
+    for (index, bits) in words {
+        let word = filter.get(&index, 0).map_err(map_err(name))?;
+        if word & bits != bits {
+            filter.set(index, word | bits, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
 /// The data path's configuration (`dp_config`), as the running daemon wrote it.
 pub fn read_config(pin_dir: &Path) -> Result<Config, BpfError> {
     let name = map_names::CONFIG;

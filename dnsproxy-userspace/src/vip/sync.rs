@@ -161,6 +161,8 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
     let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
         pinned::open_hash(pin_dir, map_names::SERVICES)?;
     let mut vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
+    // The filter first: the data path skips a destination whose bucket is unmarked.
+    pinned::mark_vips(pin_dir, new.vips.keys().map(|vip| to_map_addr(*vip)))?;
     for (key, value) in &new.services {
         if old.services.get(key) != Some(value) {
             services
