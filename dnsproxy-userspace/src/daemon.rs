@@ -162,15 +162,10 @@ impl Settings {
                 "handoff not possible, starting on our own (captured pods fail open until our listeners are up): {f}"
             ),
         }
-        if let Start::Fallback(handoff::Fallback::Timeout) = &start {
-            let pin_dir = a.pin_dir.clone();
-            match tokio::task::spawn_blocking(move || handoff::kill_unresponsive(&pin_dir)).await {
-                Ok(Ok(Some(pid))) => tracing::warn!(pid, "killed the unresponsive previous daemon"),
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!("cannot find the previous daemon: {}", crate::report(&e));
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot stop the previous daemon"),
+        if let Start::Fallback(handoff::Fallback::Timeout { pid: Some(pid) }) = start {
+            let killed = tokio::task::spawn_blocking(move || handoff::kill_unresponsive(pid));
+            if killed.await.unwrap_or(false) {
+                tracing::warn!(pid, "killed the unresponsive previous daemon");
             }
         }
         start

@@ -304,7 +304,10 @@ pub async fn serve(
                 );
                 counters.handoff("given");
                 handed_over.cancel();
-                // The socket path is the successor's now; the task ends with the daemon.
+                // Another successor queued meanwhile is refused at once (not left to
+                // time out and take this daemon for a hung one). The socket path is the
+                // successor's now; the task ends with the daemon.
+                drop(giver.listener);
                 shutdown.cancelled().await;
                 return;
             }
@@ -328,8 +331,9 @@ pub async fn serve(
 pub enum Fallback {
     /// The socket is there but nobody listens: the predecessor crashed.
     Crashed,
-    /// The predecessor did not answer within [`STEP_TIMEOUT`].
-    Timeout,
+    /// The predecessor did not answer within [`STEP_TIMEOUT`]; its pid, as the socket
+    /// reports its listener's owner.
+    Timeout { pid: Option<u32> },
     /// It serves another pin directory or port: not ours to take.
     Mismatch(String),
     /// The exchange broke.
@@ -341,7 +345,7 @@ impl Fallback {
     pub fn reason(&self) -> &'static str {
         match self {
             Fallback::Crashed => "crashed",
-            Fallback::Timeout => "timeout",
+            Fallback::Timeout { .. } => "timeout",
             Fallback::Mismatch(_) => "mismatch",
             Fallback::Failed(_) => "failed",
         }
@@ -354,9 +358,9 @@ impl std::fmt::Display for Fallback {
             Fallback::Crashed => {
                 f.write_str("the previous daemon is gone (its handoff socket refuses)")
             }
-            Fallback::Timeout => write!(
+            Fallback::Timeout { pid } => write!(
                 f,
-                "the previous daemon did not answer within {STEP_TIMEOUT:?}"
+                "the previous daemon (pid {pid:?}) did not answer within {STEP_TIMEOUT:?}"
             ),
             Fallback::Mismatch(why) | Fallback::Failed(why) => f.write_str(why),
         }
@@ -410,8 +414,9 @@ fn exchange(
     listen_port: u16,
     node: bool,
 ) -> Result<(Description, Vec<OwnedFd>), Fallback> {
+    let pid = peer_pid(stream);
     let broke = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Fallback::Timeout,
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Fallback::Timeout { pid },
         _ => Fallback::Failed(format!("handoff exchange: {e}")),
     };
     stream.set_read_timeout(Some(STEP_TIMEOUT)).map_err(broke)?;
@@ -482,20 +487,20 @@ impl Taken {
 }
 
 /// A predecessor that did not answer still holds the pin directory's lock and the
-/// listening ports: it is killed (the data path's config names its pid), so that this
-/// daemon can start as after a crash. Only a process named dnsproxy is killed.
-pub fn kill_unresponsive(pin_dir: &Path) -> Result<Option<u32>, crate::bpf::BpfError> {
-    let pid = crate::bpf::pinned::read_config(pin_dir)?.daemon_tgid;
+/// listening ports: it is killed (`pid`: the owner of the socket it listens on), so
+/// that this daemon can start as after a crash. Only a process named dnsproxy is
+/// killed; true when it was.
+pub fn kill_unresponsive(pid: u32) -> bool {
     if pid == 0 || pid == std::process::id() {
-        return Ok(None);
+        return false;
     }
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
     if comm.trim() != "dnsproxy" {
-        return Ok(None);
+        return false;
     }
     let Ok(raw) = i32::try_from(pid) else {
-        return Ok(None);
+        return false;
     };
     // SAFETY: kill(2) on a pid.
     unsafe { libc::kill(raw, libc::SIGKILL) };
@@ -509,7 +514,25 @@ pub fn kill_unresponsive(pin_dir: &Path) -> Result<Option<u32>, crate::bpf::BpfE
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(Some(pid))
+    true
+}
+
+/// The pid of the process that listens on the other end (`SO_PEERCRED`).
+fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    // SAFETY: an all-zero ucred is valid; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid socket and out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then(|| cred.pid.unsigned_abs())
 }
 
 // === metrics ===
