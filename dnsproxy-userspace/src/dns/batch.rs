@@ -1,7 +1,8 @@
 //! Batched UDP I/O for the receive loops: `recvmmsg` reads every queued query (up to
 //! [`BATCH`]) in one system call and `sendmmsg` sends their answers in one more. The
 //! buffers belong to the thread (each UDP thread serves its loops one at a time, and a
-//! batch is never held across an await), so a pod's listener costs no buffer of its own.
+//! batch is never held across an await), so a pod's listener costs no buffer of its own,
+//! and a batch allocates nothing.
 use std::{
     cell::RefCell,
     io,
@@ -125,75 +126,132 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Sends `replies` on `fd` (non-blocking) with as few system calls as the kernel
-/// allows. A full socket buffer drops the rest, as the kernel drops queries when ours
-/// is full (the clients retry).
-pub fn send(fd: RawFd, replies: &[(&[u8], SocketAddr)]) {
-    let addrs: Vec<SockAddr> = replies.iter().map(|(_, to)| SockAddr::from(*to)).collect();
-    let mut iovecs: Vec<libc::iovec> = replies
-        .iter()
-        .map(|(bytes, _)| libc::iovec {
+/// A thread's send buffers: up to [`BATCH`] answers, sent with as few system calls as
+/// the kernel allows. Built in place, so a batch allocates nothing.
+pub struct Outbox {
+    addrs: Box<[libc::sockaddr_storage]>,
+    iovecs: Box<[libc::iovec]>,
+    headers: Box<[libc::mmsghdr]>,
+    /// Destinations, for the log of a failed send.
+    to: Box<[Option<SocketAddr>]>,
+    len: usize,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            // SAFETY: an all-zero sockaddr_storage is a valid (unspecified) address.
+            addrs: (0..BATCH)
+                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+                .collect(),
+            iovecs: (0..BATCH)
+                .map(|_| libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            // SAFETY: an all-zero mmsghdr is valid; `push` fills what it sends.
+            headers: (0..BATCH)
+                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+                .collect(),
+            to: vec![None; BATCH].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    /// Queues `bytes` for `to`; false when the outbox is full.
+    ///
+    /// # Safety
+    /// `bytes` must stay valid and unchanged until the next [`Outbox::flush`].
+    pub unsafe fn push(&mut self, bytes: &[u8], to: SocketAddr) -> bool {
+        let i = self.len;
+        if i == BATCH {
+            return false;
+        }
+        let addr = SockAddr::from(to);
+        // SAFETY: a SockAddr's bytes fit a sockaddr_storage.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                addr.as_ptr().cast::<u8>(),
+                ptr::from_mut(&mut self.addrs[i]).cast::<u8>(),
+                addr.len() as usize,
+            );
+        }
+        self.iovecs[i] = libc::iovec {
             iov_base: bytes.as_ptr().cast_mut().cast(),
             iov_len: bytes.len(),
-        })
-        .collect();
-    let mut headers: Vec<libc::mmsghdr> = iovecs
-        .iter_mut()
-        .zip(&addrs)
-        .map(|(iov, addr)| {
-            // SAFETY: an all-zero msghdr is valid; it points into `iovecs` and `addrs`,
-            // which outlive the calls below (sendmmsg only reads through the pointers).
-            let mut h: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-            h.msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
-            h.msg_hdr.msg_namelen = addr.len();
-            h.msg_hdr.msg_iov = ptr::from_mut(iov);
-            h.msg_hdr.msg_iovlen = 1;
-            h
-        })
-        .collect();
-    let mut sent = 0;
-    while sent < headers.len() {
-        let rest = &mut headers[sent..];
-        // SAFETY: `rest` holds valid mmsghdr (see above).
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                rest.as_mut_ptr(),
-                libc::c_uint::try_from(rest.len()).unwrap_or(libc::c_uint::MAX),
-                libc::MSG_DONTWAIT,
-            )
         };
-        match usize::try_from(n) {
-            Ok(0) => break,
-            Ok(n) => sent += n,
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+        let h = &mut self.headers[i].msg_hdr;
+        h.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
+        h.msg_namelen = addr.len();
+        h.msg_iov = ptr::from_mut(&mut self.iovecs[i]);
+        h.msg_iovlen = 1;
+        self.to[i] = Some(to);
+        self.len += 1;
+        true
+    }
+
+    /// Sends what is queued on `fd` (non-blocking) and empties the outbox. A full
+    /// socket buffer drops the rest, as the kernel drops queries when ours is full
+    /// (the clients retry).
+    pub fn flush(&mut self, fd: RawFd) {
+        let mut sent = 0;
+        while sent < self.len {
+            let rest = &mut self.headers[sent..self.len];
+            // SAFETY: `rest` holds mmsghdr filled by `push`, whose buffers the caller
+            // keeps valid until now.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    rest.as_mut_ptr(),
+                    libc::c_uint::try_from(rest.len()).unwrap_or(libc::c_uint::MAX),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // One bad destination must not cost the others their answers.
+                    tracing::debug!(target: "dns", to = ?self.to[sent], error = %e, "UDP send failed");
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        break;
+                    }
+                    sent += 1;
                 }
-                // One bad destination must not cost the others their answers.
-                tracing::debug!(target: "dns", to = %replies[sent].1, error = %e, "UDP send failed");
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    break;
-                }
-                sent += 1;
             }
         }
+        self.len = 0;
     }
 }
 
 /// Output slots for the answers of one batch, one per query.
 pub type Answers = [[u8; MAX_KEPT]; BATCH];
 
-thread_local! {
-    static SCRATCH: RefCell<Option<(Received, Box<Answers>)>> = const { RefCell::new(None) };
+/// A thread's buffers for one batch at a time.
+pub struct Scratch {
+    pub received: Received,
+    pub answers: Box<Answers>,
+    pub outbox: Outbox,
 }
 
-/// Runs `f` with this thread's receive buffers and answer slots (made on first use).
-pub fn with_scratch<T>(f: impl FnOnce(&mut Received, &mut Answers) -> T) -> T {
+thread_local! {
+    static SCRATCH: RefCell<Option<Scratch>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's receive buffers, answer slots and outbox (made on first
+/// use).
+pub fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
     SCRATCH.with_borrow_mut(|scratch| {
-        let (received, answers) =
-            scratch.get_or_insert_with(|| (Received::new(), Box::new([[0; MAX_KEPT]; BATCH])));
-        f(received, answers)
+        let scratch = scratch.get_or_insert_with(|| Scratch {
+            received: Received::new(),
+            answers: Box::new([[0; MAX_KEPT]; BATCH]),
+            outbox: Outbox::new(),
+        });
+        f(scratch)
     })
 }

@@ -294,7 +294,12 @@ impl Serving {
 
     /// Reads one batch of queries and answers it; false when the socket had no more.
     fn receive_batch(&self, sock: &Arc<UdpSocket>, fast: &mut fast::Answers) -> bool {
-        batch::with_scratch(|received, out| {
+        batch::with_scratch(|scratch| {
+            let batch::Scratch {
+                received,
+                answers,
+                outbox,
+            } = scratch;
             let fd = sock.as_raw_fd();
             let mut read = 0;
             // A short batch drained the socket: report WouldBlock so that the runtime
@@ -311,28 +316,26 @@ impl Serving {
             {
                 tracing::warn!(error = %e, "UDP receive failed");
             }
-            let mut owned = Vec::new();
-            let mut kept = Vec::with_capacity(read);
-            for (i, out) in out.iter_mut().enumerate().take(read) {
+            // Answers made for this batch only; they live until the flush.
+            let mut owned: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+            for (i, out) in answers.iter_mut().enumerate().take(read) {
                 let Some((query, client)) = received.get(i) else {
                     continue;
                 };
-                match self.answer_datagram(sock, query, client, fast, out) {
-                    Reply::Kept(len) => kept.push((i, len, client)),
-                    Reply::Now(bytes) => owned.push((bytes, client)),
-                    Reply::Later => {}
-                }
+                let bytes: &[u8] = match self.answer_datagram(sock, query, client, fast, out) {
+                    Reply::Kept(len) => &out[..len],
+                    Reply::Now(bytes) => {
+                        owned.push((bytes, client));
+                        &owned.last().expect("just pushed").0
+                    }
+                    Reply::Later => continue,
+                };
+                // SAFETY: `out` is not written again, and `owned`'s buffers do not move
+                // (the Vecs may, their heap bytes do not), until the flush below.
+                unsafe { outbox.push(bytes, client) };
             }
-            let replies: Vec<(&[u8], SocketAddr)> = kept
-                .iter()
-                .map(|&(i, len, client)| (&out[i][..len], client))
-                .chain(
-                    owned
-                        .iter()
-                        .map(|(bytes, client)| (bytes.as_slice(), *client)),
-                )
-                .collect();
-            batch::send(fd, &replies);
+            outbox.flush(fd);
+            drop(owned);
             outcome.is_ok()
         })
     }
