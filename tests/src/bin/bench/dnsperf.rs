@@ -1,6 +1,6 @@
 //! Load from dnsperf (`-c 4 -q 200`, as the issue measured), and the server's CPU read
 //! from /proc around it.
-use std::{path::Path, process::Command, time::Duration};
+use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use dnsproxy_e2e::{run_with_timeout, stdout};
 
@@ -56,19 +56,31 @@ pub(crate) fn dnsperf(
     }
 }
 
-/// User + system CPU time process `pid` (all its threads) has used, in microseconds.
-pub(crate) fn cpu_micros(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime
-    // the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks * 1e6 / hz
+/// CPU time of each thread of process `pid` so far, in nanoseconds, from the
+/// scheduler's own accounting (`/proc/<pid>/task/<tid>/schedstat`: exact, where
+/// `/proc/<pid>/stat` counts 10 ms ticks, a tenth of a microsecond per query here).
+pub(crate) fn thread_cpu(pid: u32) -> HashMap<u32, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            Some((tid, stat.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Microseconds of CPU the threads used between two readings of [`thread_cpu`] (a
+/// thread that ended in between loses its share).
+pub(crate) fn cpu_micros_between(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> f64 {
+    let ns: u64 = after
+        .iter()
+        .map(|(tid, t)| t.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    ns as f64 / 1000.0
 }
 
 /// A server's figures: its most queries a second, and its CPU per query at
@@ -89,9 +101,9 @@ pub(crate) fn measure(
     secs: u64,
 ) -> Measured {
     let max = dnsperf(prefix, server, names, secs, None);
-    let before = cpu_micros(pid);
+    let before = thread_cpu(pid);
     let fixed = dnsperf(prefix, server, names, secs, Some(FIXED_QPS));
-    let cpu = cpu_micros(pid) - before;
+    let cpu = cpu_micros_between(&before, &thread_cpu(pid));
     Measured {
         max,
         fixed,
