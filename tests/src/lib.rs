@@ -75,6 +75,15 @@ pub fn scale_registry(hosts: usize) -> String {
     )
 }
 
+/// For tests that load both cores on purpose: one at a time within their test binary,
+/// so that their figures measure the daemon and not each other.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// True when privileged tests can run. Outside CI, a missing privilege skips the test
 /// with a message; under `CI=true` it fails the test, naming what is missing.
 pub fn privileged() -> bool {

@@ -13,16 +13,6 @@ use std::{
 
 use dnsproxy_e2e::{load::*, *};
 
-/// The tests here load both cores on purpose: one at a time, so that their figures
-/// measure the daemon and not each other.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Four hosts whose VIPs are auto-allocated.
 const AUTO: &str = r"
 apiVersion: networking.istio.io/v1

@@ -13,15 +13,6 @@ use std::{
 use dnsproxy_e2e::*;
 use serde_json::json;
 
-/// The tests here load both cores: one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// UDP queries for `name` at `rate` a second for `secs` to the cluster DNS; prints
 /// how many were sent, answered with `want` (the daemon's answer), answered otherwise,
 /// and the rate reached. Replies are counted once per ID; stragglers get 1.5 s.
@@ -388,56 +379,40 @@ fn local_upgrade(switch: Switch) {
     drop(new);
 }
 
+/// Runs `test` when privileged, one at a time (the tests here load both cores).
+fn serially(test: impl FnOnce()) {
+    if privileged() {
+        let _serial = one_at_a_time();
+        test();
+    }
+}
+
 #[test]
 fn node_mode_a_new_daemon_takes_the_pods_sockets_over_without_a_gap() {
-    if !privileged() {
-        return;
-    }
-    let _serial = one_at_a_time();
-    node_upgrade(Switch::Handoff);
+    serially(|| node_upgrade(Switch::Handoff));
 }
 
 #[test]
 fn local_mode_a_new_daemon_takes_the_listener_over_without_a_gap() {
-    if !privileged() {
-        return;
-    }
-    let _serial = one_at_a_time();
-    local_upgrade(Switch::Handoff);
+    serially(|| local_upgrade(Switch::Handoff));
 }
 
 #[test]
 fn node_mode_after_a_sigkill_pods_fail_open_until_the_new_daemon_adopts() {
-    if !privileged() {
-        return;
-    }
-    let _serial = one_at_a_time();
-    node_upgrade(Switch::Kill);
+    serially(|| node_upgrade(Switch::Kill));
 }
 
 #[test]
 fn local_mode_after_a_sigkill_clients_fail_open_until_the_new_daemon_adopts() {
-    if !privileged() {
-        return;
-    }
-    let _serial = one_at_a_time();
-    local_upgrade(Switch::Kill);
+    serially(|| local_upgrade(Switch::Kill));
 }
 
 #[test]
 fn local_mode_a_hung_daemon_is_killed_and_the_new_one_adopts() {
-    if !privileged() {
-        return;
-    }
-    let _serial = one_at_a_time();
-    local_upgrade(Switch::Hang);
+    serially(|| local_upgrade(Switch::Hang));
 }
 
 #[test]
 fn local_mode_a_daemon_told_to_stop_waits_and_hands_over_to_the_next_one() {
-    if !privileged() {
-        return;
-    }
-    let _serial = one_at_a_time();
-    local_upgrade(Switch::TermFirst);
+    serially(|| local_upgrade(Switch::TermFirst));
 }

@@ -46,17 +46,23 @@ fn inventory(pin_dir: &Path, pod: &UdpSocket) -> Inventory {
     inventory
 }
 
-#[test]
-fn a_successor_gets_every_socket_with_its_pod_and_the_predecessor_stops_after_stop() {
-    let dir = state_dir("ok");
+/// A predecessor for pin directory /sys/fs/bpf/x serving one successor on a thread;
+/// joins with how it ended and whether its pod listeners stayed frozen.
+fn predecessor(dir: &Path, pod: &UdpSocket) -> std::thread::JoinHandle<(Given, bool)> {
     let listener = UnixListener::bind(dir.join(SOCKET_NAME)).unwrap();
-    let pod = udp();
-    let inventory = inventory(Path::new("/sys/fs/bpf/x"), &pod);
-    let giver = std::thread::spawn(move || {
+    let inventory = inventory(Path::new("/sys/fs/bpf/x"), pod);
+    std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
         let given = give(&mut stream, &inventory, Duration::from_secs(5)).unwrap();
         (given, inventory.frozen())
-    });
+    })
+}
+
+#[test]
+fn a_successor_gets_every_socket_with_its_pod_and_the_predecessor_stops_after_stop() {
+    let dir = state_dir("ok");
+    let pod = udp();
+    let giver = predecessor(&dir, &pod);
     let Start::Taken(mut taken) = take(&dir, Path::new("/sys/fs/bpf/x"), 15053, true) else {
         panic!("no handoff");
     };
@@ -88,14 +94,8 @@ fn a_successor_gets_every_socket_with_its_pod_and_the_predecessor_stops_after_st
 #[test]
 fn a_successor_for_another_pin_directory_is_refused_and_the_predecessor_carries_on() {
     let dir = state_dir("mismatch");
-    let listener = UnixListener::bind(dir.join(SOCKET_NAME)).unwrap();
     let pod = udp();
-    let inventory = inventory(Path::new("/sys/fs/bpf/x"), &pod);
-    let giver = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        let given = give(&mut stream, &inventory, Duration::from_secs(5)).unwrap();
-        (given, inventory.frozen())
-    });
+    let giver = predecessor(&dir, &pod);
     let Start::Fallback(fallback) = take(&dir, Path::new("/sys/fs/bpf/y"), 15053, true) else {
         panic!("took another daemon's sockets");
     };
