@@ -280,8 +280,9 @@ struct Daemon {
     forwarder: Arc<Forwarder>,
     /// What every DNS listener shares: the handler and the TCP connection registry.
     shared: Shared,
-    /// What a successor would get, and the handoff counters.
-    handoff: (Arc<Inventory>, handoff::Counters),
+    /// What a successor would get.
+    inventory: Arc<Inventory>,
+    handoff_counters: handoff::Counters,
     /// Cancelled when a successor has taken the sockets over.
     handed_over: CancellationToken,
     /// Set while a predecessor still serves (a handoff not yet complete): stopping
@@ -340,7 +341,7 @@ impl Daemon {
             .as_mut()
             .map(|t| std::mem::take(&mut t.pods))
             .unwrap_or_default();
-        let mut daemon = Daemon::assemble(settings, datapath, registry, udp, (inventory, counters));
+        let mut daemon = Daemon::assemble(settings, datapath, registry, udp, inventory, counters);
         daemon.predecessor_serving = taken.is_some();
         daemon.spawn_admin(sockets.admin);
         if let Some(listeners) = sockets.local {
@@ -367,7 +368,7 @@ impl Daemon {
                 .await?
                 .with_context(|| format!("handoff: the previous daemon (pid {predecessor}) did not confirm it stopped; exiting so that it carries on alone"))?;
             self.predecessor_serving = false;
-            self.handoff.1.handoff("received");
+            self.handoff_counters.handoff("received");
             tracing::info!(
                 predecessor,
                 "handoff complete: the previous daemon stopped, this one serves every socket"
@@ -379,9 +380,9 @@ impl Daemon {
                 self.settings.args.state_dir.display()
             )
         })?;
-        let inventory = Arc::clone(&self.handoff.0);
+        let inventory = Arc::clone(&self.inventory);
         let stop_wait = Duration::from_millis(self.settings.args.handoff_timeout_ms);
-        let outcome = (self.handed_over.clone(), self.handoff.1.clone());
+        let outcome = (self.handed_over.clone(), self.handoff_counters.clone());
         let token = self.shutdown.child_token();
         self.tasks.spawn(async move {
             handoff::serve(giver, inventory, stop_wait, outcome, token).await;
@@ -396,11 +397,12 @@ impl Daemon {
         datapath: DataPath,
         registry: Arc<Registry>,
         udp: UdpWorkers,
-        handoff: (Arc<Inventory>, handoff::Counters),
+        inventory: Arc<Inventory>,
+        handoff_counters: handoff::Counters,
     ) -> Self {
         let args = &settings.args;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
-        handoff.1.register(&mut metrics_registry);
+        handoff_counters.register(&mut metrics_registry);
         let metrics = Arc::new(Metrics::new(
             &settings.upstreams,
             &mut metrics_registry,
@@ -460,7 +462,8 @@ impl Daemon {
             registry,
             forwarder,
             shared,
-            handoff,
+            inventory,
+            handoff_counters,
             handed_over: CancellationToken::new(),
             predecessor_serving: false,
             tasks: JoinSet::new(),
@@ -525,7 +528,7 @@ impl Daemon {
         let client = self.settings.cluster.as_ref()?.client.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let handoff = cluster::Handoff {
-            inventory: Arc::clone(&self.handoff.0),
+            inventory: Arc::clone(&self.inventory),
             handed,
         };
         let watch = cluster::run(
@@ -620,7 +623,7 @@ impl Daemon {
     /// one that comes: a rollout's new pod) gets the sockets before this daemon stops.
     async fn wait_for_successor(&self, signal: &str) {
         let args = &self.settings.args;
-        let wait = if self.handoff.0.frozen() {
+        let wait = if self.inventory.frozen() {
             Duration::from_millis(args.handoff_timeout_ms)
         } else {
             args.handoff_wait()

@@ -132,8 +132,6 @@ pub struct Outbox {
     addrs: Box<[libc::sockaddr_storage]>,
     iovecs: Box<[libc::iovec]>,
     headers: Box<[libc::mmsghdr]>,
-    /// Destinations, for the log of a failed send.
-    to: Box<[Option<SocketAddr>]>,
     len: usize,
 }
 
@@ -154,7 +152,6 @@ impl Outbox {
             headers: (0..BATCH)
                 .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
                 .collect(),
-            to: vec![None; BATCH].into_boxed_slice(),
             len: 0,
         }
     }
@@ -186,7 +183,6 @@ impl Outbox {
         h.msg_namelen = addr.len();
         h.msg_iov = ptr::from_mut(&mut self.iovecs[i]);
         h.msg_iovlen = 1;
-        self.to[i] = Some(to);
         self.len += 1;
         true
     }
@@ -217,7 +213,7 @@ impl Outbox {
                         continue;
                     }
                     // One bad destination must not cost the others their answers.
-                    tracing::debug!(target: "dns", to = ?self.to[sent], error = %e, "UDP send failed");
+                    tracing::debug!(target: "dns", to = ?socket_addr(&self.addrs[sent]), error = %e, "UDP send failed");
                     if e.kind() == io::ErrorKind::WouldBlock {
                         break;
                     }

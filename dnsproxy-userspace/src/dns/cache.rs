@@ -48,19 +48,24 @@ pub struct CachedAnswer {
 }
 
 /// EDNS Client Subnet (RFC 7871).
-pub const CLIENT_SUBNET: u16 = 8;
+const CLIENT_SUBNET: u16 = 8;
+
+/// The Client Subnet option of `msg`, if it carries one.
+pub fn client_subnet(msg: &Message) -> Option<&EdnsOption> {
+    msg.edns
+        .as_ref()?
+        .options()
+        .as_ref()
+        .iter()
+        .find(|(code, _)| u16::from(*code) == CLIENT_SUBNET)
+        .map(|(_, option)| option)
+}
 
 impl From<Message> for CachedAnswer {
     /// The sections of an answer (EDNS apart: each client gets its own, with the
     /// upstream's Client Subnet option only).
     fn from(msg: Message) -> Self {
-        let client_subnet = msg.edns.as_ref().and_then(|edns| {
-            edns.options()
-                .as_ref()
-                .iter()
-                .find(|(code, _)| u16::from(*code) == CLIENT_SUBNET)
-                .map(|(_, option)| option.clone())
-        });
+        let client_subnet = client_subnet(&msg).cloned();
         CachedAnswer {
             response_code: msg.metadata.response_code,
             answers: msg.answers,

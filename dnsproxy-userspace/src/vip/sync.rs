@@ -162,7 +162,9 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
         pinned::open_hash(pin_dir, map_names::SERVICES)?;
     let mut vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
     // The filter first: the data path skips a destination whose bucket is unmarked.
-    pinned::mark_vips(pin_dir, new.vips.keys().map(|vip| to_map_addr(*vip)))?;
+    // VIPs already in the maps were marked when they came (or, adopted, at start).
+    let added = new.vips.keys().filter(|vip| !old.vips.contains_key(*vip));
+    pinned::mark_vips(pin_dir, added.map(|vip| to_map_addr(*vip)))?;
     for (key, value) in &new.services {
         if old.services.get(key) != Some(value) {
             services

@@ -13,7 +13,7 @@ use hickory_proto::{
 
 use super::{
     EDNS_PAYLOAD, MIN_UDP_PAYLOAD, Protocol,
-    cache::{CLIENT_SUBNET, Cache, CachedAnswer},
+    cache::{self, Cache, CachedAnswer},
     local::{self, ClientContext},
     metrics::{Metrics, Outcome},
     upstream::{Bits, Refusal, Relay, Source, Upstream, UpstreamPath},
@@ -470,7 +470,7 @@ impl Handler {
             client_subnet,
         } = answer;
         if let (Some(option), Some(edns)) = (client_subnet, reply.edns.as_mut())
-            && sent_client_subnet(request)
+            && cache::client_subnet(request).is_some()
         {
             edns.options_mut().insert(option);
         }
@@ -509,16 +509,6 @@ fn relay(request: &Message) -> Relay {
         bits: bits(request),
         options,
     }
-}
-
-/// True when the client's query carries a Client Subnet option.
-fn sent_client_subnet(request: &Message) -> bool {
-    request.edns.as_ref().is_some_and(|edns| {
-        edns.options()
-            .as_ref()
-            .iter()
-            .any(|(code, _)| u16::from(*code) == CLIENT_SUBNET)
-    })
 }
 
 /// The client's flags, relayed upstream.

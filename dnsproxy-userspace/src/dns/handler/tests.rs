@@ -296,28 +296,46 @@ async fn servfail_within_the_timeout_when_every_upstream_fails() {
     );
 }
 
-/// A loopback upstream answering every query with 198.51.100.7 (TTL 60), counting them.
-async fn answering_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// A loopback UDP upstream: `answer` makes the reply to each datagram (`None`: none).
+async fn upstream_with(
+    mut answer: impl FnMut(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+) -> SocketAddr {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = sock.local_addr().unwrap();
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = Arc::clone(&count);
     tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         loop {
             let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            assert!(q.edns.is_some(), "upstream queries carry EDNS");
-            let mut r = response_to(&q);
-            r.add_answer(Record::from_rdata(
-                q.queries[0].name().clone(),
-                60,
-                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
-            ));
-            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+            if let Some(reply) = answer(&buf[..n]) {
+                sock.send_to(&reply, from).await.unwrap();
+            }
         }
     });
+    addr
+}
+
+/// The reply to `q` with one A record `ip` (TTL 60).
+fn a_reply(q: &Message, ip: &str) -> Message {
+    let mut r = response_to(q);
+    r.add_answer(Record::from_rdata(
+        q.queries[0].name().clone(),
+        60,
+        RData::A(rdata::A(ip.parse().unwrap())),
+    ));
+    r
+}
+
+/// A loopback upstream answering every query with 198.51.100.7 (TTL 60), counting them.
+async fn answering_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&count);
+    let addr = upstream_with(move |bytes| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let q = Message::from_vec(bytes).unwrap();
+        assert!(q.edns.is_some(), "upstream queries carry EDNS");
+        Some(a_reply(&q, "198.51.100.7").to_vec().unwrap())
+    })
+    .await;
     (addr, count)
 }
 
@@ -561,32 +579,18 @@ async fn serve_stale_answers_from_the_expired_cache_while_upstreams_fail() {
     let stale = ask(&h, &q, Protocol::Udp).await;
     assert_eq!(stale.metadata.response_code, ResponseCode::NoError);
     assert_eq!(records(&stale), ["stale.test. A 198.51.100.9"]);
-    assert_eq!(stale.answers[0].ttl, crate::dns::cache::STALE_TTL);
+    assert_eq!(stale.answers[0].ttl, cache::STALE_TTL);
 }
 
 #[tokio::test]
 async fn a_lost_datagram_is_retransmitted_within_the_timeout() {
     // Drops the first datagram of every query, answers the retransmission.
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = sock.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        let mut seen = std::collections::HashSet::new();
-        loop {
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            if seen.insert(q.metadata.id) {
-                continue;
-            }
-            let mut r = response_to(&q);
-            r.add_answer(Record::from_rdata(
-                q.queries[0].name().clone(),
-                60,
-                RData::A(rdata::A("198.51.100.3".parse().unwrap())),
-            ));
-            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
-        }
-    });
+    let mut seen = std::collections::HashSet::new();
+    let addr = upstream_with(move |bytes| {
+        let q = Message::from_vec(bytes).unwrap();
+        (!seen.insert(q.metadata.id)).then(|| a_reply(&q, "198.51.100.3").to_vec().unwrap())
+    })
+    .await;
     let h = handler_with(vec![addr], false);
     let started = Instant::now();
     let reply = ask(
@@ -606,34 +610,27 @@ async fn a_lost_datagram_is_retransmitted_within_the_timeout() {
 /// An upstream for the conformance cases: `nx.*` is NXDOMAIN (with an SOA), `fail.*`
 /// SERVFAIL, anything else one A record (198.51.100.7) in the question's class.
 async fn conformance_upstream() -> SocketAddr {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = sock.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        loop {
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = Message::from_vec(&buf[..n]).unwrap();
+    upstream_with(|bytes| {
+        let q = Message::from_vec(bytes).unwrap();
+        let name = q.queries[0].name().clone();
+        let label = name.to_ascii();
+        let r = if label.starts_with("nx.") {
             let mut r = response_to(&q);
-            let name = q.queries[0].name().clone();
-            let label = name.to_ascii();
-            if label.starts_with("nx.") {
-                r.metadata.response_code = ResponseCode::NXDomain;
-                r.add_authority(local_soa(&name));
-            } else if label.starts_with("fail.") {
-                r.metadata.response_code = ResponseCode::ServFail;
-            } else {
-                let mut a = Record::from_rdata(
-                    name,
-                    60,
-                    RData::A(rdata::A("198.51.100.7".parse().unwrap())),
-                );
-                a.dns_class = q.queries[0].query_class();
-                r.add_answer(a);
-            }
-            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
-        }
-    });
-    addr
+            r.metadata.response_code = ResponseCode::NXDomain;
+            r.add_authority(local_soa(&name));
+            r
+        } else if label.starts_with("fail.") {
+            let mut r = response_to(&q);
+            r.metadata.response_code = ResponseCode::ServFail;
+            r
+        } else {
+            let mut r = a_reply(&q, "198.51.100.7");
+            r.answers[0].dns_class = q.queries[0].query_class();
+            r
+        };
+        Some(r.to_vec().unwrap())
+    })
+    .await
 }
 
 fn local_soa(owner: &Name) -> Record {
@@ -653,45 +650,30 @@ fn local_soa(owner: &Name) -> Record {
 /// `see` makes of each query it got.
 /// The Client Subnet option of a message.
 fn subnet_of(m: &Message) -> Option<ClientSubnet> {
-    m.edns
-        .as_ref()?
-        .options()
-        .as_ref()
-        .iter()
-        .find_map(|(_, o)| match o {
-            EdnsOption::Subnet(s) => Some(*s),
-            _ => None,
-        })
+    match cache::client_subnet(m)? {
+        EdnsOption::Subnet(s) => Some(*s),
+        _ => None,
+    }
 }
 
 async fn recording_upstream<T: Send + 'static>(
     see: impl Fn(&Message) -> T + Send + 'static,
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<T>>>) {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = sock.local_addr().unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = Arc::clone(&seen);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        loop {
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            log.lock().unwrap().push(see(&q));
-            let mut r = response_to(&q);
-            r.add_answer(Record::from_rdata(
-                q.queries[0].name().clone(),
-                60,
-                RData::A(rdata::A("198.51.100.7".parse().unwrap())),
-            ));
-            // As an ECS-aware server: the client's subnet back, with a scope.
-            if let Some(subnet) = subnet_of(&q) {
-                let scoped = ClientSubnet::new(subnet.addr(), subnet.source_prefix(), 20);
-                let edns = r.edns.as_mut().unwrap().options_mut();
-                edns.insert(EdnsOption::Subnet(scoped));
-            }
-            sock.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+    let addr = upstream_with(move |bytes| {
+        let q = Message::from_vec(bytes).unwrap();
+        log.lock().unwrap().push(see(&q));
+        let mut r = a_reply(&q, "198.51.100.7");
+        // As an ECS-aware server: the client's subnet back, with a scope.
+        if let Some(subnet) = subnet_of(&q) {
+            let scoped = ClientSubnet::new(subnet.addr(), subnet.source_prefix(), 20);
+            let edns = r.edns.as_mut().unwrap().options_mut();
+            edns.insert(EdnsOption::Subnet(scoped));
         }
-    });
+        Some(r.to_vec().unwrap())
+    })
+    .await;
     (addr, seen)
 }
 
@@ -941,34 +923,27 @@ async fn client_subnet_is_relayed_and_keys_the_cache_and_cookies_are_not() {
 /// An upstream that answers every query with `records` (type, RDATA) owned by the
 /// question name, written by hand on the wire.
 async fn raw_upstream(records: Vec<(u16, Vec<u8>)>) -> SocketAddr {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = sock.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        loop {
-            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
-            let q = &buf[..n];
-            let mut end = 12;
-            while q[end] != 0 {
-                end += 1 + usize::from(q[end]);
-            }
-            end += 5;
-            let mut r = q[..end].to_vec();
-            r[2] |= 0x80;
-            r[3] = 0x80;
-            r[6..8].copy_from_slice(&u16::try_from(records.len()).unwrap().to_be_bytes());
-            r[8..12].fill(0);
-            for (rtype, rdata) in &records {
-                r.extend_from_slice(&[0xc0, 0x0c]);
-                r.extend_from_slice(&rtype.to_be_bytes());
-                r.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
-                r.extend_from_slice(&u16::try_from(rdata.len()).unwrap().to_be_bytes());
-                r.extend_from_slice(rdata);
-            }
-            sock.send_to(&r, from).await.unwrap();
+    upstream_with(move |q| {
+        let mut end = 12;
+        while q[end] != 0 {
+            end += 1 + usize::from(q[end]);
         }
-    });
-    addr
+        end += 5;
+        let mut r = q[..end].to_vec();
+        r[2] |= 0x80;
+        r[3] = 0x80;
+        r[6..8].copy_from_slice(&u16::try_from(records.len()).unwrap().to_be_bytes());
+        r[8..12].fill(0);
+        for (rtype, rdata) in &records {
+            r.extend_from_slice(&[0xc0, 0x0c]);
+            r.extend_from_slice(&rtype.to_be_bytes());
+            r.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+            r.extend_from_slice(&u16::try_from(rdata.len()).unwrap().to_be_bytes());
+            r.extend_from_slice(rdata);
+        }
+        Some(r)
+    })
+    .await
 }
 
 #[tokio::test]
