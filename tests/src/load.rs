@@ -47,7 +47,9 @@ pub fn udp_client(netns: &Netns, to: SocketAddr) -> UdpSocket {
 pub struct Flood {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
-    started: Instant,
+    /// How long the sender ran (µs), written when it ends: the rate is over that time,
+    /// not until `stop`, which may come later than `limit`.
+    ran_for: Arc<AtomicU64>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
@@ -58,14 +60,20 @@ impl Flood {
         limit: Duration,
         make: impl Fn(u64) -> Vec<u8> + Send + 'static,
     ) -> Self {
-        let (stop, sent) = (
+        let (stop, sent, ran_for) = (
             Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
         );
         let sock = Arc::new(sock);
         let mut threads = Vec::new();
         {
-            let (stop, sent, sock) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&sock));
+            let (stop, sent, sock, ran_for) = (
+                Arc::clone(&stop),
+                Arc::clone(&sent),
+                Arc::clone(&sock),
+                Arc::clone(&ran_for),
+            );
             threads.push(thread::spawn(move || {
                 let started = Instant::now();
                 let per_ms = f64::from(rate) / 1000.0;
@@ -77,6 +85,8 @@ impl Flood {
                     }
                     thread::sleep(Duration::from_micros(500));
                 }
+                let micros = started.elapsed().as_micros();
+                ran_for.store(u64::try_from(micros).unwrap_or(u64::MAX), Ordering::SeqCst);
             }));
         }
         // Replies are read and dropped, so the socket never fills.
@@ -94,20 +104,20 @@ impl Flood {
         Flood {
             stop,
             sent,
-            started: Instant::now(),
+            ran_for,
             threads,
         }
     }
 
-    /// Stops; returns (queries sent, achieved rate per second).
+    /// Stops; returns (queries sent, achieved rate per second while sending).
     pub fn stop(mut self) -> (u64, f64) {
-        let elapsed = self.started.elapsed().as_secs_f64();
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
         let sent = self.sent.load(Ordering::SeqCst);
-        (sent, sent as f64 / elapsed)
+        let ran_for = self.ran_for.load(Ordering::SeqCst).max(1) as f64 / 1e6;
+        (sent, sent as f64 / ran_for)
     }
 }
 
