@@ -7,7 +7,7 @@
 
 /// Version of the pinned map/program layout. Pins live under
 /// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Default port the userspace DNS server listens on (127.0.0.1 and `::1`).
 pub const DEFAULT_LISTEN_PORT: u16 = 15053;
@@ -175,18 +175,17 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// Key of `dp_dns_servers`: an address whose port-53 traffic is redirected.
+/// Slots of `dp_dns_servers`: at most this many DNS servers are captured.
+pub const MAX_DNS_SERVERS: u32 = 8;
+
+/// A slot of `dp_dns_servers`, an array the programs scan in order up to the first
+/// disabled slot: for the one to three servers a node has, cheaper than a hash lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsServer {
+    /// An address whose port-53 traffic is redirected.
     pub addr: Addr,
-}
-
-/// Value of `dp_dns_servers`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DnsServerInfo {
-    /// 1: redirect DNS to this server; 0: the entry is ignored.
+    /// 1: a server; 0: this slot and the ones after it are unused.
     pub enabled: u32,
     pub _pad: u32,
 }
@@ -323,14 +322,13 @@ pub mod stat {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Addr, Backend, Config, DnsServer, DnsServerInfo, NetnsPolicy, ServiceKey, ServiceValue,
-        SockOrig, VipInfo, VipKey,
+        Addr, Backend, Config, DnsServer, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VipInfo,
+        VipKey,
     };
     // SAFETY: all are #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DnsServer {}
-    unsafe impl aya::Pod for DnsServerInfo {}
     unsafe impl aya::Pod for NetnsPolicy {}
     unsafe impl aya::Pod for SockOrig {}
     unsafe impl aya::Pod for VipKey {}

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
-    Addr, Config, DnsServer, DnsServerInfo, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, MAX_VIP_SERVICES,
+    Addr, Config, DnsServer, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, MAX_DNS_SERVERS, MAX_VIP_SERVICES,
     MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey,
     ip_proto, stat,
 };
@@ -31,7 +31,7 @@ const DENY: i32 = 0;
 static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map(name = "dp_dns_servers")]
-static DNS_SERVERS: HashMap<DnsServer, DnsServerInfo, 64> = HashMap::new();
+static DNS_SERVERS: Array<DnsServer, { MAX_DNS_SERVERS as usize }> = Array::new();
 
 #[btf_map(name = "dp_policy")]
 static POLICY: HashMap<u64, NetnsPolicy, 16384> = HashMap::new();
@@ -245,7 +245,7 @@ fn rewrite_destination(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     let port = read_port(ctx);
     let dst = read_addr(ctx, family);
-    if port == cfg.dns_port && dns_server_enabled(dst) {
+    if port == cfg.dns_port && is_dns_server(&dst) {
         redirect_dns(ctx, family, &cfg, dst);
         return ALLOW;
     }
@@ -266,14 +266,22 @@ fn may_be_vip(dst: &Addr) -> bool {
     }
 }
 
-/// `dst` is a configured DNS server whose entry is enabled.
+/// `dst` is in one of the enabled slots of `dp_dns_servers` (filled from slot 0 on).
 #[inline(always)]
-fn dns_server_enabled(dst: Addr) -> bool {
-    // SAFETY: the value is only read, and copied at once.
-    match unsafe { DNS_SERVERS.get(DnsServer { addr: dst }) } {
-        Some(info) => info.enabled != 0,
-        None => false,
+fn is_dns_server(dst: &Addr) -> bool {
+    let want = dst.ipv6_words();
+    for i in 0..MAX_DNS_SERVERS {
+        let Some(slot) = DNS_SERVERS.get(i) else {
+            return false;
+        };
+        if slot.enabled == 0 {
+            return false;
+        }
+        if slot.addr.ipv6_words() == want {
+            return true;
+        }
     }
+    false
 }
 
 /// Remembers, in the socket's own storage, what `rewritten` stands for.

@@ -113,6 +113,10 @@ impl Settings {
             (Some(c), true) => vec![cluster_dns_ip(&c.client).await?],
             (None, true) => resolv_conf::read_nameservers(&args.resolv_conf)?,
         };
+        if dns_servers.len() > dnsproxy_common::MAX_DNS_SERVERS as usize {
+            let count = dns_servers.len();
+            return Err(crate::bpf::BpfError::TooManyDnsServers { count }.into());
+        }
         let upstreams = if args.upstreams.is_empty() {
             dns_servers
                 .iter()

@@ -340,4 +340,27 @@ fn clear_errors_for_a_taken_port_and_a_broken_registry() {
         err.contains("broken.yaml") && err.contains("document 0"),
         "{err}"
     );
+
+    // More DNS servers than the programs' slots: refused, and no pins stay behind.
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("p")));
+    let servers: Vec<String> = (1..=9).map(|i| format!("10.96.0.{i}")).collect();
+    let mut cmd = env.netns.command(dnsproxy_bin());
+    cmd.args(["run", "--dns-server", &servers.join(",")])
+        .args(["--listen-port", "15055", "--admin", "127.0.0.1:15023"])
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .arg("--cgroup")
+        .arg(&env.cgroup.path);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("9 DNS servers to capture, at most 8 are supported"),
+        "{err}"
+    );
+    assert!(
+        !pin_dir.exists(),
+        "pins left behind in {}",
+        pin_dir.display()
+    );
 }

@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, HashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use dnsproxy_common::{Config, DnsServer, DnsServerInfo, PROGRAMS, VipInfo, VipKey, map_names};
+use dnsproxy_common::{Config, DnsServer, MAX_DNS_SERVERS, PROGRAMS, VipInfo, VipKey, map_names};
 
 use super::{
     BpfError, Cause, map_err, pin_err, pinned,
@@ -133,32 +133,26 @@ impl DataPath {
         array.set(0, cfg, 0).map_err(map_err(name))
     }
 
-    /// Replaces the set of captured DNS server addresses.
+    /// Replaces the set of captured DNS server addresses: slot `i` holds the `i`th,
+    /// the slots after the last are cleared.
     pub fn set_dns_servers(&mut self, servers: &[IpAddr]) -> Result<(), BpfError> {
+        if servers.len() > MAX_DNS_SERVERS as usize {
+            return Err(BpfError::TooManyDnsServers {
+                count: servers.len(),
+            });
+        }
         let name = map_names::DNS_SERVERS;
         let map = self.ebpf.map_mut(name).ok_or_else(|| missing(name))?;
-        let mut hash: HashMap<_, DnsServer, DnsServerInfo> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        let wanted: Vec<DnsServer> = servers
-            .iter()
-            .map(|ip| DnsServer {
-                addr: to_map_addr(*ip),
-            })
-            .collect();
-        let stale: Vec<DnsServer> = hash
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for key in wanted {
-            let info = DnsServerInfo {
-                enabled: 1,
-                _pad: 0,
-            };
-            hash.insert(key, info, 0).map_err(map_err(name))?;
-        }
-        for key in stale {
-            hash.remove(&key).map_err(map_err(name))?;
+        let mut slots: Array<_, DnsServer> = Array::try_from(map).map_err(map_err(name))?;
+        for i in 0..MAX_DNS_SERVERS {
+            let slot = servers
+                .get(i as usize)
+                .map_or_else(DnsServer::default, |ip| DnsServer {
+                    addr: to_map_addr(*ip),
+                    enabled: 1,
+                    _pad: 0,
+                });
+            slots.set(i, slot, 0).map_err(map_err(name))?;
         }
         Ok(())
     }

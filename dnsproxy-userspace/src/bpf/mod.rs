@@ -85,6 +85,12 @@ pub enum BpfError {
         #[source]
         source: Cause,
     },
+    /// More DNS servers than the programs scan.
+    #[error(
+        "{count} DNS servers to capture, at most {max} are supported (--dns-server, or the nameservers of --resolv-conf)",
+        max = dnsproxy_common::MAX_DNS_SERVERS
+    )]
+    TooManyDnsServers { count: usize },
     /// A map operation failed.
     #[error("map {map}")]
     Map {

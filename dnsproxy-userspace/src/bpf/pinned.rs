@@ -4,8 +4,7 @@ use std::{net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use dnsproxy_common::{
-    Config, DnsServer, DnsServerInfo, NetnsPolicy, ServiceKey, ServiceValue, VipInfo, VipKey,
-    map_names, stat,
+    Config, DnsServer, NetnsPolicy, ServiceKey, ServiceValue, VipInfo, VipKey, map_names, stat,
 };
 use serde::Serialize;
 
@@ -156,11 +155,14 @@ pub fn read_config(pin_dir: &Path) -> Result<Config, BpfError> {
 pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
     let cfg = read_config(pin_dir)?;
 
-    let servers: HashMap<_, DnsServer, DnsServerInfo> = open_hash(pin_dir, map_names::DNS_SERVERS)?;
+    let name = map_names::DNS_SERVERS;
+    let servers: Array<_, DnsServer> =
+        Array::try_from(open(pin_dir, name)?).map_err(map_err(name))?;
     let mut dns_servers: Vec<IpAddr> = servers
-        .keys()
+        .iter()
         .filter_map(Result::ok)
-        .map(|k| from_map_addr(&k.addr))
+        .take_while(|slot| slot.enabled != 0)
+        .map(|slot| from_map_addr(&slot.addr))
         .collect();
     dns_servers.sort();
 
