@@ -35,8 +35,9 @@ pub mod map_names {
     pub const VIPS: &str = "dp_vips";
     pub const SERVICES: &str = "dp_services";
     pub const VIP_FILTER: &str = "dp_vip_filter";
+    pub const LISTENERS: &str = "dp_listeners";
     /// Every map the daemon pins.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         CONFIG,
         DNS_SERVERS,
         POLICY,
@@ -45,6 +46,7 @@ pub mod map_names {
         VIPS,
         SERVICES,
         VIP_FILTER,
+        LISTENERS,
     ];
 }
 
@@ -190,6 +192,23 @@ pub struct DnsServer {
     pub _pad: u32,
 }
 
+/// Entries of `dp_listeners`: the four listeners (UDP and TCP, IPv4 and IPv6) of each
+/// network namespace `dp_policy` can hold (16384).
+pub const MAX_LISTENERS: u32 = 4 * 16384;
+
+/// Key of `dp_listeners` (a socket hash): one of the daemon's listeners. The kernel
+/// drops a socket from the map when it closes, so an entry means a live listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// Cookie of the listener's network namespace.
+    pub netns_cookie: u64,
+    /// 4 or 6.
+    pub family: u32,
+    /// [`ip_proto::UDP`] or [`ip_proto::TCP`].
+    pub protocol: u32,
+}
+
 /// Value of `dp_policy`, keyed by network-namespace cookie (u64).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -322,13 +341,14 @@ pub mod stat {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Addr, Backend, Config, DnsServer, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VipInfo,
-        VipKey,
+        Addr, Backend, Config, DnsServer, ListenerKey, NetnsPolicy, ServiceKey, ServiceValue,
+        SockOrig, VipInfo, VipKey,
     };
     // SAFETY: all are #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DnsServer {}
+    unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for NetnsPolicy {}
     unsafe impl aya::Pod for SockOrig {}
     unsafe impl aya::Pod for VipKey {}

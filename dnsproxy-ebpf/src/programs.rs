@@ -2,24 +2,24 @@
 //! connect/sendmsg (DNS redirect, VIP translation), `restore_peer` for
 //! recvmsg/getpeername.
 
-use core::{mem::size_of, ptr};
+use core::ptr;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, bpf_sock_addr, bpf_sock_tuple},
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
-        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_map_lookup_elem, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
-    Addr, Config, DnsServer, LOOPBACK4, LOOPBACK6, MAX_BACKENDS, MAX_DNS_SERVERS, MAX_VIP_SERVICES,
-    MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey,
-    ip_proto, stat,
+    Addr, Config, DnsServer, LOOPBACK4, LOOPBACK6, ListenerKey, MAX_BACKENDS, MAX_DNS_SERVERS,
+    MAX_LISTENERS, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig,
+    VIP_FILTER_WORDS, VipInfo, VipKey, ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -52,6 +52,11 @@ static VIPS: HashMap<VipKey, VipInfo, { MAX_VIPS as usize }, { BPF_F_NO_PREALLOC
 /// adds a VIP to `dp_vips`, never cleared while pinned.
 #[btf_map(name = "dp_vip_filter")]
 static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
+
+/// The daemon's live listeners by netns, family and protocol (the daemon adds them; the
+/// kernel removes a socket when it closes).
+#[btf_map(name = "dp_listeners")]
+static LISTENERS: SockHash<ListenerKey, { MAX_LISTENERS as usize }> = SockHash::new();
 
 #[btf_map(name = "dp_services")]
 static SERVICES: HashMap<
@@ -196,37 +201,28 @@ fn captured(ctx: &SockAddrContext, cfg: &Config) -> bool {
     }
 }
 
-/// The local listener for `local` (loopback of the matching family) exists right now
-/// in the socket's network namespace.
+/// The daemon's listener for `local`'s family and `protocol` is open right now in the
+/// socket's network namespace: its socket is in `dp_listeners`.
 #[inline(always)]
-fn listener_exists(ctx: &SockAddrContext, local: &Addr, port: u16, protocol: u32) -> bool {
-    // SAFETY: zeroed is a valid bpf_sock_tuple (plain integers).
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if local.is_ipv4_mapped() {
-        tuple.__bindgen_anon_1.ipv4.saddr = local.ipv4_be();
-        tuple.__bindgen_anon_1.ipv4.daddr = local.ipv4_be();
-        tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
-        size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
-    } else {
-        let w = local.ipv6_words();
-        tuple.__bindgen_anon_1.ipv6.saddr = w;
-        tuple.__bindgen_anon_1.ipv6.daddr = w;
-        tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
-        size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+fn listener_exists(ctx: &SockAddrContext, local: &Addr, protocol: u32) -> bool {
+    let key = ListenerKey {
+        // SAFETY: helper accepted for cgroup sock_addr programs.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        family: if local.is_ipv4_mapped() { 4 } else { 6 },
+        protocol,
     };
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    // SAFETY: helpers accepted for cgroup sock_addr programs; the tuple lives on the stack.
+    // SAFETY: the map pointer is the map's definition; the key lives on the stack. A
+    // socket hash lookup returns a referenced socket (or null), released just below.
     let sk = unsafe {
-        if protocol == u32::from(ip_proto::TCP) {
-            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
-        }
+        bpf_map_lookup_elem(
+            ptr::from_ref(&LISTENERS).cast_mut().cast(),
+            ptr::from_ref(&key).cast(),
+        )
     };
     if sk.is_null() {
         return false;
     }
-    // SAFETY: sk came from a lookup helper and is released exactly once.
+    // SAFETY: sk came from the lookup and is released exactly once.
     unsafe { bpf_sk_release(sk.cast()) };
     true
 }
@@ -323,7 +319,7 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
     } else {
         LOOPBACK6
     };
-    if !listener_exists(ctx, &local, cfg.listen_port, protocol(ctx)) {
+    if !listener_exists(ctx, &local, protocol(ctx)) {
         count(stat::FAIL_OPEN);
         return;
     }

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{self, AdminState},
     bpf::{
+        self,
         datapath::{DataPath, DataPathOptions},
         system,
     },
@@ -115,7 +116,7 @@ impl Settings {
         };
         if dns_servers.len() > dnsproxy_common::MAX_DNS_SERVERS as usize {
             let count = dns_servers.len();
-            return Err(crate::bpf::BpfError::TooManyDnsServers { count }.into());
+            return Err(bpf::BpfError::TooManyDnsServers { count }.into());
         }
         let upstreams = if args.upstreams.is_empty() {
             dns_servers
@@ -332,6 +333,10 @@ impl Daemon {
         let mut options = settings.datapath_options();
         options.adopt |= predecessor;
         let datapath = DataPath::start(&options, taken.as_mut().and_then(|t| t.lock.take()))?;
+        if let Some(local) = &sockets.local {
+            bpf::listeners::register(&settings.args.pin_dir, &local.fds())
+                .context("cannot enter the local listener in dp_listeners")?;
+        }
         let inventory = Arc::new(Inventory::new(
             settings.args.pin_dir.clone(),
             settings.args.listen_port,

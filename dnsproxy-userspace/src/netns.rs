@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::fd::AsRawFd as _,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -115,7 +115,7 @@ fn same_namespace(a: &File, b: &File) -> bool {
 }
 
 /// The network namespace cookie of the namespace `sock` lives in.
-fn netns_cookie(sock: &std::net::UdpSocket) -> std::io::Result<u64> {
+pub fn netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointers of the right size.

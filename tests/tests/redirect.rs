@@ -246,6 +246,21 @@ fn with_the_daemon_stopped_captured_processes_fail_open_to_the_cluster_dns() {
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(env.fake.queries(), 1);
     assert!(daemon.counter("fail_open") >= 1, "{}", daemon.maps_json());
+
+    // Another program on the daemon's port (Istio's agent listens on 15053 too) is not
+    // the daemon: the query still fails open, and that program never sees it.
+    let squatter = env
+        .netns
+        .within(|| std::net::UdpSocket::bind("127.0.0.1:15053").unwrap());
+    squatter.set_nonblocking(true).unwrap();
+    let out = env.dig(&["registry.test", "A"]);
+    assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
+    assert_eq!(env.fake.queries(), 2);
+    let mut buf = [0u8; 512];
+    assert!(
+        squatter.recv(&mut buf).is_err(),
+        "a query went to another program's socket"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! attaching and pinning the programs (`datapath`), and reading pinned maps (`pinned`).
 pub mod datapath;
 mod link;
+pub mod listeners;
 pub mod pinned;
 pub mod system;
 
@@ -91,6 +92,9 @@ pub enum BpfError {
         max = dnsproxy_common::MAX_DNS_SERVERS
     )]
     TooManyDnsServers { count: usize },
+    /// A listener's address or network namespace could not be read.
+    #[error("reading a listener socket for dp_listeners")]
+    Listener(#[source] std::io::Error),
     /// A map operation failed.
     #[error("map {map}")]
     Map {

@@ -14,7 +14,7 @@ use crate::dns::Protocol;
 /// Subdirectory of the pin directory holding the pinned links.
 pub const LINKS_DIR: &str = "links";
 
-fn open(pin_dir: &Path, name: &str) -> Result<Map, BpfError> {
+pub fn open(pin_dir: &Path, name: &str) -> Result<Map, BpfError> {
     let path = pin_dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| BpfError::Pin {
         path: format!(

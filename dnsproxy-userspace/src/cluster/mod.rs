@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bpf::{BpfError, pinned},
+    bpf::{self, BpfError, pinned},
     dns::{
         local::ClientContext,
         server::{Listeners, Shared, SharedContext, StdListeners},
@@ -702,6 +702,8 @@ impl PodListeners {
         );
         let listeners =
             Listeners::from_std(std_listeners).context("cannot register the in-pod listener")?;
+        bpf::listeners::register(&self.config.pin_dir, &listeners.fds())
+            .context("cannot enter the in-pod listener in dp_listeners")?;
         let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
         let mut ctx = ctx;
         ctx.requests = self.shared.handler.metrics().pod_requests(namespace, pod);

@@ -13,7 +13,7 @@
 //! and close, and [`Listeners::serve`] returns once every query in flight is answered.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -202,6 +202,12 @@ impl Listeners {
                 .map(TcpListener::from_std)
                 .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// Every socket, for `dp_listeners` ([`crate::bpf::listeners`]).
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let udp = self.udp.iter().map(|s| s.as_fd());
+        udp.chain(self.tcp.iter().map(|s| s.as_fd())).collect()
     }
 
     /// Addresses actually bound, for the start-up log.
