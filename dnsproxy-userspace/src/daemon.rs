@@ -69,10 +69,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
+    // Caught from here on: a SIGTERM while the daemon starts stops it once it serves,
+    // instead of killing it half-started with the default action.
+    let mut signals = Signals::catch().context("cannot install the SIGTERM/SIGINT handlers")?;
     let settings = Settings::resolve(args).await?;
     let start = settings.ask_predecessor().await;
     let daemon = Daemon::start(settings, start).await?;
-    daemon.serve_until_signal().await
+    daemon.serve_until_signal(&mut signals).await
 }
 
 // === impl Settings ===
@@ -597,11 +600,11 @@ impl Daemon {
         }
     }
 
-    async fn serve_until_signal(mut self) -> anyhow::Result<()> {
+    async fn serve_until_signal(mut self, signals: &mut Signals) -> anyhow::Result<()> {
         let outcome = tokio::select! {
             biased;
             () = self.handed_over.cancelled() => Ok(None),
-            signal = shutdown_signal() => Ok(Some(signal)),
+            signal = signals.next() => Ok(Some(signal)),
             ended = self.tasks.join_next() => Err(task_ended(ended)),
         };
         if let Ok(Some(signal)) = &outcome {
@@ -620,7 +623,7 @@ impl Daemon {
             // until its pod is deleted.
             None if node => {
                 tracing::info!("handed over: idle until SIGTERM (the pod is being replaced)");
-                let signal = shutdown_signal().await;
+                let signal = signals.next().await;
                 tracing::info!("{signal}: stopped");
             }
             None => tracing::info!("handed over: stopped"),
@@ -693,13 +696,27 @@ fn task_ended(ended: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>)
     }
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, caught from the start of `run`.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next one's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
