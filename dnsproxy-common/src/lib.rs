@@ -175,6 +175,9 @@ pub struct Config {
     /// rewritten, so its upstream queries cannot loop back into it.
     pub daemon_tgid: u32,
     pub _pad: u32,
+    /// Local mode: the cookie of the daemon's network namespace, whose listeners are
+    /// slot 0 of `dp_listeners` (sockets of other namespaces in the cgroup have none).
+    pub local_netns: u64,
 }
 
 /// Slots of `dp_dns_servers`: at most this many DNS servers are captured.
@@ -192,21 +195,19 @@ pub struct DnsServer {
     pub _pad: u32,
 }
 
-/// Entries of `dp_listeners`: the four listeners (UDP and TCP, IPv4 and IPv6) of each
-/// network namespace `dp_policy` can hold (16384).
-pub const MAX_LISTENERS: u32 = 4 * 16384;
+/// Listener slots of `dp_listeners`: slot 0 is local mode's; node mode gives each
+/// captured network namespace one of its own, as many as `dp_policy` holds.
+pub const MAX_LISTENER_SLOTS: u32 = 16384;
 
-/// Key of `dp_listeners` (a socket hash): one of the daemon's listeners. The kernel
-/// drops a socket from the map when it closes, so an entry means a live listener.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ListenerKey {
-    /// Cookie of the listener's network namespace.
-    pub netns_cookie: u64,
-    /// 4 or 6.
-    pub family: u32,
-    /// [`ip_proto::UDP`] or [`ip_proto::TCP`].
-    pub protocol: u32,
+/// Listeners in a slot: UDP and TCP, IPv4 and IPv6.
+pub const LISTENERS_PER_SLOT: u32 = 4;
+
+/// Index in `dp_listeners` (a socket array) of `slot`'s listener for the family and
+/// protocol. The daemon puts its listening sockets there; the kernel removes a socket
+/// when it closes, so an entry means a live listener.
+#[inline(always)]
+pub const fn listener_index(slot: u32, ipv6: bool, tcp: bool) -> u32 {
+    slot * LISTENERS_PER_SLOT + (ipv6 as u32) * 2 + tcp as u32
 }
 
 /// Value of `dp_policy`, keyed by network-namespace cookie (u64).
@@ -215,7 +216,8 @@ pub struct ListenerKey {
 pub struct NetnsPolicy {
     /// 1: redirect DNS of sockets in this netns (and translate their VIPs).
     pub capture_dns: u32,
-    pub _pad: u32,
+    /// The slot of this netns's listeners in `dp_listeners` (1 and up).
+    pub listener_slot: u32,
 }
 
 /// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
@@ -341,14 +343,13 @@ pub mod stat {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Addr, Backend, Config, DnsServer, ListenerKey, NetnsPolicy, ServiceKey, ServiceValue,
-        SockOrig, VipInfo, VipKey,
+        Addr, Backend, Config, DnsServer, NetnsPolicy, ServiceKey, ServiceValue, SockOrig, VipInfo,
+        VipKey,
     };
     // SAFETY: all are #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DnsServer {}
-    unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for NetnsPolicy {}
     unsafe impl aya::Pod for SockOrig {}
     unsafe impl aya::Pod for VipKey {}
@@ -412,7 +413,8 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<DnsServer>(), 24);
         assert_eq!(size_of::<SockOrig>(), 36);
         assert_eq!(size_of::<NetnsPolicy>(), 8);
         assert_eq!(size_of::<ServiceKey>(), 20);

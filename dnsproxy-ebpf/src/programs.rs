@@ -7,7 +7,7 @@ use core::ptr;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash},
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockMap},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
         bpf_map_lookup_elem, bpf_sk_release,
@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
-    Addr, Config, DnsServer, LOOPBACK4, LOOPBACK6, ListenerKey, MAX_BACKENDS, MAX_DNS_SERVERS,
-    MAX_LISTENERS, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy, ServiceKey, ServiceValue, SockOrig,
-    VIP_FILTER_WORDS, VipInfo, VipKey, ip_proto, stat,
+    Addr, Config, DnsServer, LISTENERS_PER_SLOT, LOOPBACK4, LOOPBACK6, MAX_BACKENDS,
+    MAX_DNS_SERVERS, MAX_LISTENER_SLOTS, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy, ServiceKey,
+    ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey, ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -53,10 +53,10 @@ static VIPS: HashMap<VipKey, VipInfo, { MAX_VIPS as usize }, { BPF_F_NO_PREALLOC
 #[btf_map(name = "dp_vip_filter")]
 static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
-/// The daemon's live listeners by netns, family and protocol (the daemon adds them; the
-/// kernel removes a socket when it closes).
+/// The daemon's live listeners, four per slot ([`dnsproxy_common::listener_index`]):
+/// the daemon puts them in, the kernel removes a socket when it closes.
 #[btf_map(name = "dp_listeners")]
-static LISTENERS: SockHash<ListenerKey, { MAX_LISTENERS as usize }> = SockHash::new();
+static LISTENERS: SockMap<{ (MAX_LISTENER_SLOTS * LISTENERS_PER_SLOT) as usize }> = SockMap::new();
 
 #[btf_map(name = "dp_services")]
 static SERVICES: HashMap<
@@ -185,38 +185,46 @@ fn config() -> Option<Config> {
     CONFIG.get(0).copied()
 }
 
-/// Captured: everything in the attached cgroup (local mode), or the socket's netns
-/// has a policy entry asking for DNS capture (node mode).
+/// The listener slot of the socket's netns when it is captured: local mode captures
+/// everything in the attached cgroup, and the daemon's own netns has slot 0 (another
+/// netns gets [`MAX_LISTENER_SLOTS`], which holds no listener); node mode captures a
+/// netns whose `dp_policy` entry asks for it, with the slot written there.
 #[inline(always)]
-fn captured(ctx: &SockAddrContext, cfg: &Config) -> bool {
-    if cfg.capture_all != 0 {
-        return true;
-    }
+fn capture_slot(ctx: &SockAddrContext, cfg: &Config) -> Option<u32> {
     // SAFETY: helper accepted for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if cfg.capture_all != 0 {
+        return Some(if cookie == cfg.local_netns {
+            0
+        } else {
+            MAX_LISTENER_SLOTS
+        });
+    }
     // SAFETY: the value is only read, and copied at once.
     match unsafe { POLICY.get(cookie) } {
-        Some(policy) => policy.capture_dns != 0,
-        None => false,
+        Some(policy) if policy.capture_dns != 0 => Some(policy.listener_slot),
+        _ => None,
     }
 }
 
-/// The daemon's listener for `local`'s family and `protocol` is open right now in the
-/// socket's network namespace: its socket is in `dp_listeners`.
+/// The daemon's listener of `slot` for `local`'s family and `protocol` is open right
+/// now: its socket is in `dp_listeners`.
 #[inline(always)]
-fn listener_exists(ctx: &SockAddrContext, local: &Addr, protocol: u32) -> bool {
-    let key = ListenerKey {
-        // SAFETY: helper accepted for cgroup sock_addr programs.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        family: if local.is_ipv4_mapped() { 4 } else { 6 },
-        protocol,
-    };
+fn listener_exists(slot: u32, local: &Addr, protocol: u32) -> bool {
+    if slot >= MAX_LISTENER_SLOTS {
+        return false;
+    }
+    let index = dnsproxy_common::listener_index(
+        slot,
+        !local.is_ipv4_mapped(),
+        protocol == u32::from(ip_proto::TCP),
+    );
     // SAFETY: the map pointer is the map's definition; the key lives on the stack. A
-    // socket hash lookup returns a referenced socket (or null), released just below.
+    // socket map lookup returns a referenced socket (or null), released just below.
     let sk = unsafe {
         bpf_map_lookup_elem(
             ptr::from_ref(&LISTENERS).cast_mut().cast(),
-            ptr::from_ref(&key).cast(),
+            ptr::from_ref(&index).cast(),
         )
     };
     if sk.is_null() {
@@ -308,10 +316,10 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
         count(stat::OWN_TRAFFIC);
         return;
     }
-    if !captured(ctx, cfg) {
+    let Some(slot) = capture_slot(ctx, cfg) else {
         count(stat::NOT_CAPTURED);
         return;
-    }
+    };
     // A v4-mapped destination on a dual-stack socket travels over IPv4: the IPv4
     // listener serves it, written back as ::ffff:127.0.0.1.
     let local = if dst.is_ipv4_mapped() {
@@ -319,7 +327,7 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
     } else {
         LOOPBACK6
     };
-    if !listener_exists(ctx, &local, protocol(ctx)) {
+    if !listener_exists(slot, &local, protocol(ctx)) {
         count(stat::FAIL_OPEN);
         return;
     }
@@ -342,7 +350,7 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
 /// UDP. No backend → the syscall fails at once; an undeclared port → untouched.
 #[inline(always)]
 fn translate_vip(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr, port: u16) -> i32 {
-    if !captured(ctx, cfg) {
+    if capture_slot(ctx, cfg).is_none() {
         count(stat::NOT_CAPTURED);
         return ALLOW;
     }

@@ -337,8 +337,12 @@ impl Daemon {
         options.adopt |= predecessor;
         let datapath = DataPath::start(&options, taken.as_mut().and_then(|t| t.lock.take()))?;
         if let Some(local) = &sockets.local {
-            bpf::listeners::register(&settings.args.pin_dir, &local.fds())
-                .context("cannot enter the local listener in dp_listeners")?;
+            bpf::listeners::register(
+                &settings.args.pin_dir,
+                bpf::listeners::LOCAL_SLOT,
+                &local.fds(),
+            )
+            .context("cannot enter the local listener in dp_listeners")?;
         }
         let inventory = Arc::new(Inventory::new(
             settings.args.pin_dir.clone(),

@@ -264,6 +264,30 @@ fn with_the_daemon_stopped_captured_processes_fail_open_to_the_cluster_dns() {
 }
 
 #[test]
+fn a_process_of_the_cgroup_in_another_netns_fails_open_there() {
+    if !privileged() {
+        return;
+    }
+    let env = TestEnv::new();
+    let daemon = env.start_daemon();
+    // Local mode captures the whole cgroup, but the daemon listens in its own netns
+    // only: a member of the cgroup in another netns (with its own cluster DNS) is
+    // left to that DNS, not sent to a loopback where nothing of ours listens.
+    let other = Netns::new();
+    let other_dns = FakeDns::start(&other);
+    let mut cmd = other.command(dnsproxy_bin());
+    cmd.args(["exec", "--cgroup"])
+        .arg(&env.cgroup.path)
+        .args(["--", "dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
+    assert_eq!(other_dns.queries(), 1);
+    assert!(daemon.counter("fail_open") >= 1, "{}", daemon.maps_json());
+    // In the daemon's netns, the same cgroup is redirected as ever.
+    assert_eq!(dig_answers(&env.dig(&["registry.test"])), ["240.240.1.1"]);
+}
+
+#[test]
 fn sigterm_without_keep_pins_detaches_everything() {
     if !privileged() {
         return;

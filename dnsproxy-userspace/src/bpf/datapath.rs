@@ -116,6 +116,7 @@ impl DataPath {
             capture_all: u32::from(opts.capture_all),
             daemon_tgid: std::process::id(),
             _pad: 0,
+            local_netns: own_netns_cookie().map_err(BpfError::Listener)?,
         })?;
         dp.set_dns_servers(&opts.dns_servers)?;
         // Adopted VIPs (perhaps from a daemon without the filter) stay translated.
@@ -261,4 +262,10 @@ async fn forward_kernel_logs(logger: KernelLogger) {
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
+}
+
+/// The cookie of the daemon's own network namespace (read from a socket made for it).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    crate::netns::netns_cookie(&probe)
 }

@@ -487,6 +487,8 @@ struct PodListener {
     inventory: Arc<Inventory>,
     name: String,
     cookie: u64,
+    /// Its slot in `dp_listeners`.
+    slot: u32,
     /// Identity of the network namespace it listens in.
     netns_id: (u64, u64),
     ctx: SharedContext,
@@ -692,17 +694,10 @@ impl PodListeners {
         let kept = std_listeners
             .dup()
             .context("cannot keep the in-pod sockets for a successor")?;
-        self.handoff.inventory.add_pod(
-            uid,
-            PodSockets {
-                netns: netns.id,
-                cookie,
-                sockets: kept,
-            },
-        );
         let listeners =
             Listeners::from_std(std_listeners).context("cannot register the in-pod listener")?;
-        bpf::listeners::register(&self.config.pin_dir, &listeners.fds())
+        let slot = self.slot_for(cookie, policy_map)?;
+        bpf::listeners::register(&self.config.pin_dir, slot, &listeners.fds())
             .context("cannot enter the in-pod listener in dp_listeners")?;
         let (namespace, pod) = name.split_once('/').unwrap_or(("", name));
         let mut ctx = ctx;
@@ -711,11 +706,19 @@ impl PodListeners {
         let stop = self.shutdown.child_token();
         let entry = NetnsPolicy {
             capture_dns: 1,
-            _pad: 0,
+            listener_slot: slot,
         };
         policy_map
             .insert(cookie, entry, 0)
             .context("cannot write the policy entry")?;
+        self.handoff.inventory.add_pod(
+            uid,
+            PodSockets {
+                netns: netns.id,
+                cookie,
+                sockets: kept,
+            },
+        );
         self.serving
             .spawn(listeners.serve(self.shared.clone(), Arc::clone(&ctx), stop.clone()));
         tracing::info!(pod = %name, netns = %netns.path.display(), netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
@@ -724,10 +727,31 @@ impl PodListeners {
             inventory: Arc::clone(&self.handoff.inventory),
             name: name.to_owned(),
             cookie,
+            slot,
             netns_id: netns.id,
             ctx,
             stop,
         })
+    }
+
+    /// The listener slot for the netns with `cookie`: the one its policy entry names
+    /// already (a pod the predecessor handed over), else the lowest slot that neither
+    /// a listener of ours nor any policy entry holds.
+    fn slot_for(&self, cookie: u64, policy_map: &PolicyMap) -> anyhow::Result<u32> {
+        let mut used: HashSet<u32> = self.by_uid.values().map(|l| l.slot).collect();
+        if let Ok(entry) = policy_map.get(&cookie, 0)
+            && (1..dnsproxy_common::MAX_LISTENER_SLOTS).contains(&entry.listener_slot)
+            && !used.contains(&entry.listener_slot)
+        {
+            return Ok(entry.listener_slot);
+        }
+        used.extend(
+            policy_map
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(_, p)| p.listener_slot),
+        );
+        bpf::listeners::free_slot(&used).context("every listener slot of dp_listeners is taken")
     }
 
     /// The pod's sockets: those the predecessor handed over when they live in the
