@@ -112,6 +112,8 @@ pub struct ConfigDump {
 pub struct PolicyDump {
     pub netns_cookie: u64,
     pub capture_dns: bool,
+    /// Its slot in `dp_listeners`.
+    pub listener_slot: u32,
 }
 
 /// One VIP and how many (port, protocol) services are declared on it.
@@ -173,6 +175,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .map(|(cookie, p)| PolicyDump {
             netns_cookie: cookie,
             capture_dns: p.capture_dns != 0,
+            listener_slot: p.listener_slot,
         })
         .collect();
     policy.sort_by_key(|p| p.netns_cookie);
@@ -241,8 +244,8 @@ impl std::fmt::Display for MapsDump {
             for p in &self.policy {
                 writeln!(
                     f,
-                    "  netns cookie {:<20} capture_dns={}",
-                    p.netns_cookie, p.capture_dns
+                    "  netns cookie {:<20} capture_dns={} listener_slot={}",
+                    p.netns_cookie, p.capture_dns, p.listener_slot
                 )?;
             }
         }
