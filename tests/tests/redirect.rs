@@ -276,9 +276,11 @@ fn a_process_of_the_cgroup_in_another_netns_fails_open_there() {
     let other = Netns::new();
     let other_dns = FakeDns::start(&other);
     let mut cmd = other.command(dnsproxy_bin());
+    let dig = ["dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test"];
     cmd.args(["exec", "--cgroup"])
         .arg(&env.cgroup.path)
-        .args(["--", "dig", "+time=3", "+tries=1", "@10.96.0.10", "registry.test"]);
+        .arg("--")
+        .args(dig);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
     assert_eq!(dig_answers(&out), [FAKE_A], "{}", stdout(&out));
     assert_eq!(other_dns.queries(), 1);

@@ -92,8 +92,9 @@ pub enum BpfError {
         max = dnsproxy_common::MAX_DNS_SERVERS
     )]
     TooManyDnsServers { count: usize },
-    /// A listener's address or network namespace could not be read.
-    #[error("reading a listener socket for dp_listeners")]
+    /// A socket's address or network namespace cookie could not be read (for
+    /// `dp_listeners`, or the daemon's own namespace for `dp_config`).
+    #[error("reading a socket's address or network namespace cookie")]
     Listener(#[source] std::io::Error),
     /// A map operation failed.
     #[error("map {map}")]
