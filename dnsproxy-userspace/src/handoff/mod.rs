@@ -494,26 +494,44 @@ pub fn kill_unresponsive(pid: u32) -> bool {
     if pid == 0 || pid == std::process::id() {
         return false;
     }
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
-    if comm.trim() != "dnsproxy" {
-        return false;
-    }
     let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
-    // SAFETY: kill(2) on a pid.
-    unsafe { libc::kill(raw, libc::SIGKILL) };
-    // Its descriptors are released when it exits (a zombie holds none).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        let state = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
-        let state = state.rsplit_once(')').map(|(_, rest)| rest.trim_start());
-        if state.is_none_or(|s| s.starts_with('Z') || s.starts_with('X')) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    // A pidfd first: the checks and the kill then concern one process, even if the pid
+    // were reused meanwhile.
+    // SAFETY: pidfd_open(2) on a pid; a negative result is an error.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    let Ok(fd) = RawFd::try_from(fd) else {
+        return false;
+    };
+    if fd < 0 {
+        return false;
     }
+    // SAFETY: a new descriptor that nothing else owns.
+    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "dnsproxy" {
+        return false;
+    }
+    // SAFETY: pidfd_send_signal(2) on our pidfd, no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    // Its sockets are closed once every one of its threads has exited, which is when
+    // the pidfd turns readable (its main thread alone may be a zombie earlier).
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&raw mut poll, 1, 5000) };
     true
 }
 

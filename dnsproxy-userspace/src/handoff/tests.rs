@@ -161,3 +161,40 @@ fn the_socket_path_is_left_to_a_successor_that_replaced_it() {
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn only_a_dnsproxy_is_killed_and_the_kill_returns_once_it_is_gone() {
+    let dir = state_dir("kill");
+    let sleep = which_sleep();
+    let mut other = std::process::Command::new(&sleep)
+        .arg("30")
+        .spawn()
+        .unwrap();
+    assert!(!kill_unresponsive(other.id()), "a process of another name");
+    assert!(other.try_wait().unwrap().is_none(), "left alone");
+    other.kill().unwrap();
+    other.wait().unwrap();
+
+    let named = dir.join("dnsproxy");
+    std::fs::copy(&sleep, &named).unwrap();
+    let mut daemon = std::process::Command::new(&named)
+        .arg("30")
+        .spawn()
+        .unwrap();
+    assert!(kill_unresponsive(daemon.id()));
+    // Gone already when the call returns: waiting does not block.
+    let status = daemon.try_wait().unwrap().expect("exited");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn which_sleep() -> PathBuf {
+    ["/usr/bin/sleep", "/bin/sleep"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("sleep(1)")
+}
