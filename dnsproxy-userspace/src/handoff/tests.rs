@@ -181,6 +181,16 @@ fn only_a_dnsproxy_is_killed_and_the_kill_returns_once_it_is_gone() {
         .arg("30")
         .spawn()
         .unwrap();
+    // spawn may return before exec has renamed the child (a vfork parent resumes first).
+    let comm = format!("/proc/{}/comm", daemon.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "dnsproxy" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never became dnsproxy"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(kill_unresponsive(daemon.id()));
     // Gone already when the call returns: waiting does not block.
     let status = daemon.try_wait().unwrap().expect("exited");
