@@ -117,10 +117,8 @@ impl Settings {
             (Some(c), true) => vec![cluster_dns_ip(&c.client).await?],
             (None, true) => resolv_conf::read_nameservers(&args.resolv_conf)?,
         };
-        if dns_servers.len() > dnsproxy_common::MAX_DNS_SERVERS as usize {
-            let count = dns_servers.len();
-            return Err(bpf::BpfError::TooManyDnsServers { count }.into());
-        }
+        // Refused before anything is bound or attached.
+        bpf::datapath::check_dns_servers(&dns_servers)?;
         let upstreams = if args.upstreams.is_empty() {
             dns_servers
                 .iter()

@@ -137,11 +137,7 @@ impl DataPath {
     /// Replaces the set of captured DNS server addresses: slot `i` holds the `i`th,
     /// the slots after the last are cleared.
     pub fn set_dns_servers(&mut self, servers: &[IpAddr]) -> Result<(), BpfError> {
-        if servers.len() > MAX_DNS_SERVERS as usize {
-            return Err(BpfError::TooManyDnsServers {
-                count: servers.len(),
-            });
-        }
+        check_dns_servers(servers)?;
         let name = map_names::DNS_SERVERS;
         let map = self.ebpf.map_mut(name).ok_or_else(|| missing(name))?;
         let mut slots: Array<_, DnsServer> = Array::try_from(map).map_err(map_err(name))?;
@@ -268,4 +264,14 @@ async fn forward_kernel_logs(logger: KernelLogger) {
 fn own_netns_cookie() -> std::io::Result<u64> {
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     crate::netns::netns_cookie(&probe)
+}
+
+/// The programs scan at most [`MAX_DNS_SERVERS`] slots: more servers are an error.
+pub fn check_dns_servers(servers: &[IpAddr]) -> Result<(), BpfError> {
+    if servers.len() > MAX_DNS_SERVERS as usize {
+        return Err(BpfError::TooManyDnsServers {
+            count: servers.len(),
+        });
+    }
+    Ok(())
 }

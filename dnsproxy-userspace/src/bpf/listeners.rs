@@ -19,11 +19,18 @@ use super::{BpfError, map_err, pinned};
 /// Local mode's slot.
 pub const LOCAL_SLOT: u32 = 0;
 
+/// Node mode's slots, one per captured network namespace.
+pub const NODE_SLOTS: std::ops::Range<u32> = 1..MAX_LISTENER_SLOTS;
+
 /// Puts `sockets` (bound UDP sockets and listening TCP sockets of one network
 /// namespace) in `slot` of the pinned `dp_listeners` of `pin_dir`; the slot's entries
 /// for a family or protocol `sockets` lack are cleared. Of a `SO_REUSEPORT` group the
 /// first socket stands for all (they close together).
 pub fn register(pin_dir: &Path, slot: u32, sockets: &[BorrowedFd<'_>]) -> Result<(), BpfError> {
+    if slot >= MAX_LISTENER_SLOTS {
+        let e = std::io::Error::other(format!("listener slot {slot} out of range"));
+        return Err(BpfError::Listener(e));
+    }
     let name = map_names::LISTENERS;
     let mut map: SockMap<MapData> =
         SockMap::try_from(pinned::open(pin_dir, name)?).map_err(map_err(name))?;
@@ -45,11 +52,6 @@ pub fn register(pin_dir: &Path, slot: u32, sockets: &[BorrowedFd<'_>]) -> Result
 
 /// The index of a listener in `slot`: by its family and protocol.
 fn index(slot: u32, fd: BorrowedFd<'_>) -> std::io::Result<u32> {
-    if slot >= MAX_LISTENER_SLOTS {
-        return Err(std::io::Error::other(format!(
-            "listener slot {slot} out of range"
-        )));
-    }
     let sock = socket2::SockRef::from(&fd);
     let ipv6 = sock.local_addr()?.is_ipv6();
     let tcp = sock.r#type()? == socket2::Type::STREAM;
@@ -58,7 +60,7 @@ fn index(slot: u32, fd: BorrowedFd<'_>) -> std::io::Result<u32> {
 
 /// The lowest node-mode slot (1 and up) not in `used`.
 pub fn free_slot(used: &HashSet<u32>) -> Option<u32> {
-    (1..MAX_LISTENER_SLOTS).find(|s| !used.contains(s))
+    NODE_SLOTS.into_iter().find(|s| !used.contains(s))
 }
 
 #[cfg(test)]

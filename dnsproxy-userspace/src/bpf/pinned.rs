@@ -123,7 +123,6 @@ pub struct VipDump {
     pub ports: u32,
 }
 
-/// Reads every pinned map under `pin_dir`.
 /// Marks the buckets of `addrs` in `dp_vip_filter` (set only: a bucket is never
 /// cleared while pinned, so a VIP is never skipped). Call before adding them to
 /// `dp_vips`.
@@ -154,6 +153,7 @@ pub fn read_config(pin_dir: &Path) -> Result<Config, BpfError> {
     config.get(&0, 0).map_err(map_err(name))
 }
 
+/// Reads every pinned map under `pin_dir`.
 pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
     let cfg = read_config(pin_dir)?;
 

@@ -740,7 +740,7 @@ impl PodListeners {
     fn slot_for(&self, cookie: u64, policy_map: &PolicyMap) -> anyhow::Result<u32> {
         let mut used: HashSet<u32> = self.by_uid.values().map(|l| l.slot).collect();
         if let Ok(entry) = policy_map.get(&cookie, 0)
-            && (1..dnsproxy_common::MAX_LISTENER_SLOTS).contains(&entry.listener_slot)
+            && bpf::listeners::NODE_SLOTS.contains(&entry.listener_slot)
             && !used.contains(&entry.listener_slot)
         {
             return Ok(entry.listener_slot);
