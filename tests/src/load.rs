@@ -4,7 +4,7 @@ use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -46,11 +46,10 @@ pub fn udp_client(netns: &Netns, to: SocketAddr) -> UdpSocket {
 /// most `limit`, until stopped or dropped.
 pub struct Flood {
     stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    /// How long the sender ran (µs), written when it ends: the rate is over that time,
-    /// not until `stop`, which may come later than `limit`.
-    ran_for: Arc<AtomicU64>,
-    threads: Vec<thread::JoinHandle<()>>,
+    /// Returns how many it sent and for how long: the rate is over that time, not
+    /// until `stop`, which may come later than `limit`.
+    sender: Option<thread::JoinHandle<(u64, Duration)>>,
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Flood {
@@ -60,71 +59,60 @@ impl Flood {
         limit: Duration,
         make: impl Fn(u64) -> Vec<u8> + Send + 'static,
     ) -> Self {
-        let (stop, sent, ran_for) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-        );
+        let stop = Arc::new(AtomicBool::new(false));
         let sock = Arc::new(sock);
-        let mut threads = Vec::new();
-        {
-            let (stop, sent, sock, ran_for) = (
-                Arc::clone(&stop),
-                Arc::clone(&sent),
-                Arc::clone(&sock),
-                Arc::clone(&ran_for),
-            );
-            threads.push(thread::spawn(move || {
+        let sender = {
+            let (stop, sock) = (Arc::clone(&stop), Arc::clone(&sock));
+            thread::spawn(move || {
                 let started = Instant::now();
                 let per_ms = f64::from(rate) / 1000.0;
+                let mut sent = 0;
                 while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
                     let due = (started.elapsed().as_secs_f64() * 1000.0 * per_ms) as u64;
-                    while sent.load(Ordering::Relaxed) < due {
-                        let n = sent.fetch_add(1, Ordering::Relaxed);
-                        let _ = sock.send(&make(n));
+                    while sent < due {
+                        let _ = sock.send(&make(sent));
+                        sent += 1;
                     }
                     thread::sleep(Duration::from_micros(500));
                 }
-                let micros = started.elapsed().as_micros();
-                ran_for.store(u64::try_from(micros).unwrap_or(u64::MAX), Ordering::SeqCst);
-            }));
-        }
+                (sent, started.elapsed())
+            })
+        };
         // Replies are read and dropped, so the socket never fills.
-        {
-            let (stop, sock) = (Arc::clone(&stop), Arc::clone(&sock));
-            threads.push(thread::spawn(move || {
+        let reader = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
                 sock.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
                 let mut buf = [0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
                     let _ = sock.recv(&mut buf);
                 }
-            }));
-        }
+            })
+        };
         Flood {
             stop,
-            sent,
-            ran_for,
-            threads,
+            sender: Some(sender),
+            reader: Some(reader),
         }
     }
 
     /// Stops; returns (queries sent, achieved rate per second while sending).
     pub fn stop(mut self) -> (u64, f64) {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let sent = self.sent.load(Ordering::SeqCst);
-        let ran_for = self.ran_for.load(Ordering::SeqCst).max(1) as f64 / 1e6;
-        (sent, sent as f64 / ran_for)
+        let sender = self.sender.take().expect("joined only here or on drop");
+        let (sent, ran_for) = sender.join().expect("the flood's sender panicked");
+        (sent, sent as f64 / ran_for.as_secs_f64().max(1e-6))
     }
 }
 
 impl Drop for Flood {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.sender.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.reader.take() {
             let _ = t.join();
         }
     }
