@@ -66,36 +66,43 @@ pub const PROGRAMS: [&str; 8] = [
 pub const VIP_FILTER_BITS: u32 = 4096;
 pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
 
-/// A 16-byte address in network byte order; IPv4 is IPv4-mapped.
+/// A 16-byte address in network byte order; IPv4 is IPv4-mapped. Held as the words the
+/// kernel's `user_ip6` uses (network-order bytes in memory), so that the data path
+/// builds, stores and compares it with 4-byte moves: built byte by byte, the compiler
+/// zero-fills it with a `memset` subprogram (a BPF-to-BPF call and a byte loop).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Addr {
-    pub octets: [u8; 16],
+    words: [u32; 4],
 }
+
+/// The third word of an IPv4-mapped address (`::ffff:0:0/96`).
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl Addr {
     /// `::ffff:a.b.c.d` for an IPv4 address given as the kernel's network-order u32.
     #[inline(always)]
     pub const fn from_ipv4_be(ip4_be: u32) -> Self {
-        let b = ip4_be.to_ne_bytes();
         Addr {
-            octets: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
-            ],
+            words: [0, 0, MAPPED_WORD, ip4_be],
         }
     }
 
     /// The address from the kernel's `user_ip6` words (network order in memory).
     #[inline(always)]
-    pub const fn from_ipv6_words(w: [u32; 4]) -> Self {
-        let a = w[0].to_ne_bytes();
-        let b = w[1].to_ne_bytes();
-        let c = w[2].to_ne_bytes();
-        let d = w[3].to_ne_bytes();
+    pub const fn from_ipv6_words(words: [u32; 4]) -> Self {
+        Addr { words }
+    }
+
+    /// The address of 16 network-order bytes.
+    #[inline(always)]
+    pub const fn from_octets(o: [u8; 16]) -> Self {
         Addr {
-            octets: [
-                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
-                d[2], d[3],
+            words: [
+                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
             ],
         }
     }
@@ -103,12 +110,22 @@ impl Addr {
     /// Words as `user_ip6` wants them.
     #[inline(always)]
     pub const fn ipv6_words(&self) -> [u32; 4] {
-        let o = &self.octets;
+        self.words
+    }
+
+    /// The 16 network-order bytes.
+    #[inline(always)]
+    pub const fn octets(&self) -> [u8; 16] {
+        let [a, b, c, d] = self.words;
+        let (a, b, c, d) = (
+            a.to_ne_bytes(),
+            b.to_ne_bytes(),
+            c.to_ne_bytes(),
+            d.to_ne_bytes(),
+        );
         [
-            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
-            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
-            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
-            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
         ]
     }
 
@@ -117,7 +134,7 @@ impl Addr {
     /// VIP is no VIP: the pass path skips the `dp_vips` lookup.
     #[inline(always)]
     pub const fn vip_filter_bit(&self) -> u32 {
-        let o = &self.octets;
+        let o = self.octets();
         if self.is_ipv4_mapped() {
             ((o[12] as u32) << 4) | ((o[13] as u32) >> 4)
         } else {
@@ -128,37 +145,27 @@ impl Addr {
     /// True for `::ffff:a.b.c.d`.
     #[inline(always)]
     pub const fn is_ipv4_mapped(&self) -> bool {
-        let o = &self.octets;
-        o[0] == 0
-            && o[1] == 0
-            && o[2] == 0
-            && o[3] == 0
-            && o[4] == 0
-            && o[5] == 0
-            && o[6] == 0
-            && o[7] == 0
-            && o[8] == 0
-            && o[9] == 0
-            && o[10] == 0xff
-            && o[11] == 0xff
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == MAPPED_WORD
     }
 
     /// The IPv4 address as the kernel's network-order u32 (meaningful when mapped).
     #[inline(always)]
     pub const fn ipv4_be(&self) -> u32 {
-        let o = &self.octets;
-        u32::from_ne_bytes([o[12], o[13], o[14], o[15]])
+        self.words[3]
+    }
+}
+
+impl core::fmt::Debug for Addr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Addr({})", core::net::Ipv6Addr::from(self.octets()))
     }
 }
 
 /// `127.0.0.1` as stored in maps.
-pub const LOOPBACK4: Addr = Addr {
-    octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1],
-};
+pub const LOOPBACK4: Addr =
+    Addr::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
 /// `::1`.
-pub const LOOPBACK6: Addr = Addr {
-    octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-};
+pub const LOOPBACK6: Addr = Addr::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 
 /// Value of the single-entry `dp_config` array.
 #[repr(C)]
@@ -221,14 +228,42 @@ pub struct NetnsPolicy {
 }
 
 /// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
-/// traffic from `rewritten` is reported as coming from `original`.
-#[repr(C)]
+/// traffic from `rewritten` is reported as coming from `original`. 4-aligned, so that
+/// the data path can store it as [`SockOrig::WORDS`] words ([`SockOrig::words`]).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockOrig {
     pub original: Addr,
     pub rewritten: Addr,
     pub original_port: u16,
     pub rewritten_port: u16,
+}
+
+impl SockOrig {
+    /// Its size in u32 words.
+    pub const WORDS: usize = 9;
+
+    /// Its memory as u32 words. The data path stores these one by one: the compiler
+    /// builds an [`Addr`] byte by byte and zero-fills it with a `memset` subprogram
+    /// (a BPF-to-BPF call and a byte loop), which the redirect path cannot afford.
+    #[inline(always)]
+    pub const fn words(&self) -> [u32; Self::WORDS] {
+        let o = self.original.ipv6_words();
+        let r = self.rewritten.ipv6_words();
+        let op = self.original_port.to_ne_bytes();
+        let rp = self.rewritten_port.to_ne_bytes();
+        [
+            o[0],
+            o[1],
+            o[2],
+            o[3],
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            u32::from_ne_bytes([op[0], op[1], rp[0], rp[1]]),
+        ]
+    }
 }
 
 /// Default size of `dp_vips`: every auto-allocated VIP (240.240.0.1 to 240.240.255.254)
@@ -369,7 +404,7 @@ mod tests {
         let a = Addr::from_ipv4_be(be);
         assert!(a.is_ipv4_mapped());
         assert_eq!(a.ipv4_be(), be);
-        assert_eq!(&a.octets[10..], &[0xff, 0xff, 10, 96, 0, 10]);
+        assert_eq!(&a.octets()[10..], &[0xff, 0xff, 10, 96, 0, 10]);
         assert!(LOOPBACK4.is_ipv4_mapped());
         assert!(!LOOPBACK6.is_ipv4_mapped());
     }
@@ -377,7 +412,7 @@ mod tests {
     #[test]
     fn ipv6_words_round_trip() {
         let octets = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
-        let a = Addr { octets };
+        let a = Addr::from_octets(octets);
         assert_eq!(Addr::from_ipv6_words(a.ipv6_words()), a);
         assert_eq!(a.ipv6_words()[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
     }
@@ -392,9 +427,7 @@ mod tests {
         for other in [v4(10, 96, 0, 10), v4(10, 244, 1, 5), v4(203, 0, 113, 10)] {
             assert_ne!(other.vip_filter_bit(), auto);
         }
-        let v6 = |s: &str| Addr {
-            octets: s.parse::<std::net::Ipv6Addr>().unwrap().octets(),
-        };
+        let v6 = |s: &str| Addr::from_octets(s.parse::<std::net::Ipv6Addr>().unwrap().octets());
         assert_eq!(
             v6("2001:2::1").vip_filter_bit(),
             v6("2001:2::ffff").vip_filter_bit(),
@@ -412,10 +445,28 @@ mod tests {
     }
 
     #[test]
+    fn sock_orig_words_are_its_memory() {
+        let orig = SockOrig {
+            original: Addr::from_ipv4_be(u32::from_ne_bytes([10, 96, 0, 10])),
+            rewritten: Addr::from_octets(
+                "2001:db8::1"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            ),
+            original_port: 53,
+            rewritten_port: 15053,
+        };
+        // SAFETY: SockOrig is repr(C, align(4)), 36 bytes without padding.
+        let memory: [u32; SockOrig::WORDS] = unsafe { core::mem::transmute(orig) };
+        assert_eq!(orig.words(), memory);
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<DnsServer>(), 24);
-        assert_eq!(size_of::<SockOrig>(), 36);
+        assert_eq!(size_of::<SockOrig>(), 4 * SockOrig::WORDS);
         assert_eq!(size_of::<NetnsPolicy>(), 8);
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<Backend>(), 20);

@@ -16,12 +16,12 @@ pub fn to_map_addr(ip: IpAddr) -> Addr {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
-    Addr { octets }
+    Addr::from_octets(octets)
 }
 
 /// The address a map holds, IPv4-mapped shown as IPv4.
 pub fn from_map_addr(addr: &Addr) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(addr.octets);
+    let v6 = std::net::Ipv6Addr::from(addr.octets());
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
