@@ -4,6 +4,7 @@
 //! run count before and after.
 use std::{
     net::{SocketAddr, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     process::Command,
     time::Duration,
@@ -41,8 +42,8 @@ pub(crate) struct PathCost {
     pub(crate) ns_per_run: f64,
 }
 
-/// The id of the program attached to `cgroup` at `attach_type`.
-fn program_id(cgroup: &Path, attach_type: &str) -> u64 {
+/// The id of the program named `name` attached to `cgroup` at `attach_type`.
+fn program_id(cgroup: &Path, attach_type: &str, name: &str) -> u64 {
     let out = run_with_timeout(
         Command::new("bpftool")
             .args(["-j", "cgroup", "show"])
@@ -53,9 +54,66 @@ fn program_id(cgroup: &Path, attach_type: &str) -> u64 {
     list.as_array()
         .into_iter()
         .flatten()
-        .find(|p| p["attach_type"] == attach_type)
+        .find(|p| p["attach_type"] == attach_type && p["name"] == name)
         .and_then(|p| p["id"].as_u64())
-        .unwrap_or_else(|| panic!("no {attach_type} program on {}", cgroup.display()))
+        .unwrap_or_else(|| panic!("no {attach_type} program {name} on {}", cgroup.display()))
+}
+
+/// Name of [`EmptyProgram`].
+const EMPTY_NAME: &str = "bench_empty";
+
+/// A connect4 program that only returns "allow" (two instructions), attached to the
+/// cgroup beside the daemon's while it lives: its cost per run is what the kernel's
+/// accounting itself adds (a clock read around every run), the floor under every row.
+struct EmptyProgram {
+    _program: OwnedFd,
+    _link: OwnedFd,
+}
+
+impl EmptyProgram {
+    fn attach(cgroup: &Path) -> std::io::Result<Self> {
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+        const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+        // r0 = 1; exit
+        let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x95];
+        let license = c"GPL";
+        let mut load = [0u8; 128];
+        put(&mut load, 0, &BPF_PROG_TYPE_CGROUP_SOCK_ADDR.to_ne_bytes());
+        put(&mut load, 4, &2u32.to_ne_bytes());
+        put(&mut load, 8, &(insns.as_ptr() as u64).to_ne_bytes());
+        put(&mut load, 16, &(license.as_ptr() as u64).to_ne_bytes());
+        put(&mut load, 48, EMPTY_NAME.as_bytes());
+        put(&mut load, 68, &BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        let program = bpf(BPF_PROG_LOAD, &mut load)?;
+        let dir = std::fs::File::open(cgroup)?;
+        let mut link = [0u8; 64];
+        put(&mut link, 0, &(program.as_raw_fd() as u32).to_ne_bytes());
+        put(&mut link, 4, &(dir.as_raw_fd() as u32).to_ne_bytes());
+        put(&mut link, 8, &BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        let link = bpf(BPF_LINK_CREATE, &mut link)?;
+        Ok(EmptyProgram {
+            _program: program,
+            _link: link,
+        })
+    }
+}
+
+fn put(attr: &mut [u8], at: usize, bytes: &[u8]) {
+    attr[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// The bpf(2) command `cmd` with `attr`; the descriptor it returns.
+fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
+    // SAFETY: attr is a zeroed bpf_attr prefix of its own length, with the fields the
+    // command reads set; the pointers in it (instructions, license) outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// A program's (run time in ns, run count) so far.
@@ -71,37 +129,50 @@ fn program_stats(id: u64) -> (u64, u64) {
     )
 }
 
-/// The paths measured: what the probe does, and which program's cost that shows.
-const PATHS: [(&str, &str, &str, &str); 5] = [
+/// The paths measured: what the probe does, and which program's cost that shows
+/// (attach type, name).
+const PATHS: [(&str, &str, &str, &str, &str); 6] = [
+    (
+        "empty program (accounting floor)",
+        "connect",
+        "127.0.0.1:9",
+        "cgroup_inet4_connect",
+        EMPTY_NAME,
+    ),
     (
         "pass (not DNS, not a VIP)",
         "connect",
         "127.0.0.1:9",
         "cgroup_inet4_connect",
+        "dnsproxy_connect4",
     ),
     (
         "DNS redirect (connect)",
         "connect",
         "10.96.0.10:53",
         "cgroup_inet4_connect",
+        "dnsproxy_connect4",
     ),
     (
         "DNS redirect (sendmsg)",
         "sendto",
         "10.96.0.10:53",
         "cgroup_udp4_sendmsg",
+        "dnsproxy_sendmsg4",
     ),
     (
         "VIP translate (TCP connect)",
         "tcpconnect",
         "240.240.1.1:443",
         "cgroup_inet4_connect",
+        "dnsproxy_connect4",
     ),
     (
         "restore (recvmsg)",
         "pingpong",
         "10.96.0.10:53",
         "cgroup_udp4_recvmsg",
+        "dnsproxy_recvmsg4",
     ),
 ];
 
@@ -109,10 +180,11 @@ const PATHS: [(&str, &str, &str, &str); 5] = [
 /// takes `probe OP ADDR N`).
 pub(crate) fn measure(cgroup: &Path, probe: &dyn Fn() -> Command, runs: u64) -> Vec<PathCost> {
     let _stats = StatsOn::new();
+    let _empty = EmptyProgram::attach(cgroup).expect("load and attach an empty program");
     PATHS
         .iter()
-        .map(|(path, op, addr, attach)| {
-            let id = program_id(cgroup, attach);
+        .map(|(path, op, addr, attach, name)| {
+            let id = program_id(cgroup, attach, name);
             let (t0, c0) = program_stats(id);
             let mut cmd = probe();
             cmd.args(["probe", op, addr, &runs.to_string()]);
