@@ -21,8 +21,8 @@ use std::{
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::{
-    io::Interest,
-    net::{TcpListener, UdpSocket},
+    io::{Interest, unix::AsyncFd},
+    net::TcpListener,
     task::JoinSet,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -53,6 +53,13 @@ enum Reply {
     /// Answered later, by a task of its own, or not at all (as the handler decides).
     Later,
 }
+
+/// A UDP listener as its loop holds it: registered for reading only. Registered for
+/// writing too (as `tokio::net::UdpSocket` is), every batch of answers made the socket
+/// writable again and woke the loop's epoll for nothing: an extra `epoll_wait` per
+/// batch. Answers are sent without waiting ([`batch::Outbox`], [`Serving::answer_udp`]):
+/// a full send buffer drops the datagram, as the network may, and the client retries.
+type UdpListener = AsyncFd<std::net::UdpSocket>;
 
 /// The client context of a listener, replaceable while it serves.
 pub type SharedContext = Arc<ArcSwap<ClientContext>>;
@@ -264,7 +271,9 @@ impl Serving {
     /// A UDP receive loop, on the UDP thread it was spawned on (which the socket is
     /// registered with here).
     async fn udp(self, sock: std::net::UdpSocket) {
-        let sock = match UdpSocket::from_std(sock) {
+        // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the
+        // same for the AsyncFd's whole life.
+        let sock = match unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) } {
             Ok(sock) => Arc::new(sock),
             Err(e) => {
                 tracing::error!(error = %e, "cannot register a UDP listener socket");
@@ -299,7 +308,7 @@ impl Serving {
     }
 
     /// Reads one batch of queries and answers it; false when the socket had no more.
-    fn receive_batch(&self, sock: &Arc<UdpSocket>, fast: &mut fast::Answers) -> bool {
+    fn receive_batch(&self, sock: &Arc<UdpListener>, fast: &mut fast::Answers) -> bool {
         batch::with_scratch(|scratch| {
             let batch::Scratch {
                 received,
@@ -310,7 +319,7 @@ impl Serving {
             let mut read = 0;
             // A short batch drained the socket: report WouldBlock so that the runtime
             // clears readiness now, instead of one more empty read.
-            let outcome = sock.try_io(Interest::READABLE, || {
+            let outcome = sock.try_io(Interest::READABLE, |_| {
                 read = received.recv(fd)?;
                 if read < batch::BATCH {
                     return Err(std::io::ErrorKind::WouldBlock.into());
@@ -351,7 +360,7 @@ impl Serving {
     /// task of its own, so that a slow upstream never holds up the others.
     fn answer_datagram(
         &self,
-        sock: &Arc<UdpSocket>,
+        sock: &Arc<UdpListener>,
         query: &[u8],
         client: SocketAddr,
         fast: &mut fast::Answers,
@@ -387,7 +396,7 @@ impl Serving {
     }
 
     /// Answers one datagram on its own task.
-    fn answer_udp(&self, sock: &Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr) {
+    fn answer_udp(&self, sock: &Arc<UdpListener>, query: Vec<u8>, client: SocketAddr) {
         let (sock, handler, ctx) = (
             Arc::clone(sock),
             Arc::clone(&self.shared.handler),
@@ -395,7 +404,7 @@ impl Serving {
         );
         self.in_flight.spawn(async move {
             if let Some(reply) = handler.handle(&query, Protocol::Udp, client, &ctx).await
-                && let Err(e) = sock.send_to(&reply, client).await
+                && let Err(e) = sock.get_ref().send_to(&reply, client)
             {
                 tracing::debug!(target: "dns", %client, error = %e, "UDP send failed");
             }

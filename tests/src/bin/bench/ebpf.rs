@@ -131,7 +131,7 @@ fn program_stats(id: u64) -> (u64, u64) {
 
 /// The paths measured: what the probe does, and which program's cost that shows
 /// (attach type, name).
-const PATHS: [(&str, &str, &str, &str, &str); 6] = [
+const PATHS: [(&str, &str, &str, &str, &str); 7] = [
     (
         "empty program (accounting floor)",
         "connect",
@@ -149,6 +149,13 @@ const PATHS: [(&str, &str, &str, &str, &str); 6] = [
     (
         "DNS redirect (connect)",
         "connect",
+        "10.96.0.10:53",
+        "cgroup_inet4_connect",
+        "dnsproxy_connect4",
+    ),
+    (
+        "DNS redirect (connect, new socket)",
+        "newconnect",
         "10.96.0.10:53",
         "cgroup_inet4_connect",
         "dnsproxy_connect4",
@@ -207,7 +214,8 @@ pub(crate) fn measure(cgroup: &Path, probe: &dyn Fn() -> Command, runs: u64) -> 
 }
 
 /// `probe` mode: `n` times `op` towards `addr` from this process (in the captured
-/// cgroup): `connect` a UDP socket, `tcpconnect`, `sendto` a query, or `pingpong` (send, then wait
+/// cgroup): `connect` a UDP socket (the same one each time), `newconnect` (a new one
+/// each time), `tcpconnect`, `sendto` a query, or `pingpong` (send, then wait
 /// for the answer).
 pub(crate) fn run_probe(op: &str, addr: &str, n: u64) {
     let addr: SocketAddr = addr.parse().expect("probe address");
@@ -218,6 +226,10 @@ pub(crate) fn run_probe(op: &str, addr: &str, n: u64) {
     for _ in 0..n {
         match op {
             "connect" => sock.connect(addr).expect("connect"),
+            // What a glibc lookup does: a new socket, connected, closed.
+            "newconnect" => UdpSocket::bind("0.0.0.0:0")
+                .and_then(|s| s.connect(addr))
+                .expect("connect a new socket"),
             // Refused at once (nothing listens behind the VIP): the hook ran all the same.
             "tcpconnect" => {
                 let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1));
