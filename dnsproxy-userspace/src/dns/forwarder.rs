@@ -3,12 +3,7 @@
 //! retransmitted within it, to the next upstream in configured order (or to every
 //! upstream at once in parallel mode). A reply must carry our query's ID and
 //! question; SERVFAIL and REFUSED count as failures, so the next server is asked.
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_proto::{
     ProtoError,
@@ -16,10 +11,8 @@ use hickory_proto::{
     rr::RecordType,
     serialize::binary::DecodeError,
 };
-use socket2::{Domain, Socket, Type};
 use tokio::{
-    io::{Interest, unix::AsyncFd},
-    net::TcpStream,
+    net::{TcpStream, UdpSocket},
     time::{Instant, timeout_at},
 };
 
@@ -126,7 +119,7 @@ impl Forwarder {
 /// is counted already.
 struct Attempt {
     index: usize,
-    sock: UpstreamSocket,
+    sock: UdpSocket,
     sent: std::time::Instant,
     settled: bool,
 }
@@ -169,7 +162,7 @@ impl<'a> Exchange<'a> {
             1
         };
         for _ in 0..first {
-            self.send_next();
+            self.send_next().await;
         }
         let mut buf = vec![0u8; 65535];
         let mut resend_at = Instant::now() + retransmit;
@@ -184,7 +177,7 @@ impl<'a> Exchange<'a> {
                     }
                     if self.attempts.iter().all(|a| a.settled) {
                         // Failed over: the next upstream at once.
-                        self.send_next();
+                        self.send_next().await;
                         resend_at = Instant::now() + retransmit;
                     }
                 }
@@ -193,7 +186,7 @@ impl<'a> Exchange<'a> {
                         self.last.get_or_insert((self.forwarder.upstreams[0], ExchangeError::Timeout));
                         return Err(self.all_failed());
                     }
-                    self.send_next();
+                    self.send_next().await;
                     resend_at = Instant::now() + retransmit;
                 }
             }
@@ -202,7 +195,7 @@ impl<'a> Exchange<'a> {
 
     /// Sends the query to the next upstream that has not failed (again, when it was
     /// asked before: the datagram may have been lost).
-    fn send_next(&mut self) {
+    async fn send_next(&mut self) {
         let n = self.forwarder.upstreams.len();
         let Some(index) = (0..n)
             .map(|k| (self.next + k) % n)
@@ -215,12 +208,12 @@ impl<'a> Exchange<'a> {
         let sent = match self.attempts.iter().position(|a| a.index == index) {
             Some(at) => self.attempts[at]
                 .sock
-                .get_ref()
                 .send(&self.out.bytes)
+                .await
                 .map(|_| ()),
-            None => match connected(server) {
+            None => match connected(server).await {
                 Ok(sock) => {
-                    let sent = sock.get_ref().send(&self.out.bytes).map(|_| ());
+                    let sent = sock.send(&self.out.bytes).await.map(|_| ());
                     self.attempts.push(Attempt {
                         index,
                         sock,
@@ -335,56 +328,29 @@ impl<'a> Exchange<'a> {
     }
 }
 
-/// A socket to one upstream, registered for reading only: sends do not wait (a full
-/// send buffer fails the datagram like a lost one), and a socket that turns writable
-/// after each send wakes nobody (see `server::UdpListener`).
-type UpstreamSocket = AsyncFd<std::net::UdpSocket>;
-
-/// A UDP socket connected to `server`, from a random local port.
-fn connected(server: SocketAddr) -> std::io::Result<UpstreamSocket> {
+/// A UDP socket connected to `server`.
+async fn connected(server: SocketAddr) -> std::io::Result<UdpSocket> {
     let any: SocketAddr = if server.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let sock = Socket::new(Domain::for_address(server), Type::DGRAM.nonblocking(), None)?;
-    sock.bind(&any.into())?;
-    sock.connect(&server.into())?;
-    let sock = std::net::UdpSocket::from(sock);
-    // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same
-    // for the AsyncFd's whole life.
-    unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-}
-
-/// The next datagram (or error) on `sock`, once it has one.
-fn poll_recv(
-    sock: &UpstreamSocket,
-    cx: &mut Context<'_>,
-    buf: &mut [u8],
-) -> Poll<std::io::Result<usize>> {
-    loop {
-        let mut guard = match sock.poll_read_ready(cx) {
-            Poll::Ready(Ok(guard)) => guard,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        };
-        // WouldBlock clears the readiness and waits again.
-        if let Ok(result) = guard.try_io(|s| s.get_ref().recv(buf)) {
-            return Poll::Ready(result);
-        }
-    }
+    let sock = UdpSocket::bind(any).await?;
+    sock.connect(server).await?;
+    Ok(sock)
 }
 
 /// The next datagram (or error) on any unsettled attempt's socket, with its position.
 async fn recv_any(attempts: &[Attempt], buf: &mut [u8]) -> (usize, std::io::Result<usize>) {
     std::future::poll_fn(|cx| {
         for (i, a) in attempts.iter().enumerate().filter(|(_, a)| !a.settled) {
-            if let Poll::Ready(result) = poll_recv(&a.sock, cx, buf) {
-                return Poll::Ready((i, result));
+            let mut read = tokio::io::ReadBuf::new(&mut buf[..]);
+            if let std::task::Poll::Ready(result) = a.sock.poll_recv(cx, &mut read) {
+                let n = read.filled().len();
+                return std::task::Poll::Ready((i, result.map(|()| n)));
             }
         }
-        Poll::Pending
+        std::task::Poll::Pending
     })
     .await
 }
