@@ -45,7 +45,7 @@ fn bench(args: &[String]) {
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     assert!(privileged(), "the bench needs root, cgroup v2 and BPF");
-    let (secs, rounds) = if quick { (1, 1) } else { (3, 3) };
+    let (secs, rounds) = if quick { (1, 1) } else { (3, 5) };
     let (rows, costs) = compare(secs, rounds, quick);
     let scales: Vec<scale::Scale> = [10_000, 30_000, 50_000]
         .into_iter()
