@@ -228,42 +228,14 @@ pub struct NetnsPolicy {
 }
 
 /// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
-/// traffic from `rewritten` is reported as coming from `original`. 4-aligned, so that
-/// the data path can store it as [`SockOrig::WORDS`] words ([`SockOrig::words`]).
-#[repr(C, align(4))]
+/// traffic from `rewritten` is reported as coming from `original`.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockOrig {
     pub original: Addr,
     pub rewritten: Addr,
     pub original_port: u16,
     pub rewritten_port: u16,
-}
-
-impl SockOrig {
-    /// Its size in u32 words.
-    pub const WORDS: usize = 9;
-
-    /// Its memory as u32 words. The data path stores these one by one: the compiler
-    /// builds an [`Addr`] byte by byte and zero-fills it with a `memset` subprogram
-    /// (a BPF-to-BPF call and a byte loop), which the redirect path cannot afford.
-    #[inline(always)]
-    pub const fn words(&self) -> [u32; Self::WORDS] {
-        let o = self.original.ipv6_words();
-        let r = self.rewritten.ipv6_words();
-        let op = self.original_port.to_ne_bytes();
-        let rp = self.rewritten_port.to_ne_bytes();
-        [
-            o[0],
-            o[1],
-            o[2],
-            o[3],
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            u32::from_ne_bytes([op[0], op[1], rp[0], rp[1]]),
-        ]
-    }
 }
 
 /// Default size of `dp_vips`: every auto-allocated VIP (240.240.0.1 to 240.240.255.254)
@@ -445,28 +417,10 @@ mod tests {
     }
 
     #[test]
-    fn sock_orig_words_are_its_memory() {
-        let orig = SockOrig {
-            original: Addr::from_ipv4_be(u32::from_ne_bytes([10, 96, 0, 10])),
-            rewritten: Addr::from_octets(
-                "2001:db8::1"
-                    .parse::<std::net::Ipv6Addr>()
-                    .unwrap()
-                    .octets(),
-            ),
-            original_port: 53,
-            rewritten_port: 15053,
-        };
-        // SAFETY: SockOrig is repr(C, align(4)), 36 bytes without padding.
-        let memory: [u32; SockOrig::WORDS] = unsafe { core::mem::transmute(orig) };
-        assert_eq!(orig.words(), memory);
-    }
-
-    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<DnsServer>(), 24);
-        assert_eq!(size_of::<SockOrig>(), 4 * SockOrig::WORDS);
+        assert_eq!(size_of::<SockOrig>(), 36);
         assert_eq!(size_of::<NetnsPolicy>(), 8);
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<Backend>(), 20);

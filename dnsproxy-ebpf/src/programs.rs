@@ -297,12 +297,8 @@ fn remember(ctx: &SockAddrContext, orig: SockOrig) -> bool {
         warn!(ctx, "dnsproxy: no socket storage");
         return false;
     }
-    // Word stores: `*slot = orig` zero-fills the addresses with a memset call.
-    let words = slot.cast::<u32>();
-    for (i, word) in orig.words().into_iter().enumerate() {
-        // SAFETY: non-null pointer into this socket's storage, 4-aligned, WORDS long.
-        unsafe { ptr::write_volatile(words.add(i), word) };
-    }
+    // SAFETY: non-null pointer into this socket's storage; written whole.
+    unsafe { *slot = orig };
     true
 }
 
