@@ -185,14 +185,19 @@ fn config() -> Option<Config> {
     CONFIG.get(0).copied()
 }
 
-/// The listener slot of the socket's netns when it is captured: local mode captures
+/// The socket's network namespace (its cookie).
+#[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper accepted for cgroup sock_addr programs.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// The listener slot of netns `cookie` when it is captured: local mode captures
 /// everything in the attached cgroup, and the daemon's own netns has slot 0 (another
 /// netns gets [`MAX_LISTENER_SLOTS`], which holds no listener); node mode captures a
 /// netns whose `dp_policy` entry asks for it, with the slot written there.
 #[inline(always)]
-fn capture_slot(ctx: &SockAddrContext, cfg: &Config) -> Option<u32> {
-    // SAFETY: helper accepted for cgroup sock_addr programs.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+fn capture_slot(cookie: u64, cfg: &Config) -> Option<u32> {
     if cfg.capture_all != 0 {
         return Some(if cookie == cfg.local_netns {
             0
@@ -205,6 +210,16 @@ fn capture_slot(ctx: &SockAddrContext, cfg: &Config) -> Option<u32> {
         Some(policy) if policy.capture_dns != 0 => Some(policy.listener_slot),
         _ => None,
     }
+}
+
+/// The calling process is the daemon, forwarding upstream. Asked only in the daemon's
+/// own netns: it opens no other socket elsewhere than its per-pod listeners, which
+/// only answer, so node mode's pods skip the helper call.
+#[inline(always)]
+fn own_traffic(cookie: u64, cfg: &Config) -> bool {
+    cookie == cfg.local_netns
+        && cfg.daemon_tgid != 0
+        && (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.daemon_tgid
 }
 
 /// The daemon's listener of `slot` for `local`'s family and `protocol` is open right
@@ -311,12 +326,12 @@ fn protocol(ctx: &SockAddrContext) -> u32 {
 /// DNS to a configured server → the local listener, if one listens in this netns.
 #[inline(always)]
 fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if cfg.daemon_tgid != 0 && tgid == cfg.daemon_tgid {
+    let cookie = netns_cookie(ctx);
+    if own_traffic(cookie, cfg) {
         count(stat::OWN_TRAFFIC);
         return;
     }
-    let Some(slot) = capture_slot(ctx, cfg) else {
+    let Some(slot) = capture_slot(cookie, cfg) else {
         count(stat::NOT_CAPTURED);
         return;
     };
@@ -350,7 +365,7 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
 /// UDP. No backend → the syscall fails at once; an undeclared port → untouched.
 #[inline(always)]
 fn translate_vip(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr, port: u16) -> i32 {
-    if capture_slot(ctx, cfg).is_none() {
+    if capture_slot(netns_cookie(ctx), cfg).is_none() {
         count(stat::NOT_CAPTURED);
         return ALLOW;
     }

@@ -129,52 +129,78 @@ fn program_stats(id: u64) -> (u64, u64) {
     )
 }
 
-/// The paths measured: what the probe does, and which program's cost that shows
-/// (attach type, name).
-const PATHS: [(&str, &str, &str, &str, &str); 7] = [
-    (
+/// One measured path: what the probe does, and which program's cost that shows.
+pub(crate) struct HookPath {
+    pub(crate) name: &'static str,
+    op: &'static str,
+    addr: &'static str,
+    attach_type: &'static str,
+    program: &'static str,
+}
+
+const fn hook(
+    name: &'static str,
+    op: &'static str,
+    addr: &'static str,
+    attach_type: &'static str,
+    program: &'static str,
+) -> HookPath {
+    HookPath {
+        name,
+        op,
+        addr,
+        attach_type,
+        program,
+    }
+}
+
+const CONNECT4: &str = "cgroup_inet4_connect";
+
+/// The paths of a local-mode daemon (everything in the cgroup captured).
+pub(crate) const LOCAL_PATHS: [HookPath; 7] = [
+    hook(
         "empty program (accounting floor)",
         "connect",
         "127.0.0.1:9",
-        "cgroup_inet4_connect",
+        CONNECT4,
         EMPTY_NAME,
     ),
-    (
+    hook(
         "pass (not DNS, not a VIP)",
         "connect",
         "127.0.0.1:9",
-        "cgroup_inet4_connect",
+        CONNECT4,
         "dnsproxy_connect4",
     ),
-    (
+    hook(
         "DNS redirect (connect)",
         "connect",
         "10.96.0.10:53",
-        "cgroup_inet4_connect",
+        CONNECT4,
         "dnsproxy_connect4",
     ),
-    (
+    hook(
         "DNS redirect (connect, new socket)",
         "newconnect",
         "10.96.0.10:53",
-        "cgroup_inet4_connect",
+        CONNECT4,
         "dnsproxy_connect4",
     ),
-    (
+    hook(
         "DNS redirect (sendmsg)",
         "sendto",
         "10.96.0.10:53",
         "cgroup_udp4_sendmsg",
         "dnsproxy_sendmsg4",
     ),
-    (
+    hook(
         "VIP translate (TCP connect)",
         "tcpconnect",
         "240.240.1.1:443",
-        "cgroup_inet4_connect",
+        CONNECT4,
         "dnsproxy_connect4",
     ),
-    (
+    hook(
         "restore (recvmsg)",
         "pingpong",
         "10.96.0.10:53",
@@ -183,29 +209,55 @@ const PATHS: [(&str, &str, &str, &str, &str); 7] = [
     ),
 ];
 
-/// Runs every path `runs` times from `probe` (a command in the captured cgroup that
-/// takes `probe OP ADDR N`).
-pub(crate) fn measure(cgroup: &Path, probe: &dyn Fn() -> Command, runs: u64) -> Vec<PathCost> {
+/// The DNS redirect of a node-mode daemon, from a captured pod: the DaemonSet's case,
+/// where the pod's netns is looked up in `dp_policy`.
+pub(crate) const NODE_PATHS: [HookPath; 2] = [
+    hook(
+        "DNS redirect (connect, node-mode pod)",
+        "connect",
+        "10.96.0.10:53",
+        CONNECT4,
+        "dnsproxy_connect4",
+    ),
+    hook(
+        "DNS redirect (sendmsg, node-mode pod)",
+        "sendto",
+        "10.96.0.10:53",
+        "cgroup_udp4_sendmsg",
+        "dnsproxy_sendmsg4",
+    ),
+];
+
+/// Runs every one of `paths` `runs` times from `probe` (a command in a captured cgroup
+/// below `cgroup`, where the programs are attached, that takes `probe OP ADDR N`).
+pub(crate) fn measure(
+    cgroup: &Path,
+    probe: &dyn Fn() -> Command,
+    runs: u64,
+    paths: &[HookPath],
+) -> Vec<PathCost> {
     let _stats = StatsOn::new();
     let _empty = EmptyProgram::attach(cgroup).expect("load and attach an empty program");
-    PATHS
+    paths
         .iter()
-        .map(|(path, op, addr, attach, name)| {
-            let id = program_id(cgroup, attach, name);
+        .map(|p| {
+            let id = program_id(cgroup, p.attach_type, p.program);
             let (t0, c0) = program_stats(id);
             let mut cmd = probe();
-            cmd.args(["probe", op, addr, &runs.to_string()]);
+            cmd.args(["probe", p.op, p.addr, &runs.to_string()]);
             let out = run_with_timeout(&mut cmd, Duration::from_mins(1));
             assert!(
                 out.status.success(),
-                "probe {op} {addr}: {}",
+                "probe {} {}: {}",
+                p.op,
+                p.addr,
                 String::from_utf8_lossy(&out.stderr)
             );
             let (t1, c1) = program_stats(id);
             let n = (c1 - c0).max(1);
             PathCost {
-                path,
-                program: attach,
+                path: p.name,
+                program: p.attach_type,
                 runs: c1 - c0,
                 ns_per_run: (t1 - t0) as f64 / n as f64,
             }

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use dnsproxy_e2e::{Daemon, TestEnv, privileged};
+use dnsproxy_e2e::{Daemon, NodeEnv, TestEnv, privileged};
 
 mod dnsperf;
 mod ebpf;
@@ -140,12 +140,11 @@ fn compare(
         cmd.arg(std::env::current_exe().expect("own path"));
         cmd
     };
-    let costs = ebpf::measure(
-        &env.cgroup.path,
-        &probe,
-        if quick { 20_000 } else { 200_000 },
-    );
+    let runs = if quick { 20_000 } else { 200_000 };
+    let mut costs = ebpf::measure(&env.cgroup.path, &probe, runs, &ebpf::LOCAL_PATHS);
     drop(daemon);
+    eprintln!("bench: eBPF programs, node mode ...");
+    costs.extend(node_costs(runs));
     eprintln!("bench: forwarding without a cache ...");
     let cold = start_daemon(&env, &["--cache-size", "0"]);
     rows.push((
@@ -153,6 +152,24 @@ fn compare(
         dnsperf::measure(&uncaptured, direct, &forwarded, cold.pid(), secs),
     ));
     (rows, costs)
+}
+
+/// The node-mode DNS redirect's cost: a node-mode daemon (fake API server) and one
+/// captured pod, whose process runs the probe.
+fn node_costs(runs: u64) -> Vec<ebpf::PathCost> {
+    let mut env = NodeEnv::new(&[("bench", Some("enabled"))]);
+    let pod = env.add_pod("probe", "bench", &[]);
+    let _daemon = env.start_daemon(&[]);
+    let pod = &env.pods[pod];
+    let probe = || {
+        let mut cmd = pod.netns.command(dnsproxy_e2e::dnsproxy_bin());
+        cmd.args(["exec", "--cgroup"])
+            .arg(&pod.cgroup.path)
+            .arg("--")
+            .arg(std::env::current_exe().expect("own path"));
+        cmd
+    };
+    ebpf::measure(&env.root.path, &probe, runs, &ebpf::NODE_PATHS)
 }
 
 /// A helper server's address for dnsperf.
