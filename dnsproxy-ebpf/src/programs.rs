@@ -213,8 +213,8 @@ fn capture_slot(cookie: u64, cfg: &Config) -> Option<u32> {
 }
 
 /// The calling process is the daemon, forwarding upstream. Asked only in the daemon's
-/// own netns: it opens no other socket elsewhere than its per-pod listeners, which
-/// only answer, so node mode's pods skip the helper call.
+/// own netns: elsewhere it has only its per-pod listeners, which answer and never
+/// send to a DNS server, so node mode's pods skip the helper call.
 #[inline(always)]
 fn own_traffic(cookie: u64, cfg: &Config) -> bool {
     cookie == cfg.local_netns
