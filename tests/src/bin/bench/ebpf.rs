@@ -237,7 +237,10 @@ pub(crate) fn measure(
     paths: &[HookPath],
 ) -> Vec<PathCost> {
     let _stats = StatsOn::new();
-    let _empty = EmptyProgram::attach(cgroup).expect("load and attach an empty program");
+    let _empty = paths
+        .iter()
+        .any(|p| p.program == EMPTY_NAME)
+        .then(|| EmptyProgram::attach(cgroup).expect("load and attach an empty program"));
     paths
         .iter()
         .map(|p| {
