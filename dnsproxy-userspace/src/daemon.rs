@@ -34,15 +34,14 @@ use crate::{
     cli::{Mode, RunArgs, Switch},
     cluster,
     dns::{
-        cache::{self, Cache},
+        cache,
+        client::ClientContext,
         forwarder::Forwarder,
-        handler::Handler,
-        inflight::{self, InFlight},
-        local::ClientContext,
+        handler::{self, Handler},
+        inflight,
         metrics::Metrics,
         server::{self, Listeners, Shared, StdListeners},
         tcp,
-        upstream::UpstreamPath,
         workers::UdpWorkers,
     },
     handoff::{self, Inventory, PodSockets, Sockets, Start, Taken},
@@ -187,6 +186,30 @@ impl Settings {
             adopt: self.node(),
             max_vips: self.args.max_vips,
             max_vip_services: self.args.max_vip_services,
+        }
+    }
+
+    fn handler_settings(&self) -> handler::Settings {
+        let a = &self.args;
+        let upstream_timeout = Duration::from_millis(a.upstream_timeout_ms);
+        handler::Settings {
+            upstreams: self.upstreams.clone(),
+            upstream_timeout,
+            upstream_parallel: a.upstream_parallel,
+            cache: cache::Limits {
+                bytes: a.cache_bytes,
+                entries: a.cache_size,
+                max_ttl: a.max_ttl,
+                serve_stale: a.serve_stale,
+            },
+            inflight: inflight::Limits {
+                total: a.max_inflight,
+                per_client: a.max_inflight_per_client,
+            },
+            ttl: a.ttl,
+            // A fresh VIP's first answer waits for its translation as long as a
+            // forwarded question may take.
+            vip_wait: upstream_timeout,
         }
     }
 
@@ -422,35 +445,12 @@ impl Daemon {
             &mut metrics_registry,
             settings.node(),
         ));
-        let forwarder = Arc::new(Forwarder::new(
-            settings.upstreams.clone(),
-            Duration::from_millis(args.upstream_timeout_ms),
-            args.upstream_parallel,
-            Arc::clone(&metrics),
-        ));
-        let cache = Cache::new(cache::Limits {
-            bytes: args.cache_bytes,
-            entries: args.cache_size,
-            max_ttl: args.max_ttl,
-            serve_stale: args.serve_stale,
-        });
-        let inflight = InFlight::new(inflight::Limits {
-            total: args.max_inflight,
-            per_client: args.max_inflight_per_client,
-        });
-        let upstream = UpstreamPath::new(
-            Arc::clone(&forwarder),
-            cache,
-            inflight,
-            Arc::clone(&metrics),
-        );
         let handler = Arc::new(Handler::new(
+            settings.handler_settings(),
             Arc::clone(&registry),
-            upstream,
-            args.ttl,
-            Duration::from_millis(args.upstream_timeout_ms),
             Arc::clone(&metrics),
         ));
+        let forwarder = Arc::clone(handler.forwarder());
         let tcp = tcp::Connections::new(
             tcp::Limits {
                 total: args.max_tcp_connections,

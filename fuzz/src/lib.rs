@@ -9,14 +9,12 @@ use std::{
 use dnsproxy::{
     dns::{
         Protocol,
-        cache::{self, Cache},
+        cache,
+        client::ClientContext,
         fast,
-        forwarder::Forwarder,
-        handler::Handler,
-        inflight::{self, InFlight},
-        local::ClientContext,
+        handler::{Handler, Settings},
+        inflight,
         metrics::Metrics,
-        upstream::UpstreamPath,
     },
     name::normalize_name,
     registry::{
@@ -78,32 +76,25 @@ pub fn fixture() -> &'static Fixture {
             &mut prometheus_client::registry::Registry::default(),
             false,
         ));
-        // A short timeout: a reply the forwarder rejects costs this much per input.
-        let forwarder = Forwarder::new(
-            vec![upstream],
-            Duration::from_millis(2),
-            false,
-            Arc::clone(&metrics),
-        );
-        let cache = Cache::new(cache::Limits {
-            bytes: 1 << 20,
-            entries: 1000,
-            max_ttl: 86_400,
-            serve_stale: true,
-        });
-        let inflight = InFlight::new(inflight::Limits {
-            total: 64,
-            per_client: 64,
-        });
-        let upstream =
-            UpstreamPath::new(Arc::new(forwarder), cache, inflight, Arc::clone(&metrics));
-        let handler = Handler::new(
-            Arc::clone(&registry),
-            upstream,
-            30,
-            Duration::from_millis(5),
-            metrics,
-        );
+        let settings = Settings {
+            upstreams: vec![upstream],
+            // A short timeout: a reply the forwarder rejects costs this much per input.
+            upstream_timeout: Duration::from_millis(2),
+            upstream_parallel: false,
+            cache: cache::Limits {
+                bytes: 1 << 20,
+                entries: 1000,
+                max_ttl: 86_400,
+                serve_stale: true,
+            },
+            inflight: inflight::Limits {
+                total: 64,
+                per_client: 64,
+            },
+            ttl: 30,
+            vip_wait: Duration::from_millis(5),
+        };
+        let handler = Handler::new(settings, Arc::clone(&registry), metrics);
         Fixture {
             runtime,
             handler,

@@ -40,7 +40,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bpf::{self, BpfError, pinned},
     dns::{
-        local::ClientContext,
+        client::ClientContext,
         server::{Listeners, Shared, SharedContext, StdListeners},
     },
     handoff::{Inventory, PodSockets},

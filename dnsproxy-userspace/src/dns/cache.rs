@@ -21,19 +21,11 @@ use std::{
 
 use hickory_proto::{
     op::{Message, ResponseCode},
-    rr::{DNSClass, RData, Record, RecordType, rdata::opt::EdnsOption},
+    rr::{RData, Record, rdata::opt::EdnsOption},
 };
 use quick_cache::{Lifecycle, Weighter};
 
-/// Cache key: lower-case name, type, class, and the DNSSEC bits that change the answer.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub name: String,
-    pub qtype: RecordType,
-    pub qclass: DNSClass,
-    /// RD, DO, CD and the end-to-end EDNS options as the client set them.
-    pub relay: super::upstream::Relay,
-}
+use super::question::Question;
 
 /// What the cache keeps of an answer.
 #[derive(Clone, Debug)]
@@ -153,8 +145,8 @@ struct Entry {
 #[derive(Clone)]
 struct ByWeight;
 
-impl Weighter<Key, Arc<Entry>> for ByWeight {
-    fn weight(&self, _key: &Key, entry: &Arc<Entry>) -> u64 {
+impl Weighter<Question, Arc<Entry>> for ByWeight {
+    fn weight(&self, _key: &Question, entry: &Arc<Entry>) -> u64 {
         entry.weight
     }
 }
@@ -163,15 +155,16 @@ impl Weighter<Key, Arc<Entry>> for ByWeight {
 #[derive(Clone, Default)]
 struct CountEvictions(Arc<AtomicU64>);
 
-impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
+impl Lifecycle<Question, Arc<Entry>> for CountEvictions {
     type RequestState = ();
 
-    fn on_evict(&self, _state: &mut (), _key: Key, _entry: Arc<Entry>) {
+    fn on_evict(&self, _state: &mut (), _key: Question, _entry: Arc<Entry>) {
         self.0.fetch_add(1, Relaxed);
     }
 }
 
-type Entries = quick_cache::sync::Cache<Key, Arc<Entry>, ByWeight, RandomState, CountEvictions>;
+type Entries =
+    quick_cache::sync::Cache<Question, Arc<Entry>, ByWeight, RandomState, CountEvictions>;
 
 /// How the cache is bounded.
 #[derive(Clone, Copy, Debug)]
@@ -273,7 +266,7 @@ impl Cache {
 
     /// The cached answer for `key`, TTLs reduced by its age; an expired entry is gone
     /// (or, with serve-stale, left for [`Cache::stale`]).
-    pub fn get(&self, key: &Key, now: Instant) -> Option<CachedAnswer> {
+    pub fn get(&self, key: &Question, now: Instant) -> Option<CachedAnswer> {
         let entries = self.entries.as_ref()?;
         let entry = entries.get(key)?;
         if entry.expires <= now {
@@ -292,7 +285,7 @@ impl Cache {
 
     /// An expired answer for `key`, every TTL [`STALE_TTL`]: for when every upstream
     /// fails and serve-stale is on.
-    pub fn stale(&self, key: &Key, now: Instant) -> Option<CachedAnswer> {
+    pub fn stale(&self, key: &Question, now: Instant) -> Option<CachedAnswer> {
         if !self.limits.serve_stale {
             return None;
         }
@@ -305,7 +298,7 @@ impl Cache {
     }
 
     /// Stores `msg` under `key` if it is cacheable.
-    pub fn insert(&self, key: Key, msg: &Message, now: Instant) {
+    pub fn insert(&self, key: Question, msg: &Message, now: Instant) {
         let Some(entries) = &self.entries else {
             return;
         };
@@ -335,13 +328,14 @@ mod tests {
     };
 
     use super::*;
+    use hickory_proto::rr::{DNSClass, RecordType};
 
-    fn key(n: &str) -> Key {
-        Key {
+    fn key(n: &str) -> Question {
+        Question {
             name: n.into(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
-            relay: crate::dns::upstream::Relay::RECURSIVE,
+            relay: crate::dns::question::Relay::RECURSIVE,
         }
     }
 

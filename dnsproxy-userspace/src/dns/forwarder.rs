@@ -20,7 +20,7 @@ use super::{
     EDNS_PAYLOAD,
     framing::{read_frame, write_frame},
     metrics::Metrics,
-    upstream::Relay,
+    question::Relay,
 };
 
 /// Why forwarding failed.

@@ -17,11 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hickory_proto::{
-    op::Message,
-    rr::{DNSClass, RecordType},
-};
+use hickory_proto::op::Message;
 use tokio::sync::watch;
+
+use super::question::Question;
 
 /// How long a failed question is answered SERVFAIL from memory (RFC 9520 §3.2: at
 /// least 1 s).
@@ -33,17 +32,6 @@ pub const FOLLOWERS_PER_SLOT: usize = 8;
 /// Most remembered failures; past it, expired ones are dropped first and new ones are
 /// not remembered (the bound on in-flight work bounds how fast failures arrive anyway).
 const MAX_FAILURES: usize = 10_000;
-
-/// What makes two questions the same upstream work.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Question {
-    /// Normalised name.
-    pub name: String,
-    pub qtype: RecordType,
-    pub qclass: DNSClass,
-    /// The client's RD, DO and CD bits and end-to-end EDNS options.
-    pub relay: super::upstream::Relay,
-}
 
 /// The outcome a leader shares with the questions merged into it: the upstream's
 /// answer, or `None` when every upstream failed.
@@ -219,7 +207,10 @@ impl Drop for Follower {
 
 #[cfg(test)]
 mod tests {
-    use hickory_proto::op::{MessageType, OpCode};
+    use hickory_proto::{
+        op::{MessageType, OpCode},
+        rr::{DNSClass, RecordType},
+    };
 
     use super::*;
 
@@ -228,7 +219,7 @@ mod tests {
             name: name.to_owned(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
-            relay: crate::dns::upstream::Relay::RECURSIVE,
+            relay: crate::dns::question::Relay::RECURSIVE,
         }
     }
 

@@ -2,12 +2,12 @@
 //! ANY (its addresses, RFC 8482), NODATA for every other type of a name the table owns,
 //! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`. Names the
 //! table does not know, and SRV of Kubernetes Services, are left to upstream.
-use std::{collections::HashSet, sync::Arc};
+use std::collections::HashSet;
 
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
 use rand::seq::SliceRandom as _;
 
-use super::metrics::PodRequests;
+use super::client::ClientContext;
 use crate::{
     name::{fqdn, normalize_name, reverse_ip},
     registry::{
@@ -27,41 +27,6 @@ pub struct LocalAnswer {
     pub soa: Option<Record>,
     /// An alias target the table does not know: resolve it upstream and append.
     pub chase: Option<Name>,
-}
-
-/// Who asks: the client's namespace decides short names and search domains; per-pod
-/// settings (node mode) decide auto-allocated VIPs and per-query logs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientContext {
-    pub namespace: String,
-    /// Search domains beyond the Kubernetes ones.
-    pub extra_search: Vec<String>,
-    /// Answer hosts whose only addresses are auto-allocated VIPs (else forward them).
-    pub auto_allocate: bool,
-    /// Log every query of this client at info level (`dns:debug` for one pod).
-    pub debug_log: bool,
-    /// `namespace/name` of the pod, for logs (node mode).
-    pub pod: Option<String>,
-    /// Who shares a bound on upstream work: the pod in node mode, everyone in local
-    /// mode.
-    pub client: Arc<str>,
-    /// The pod's `dns_requests_total` series (node mode).
-    pub requests: Option<Arc<PodRequests>>,
-}
-
-impl ClientContext {
-    /// A client of local mode.
-    pub fn local(namespace: &str, extra_search: Vec<String>) -> Self {
-        ClientContext {
-            namespace: namespace.to_owned(),
-            extra_search,
-            auto_allocate: true,
-            debug_log: false,
-            pod: None,
-            client: Arc::from("local"),
-            requests: None,
-        }
-    }
 }
 
 fn soa(owner: &Name, ttl: u32) -> Record {

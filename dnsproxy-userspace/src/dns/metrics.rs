@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{Protocol, tcp::Reason};
+use super::Protocol;
 
 /// Query types counted by name; everything else is `other`.
 const TYPES: [&str; 9] = [
@@ -102,6 +102,47 @@ fn request_labels(i: usize) -> Labels {
     ]
 }
 
+/// Why a connection was refused or closed, as `/metrics` labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpReason {
+    /// Refused: `--max-tcp-connections` reached, nothing quiet to close.
+    Total,
+    /// Refused: the client's bound reached, nothing of its own quiet to close.
+    PerClient,
+    /// Closed to make room for a new connection.
+    Evicted,
+    Idle,
+    ReadTimeout,
+    WriteTimeout,
+    MaxQueries,
+    ZeroLength,
+}
+
+impl TcpReason {
+    pub const REFUSED: [TcpReason; 2] = [TcpReason::Total, TcpReason::PerClient];
+    pub const CLOSED: [TcpReason; 6] = [
+        TcpReason::Evicted,
+        TcpReason::Idle,
+        TcpReason::ReadTimeout,
+        TcpReason::WriteTimeout,
+        TcpReason::MaxQueries,
+        TcpReason::ZeroLength,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TcpReason::Total => "total",
+            TcpReason::PerClient => "per_client",
+            TcpReason::Evicted => "evicted",
+            TcpReason::Idle => "idle",
+            TcpReason::ReadTimeout => "read_timeout",
+            TcpReason::WriteTimeout => "write_timeout",
+            TcpReason::MaxQueries => "max_queries",
+            TcpReason::ZeroLength => "zero_length",
+        }
+    }
+}
+
 /// One pod's `dns_requests_total` series (node mode): each made on first use, so the
 /// output holds only what a pod asked; all removed when the pod's listener goes, so
 /// the series stay bounded by the pods on the node.
@@ -176,7 +217,7 @@ pub struct Metrics {
     merged: Counter,
     failure_cache_hits: Counter,
     fast_resets: Counter,
-    /// By [`Reason::REFUSED`] / [`Reason::CLOSED`] position.
+    /// By [`TcpReason::REFUSED`] / [`TcpReason::CLOSED`] position.
     tcp_refused: Vec<Counter>,
     tcp_closed: Vec<Counter>,
 }
@@ -211,13 +252,13 @@ impl Metrics {
                 registry,
                 "dns_tcp_connections_refused",
                 "TCP connections refused at a bound (nothing quiet to close).",
-                &Reason::REFUSED,
+                &TcpReason::REFUSED,
             ),
             tcp_closed: by_reason(
                 registry,
                 "dns_tcp_connections_closed",
                 "TCP connections closed by the daemon: to make room, or by a timeout or cap.",
-                &Reason::CLOSED,
+                &TcpReason::CLOSED,
             ),
         };
         let counters = [
@@ -300,15 +341,15 @@ impl Metrics {
     }
 
     /// Counts a TCP connection refused at a bound.
-    pub fn tcp_refused(&self, reason: Reason) {
-        if let Some(i) = Reason::REFUSED.iter().position(|r| *r == reason) {
+    pub fn tcp_refused(&self, reason: TcpReason) {
+        if let Some(i) = TcpReason::REFUSED.iter().position(|r| *r == reason) {
             self.tcp_refused[i].inc();
         }
     }
 
     /// Counts a TCP connection the daemon closed.
-    pub fn tcp_closed(&self, reason: Reason) {
-        if let Some(i) = Reason::CLOSED.iter().position(|r| *r == reason) {
+    pub fn tcp_closed(&self, reason: TcpReason) {
+        if let Some(i) = TcpReason::CLOSED.iter().position(|r| *r == reason) {
             self.tcp_closed[i].inc();
         }
     }
@@ -333,7 +374,12 @@ impl Metrics {
 }
 
 /// A counter family labelled `reason`, one series per reason, in `reasons` order.
-fn by_reason(registry: &mut Registry, name: &str, help: &str, reasons: &[Reason]) -> Vec<Counter> {
+fn by_reason(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    reasons: &[TcpReason],
+) -> Vec<Counter> {
     let family = Family::<Labels, Counter>::default();
     let series = reasons
         .iter()

@@ -1,9 +1,21 @@
-//! The DNS server: `server` (sockets and their tasks), `handler` (one query → one
-//! answer), `local` (answers from the name table), `cache` and `forwarder` (upstream),
-//! `framing` (DNS over TCP), `metrics` (counters for /metrics). The protocol facts that
-//! several of them share live here.
+//! The DNS server, as a request path of layers that only look down (checked by the
+//! `layers` test):
+//!
+//! * transports: `server` (sockets and their tasks), `workers` (per-core UDP loops),
+//!   `batch` (batched UDP I/O), `tcp` (DNS over TCP connections) — they call the
+//!   handler and the fast path and are never called back;
+//! * `handler`: one query in, one answer out — admission (FORMERR, NOTIMP, BADVERS),
+//!   then the name table (`local`), then the upstream path;
+//! * `upstream`: the cache (`cache`), the in-flight bounds and merging (`inflight`),
+//!   then the forwarder (`forwarder`); `fast` keeps encoded table and cache answers
+//!   for the UDP loops;
+//! * at the bottom, what every layer names: `client` (who asks), `question` (what is
+//!   asked upstream), `metrics`, `framing`.
+//!
+//! The protocol facts that several of them share live here.
 pub mod batch;
 pub mod cache;
+pub mod client;
 pub mod fast;
 pub mod forwarder;
 pub mod framing;
@@ -11,11 +23,14 @@ pub mod handler;
 pub mod inflight;
 pub mod local;
 pub mod metrics;
+pub mod question;
 pub mod server;
 pub mod tcp;
 pub mod upstream;
 pub mod workers;
 
+#[cfg(test)]
+mod layers;
 #[cfg(test)]
 pub(crate) mod testing;
 

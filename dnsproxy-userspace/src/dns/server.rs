@@ -30,9 +30,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::handoff::Sockets;
 
 use super::{
-    Protocol, batch, fast,
+    Protocol, batch,
+    client::ClientContext,
+    fast,
     handler::{Handler, Keep},
-    local::ClientContext,
     tcp,
     workers::UdpWorkers,
 };

@@ -24,7 +24,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Protocol, framing::write_frame, handler::Handler, local::ClientContext, metrics::Metrics,
+    Protocol,
+    client::ClientContext,
+    framing::write_frame,
+    handler::Handler,
+    metrics::{Metrics, TcpReason},
 };
 
 /// Queries of one connection being answered at once.
@@ -46,47 +50,6 @@ pub struct Limits {
     pub write: Duration,
     /// Queries one connection may send; then it is closed after the answers.
     pub max_queries: u32,
-}
-
-/// Why a connection was refused or closed, as `/metrics` labels it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// Refused: `--max-tcp-connections` reached, nothing quiet to close.
-    Total,
-    /// Refused: the client's bound reached, nothing of its own quiet to close.
-    PerClient,
-    /// Closed to make room for a new connection.
-    Evicted,
-    Idle,
-    ReadTimeout,
-    WriteTimeout,
-    MaxQueries,
-    ZeroLength,
-}
-
-impl Reason {
-    pub const REFUSED: [Reason; 2] = [Reason::Total, Reason::PerClient];
-    pub const CLOSED: [Reason; 6] = [
-        Reason::Evicted,
-        Reason::Idle,
-        Reason::ReadTimeout,
-        Reason::WriteTimeout,
-        Reason::MaxQueries,
-        Reason::ZeroLength,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::Total => "total",
-            Reason::PerClient => "per_client",
-            Reason::Evicted => "evicted",
-            Reason::Idle => "idle",
-            Reason::ReadTimeout => "read_timeout",
-            Reason::WriteTimeout => "write_timeout",
-            Reason::MaxQueries => "max_queries",
-            Reason::ZeroLength => "zero_length",
-        }
-    }
 }
 
 struct Entry {
@@ -146,16 +109,16 @@ impl Connections {
         let (next_id, entries) = &mut *state;
         let mine = entries.values().filter(|e| e.client == *client).count();
         let full = if mine >= self.limits.per_client {
-            Some(Reason::PerClient)
+            Some(TcpReason::PerClient)
         } else if entries.len() >= self.limits.total {
-            Some(Reason::Total)
+            Some(TcpReason::Total)
         } else {
             None
         };
         if let Some(reason) = full {
             let quietest = entries
                 .iter()
-                .filter(|(_, e)| reason == Reason::Total || e.client == *client)
+                .filter(|(_, e)| reason == TcpReason::Total || e.client == *client)
                 .filter(|(_, e)| now.duration_since(e.last_active) >= EVICTABLE_AFTER)
                 .min_by_key(|(_, e)| e.last_active)
                 .map(|(id, _)| *id);
@@ -165,7 +128,7 @@ impl Connections {
             };
             if let Some(e) = entries.remove(&victim) {
                 e.close.cancel();
-                self.metrics.tcp_closed(Reason::Evicted);
+                self.metrics.tcp_closed(TcpReason::Evicted);
             }
         }
         *next_id += 1;
@@ -201,7 +164,7 @@ impl Drop for Registration {
 /// A frame being read: the read half travels with the future, so that a frame half
 /// read is never dropped when another branch of the loop wins.
 type PendingRead = std::pin::Pin<
-    Box<dyn Future<Output = (OwnedReadHalf, Result<Vec<u8>, Option<Reason>>)> + Send>,
+    Box<dyn Future<Output = (OwnedReadHalf, Result<Vec<u8>, Option<TcpReason>>)> + Send>,
 >;
 
 /// Serves one connection until it closes, is closed by a bound or a timeout, or
@@ -222,7 +185,7 @@ pub async fn serve(
     let mut answering: JoinSet<Option<Vec<u8>>> = JoinSet::new();
     let (mut queries, mut last_active) = (0u32, Instant::now());
     // Why reading stopped (`None`: the client closed, or the listener is stopping).
-    let mut stopped: Option<Option<Reason>> = None;
+    let mut stopped: Option<Option<TcpReason>> = None;
     let closed = loop {
         if let Some(reason) = stopped
             && answering.is_empty()
@@ -253,7 +216,7 @@ pub async fn serve(
                         let (handler, ctx) = (Arc::clone(&handler), Arc::clone(&ctx));
                         answering.spawn(async move { handler.handle(&query, Protocol::Tcp, client, &ctx).await });
                         if queries >= limits.max_queries {
-                            stopped = Some(Some(Reason::MaxQueries));
+                            stopped = Some(Some(TcpReason::MaxQueries));
                         }
                     }
                     Err(reason) => stopped = Some(reason),
@@ -267,11 +230,11 @@ pub async fn serve(
                         registration.connections.touch(registration.id, last_active);
                     }
                     Ok(Err(_)) => break None,
-                    Err(_) => break Some(Reason::WriteTimeout),
+                    Err(_) => break Some(TcpReason::WriteTimeout),
                 }
             }
             () = tokio::time::sleep_until((last_active + limits.idle).into()), if answering.is_empty() => {
-                break Some(Reason::Idle);
+                break Some(TcpReason::Idle);
             }
         }
     };
@@ -287,7 +250,7 @@ pub async fn serve(
 async fn read_frame(
     mut reader: OwnedReadHalf,
     read_timeout: Duration,
-) -> (OwnedReadHalf, Result<Vec<u8>, Option<Reason>>) {
+) -> (OwnedReadHalf, Result<Vec<u8>, Option<TcpReason>>) {
     let mut len = [0u8; 2];
     let result = match reader.read(&mut len[..1]).await {
         Ok(0) | Err(_) => Err(None),
@@ -298,12 +261,12 @@ async fn read_frame(
             Ok::<_, std::io::Error>(query)
         })
         .await
-        .map_err(|_| Some(Reason::ReadTimeout))
+        .map_err(|_| Some(TcpReason::ReadTimeout))
         .and_then(|read| read.map_err(|_| None))
         // RFC 7766 §8 leaves a zero-length frame undefined; it is closed here.
         .and_then(|query| {
             if query.is_empty() {
-                Err(Some(Reason::ZeroLength))
+                Err(Some(TcpReason::ZeroLength))
             } else {
                 Ok(query)
             }

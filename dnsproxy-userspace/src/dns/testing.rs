@@ -2,8 +2,11 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use super::{
-    cache::Cache, forwarder::Forwarder, handler::Handler, inflight::InFlight, local::ClientContext,
-    metrics::Metrics, upstream::UpstreamPath,
+    cache,
+    client::ClientContext,
+    handler::{Handler, Settings},
+    inflight,
+    metrics::Metrics,
 };
 use crate::registry::{
     Registry, TableConfig,
@@ -73,7 +76,7 @@ pub(crate) fn ctx() -> ClientContext {
 }
 
 pub(crate) fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
-    let limits = crate::dns::inflight::Limits {
+    let limits = inflight::Limits {
         total: 100,
         per_client: 100,
     };
@@ -83,7 +86,7 @@ pub(crate) fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handle
 pub(crate) fn handler_with_limits(
     upstreams: Vec<SocketAddr>,
     parallel: bool,
-    limits: crate::dns::inflight::Limits,
+    limits: inflight::Limits,
     serve_stale: bool,
 ) -> Handler {
     let mut objects = Objects::default();
@@ -105,25 +108,19 @@ pub(crate) fn handler_with_limits(
         &mut prometheus_client::registry::Registry::default(),
         false,
     ));
-    let forwarder = Forwarder::new(
+    let settings = Settings {
         upstreams,
-        Duration::from_millis(300),
-        parallel,
-        Arc::clone(&metrics),
-    );
-    let cache = Cache::new(crate::dns::cache::Limits {
-        bytes: 1 << 20,
-        entries: 100,
-        max_ttl: 86_400,
-        serve_stale,
-    });
-    let inflight = InFlight::new(limits);
-    let upstream = UpstreamPath::new(Arc::new(forwarder), cache, inflight, Arc::clone(&metrics));
-    Handler::new(
-        Arc::new(registry),
-        upstream,
-        30,
-        Duration::from_millis(300),
-        metrics,
-    )
+        upstream_timeout: Duration::from_millis(300),
+        upstream_parallel: parallel,
+        cache: cache::Limits {
+            bytes: 1 << 20,
+            entries: 100,
+            max_ttl: 86_400,
+            serve_stale,
+        },
+        inflight: limits,
+        ttl: 30,
+        vip_wait: Duration::from_millis(300),
+    };
+    Handler::new(settings, Arc::new(registry), metrics)
 }

@@ -3,18 +3,15 @@
 //! forwarder; when every upstream fails, a stale answer if serve-stale is on.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use hickory_proto::{
-    op::{Message, Query},
-    rr::rdata::opt::EdnsOption,
-};
+use hickory_proto::op::{Message, Query};
 
 use super::{
-    cache::{Cache, CachedAnswer, Key},
+    cache::{Cache, CachedAnswer},
     forwarder::Forwarder,
-    inflight::{Admission, InFlight, Question},
+    inflight::{Admission, InFlight},
     metrics::Metrics,
+    question::{Question, Relay},
 };
-use crate::name::normalize_name;
 
 /// Where an upstream answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,41 +41,6 @@ pub enum Refusal {
     Failed,
 }
 
-/// The client's flags, relayed upstream as it set them: each makes its question
-/// different upstream work (and a different answer to cache).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Bits {
-    pub recursion_desired: bool,
-    pub dnssec_ok: bool,
-    pub checking_disabled: bool,
-}
-
-impl Bits {
-    /// What the daemon asks for itself (backend resolution): recursion, no DNSSEC.
-    pub const RECURSIVE: Bits = Bits {
-        recursion_desired: true,
-        dnssec_ok: false,
-        checking_disabled: false,
-    };
-}
-
-/// What is relayed upstream with a question: the client's flags and its end-to-end
-/// EDNS options (Client Subnet and others; never the hop-by-hop COOKIE, TCP keepalive,
-/// padding, NSID). Both change the answer, so both key the cache and the merging.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Relay {
-    pub bits: Bits,
-    pub options: Vec<EdnsOption>,
-}
-
-impl Relay {
-    /// What the daemon asks for itself: recursion, no DNSSEC, no options.
-    pub const RECURSIVE: Relay = Relay {
-        bits: Bits::RECURSIVE,
-        options: Vec::new(),
-    };
-}
-
 /// The cache, the in-flight bookkeeping and the forwarder, composed.
 pub struct UpstreamPath {
     forwarder: Arc<Forwarder>,
@@ -102,6 +64,11 @@ impl UpstreamPath {
         }
     }
 
+    /// The forwarder behind the cache and the bounds.
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
+    }
+
     /// The cache of upstream answers.
     pub fn cache(&self) -> &Cache {
         &self.cache
@@ -115,7 +82,9 @@ impl UpstreamPath {
     /// The cached answer to `question`, if there is one (counted as a hit; a miss is
     /// counted by [`UpstreamPath::answer`], which the caller goes on to).
     pub fn cached(&self, question: &Query, relay: &Relay) -> Option<Upstream> {
-        let hit = self.cache.get(&key_of(question, relay), Instant::now())?;
+        let hit = self
+            .cache
+            .get(&Question::of(question, relay), Instant::now())?;
         self.metrics.cache_hit();
         Some(Upstream {
             answer: hit,
@@ -130,7 +99,7 @@ impl UpstreamPath {
         relay: &Relay,
         client: &Arc<str>,
     ) -> Result<Upstream, Refusal> {
-        let key = key_of(question, relay);
+        let key = Question::of(question, relay);
         if let Some(hit) = self.cache.get(&key, Instant::now()) {
             self.metrics.cache_hit();
             return Ok(Upstream {
@@ -155,16 +124,10 @@ impl UpstreamPath {
     async fn ask(
         &self,
         question: &Query,
-        key: &Key,
+        key: &Question,
         client: &Arc<str>,
     ) -> Result<Upstream, Refusal> {
-        let work = Question {
-            name: key.name.clone(),
-            qtype: key.qtype,
-            qclass: key.qclass,
-            relay: key.relay.clone(),
-        };
-        let lead = match self.inflight.admit(work, client, Instant::now()) {
+        let lead = match self.inflight.admit(key.clone(), client, Instant::now()) {
             Admission::Lead(lead) => lead,
             Admission::Follow(follower) => {
                 self.metrics.merged();
@@ -198,15 +161,5 @@ impl UpstreamPath {
         let mut answer = CachedAnswer::from(reply);
         answer.clamp_ttls(self.cache.max_ttl());
         Upstream { answer, source }
-    }
-}
-
-/// The cache key of a question relayed with `relay`.
-fn key_of(question: &Query, relay: &Relay) -> Key {
-    Key {
-        name: normalize_name(question.name()),
-        qtype: question.query_type(),
-        qclass: question.query_class(),
-        relay: relay.clone(),
     }
 }

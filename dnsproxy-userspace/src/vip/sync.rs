@@ -25,7 +25,7 @@ use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
     dns::{
         forwarder::{ForwardError, Forwarder},
-        upstream::Relay,
+        question::Relay,
     },
     registry::{Registry, table::VipService},
 };

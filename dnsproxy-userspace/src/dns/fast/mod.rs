@@ -18,7 +18,7 @@ use std::{
 
 use rand::Rng as _;
 
-use super::local::ClientContext;
+use super::client::ClientContext;
 
 /// Largest reply kept: it fits every client's UDP limit (RFC 1035's 512).
 pub const MAX_KEPT: usize = 512;

@@ -14,9 +14,13 @@ use hickory_proto::{
 use super::{
     EDNS_PAYLOAD, MIN_UDP_PAYLOAD, Protocol,
     cache::{self, Cache, CachedAnswer},
-    local::{self, ClientContext},
+    client::ClientContext,
+    forwarder::Forwarder,
+    inflight::{self, InFlight},
+    local,
     metrics::{Metrics, Outcome},
-    upstream::{Bits, Refusal, Relay, Source, Upstream, UpstreamPath},
+    question::{Bits, Relay},
+    upstream::{Refusal, Source, Upstream, UpstreamPath},
 };
 use crate::registry::Registry;
 
@@ -98,21 +102,53 @@ impl<'a> Asked<'a> {
     }
 }
 
+/// What the request path is built from besides the name table: the upstreams, the
+/// bounds and the timings. The daemon, the tests and the fuzz targets each fill one in
+/// and get the same assembly from [`Handler::new`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub upstreams: Vec<SocketAddr>,
+    /// How long a question may take upstream, retransmissions and TCP retry included.
+    pub upstream_timeout: std::time::Duration,
+    /// Ask every upstream at once instead of one after the other.
+    pub upstream_parallel: bool,
+    pub cache: cache::Limits,
+    pub inflight: inflight::Limits,
+    /// TTL of table answers.
+    pub ttl: u32,
+    /// How long a table answer may wait for its VIP to be translated.
+    pub vip_wait: std::time::Duration,
+}
+
 impl Handler {
-    pub fn new(
-        registry: Arc<Registry>,
-        upstream: UpstreamPath,
-        ttl: u32,
-        vip_wait: std::time::Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// The request path, assembled: admission, then the name table, then the cache,
+    /// the in-flight bounds and merging, and the forwarder.
+    pub fn new(settings: Settings, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        let forwarder = Arc::new(Forwarder::new(
+            settings.upstreams,
+            settings.upstream_timeout,
+            settings.upstream_parallel,
+            Arc::clone(&metrics),
+        ));
+        let upstream = UpstreamPath::new(
+            forwarder,
+            Cache::new(settings.cache),
+            InFlight::new(settings.inflight),
+            Arc::clone(&metrics),
+        );
         Self {
             registry,
             upstream,
-            ttl,
-            vip_wait,
+            ttl: settings.ttl,
+            vip_wait: settings.vip_wait,
             metrics,
         }
+    }
+
+    /// The forwarder, for the daemon's own lookups (VIP backends of DNS hosts): the
+    /// same upstreams and timeouts as the clients' questions.
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        self.upstream.forwarder()
     }
 
     /// The cache of upstream answers (for its gauges).

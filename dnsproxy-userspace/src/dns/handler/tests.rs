@@ -512,7 +512,7 @@ async fn identical_questions_in_flight_go_upstream_once() {
 async fn over_a_bound_servfail_at_once_but_the_table_still_answers() {
     // Slow, within the handler's 300 ms upstream timeout.
     let up = fake_upstream(Duration::from_millis(200), 60).await;
-    let limits = crate::dns::inflight::Limits {
+    let limits = inflight::Limits {
         total: 100,
         per_client: 1,
     };
@@ -563,7 +563,7 @@ async fn a_failed_question_is_answered_from_memory_for_a_moment() {
 #[tokio::test]
 async fn serve_stale_answers_from_the_expired_cache_while_upstreams_fail() {
     let up = fake_upstream(Duration::ZERO, 1).await;
-    let limits = crate::dns::inflight::Limits {
+    let limits = inflight::Limits {
         total: 100,
         per_client: 100,
     };
