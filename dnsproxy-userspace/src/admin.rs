@@ -32,7 +32,12 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{bpf::pinned, dns::server::Shared, registry::Registry};
+use crate::{
+    bpf::pinned,
+    dns::server::Shared,
+    registry::Registry,
+    vip::{assign, translate::Translated},
+};
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,12 +59,15 @@ impl AdminState {
         mut metrics: MetricsRegistry,
         shared: Shared,
         registry: Arc<Registry>,
+        (assigned, translated): (Arc<assign::Counters>, Arc<Translated>),
         pin_dir: PathBuf,
     ) -> Self {
         metrics.register_collector(Box::new(ServerCollector { shared }));
         metrics.register_collector(Box::new(EbpfCollector { pin_dir }));
-        metrics.register_collector(Box::new(RegistryCollector {
+        metrics.register_collector(Box::new(NamesCollector {
             registry: Arc::clone(&registry),
+            assigned,
+            translated,
         }));
         AdminState {
             ready: AtomicBool::new(false),
@@ -305,19 +313,22 @@ impl Collector for ServerCollector {
 /// `dnsproxy_vip_moves_total`: auto-allocated VIPs moved because a declared address
 /// claimed them (two hosts never share a VIP); `dnsproxy_vips_left_out`;
 /// `dnsproxy_name_table_builds_total`; `dnsproxy_vip_store_{conflicts,failures}_total`.
-struct RegistryCollector {
+struct NamesCollector {
     registry: Arc<Registry>,
+    assigned: Arc<assign::Counters>,
+    translated: Arc<Translated>,
 }
 
-impl std::fmt::Debug for RegistryCollector {
+impl std::fmt::Debug for NamesCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RegistryCollector")
+        f.write_str("NamesCollector")
     }
 }
 
-impl Collector for RegistryCollector {
+impl Collector for NamesCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (conflicts, failures) = self.registry.vip_store_counts();
+        use std::sync::atomic::Ordering::Relaxed;
+        let assigned = &self.assigned;
         encode_all(
             &mut encoder,
             [
@@ -325,17 +336,17 @@ impl Collector for RegistryCollector {
                     "dnsproxy_vip_moves",
                     "Auto-allocated VIPs moved because a declared address claimed them.",
                     MetricType::Counter,
-                    self.registry.vip_moves(),
+                    assigned.moves.load(Relaxed),
                 ),
                 (
                     "dnsproxy_vips_left_out",
                     "VIPs that do not translate because the translation maps are full.",
                     MetricType::Gauge,
-                    self.registry.vips_left_out() as u64,
+                    self.translated.left_out() as u64,
                 ),
                 (
                     "dnsproxy_name_table_builds",
-                    "Name tables built (a registry change; in node mode a Pod change only when a workloadSelector selects it).",
+                    "Name tables built (after a change to what the table is built from; in node mode a Pod change only when a workloadSelector selects it).",
                     MetricType::Counter,
                     self.registry.builds(),
                 ),
@@ -343,13 +354,13 @@ impl Collector for RegistryCollector {
                     "dnsproxy_vip_store_conflicts",
                     "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
                     MetricType::Counter,
-                    conflicts,
+                    assigned.store_conflicts.load(Relaxed),
                 ),
                 (
                     "dnsproxy_vip_store_failures",
                     "Node mode: rounds without agreement through the VIP store (VIPs allocated locally until the next try).",
                     MetricType::Counter,
-                    failures,
+                    assigned.store_failures.load(Relaxed),
                 ),
             ],
         )

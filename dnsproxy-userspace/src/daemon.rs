@@ -31,8 +31,8 @@ use crate::{
         datapath::{DataPath, DataPathOptions},
         system,
     },
+    capture::{self, CaptureConfig},
     cli::{Mode, RunArgs, Switch},
-    cluster,
     dns::{
         cache,
         client::ClientContext,
@@ -46,9 +46,12 @@ use crate::{
     },
     handoff::{self, Inventory, PodSockets, Sockets, Start, Taken},
     name::normalize,
-    registry::{self, Registry, TableConfig, allocator::VipAllocator, manifest::Objects},
-    resolv_conf,
-    vip::{self, sync::BackendSync},
+    registry::{self, Registry, TableConfig, manifest::Objects},
+    resolv_conf, state,
+    vip::{
+        assign::{Assignment, VipAllocator, store::VipStore},
+        translate::{Translated, plan::Capacity, sync::BackendSync},
+    },
 };
 
 /// Runs the daemon on its own multi-threaded runtime until it stops.
@@ -213,27 +216,49 @@ impl Settings {
         }
     }
 
-    fn registry(&self) -> anyhow::Result<Registry> {
+    /// The registry, with local mode's table built (node mode's comes with the first
+    /// sync), and the assignment of VIPs that rebuilds it: agreed through the VIP
+    /// store in node mode (unless `--vip-store ""`), this daemon's alone in local mode.
+    fn registry(&self) -> anyhow::Result<(Registry, Assignment)> {
         let allocator = VipAllocator::load(&self.args.state_dir);
-        let config = TableConfig {
+        let registry = Registry::new(TableConfig {
             cluster_domain: self.args.cluster_domain.clone(),
+        });
+        let store = self.cluster.as_ref().and_then(|c| {
+            let location = self.args.vip_store.as_str();
+            (!location.is_empty())
+                .then(|| VipStore::new(c.client.clone(), location))
+                .flatten()
+        });
+        let mut assignment = match store {
+            Some(store) => Assignment::agreed_through(allocator, store),
+            None => Assignment::local(allocator),
         };
-        Ok(Registry::new(&self.objects, allocator, config)?)
+        if !self.node() {
+            assignment.rebuild(&registry, &self.objects)?;
+        }
+        Ok((registry, assignment))
     }
 
-    fn node_config(&self) -> cluster::NodeConfig {
-        cluster::NodeConfig {
-            node_name: self
-                .cluster
-                .as_ref()
-                .map(|c| c.node_name.clone())
-                .unwrap_or_default(),
-            vip_store: Some(self.args.vip_store.clone()),
-            capture_default: self.args.capture_default == Switch::On,
-            listen_port: self.args.listen_port,
-            extra_search: self.extra_search.clone(),
-            pin_dir: self.args.pin_dir.clone(),
-            proc_root: self.args.proc_root.clone(),
+    fn node_settings(&self) -> state::NodeSettings {
+        let node_name = self
+            .cluster
+            .as_ref()
+            .map(|c| c.node_name.clone())
+            .unwrap_or_default();
+        state::NodeSettings {
+            capture: CaptureConfig {
+                node_name: node_name.clone(),
+                capture_default: self.args.capture_default == Switch::On,
+                listen_port: self.args.listen_port,
+                extra_search: self.extra_search.clone(),
+                pin_dir: self.args.pin_dir.clone(),
+                locator: capture::netns::Locator {
+                    cgroup_root: self.cgroup.clone(),
+                    proc_root: self.args.proc_root.clone(),
+                },
+            },
+            node_name,
         }
     }
 
@@ -306,6 +331,11 @@ struct Daemon {
     datapath: DataPath,
     admin: Arc<AdminState>,
     registry: Arc<Registry>,
+    /// Who gets a VIP: taken by the task that rebuilds the table (the registry files'
+    /// watch, or node mode's cluster state).
+    assignment: Option<Assignment>,
+    /// What the data path translates, for DNS answers.
+    translated: Arc<Translated>,
     forwarder: Arc<Forwarder>,
     /// What every DNS listener shares: the handler and the TCP connection registry.
     shared: Shared,
@@ -350,7 +380,7 @@ impl Daemon {
         .context("cannot start the UDP threads")?;
         // Sockets first: "port in use" is reported before anything is attached.
         let sockets = open_sockets(&settings, taken.as_mut(), udp.threads()).await?;
-        let registry = Arc::new(settings.registry()?);
+        let (registry, assignment) = settings.registry()?;
         settings.log_start(sockets.local.as_ref(), registry.table().len());
 
         // A predecessor's pins are adopted (node mode always does).
@@ -378,7 +408,13 @@ impl Daemon {
             .as_mut()
             .map(|t| std::mem::take(&mut t.pods))
             .unwrap_or_default();
-        let mut daemon = Daemon::assemble(settings, datapath, registry, udp, inventory, counters);
+        let mut daemon = Daemon::assemble(
+            settings,
+            datapath,
+            (registry, assignment),
+            udp,
+            (inventory, counters),
+        );
         daemon.predecessor_serving = taken.is_some();
         daemon.spawn_admin(sockets.admin);
         if let Some(listeners) = sockets.local {
@@ -432,11 +468,12 @@ impl Daemon {
     fn assemble(
         settings: Settings,
         datapath: DataPath,
-        registry: Arc<Registry>,
+        (registry, assignment): (Registry, Assignment),
         udp: UdpWorkers,
-        inventory: Arc<Inventory>,
-        handoff_counters: handoff::Counters,
+        (inventory, handoff_counters): (Arc<Inventory>, handoff::Counters),
     ) -> Self {
+        let registry = Arc::new(registry);
+        let translated = Arc::new(Translated::default());
         let args = &settings.args;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
         handoff_counters.register(&mut metrics_registry);
@@ -448,6 +485,7 @@ impl Daemon {
         let handler = Arc::new(Handler::new(
             settings.handler_settings(),
             Arc::clone(&registry),
+            Arc::clone(&translated),
             Arc::clone(&metrics),
         ));
         let forwarder = Arc::clone(handler.forwarder());
@@ -467,6 +505,7 @@ impl Daemon {
             metrics_registry,
             shared.clone(),
             Arc::clone(&registry),
+            (assignment.counters(), Arc::clone(&translated)),
             args.pin_dir.clone(),
         ));
         Daemon {
@@ -474,6 +513,8 @@ impl Daemon {
             datapath,
             admin,
             registry,
+            assignment: Some(assignment),
+            translated,
             forwarder,
             shared,
             inventory,
@@ -519,10 +560,14 @@ impl Daemon {
             return;
         };
         let (registry, token) = (Arc::clone(&self.registry), self.shutdown.child_token());
+        let mut assignment = self
+            .assignment
+            .take()
+            .expect("the assignment is taken once");
         let interval = Duration::from_millis(args.registry_poll_ms);
         self.tasks.spawn(async move {
             let watch = registry::files::watch(path, interval, move |objects| {
-                if let Err(e) = registry.update(&objects) {
+                if let Err(e) = assignment.rebuild(&registry, &objects) {
                     tracing::error!(
                         "registry not updated, the last good table stays in service: {}",
                         crate::report(&e)
@@ -541,14 +586,18 @@ impl Daemon {
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let client = self.settings.cluster.as_ref()?.client.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let handoff = cluster::Handoff {
+        let handoff = capture::Handoff {
             inventory: Arc::clone(&self.inventory),
             handed,
         };
-        let watch = cluster::run(
+        let assignment = self
+            .assignment
+            .take()
+            .expect("the assignment is taken once");
+        let watch = state::run(
             client,
-            self.settings.node_config(),
-            Arc::clone(&self.registry),
+            self.settings.node_settings(),
+            (Arc::clone(&self.registry), assignment),
             (self.shared.clone(), handoff),
             tx,
             self.shutdown.child_token(),
@@ -572,10 +621,11 @@ impl Daemon {
         let (tx, vips_synced) = tokio::sync::oneshot::channel();
         let sync = BackendSync {
             registry: Arc::clone(&self.registry),
+            translated: Arc::clone(&self.translated),
             forwarder: Arc::clone(&self.forwarder),
             pin_dir: self.settings.args.pin_dir.clone(),
             retire_after: Duration::from_secs(2 * u64::from(self.settings.args.ttl)),
-            capacity: vip::plan::Capacity {
+            capacity: Capacity {
                 vips: self.settings.args.max_vips as usize,
                 services: self.settings.args.max_vip_services as usize,
             },

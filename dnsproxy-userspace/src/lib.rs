@@ -2,25 +2,27 @@
 //! front over it, and the end-to-end harness reuses its helpers.
 //!
 //! One module per concern: `bpf` (the kernel side: checks, load, attach, pinned maps),
-//! `dns` (server, handler, forwarder, cache, metrics), `name` (DNS names), `registry`
-//! (objects, name table, VIP allocator), `vip` (VIP backends into the data path),
-//! `cluster` and `netns` (node mode: the Kubernetes API, in-pod listeners), `handoff`
-//! (a successor takes the listening sockets over), `admin`
-//! (HTTP probes, metrics, debug dumps), `daemon` (`dnsproxy run` start to stop), and
-//! `cli` (flags).
+//! `dns` (the request path: transports, handler, table answers, cache, forwarder),
+//! `name` (DNS names), `registry` (objects and the name table built from them), `vip`
+//! (`assign`: who gets a VIP; `translate`: what the kernel translates), `state` (node
+//! mode: the cluster as this node needs it, typed and event-driven), `capture` (node
+//! mode: per-pod listeners and policy entries), `handoff` (a successor takes the
+//! listening sockets over), `pidfd` (a process handle), `admin` (HTTP probes, metrics,
+//! debug dumps), `daemon` (`dnsproxy run` start to stop), and `cli` (flags).
 pub mod admin;
 pub mod bpf;
+pub mod capture;
 pub mod cli;
-pub mod cluster;
 pub mod daemon;
 pub mod dns;
 pub mod exec;
 pub mod handoff;
 pub mod memory;
 pub mod name;
-pub mod netns;
+pub mod pidfd;
 pub mod registry;
 pub mod resolv_conf;
+pub mod state;
 pub mod upstream_addr;
 pub mod vip;
 

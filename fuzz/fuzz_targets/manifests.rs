@@ -3,11 +3,13 @@
 #![no_main]
 use std::collections::HashMap;
 
-use dnsproxy::registry::{
-    TableConfig,
-    allocator::VipAllocator,
-    manifest::{Objects, parse_into},
-    table::NameTable,
+use dnsproxy::{
+    registry::{
+        TableConfig,
+        manifest::{Objects, parse_into},
+        table::NameTable,
+    },
+    vip::assign::{Assignment, Demand, VipAllocator},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -19,10 +21,11 @@ fuzz_target!(|data: &[u8]| {
     if parse_into(text, &mut objects).is_err() {
         return;
     }
-    let mut allocator = VipAllocator::in_memory();
-    let Ok(table) = NameTable::build(&objects, &mut allocator, &TableConfig::default()) else {
+    let mut assignment = Assignment::local(VipAllocator::in_memory());
+    let Ok(vips) = assignment.allocate(&Demand::of(&objects)) else {
         return;
     };
+    let table = NameTable::build(&objects, &vips, &TableConfig::default());
     let mut owners: HashMap<std::net::IpAddr, (&str, &str)> = HashMap::new();
     for service in table.vip_services() {
         for vip in &service.vips {

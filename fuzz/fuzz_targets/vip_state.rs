@@ -3,7 +3,7 @@
 #![no_main]
 use std::collections::HashSet;
 
-use dnsproxy::registry::vip_state::{parse, salvage};
+use dnsproxy::vip::assign::state_file::{parse, salvage};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -19,9 +19,9 @@ use dnsproxy::{
     name::normalize_name,
     registry::{
         Registry, TableConfig,
-        allocator::VipAllocator,
         manifest::{Objects, parse_into},
     },
+    vip::{assign::in_memory_registry, translate::Translated},
 };
 use hickory_proto::{
     op::{Message, MessageType},
@@ -60,17 +60,12 @@ pub fn fixture() -> &'static Fixture {
             parse_into(file, &mut objects).expect("the example registry parses");
         }
         let registry = Arc::new(
-            Registry::new(&objects, VipAllocator::in_memory(), TableConfig::default())
+            in_memory_registry(&objects, TableConfig::default())
                 .expect("the example registry builds"),
         );
         // As if every VIP were translated already: answers never wait.
-        let vips = registry
-            .table()
-            .vip_services()
-            .iter()
-            .flat_map(|s| s.vips.clone())
-            .collect();
-        registry.set_programmed(vips);
+        let translated = Arc::new(Translated::default());
+        translated.assume_all_translated(&registry.table());
         let metrics = Arc::new(Metrics::new(
             &[upstream],
             &mut prometheus_client::registry::Registry::default(),
@@ -94,7 +89,7 @@ pub fn fixture() -> &'static Fixture {
             ttl: 30,
             vip_wait: Duration::from_millis(5),
         };
-        let handler = Handler::new(settings, Arc::clone(&registry), metrics);
+        let handler = Handler::new(settings, Arc::clone(&registry), translated, metrics);
         Fixture {
             runtime,
             handler,

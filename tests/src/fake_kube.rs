@@ -3,9 +3,16 @@
 //! kube-rs's real client uses: lists with a resourceVersion, chunked watch streams of
 //! ADDED/MODIFIED/DELETED events from a resourceVersion, BOOKMARK events, and
 //! `410 Gone` (reason Expired) for a resourceVersion older than the last compaction,
-//! which makes the client relist. Field selectors `spec.nodeName=` are honoured.
+//! which makes the client relist. Field selectors (`spec.nodeName=`, `metadata.name=`)
+//! and label selectors (`k=v`, `k!=v`, `k`, `!k`) are honoured; an object whose update
+//! moves it into or out of a watch's selection reaches that watch as ADDED or DELETED,
+//! as the API server's watch cache does.
+//!
+//! Built to hold a cluster: 100,000 Pods and hundreds of updates a second. History is
+//! kept per collection, bounded (the oldest events are compacted away), and a watch
+//! finds where it left off by binary search.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{Arc, Condvar, Mutex},
@@ -75,6 +82,27 @@ impl Resource {
     }
 }
 
+/// Events kept per collection; older ones are compacted away (a watch that needs them
+/// gets 410 Gone and relists, as with etcd's compaction).
+const HISTORY: usize = 50_000;
+
+/// One change, as watches replay it: the object after it, and before it (to tell a
+/// watch that the object moved into or out of its selection).
+struct Event {
+    rv: u64,
+    kind: &'static str,
+    obj: Arc<Value>,
+    old: Option<Arc<Value>>,
+}
+
+/// A collection's recent history.
+#[derive(Default)]
+struct History {
+    events: VecDeque<Event>,
+    /// Events at or below this resourceVersion are gone.
+    compacted_below: u64,
+}
+
 #[derive(Default)]
 struct State {
     rv: u64,
@@ -82,8 +110,8 @@ struct State {
     compacted_below: u64,
     /// Bumped to end every open watch stream.
     epoch: u64,
-    objects: BTreeMap<(Resource, String, String), Value>,
-    events: Vec<(u64, Resource, &'static str, Value)>,
+    objects: BTreeMap<(Resource, String, String), Arc<Value>>,
+    history: BTreeMap<Resource, History>,
     lists: usize,
     watches: usize,
     gone: usize,
@@ -93,10 +121,54 @@ struct State {
     invalid: usize,
     /// GETs of one object.
     reads: usize,
+    /// Every HTTP request, and the first lines of the first of them (method, path and
+    /// query).
+    requests: usize,
+    log: Vec<String>,
     stopped: bool,
 }
 
+impl State {
+    /// Records a change and wakes the watches.
+    fn record(
+        &mut self,
+        resource: Resource,
+        kind: &'static str,
+        obj: Arc<Value>,
+        old: Option<Arc<Value>>,
+    ) {
+        let history = self.history.entry(resource).or_default();
+        history.events.push_back(Event {
+            rv: self.rv,
+            kind,
+            obj,
+            old,
+        });
+        while history.events.len() > HISTORY {
+            if let Some(gone) = history.events.pop_front() {
+                history.compacted_below = gone.rv;
+            }
+        }
+    }
+}
+
 type Shared = Arc<(Mutex<State>, Condvar)>;
+
+/// How the server behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// How often an open watch gets a BOOKMARK (the API server sends one about every
+    /// minute; the tests' default is quicker, so relists are exercised).
+    pub bookmark_every: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            bookmark_every: Duration::from_millis(500),
+        }
+    }
+}
 
 /// The server; stops when dropped.
 pub struct FakeKube {
@@ -125,6 +197,11 @@ fn key(obj: &Value) -> (String, String) {
 impl FakeKube {
     /// Serves on 127.0.0.1 (an ephemeral port) inside `netns`.
     pub fn start(netns: &Netns) -> Self {
+        Self::start_with(netns, Options::default())
+    }
+
+    /// [`FakeKube::start`] with `options`.
+    pub fn start_with(netns: &Netns, options: Options) -> Self {
         // Every address of the netns: its loopback, and a link another test netns (a
         // second "node") reaches it over.
         let (_udp, listener) = bind_in(netns, "0.0.0.0:0".parse().unwrap());
@@ -141,7 +218,7 @@ impl FakeKube {
                     Ok((stream, _)) => {
                         let s = Arc::clone(&s);
                         thread::spawn(move || {
-                            let _ = serve(stream, &s);
+                            let _ = serve(stream, &s, options);
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
@@ -171,12 +248,32 @@ impl FakeKube {
         store(&self.shared, resource, obj);
     }
 
+    /// [`FakeKube::apply`] of many objects at once (one lock, one wake-up).
+    pub fn apply_many(&self, resource: Resource, objs: impl IntoIterator<Item = Value>) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap();
+        for obj in objs {
+            store_locked(&mut st, resource, obj);
+        }
+        cv.notify_all();
+    }
+
     /// An object as stored (with its resourceVersion).
     pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
         let st = self.shared.0.lock().unwrap();
         st.objects
             .get(&(resource, namespace.to_owned(), name.to_owned()))
-            .cloned()
+            .map(|o| Value::clone(o))
+    }
+
+    /// HTTP requests served so far (lists, watches, reads and writes).
+    pub fn requests_total(&self) -> usize {
+        self.shared.0.lock().unwrap().requests
+    }
+
+    /// The requests served so far (the first 10,000): `METHOD path?query`.
+    pub fn request_log(&self) -> Vec<String> {
+        self.shared.0.lock().unwrap().log.clone()
     }
 
     /// Writes that lost a race (409 Conflict, or `AlreadyExists`) so far.
@@ -199,16 +296,16 @@ impl FakeKube {
     pub fn delete(&self, resource: Resource, namespace: &str, name: &str) {
         let (lock, cv) = &*self.shared;
         let mut st = lock.lock().unwrap();
-        let Some(mut obj) = st
+        let Some(old) = st
             .objects
             .remove(&(resource, namespace.to_owned(), name.to_owned()))
         else {
             return;
         };
         st.rv += 1;
-        let rv = st.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.events.push((rv, resource, "DELETED", obj));
+        let mut obj = Value::clone(&old);
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.record(resource, "DELETED", Arc::new(obj), Some(old));
         cv.notify_all();
     }
 
@@ -219,7 +316,7 @@ impl FakeKube {
         let mut st = lock.lock().unwrap();
         st.rv += 1;
         st.compacted_below = st.rv;
-        st.events.clear();
+        st.history.clear();
         st.epoch += 1;
         cv.notify_all();
     }
@@ -270,27 +367,89 @@ fn percent_decode(s: &str) -> String {
 
 /// Stores `obj` as the API server would: apiVersion, kind and a new resourceVersion
 /// stamped, an ADDED or MODIFIED event; returns it as stored.
-fn store(shared: &Shared, resource: Resource, mut obj: Value) -> Value {
+fn store(shared: &Shared, resource: Resource, obj: Value) -> Arc<Value> {
     let (lock, cv) = &**shared;
     let mut st = lock.lock().unwrap();
+    let stored = store_locked(&mut st, resource, obj);
+    cv.notify_all();
+    stored
+}
+
+fn store_locked(st: &mut State, resource: Resource, mut obj: Value) -> Arc<Value> {
     st.rv += 1;
-    let rv = st.rv;
     obj["apiVersion"] = json!(resource.api_version());
     obj["kind"] = json!(resource.kind());
-    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
     let (ns, name) = key(&obj);
-    let kind = if st
-        .objects
-        .insert((resource, ns, name), obj.clone())
-        .is_some()
-    {
-        "MODIFIED"
-    } else {
-        "ADDED"
-    };
-    st.events.push((rv, resource, kind, obj.clone()));
-    cv.notify_all();
+    let obj = Arc::new(obj);
+    let old = st.objects.insert((resource, ns, name), Arc::clone(&obj));
+    let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+    st.record(resource, kind, Arc::clone(&obj), old);
     obj
+}
+
+/// What a list or watch selects: fields, labels, a namespace.
+#[derive(Default)]
+struct Filter {
+    fields: Option<String>,
+    labels: Option<String>,
+    namespace: Option<String>,
+}
+
+impl Filter {
+    fn of(params: &BTreeMap<String, String>, namespace: Option<String>) -> Self {
+        Filter {
+            fields: params.get("fieldSelector").cloned(),
+            labels: params.get("labelSelector").cloned(),
+            namespace,
+        }
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        selected(obj, self.fields.as_deref())
+            && labelled(obj, self.labels.as_deref())
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+    }
+
+    /// How `event` reaches a watch with this filter: as it is, as ADDED or DELETED
+    /// when the object moved into or out of the selection, or not at all.
+    fn transition(&self, event: &Event) -> Option<&'static str> {
+        let now = self.matches(&event.obj);
+        let before = event.old.as_ref().is_some_and(|o| self.matches(o));
+        match (event.kind, before, now) {
+            ("DELETED", true, _) | (_, true, false) => Some("DELETED"),
+            ("DELETED", false, _) | (_, false, false) => None,
+            (_, false, true) => Some("ADDED"),
+            (_, true, true) => Some("MODIFIED"),
+        }
+    }
+}
+
+/// `k=v`, `k==v`, `k!=v`, `k` (exists) and `!k` (absent) terms, all of them.
+fn labelled(obj: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let labels = &obj["metadata"]["labels"];
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                labels[k.trim()].as_str() != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once('=') {
+                let v = v.trim_start_matches('=');
+                labels[k.trim()].as_str() == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                labels.get(k.trim()).is_none()
+            } else {
+                labels.get(term).is_some()
+            }
+        })
 }
 
 /// `spec.nodeName=X` and `metadata.name=X` selection.
@@ -414,11 +573,21 @@ fn namespaced(path: &str) -> (String, Option<String>, Option<String>) {
     (collection, Some(parts[at + 1].to_owned()), name)
 }
 
-fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn serve(stream: TcpStream, shared: &Shared, options: Options) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
     while let Some(req) = read_request(&mut reader)? {
+        {
+            let mut st = shared.0.lock().unwrap();
+            st.requests += 1;
+            if st.log.len() < 10_000 {
+                let query: Vec<String> =
+                    req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let line = format!("{} {}?{}", req.method, req.path, query.join("&"));
+                st.log.push(line);
+            }
+        }
         let (collection, namespace, name) = namespaced(&req.path);
         let Some(resource) = Resource::ALL.into_iter().find(|r| r.path() == collection) else {
             respond(
@@ -460,37 +629,57 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             }
             continue;
         }
-        let fields = req.params.get("fieldSelector").map(String::as_str);
-        let in_namespace = |o: &Value| {
-            namespace
-                .as_deref()
-                .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
-        };
+        let filter = Filter::of(&req.params, namespace);
         if !matches!(
             req.params.get("watch").map(String::as_str),
             Some("true" | "1")
         ) {
-            let (items, rv) = {
-                let mut st = shared.0.lock().unwrap();
-                st.lists += 1;
-                let items: Vec<Value> = st
-                    .objects
-                    .iter()
-                    .filter(|((r, _, _), o)| {
-                        *r == resource && selected(o, fields) && in_namespace(o)
-                    })
-                    .map(|(_, o)| o.clone())
-                    .collect();
-                (items, st.rv)
-            };
-            let list = json!({"apiVersion": resource.api_version(), "kind": format!("{}List", resource.kind()),
-                              "metadata": {"resourceVersion": rv.to_string()}, "items": items});
-            respond(&mut stream, "200 OK", &list)?;
+            list(&mut stream, shared, resource, &filter)?;
             continue;
         }
-        return watch(stream, shared, resource, &req.params, fields);
+        return watch(stream, shared, resource, &req.params, &filter, options);
     }
     Ok(())
+}
+
+/// A list of the collection's objects `filter` selects, at the current
+/// resourceVersion (written as it is read: no copy of the objects).
+fn list(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    resource: Resource,
+    filter: &Filter,
+) -> std::io::Result<()> {
+    let (items, rv) = {
+        let mut st = shared.0.lock().unwrap();
+        st.lists += 1;
+        let lo = (resource, String::new(), String::new());
+        let items: Vec<Arc<Value>> = st
+            .objects
+            .range(lo..)
+            .take_while(|((r, _, _), _)| *r == resource)
+            .filter(|(_, o)| filter.matches(o))
+            .map(|(_, o)| Arc::clone(o))
+            .collect();
+        (items, st.rv)
+    };
+    let mut body = format!(
+        "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"items\":[",
+        resource.api_version(),
+        resource.kind()
+    );
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&item.to_string());
+    }
+    body.push_str("]}");
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// GET or PUT of one object; a PUT whose resourceVersion is not the stored one gets
@@ -542,7 +731,8 @@ fn watch(
     shared: &Shared,
     resource: Resource,
     params: &BTreeMap<String, String>,
-    fields: Option<&str>,
+    filter: &Filter,
+    options: Options,
 ) -> std::io::Result<()> {
     let from: u64 = params
         .get("resourceVersion")
@@ -563,7 +753,12 @@ fn watch(
     let (lock, cv) = &**shared;
     let mut st = lock.lock().unwrap();
     st.watches += 1;
-    if from < st.compacted_below {
+    let compacted = st
+        .history
+        .get(&resource)
+        .map_or(0, |h| h.compacted_below)
+        .max(st.compacted_below);
+    if from < compacted {
         st.gone += 1;
         drop(st);
         let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -580,19 +775,25 @@ fn watch(
             drop(st);
             return write!(stream, "0\r\n\r\n");
         }
-        let pending: Vec<(u64, &'static str, Value)> = st
-            .events
-            .iter()
-            .filter(|(rv, r, _, o)| *rv > sent && *r == resource && selected(o, fields))
-            .map(|(rv, _, t, o)| (*rv, *t, o.clone()))
-            .collect();
+        // The events after the last one seen, found by binary search.
+        let mut pending: Vec<(&'static str, Arc<Value>)> = Vec::new();
+        if let Some(history) = st.history.get(&resource) {
+            let start = history.events.partition_point(|e| e.rv <= sent);
+            for event in history.events.range(start..) {
+                if let Some(kind) = filter.transition(event) {
+                    pending.push((kind, Arc::clone(&event.obj)));
+                }
+                sent = event.rv;
+            }
+        }
         let current = st.rv;
         drop(st);
-        for (rv, kind, obj) in pending {
-            chunk(&mut stream, &json!({"type": kind, "object": obj}))?;
-            sent = rv;
+        for (kind, obj) in pending {
+            let line = format!("{{\"type\":\"{kind}\",\"object\":{obj}}}\n");
+            write!(stream, "{:x}\r\n{line}\r\n", line.len())?;
         }
-        if bookmarks && last_bookmark.elapsed() > Duration::from_millis(500) {
+        stream.flush()?;
+        if bookmarks && last_bookmark.elapsed() > options.bookmark_every {
             let mark = json!({"type": "BOOKMARK", "object": {"kind": resource.kind(), "apiVersion": resource.api_version(),
                               "metadata": {"resourceVersion": current.to_string()}}});
             chunk(&mut stream, &mark)?;
@@ -600,6 +801,8 @@ fn watch(
             last_bookmark = Instant::now();
         }
         st = lock.lock().unwrap();
-        st = cv.wait_timeout(st, Duration::from_millis(250)).unwrap().0;
+        if st.rv == current {
+            st = cv.wait_timeout(st, Duration::from_millis(250)).unwrap().0;
+        }
     }
 }

@@ -24,6 +24,9 @@ pub struct FakePod {
     pub name: String,
     pub namespace: String,
     pub uid: String,
+    /// Times its sandbox was recreated (its containers' restart count, as the kubelet
+    /// reports it).
+    pub restarts: u32,
     sleeper: Child,
     pub fake: FakeDns,
     pub cgroup: Cgroup,
@@ -122,7 +125,10 @@ impl NodeEnv {
         json!({
             "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "annotations": annotations},
             "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
-            "status": {"phase": "Running", "podIP": "10.244.0.10"}
+            "status": {"phase": "Running", "podIP": "10.244.0.10",
+                       "containerStatuses": [{"name": "app", "image": "app", "imageID": "", "ready": true,
+                                              "restartCount": pod.restarts,
+                                              "containerID": format!("containerd://{}-{}", pod.uid, pod.restarts)}]}
         })
     }
 
@@ -138,6 +144,7 @@ impl NodeEnv {
             name: name.into(),
             namespace: namespace.into(),
             uid,
+            restarts: 0,
             sleeper,
             fake,
             cgroup,
@@ -151,9 +158,11 @@ impl NodeEnv {
     }
 
     /// Recreates a pod's sandbox, as the runtime does when the pause container dies:
-    /// same UID and cgroup, a new network namespace and a new process. The old netns
-    /// is deleted (it lives on while something still holds it).
-    pub fn recreate_sandbox(&mut self, pod: usize) {
+    /// same UID and cgroup, a new network namespace and a new process; then the kubelet
+    /// reports the containers restarted (new container IDs, restart count + 1), with
+    /// `annotations`. The old netns is deleted (it lives on while something still holds
+    /// it).
+    pub fn recreate_sandbox(&mut self, pod: usize, annotations: &[(&str, &str)]) {
         let p = &mut self.pods[pod];
         let _ = p.sleeper.kill();
         let _ = p.sleeper.wait();
@@ -161,7 +170,40 @@ impl NodeEnv {
         p.fake = FakeDns::start(&netns);
         p.sleeper = start_sleeper(&netns, &p.cgroup);
         p.netns = netns;
+        p.restarts += 1;
         wait_in_cgroup(&p.cgroup);
+        self.annotate(pod, annotations);
+    }
+
+    /// Publishes pod `pod` with `phase` (`Succeeded`: its containers finished).
+    pub fn set_phase(&self, pod: usize, phase: &str, annotations: &[(&str, &str)]) {
+        let mut obj = Self::pod_object(&self.pods[pod], annotations);
+        obj["status"]["phase"] = json!(phase);
+        self.api.apply(Resource::Pods, obj);
+    }
+
+    /// Replaces pod `pod` as a `StatefulSet` does: the Pod object is deleted, and a new
+    /// Pod with the same name and a new UID starts (new netns, cgroup and process).
+    /// Returns the new pod's index; the old one's process stops.
+    pub fn replace_pod(&mut self, pod: usize, annotations: &[(&str, &str)]) -> usize {
+        let (name, namespace) = (
+            self.pods[pod].name.clone(),
+            self.pods[pod].namespace.clone(),
+        );
+        self.api.delete(Resource::Pods, &namespace, &name);
+        let old = &mut self.pods[pod];
+        let _ = old.sleeper.kill();
+        let _ = old.sleeper.wait();
+        self.add_pod(&name, &namespace, annotations)
+    }
+
+    /// Sets (or removes) namespace `name`'s capture label.
+    pub fn label_namespace(&self, name: &str, label: Option<&str>) {
+        let mut ns = json!({"metadata": {"name": name, "labels": {}}});
+        if let Some(v) = label {
+            ns["metadata"]["labels"]["dnsproxy.io/capture"] = json!(v);
+        }
+        self.api.apply(Resource::Namespaces, ns);
     }
 
     /// Replaces a pod's annotations in the API (a live change: the pod keeps running).

@@ -354,7 +354,7 @@ fn a_recreated_pod_sandbox_is_captured_again_within_5s() {
     let old_cookie = before["policy"][0]["netns_cookie"].clone();
 
     // The pause container dies; the runtime builds a new sandbox for the same pod.
-    env.recreate_sandbox(pod);
+    env.recreate_sandbox(pod, &[("dnsproxy.io/capture", "true")]);
     let recreated = Instant::now();
     env.wait_for_answer(pod, "reviews", REVIEWS_IP);
     let took = recreated.elapsed();
@@ -706,4 +706,135 @@ fn a_vip_store_the_api_refuses_is_retried_with_backoff_and_vips_are_allocated_lo
     // Backoff 2 s, 4 s, 8 s: three more tries in 12 s at most (every 2 s would be six).
     assert!(refused - refused_at_ready <= 3, "{refused} refused writes");
     assert_eq!(env.dig(client, "h39999.full.example"), vip, "the VIP stays");
+}
+
+/// Waits until `dig` from `pod` answers `want`; returns how long it took.
+fn time_to_answer(env: &NodeEnv, pod: usize, name: &str, want: &str) -> Duration {
+    let started = Instant::now();
+    env.wait_for_answer(pod, name, want);
+    started.elapsed()
+}
+
+#[test]
+fn every_capture_change_a_pod_can_undergo_is_followed_from_its_own_events() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None), ("team", Some("enabled"))]);
+    publish_registry(&env);
+    let fqdn = "reviews.default.svc.cluster.local";
+    let daemon = env.start_daemon(&[]);
+    // Each watch follows its first list within moments of ready.
+    std::thread::sleep(Duration::from_millis(500));
+    let settled = env.api.requests_total();
+
+    // New: a pod that starts after the daemon is ready is captured from its event.
+    let web = env.add_pod("web", "team", &[]);
+    let new = time_to_answer(&env, web, fqdn, REVIEWS_IP);
+    wait_policy_entries(&daemon, 1);
+
+    // Replaced: same name, a new UID (a StatefulSet's pod), its own namespace.
+    let replacement = env.replace_pod(web, &[]);
+    let replaced = time_to_answer(&env, replacement, fqdn, REVIEWS_IP);
+    wait_policy_entries(&daemon, 1);
+
+    // Namespace label: capture off for every pod of the namespace, then on again.
+    env.label_namespace("team", Some("disabled"));
+    let ns_off = time_to_answer(&env, replacement, fqdn, FAKE_A);
+    wait_policy_entries(&daemon, 0);
+    env.label_namespace("team", Some("enabled"));
+    let ns_on = time_to_answer(&env, replacement, fqdn, REVIEWS_IP);
+
+    // Annotation: the pod opts out while its namespace is on.
+    env.annotate(replacement, &[("dnsproxy.io/capture", "false")]);
+    let annotated = time_to_answer(&env, replacement, fqdn, FAKE_A);
+    env.annotate(replacement, &[]);
+    time_to_answer(&env, replacement, fqdn, REVIEWS_IP);
+
+    // Finished: its containers ended (a Job's pod): capture ends with it.
+    env.set_phase(replacement, "Succeeded", &[]);
+    let finished = time_to_answer(&env, replacement, fqdn, FAKE_A);
+    wait_policy_entries(&daemon, 0);
+
+    println!(
+        "captured after: new {new:?}, replaced {replaced:?}; released after: namespace label {ns_off:?}, \
+         annotation {annotated:?}, finished {finished:?}; namespace label on again {ns_on:?}"
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.contains("pod=team/web") && log.contains("DNS capture stopped"),
+        "{log}"
+    );
+    // Every change came through the watches opened at start: nothing was listed or
+    // watched again.
+    let requests = env.api.request_log();
+    assert_eq!(
+        env.api.requests_total(),
+        settled,
+        "requests after ready: {:?}",
+        &requests[settled.min(requests.len())..]
+    );
+}
+
+#[test]
+fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
+    if !privileged() {
+        return;
+    }
+    let env = NodeEnv::new(&[("vms", None), ("default", None)]);
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "vm", "namespace": "vms"},
+               "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
+                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                        "resolution": "STATIC", "workloadSelector": {"labels": {"app": "vm"}}}}),
+    );
+    // Pods of other nodes: one the selector selects, many it does not.
+    env.api.apply(
+        Resource::Pods,
+        api_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
+    );
+    env.api.apply_many(
+        Resource::Pods,
+        (0..500).map(|i| api_pod(&format!("web-{i}"), "default", "web", "10.3.0.1", true, 0)),
+    );
+    let daemon = env.start_daemon(&[]);
+    wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443"]);
+    let pod_requests: Vec<String> = env
+        .api
+        .request_log()
+        .into_iter()
+        .filter(|r| r.contains("/pods"))
+        .collect();
+    println!("Pod requests: {pod_requests:#?}");
+    for r in &pod_requests {
+        let own = r.contains("fieldSelector=spec.nodeName=node-a");
+        let selected = r.contains("/namespaces/vms/pods") && r.contains("labelSelector=app=vm");
+        assert!(
+            own || selected,
+            "a Pod request beyond this node and the selector: {r}"
+        );
+    }
+    // A selected pod's churn reaches the daemon through its selector's watch.
+    env.api.apply(
+        Resource::Pods,
+        api_pod("vm-2", "vms", "vm", "10.2.0.8", true, 0),
+    );
+    wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443", "10.2.0.8:443"]);
+    // The selector goes: its watch stops, and the entry has no backend.
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "vm", "namespace": "vms"},
+               "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
+                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                        "resolution": "STATIC", "workloadSelector": {"labels": {"app": "other"}}}}),
+    );
+    wait_backends(&daemon, "240.240.8.8", &[]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("workloadSelector gone: its Pod watch stops"),
+        "{}",
+        daemon.log_text()
+    );
 }

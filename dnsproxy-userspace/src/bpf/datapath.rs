@@ -263,7 +263,7 @@ async fn forward_kernel_logs(logger: KernelLogger) {
 /// The cookie of the daemon's own network namespace (read from a socket made for it).
 fn own_netns_cookie() -> std::io::Result<u64> {
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-    crate::netns::netns_cookie(&probe)
+    crate::capture::netns::netns_cookie(&probe)
 }
 
 /// The programs scan at most [`MAX_DNS_SERVERS`] slots: more servers are an error.

@@ -48,7 +48,15 @@ fn layer_of(module: &str) -> Option<usize> {
 /// The `dns` modules `source` uses: `super::m`, `crate::dns::m`, and the names in a
 /// `use super::{...}` group (for `fast/` and `handler/`, whose `super` is `dns` too).
 fn uses(source: &str) -> Vec<&'static str> {
-    let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+    let code: String = source
+        .split("#[cfg(test)]")
+        .next()
+        .unwrap_or(source)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let code = code.as_str();
     let mut found = Vec::new();
     for (module, _) in SOURCES {
         let direct = [format!("super::{module}"), format!("crate::dns::{module}")];

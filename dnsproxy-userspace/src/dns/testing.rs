@@ -8,10 +8,12 @@ use super::{
     inflight,
     metrics::Metrics,
 };
-use crate::registry::{
-    Registry, TableConfig,
-    allocator::VipAllocator,
-    manifest::{Objects, parse_into},
+use crate::{
+    registry::{
+        TableConfig,
+        manifest::{Objects, parse_into},
+    },
+    vip::{assign::in_memory_registry, translate::Translated},
 };
 
 pub(crate) const REGISTRY: &str = r"
@@ -91,18 +93,12 @@ pub(crate) fn handler_with_limits(
 ) -> Handler {
     let mut objects = Objects::default();
     parse_into(REGISTRY, &mut objects).unwrap();
-    let registry =
-        Registry::new(&objects, VipAllocator::in_memory(), TableConfig::default()).unwrap();
-    // As if the backend sync had found IPv6 addresses for aliyun.com only.
-    registry.set_ipv6_backed(["aliyun.com".to_owned()].into());
-    // As if the backend sync had written every VIP to the data path.
-    let vips = registry
-        .table()
-        .vip_services()
-        .iter()
-        .flat_map(|s| s.vips.clone())
-        .collect();
-    registry.set_programmed(vips);
+    let registry = in_memory_registry(&objects, TableConfig::default()).unwrap();
+    let translated = Translated::default();
+    // As if the backend sync had found IPv6 addresses for aliyun.com only, and written
+    // every VIP to the data path.
+    translated.set_ipv6_backed(["aliyun.com".to_owned()].into());
+    translated.assume_all_translated(&registry.table());
     let metrics = Arc::new(Metrics::new(
         &upstreams,
         &mut prometheus_client::registry::Registry::default(),
@@ -122,5 +118,5 @@ pub(crate) fn handler_with_limits(
         ttl: 30,
         vip_wait: Duration::from_millis(300),
     };
-    Handler::new(settings, Arc::new(registry), metrics)
+    Handler::new(settings, Arc::new(registry), Arc::new(translated), metrics)
 }

@@ -24,10 +24,7 @@ use std::{
         unix::net::UnixStream,
     },
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Mutex,
     time::Duration,
 };
 
@@ -122,7 +119,7 @@ pub struct Inventory {
     local: Option<Sockets>,
     pods: Mutex<HashMap<String, PodSockets>>,
     /// Set while a successor holds a copy: pod listeners are neither opened nor closed.
-    frozen: AtomicBool,
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Inventory {
@@ -140,7 +137,7 @@ impl Inventory {
             admin,
             local,
             pods: Mutex::new(HashMap::new()),
-            frozen: AtomicBool::new(false),
+            frozen: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -159,7 +156,13 @@ impl Inventory {
 
     /// True while a handoff is under way: pod listeners stay as they are.
     pub fn frozen(&self) -> bool {
-        self.frozen.load(Ordering::Acquire)
+        *self.frozen.borrow()
+    }
+
+    /// A receiver that wakes up when a handoff starts or ends (what waited on it can
+    /// go ahead when it ends without a successor).
+    pub fn subscribe_frozen(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.frozen.subscribe()
     }
 
     /// Sends the description and the descriptors (the pod table locked meanwhile, so
@@ -213,7 +216,7 @@ pub fn give(
     stream.set_write_timeout(Some(STEP_TIMEOUT))?;
     wire::expect_word(stream, wire::HELLO)?;
     let successor = wire::read_u32(stream)?;
-    inventory.frozen.store(true, Ordering::Release);
+    inventory.frozen.send_replace(true);
     let outcome = (|| {
         let pods = inventory.send(stream)?;
         tracing::info!(
@@ -229,7 +232,7 @@ pub fn give(
         Ok(Given::TakenOver { successor })
     })();
     if outcome.as_ref().map_or(true, |g| *g == Given::Abandoned) {
-        inventory.frozen.store(false, Ordering::Release);
+        inventory.frozen.send_replace(false);
     }
     outcome
 }
@@ -494,44 +497,19 @@ pub fn kill_unresponsive(pid: u32) -> bool {
     if pid == 0 || pid == std::process::id() {
         return false;
     }
-    let Ok(raw) = i32::try_from(pid) else {
-        return false;
-    };
     // A pidfd first: the checks and the kill then concern one process, even if the pid
     // were reused meanwhile.
-    // SAFETY: pidfd_open(2) on a pid; a negative result is an error.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-    let Ok(fd) = RawFd::try_from(fd) else {
+    let Ok(process) = crate::pidfd::Pidfd::open(pid) else {
         return false;
     };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "dnsproxy" {
+    if comm.trim() != "dnsproxy" || !process.is_alive() {
         return false;
     }
-    // SAFETY: pidfd_send_signal(2) on our pidfd, no siginfo.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
+    process.signal(libc::SIGKILL);
     // Its sockets are closed once every one of its threads has exited, which is when
     // the pidfd turns readable (its main thread alone may be a zombie earlier).
-    let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&raw mut poll, 1, 5000) };
+    process.wait_exited(5000);
     true
 }
 

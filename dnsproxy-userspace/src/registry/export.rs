@@ -5,7 +5,9 @@
 //! a union of them.
 use serde::Serialize;
 
-use super::manifest::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+
+use super::manifest::{Meta as _, ObjectMeta};
 
 /// The Service annotation that limits who sees it, comma-separated like `exportTo`.
 pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
@@ -48,10 +50,9 @@ impl Visibility {
 
     /// The annotation form: `".,team-b"`.
     pub fn from_annotation(meta: &ObjectMeta) -> Self {
-        meta.annotations
-            .get(EXPORT_TO_ANNOTATION)
+        meta.annotation(EXPORT_TO_ANNOTATION)
             .map_or(Visibility::All, |v| {
-                Visibility::parse(v.split(','), meta.namespace())
+                Visibility::parse(v.split(','), meta.ns())
             })
     }
 
@@ -73,18 +74,19 @@ impl Visibility {
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rank {
     untimed: bool,
-    created: String,
+    created: Timestamp,
     namespace: String,
     name: String,
 }
 
 impl Rank {
     pub fn of(meta: &ObjectMeta) -> Self {
+        let created = meta.creation_timestamp.as_ref().map(|t| t.0);
         Rank {
-            untimed: meta.creation_timestamp.is_none(),
-            created: meta.creation_timestamp.clone().unwrap_or_default(),
-            namespace: meta.namespace().to_owned(),
-            name: meta.name.clone(),
+            untimed: created.is_none(),
+            created: created.unwrap_or_default(),
+            namespace: meta.ns().to_owned(),
+            name: meta.name_str().to_owned(),
         }
     }
 }
@@ -141,9 +143,10 @@ mod tests {
     #[test]
     fn older_entries_first_then_namespace_and_name() {
         let meta = |ns: &str, name: &str, created: Option<&str>| ObjectMeta {
-            name: name.into(),
+            name: Some(name.into()),
             namespace: Some(ns.into()),
-            creation_timestamp: created.map(Into::into),
+            creation_timestamp: created
+                .map(|t| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t.parse().unwrap())),
             ..Default::default()
         };
         let old = Rank::of(&meta("z", "z", Some("2024-01-01T00:00:00Z")));

@@ -1,9 +1,20 @@
-//! Kubernetes and Istio objects as far as the name table needs them, in the shape of
-//! their JSON/YAML (camelCase). The same types are read from YAML files and, in node
-//! mode, from the Kubernetes API, so everything after the source is shared. Fields we
-//! do not use are tolerated, as kubectl does.
-use std::{collections::BTreeMap, net::IpAddr};
+//! The objects the name table is built from. Kubernetes kinds are k8s-openapi's own
+//! types (`Service`, `EndpointSlice`, `Pod`, `Namespace`); Istio's (`ServiceEntry`,
+//! `WorkloadEntry`, which k8s-openapi does not have) are typed here, with the same
+//! `ObjectMeta`, as far as the table reads them. The same types are read from YAML
+//! files (local mode) and from the Kubernetes API (node mode, `crate::state`), so
+//! everything after the source is shared. Fields we do not use are tolerated, as
+//! kubectl does.
+use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, sync::Arc};
 
+pub use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::core::{ApiResource, NamespaceResourceScope};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -35,31 +46,81 @@ pub enum ManifestError {
     BadAddress { name: String, address: String },
 }
 
-/// `metadata` of any object.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ObjectMeta {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    pub uid: Option<String>,
-    /// When the API server created it (RFC 3339); decides which of several entries
-    /// for one name wins.
-    #[serde(default)]
-    pub creation_timestamp: Option<String>,
+/// What the table reads of any object's `metadata`.
+pub trait Meta {
+    /// The namespace, `default` when unset (as kubectl applies it).
+    fn ns(&self) -> &str;
+    /// The name (empty when unset).
+    fn name_str(&self) -> &str;
+    /// The value of label `key`.
+    fn label(&self, key: &str) -> Option<&str>;
+    /// The value of annotation `key`.
+    fn annotation(&self, key: &str) -> Option<&str>;
+    /// Every label (none when unset).
+    fn label_map(&self) -> &BTreeMap<String, String>;
 }
 
-impl ObjectMeta {
-    /// The namespace, `default` when unset (as kubectl applies it).
-    pub fn namespace(&self) -> &str {
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+impl Meta for ObjectMeta {
+    fn ns(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
     }
+
+    fn name_str(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels.as_ref()?.get(key).map(String::as_str)
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+
+    fn label_map(&self) -> &BTreeMap<String, String> {
+        self.labels.as_ref().unwrap_or(&NO_LABELS)
+    }
+}
+
+/// `kube::Resource` for an Istio kind: its group and version come from the
+/// [`ApiResource`] the cluster serves (`v1`, else `v1beta1`).
+macro_rules! istio_resource {
+    ($ty:ty) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ApiResource;
+            type Scope = NamespaceResourceScope;
+
+            fn kind(dt: &ApiResource) -> Cow<'_, str> {
+                dt.kind.as_str().into()
+            }
+
+            fn group(dt: &ApiResource) -> Cow<'_, str> {
+                dt.group.as_str().into()
+            }
+
+            fn version(dt: &ApiResource) -> Cow<'_, str> {
+                dt.version.as_str().into()
+            }
+
+            fn api_version(dt: &ApiResource) -> Cow<'_, str> {
+                dt.api_version.as_str().into()
+            }
+
+            fn plural(dt: &ApiResource) -> Cow<'_, str> {
+                dt.plural.as_str().into()
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
 
 // === ServiceEntry ===
@@ -110,6 +171,15 @@ impl WorkloadSelector {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         !self.labels.is_empty() && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
+
+    /// The selector as the API's `labelSelector` parameter (`k=v,k2=v2`).
+    pub fn to_query(&self) -> String {
+        self.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// Istio `WorkloadEntry` (`networking.istio.io/v1`, `v1beta1`): a VM or other
@@ -122,6 +192,9 @@ pub struct WorkloadEntryObject {
     #[serde(default)]
     pub spec: WorkloadEntry,
 }
+
+istio_resource!(ServiceEntry);
+istio_resource!(WorkloadEntryObject);
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -190,7 +263,7 @@ impl ServiceEntry {
                 Some(Address::Range) => out.has_range = true,
                 None => {
                     return Err(ManifestError::BadAddress {
-                        name: format!("{}/{}", self.metadata.namespace(), self.metadata.name),
+                        name: format!("{}/{}", self.metadata.ns(), self.metadata.name_str()),
                         address: a.clone(),
                     });
                 }
@@ -217,12 +290,7 @@ impl ServiceEntry {
     /// not opted out by label (wildcards are excluded per host).
     pub fn wants_autoallocation(&self) -> bool {
         self.spec.resolution != Resolution::None
-            && self
-                .metadata
-                .labels
-                .get(AUTOALLOCATE_LABEL)
-                .map(String::as_str)
-                != Some("false")
+            && self.metadata.label(AUTOALLOCATE_LABEL) != Some("false")
     }
 }
 
@@ -270,30 +338,7 @@ pub fn parse_host_address(s: &str) -> Option<IpAddr> {
     }
 }
 
-// === Service ===
-
-/// Kubernetes `Service` (v1).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Service {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: ServiceSpec,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceSpec {
-    #[serde(default, rename = "type")]
-    pub type_: Option<String>,
-    #[serde(default, rename = "clusterIP")]
-    pub cluster_ip: Option<String>,
-    #[serde(default, rename = "clusterIPs")]
-    pub cluster_ips: Vec<String>,
-    #[serde(default)]
-    pub external_name: Option<String>,
-}
+// === Kubernetes kinds (k8s-openapi's types) ===
 
 /// What a Service resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,143 +351,77 @@ pub enum ServiceKind {
     ExternalName(String),
 }
 
-impl Service {
-    pub fn kind(&self) -> ServiceKind {
-        if self.spec.type_.as_deref() == Some("ExternalName")
-            && let Some(target) = &self.spec.external_name
-        {
-            return ServiceKind::ExternalName(target.trim_end_matches('.').to_ascii_lowercase());
-        }
-        let mut ips: Vec<&str> = self.spec.cluster_ips.iter().map(String::as_str).collect();
-        if ips.is_empty() {
-            ips.extend(self.spec.cluster_ip.as_deref());
-        }
-        if ips.is_empty() || ips.iter().any(|ip| ip.eq_ignore_ascii_case("none")) {
-            return ServiceKind::Headless;
-        }
-        ServiceKind::ClusterIp(ips.iter().filter_map(|ip| ip.parse().ok()).collect())
+/// What a Service resolves to.
+pub fn service_kind(svc: &Service) -> ServiceKind {
+    let Some(spec) = &svc.spec else {
+        return ServiceKind::Headless;
+    };
+    if spec.type_.as_deref() == Some("ExternalName")
+        && let Some(target) = &spec.external_name
+    {
+        return ServiceKind::ExternalName(target.trim_end_matches('.').to_ascii_lowercase());
     }
-}
-
-// === EndpointSlice ===
-
-/// Kubernetes `EndpointSlice` (discovery.k8s.io/v1).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct EndpointSlice {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub endpoints: Vec<Endpoint>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Endpoint {
-    #[serde(default)]
-    pub addresses: Vec<String>,
-    #[serde(default)]
-    pub conditions: EndpointConditions,
-    #[serde(default)]
-    pub hostname: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct EndpointConditions {
-    /// Unset means ready (the API's documented default).
-    #[serde(default)]
-    pub ready: Option<bool>,
+    let mut ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.as_deref());
+    }
+    if ips.is_empty() || ips.iter().any(|ip| ip.eq_ignore_ascii_case("none")) {
+        return ServiceKind::Headless;
+    }
+    ServiceKind::ClusterIp(ips.iter().filter_map(|ip| ip.parse().ok()).collect())
 }
 
 /// Label naming the Service an `EndpointSlice` belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-impl EndpointSlice {
-    pub fn service_name(&self) -> Option<&str> {
-        self.metadata
-            .labels
-            .get(SERVICE_NAME_LABEL)
-            .map(String::as_str)
-    }
+/// Label the `EndpointSlice` controller puts on the slices of headless Services: the
+/// only slices the table reads (a `ClusterIP` Service is answered with its `ClusterIP`).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// The Service an `EndpointSlice` belongs to.
+pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+    slice.metadata.label(SERVICE_NAME_LABEL)
 }
 
-// === Pod, Namespace (node mode: capture policy) ===
-
-/// Kubernetes `Pod` (v1), slimmed to what the capture policy reads.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Pod {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: PodSpec,
-    #[serde(default)]
-    pub status: PodStatus,
+/// Running with condition Ready: a backend for a `workloadSelector`.
+pub fn pod_is_ready(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    status.phase.as_deref() == Some("Running")
+        && status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodSpec {
-    #[serde(default)]
-    pub node_name: Option<String>,
-    #[serde(default)]
-    pub host_network: bool,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodStatus {
-    #[serde(default)]
-    pub phase: Option<String>,
-    #[serde(default, rename = "podIP")]
-    pub pod_ip: Option<String>,
-    #[serde(default)]
-    pub conditions: Vec<PodCondition>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PodCondition {
-    #[serde(default, rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub status: String,
-}
-
-impl Pod {
-    /// Running with condition Ready: a backend for a `workloadSelector`.
-    pub fn is_ready(&self) -> bool {
-        self.status.phase.as_deref() == Some("Running")
-            && self
-                .status
-                .conditions
-                .iter()
-                .any(|c| c.kind == "Ready" && c.status == "True")
-    }
-}
-
-/// Kubernetes `Namespace` (v1): its labels carry the namespace capture policy.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Namespace {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
+/// The pod's IP (its first, `status.podIP`).
+pub fn pod_ip(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.pod_ip.as_deref()
 }
 
 // === documents ===
 
-/// Every object the name table is built from.
+/// Every object the name table is built from, shared with the stores they come from
+/// (a reflector's, or the files just read).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
-    pub service_entries: Vec<ServiceEntry>,
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub service_entries: Vec<Arc<ServiceEntry>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Backends of `workloadSelector` entries.
-    pub workload_entries: Vec<WorkloadEntryObject>,
-    pub pods: Vec<Pod>,
+    pub workload_entries: Vec<Arc<WorkloadEntryObject>>,
+    /// Pods a `workloadSelector` selects.
+    pub pods: Vec<Arc<Pod>>,
 }
 
+/// What says which kind a document is, and its name for errors.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct TypeMeta {
@@ -451,7 +430,13 @@ struct TypeMeta {
     #[serde(default)]
     kind: String,
     #[serde(default)]
-    metadata: ObjectMeta,
+    metadata: NameOnly,
+}
+
+#[derive(Default, Deserialize)]
+struct NameOnly {
+    #[serde(default)]
+    name: Option<String>,
 }
 
 /// YAML as manifests mean it: only YAML 1.2 core booleans (`true`, `false`), so that
@@ -480,26 +465,30 @@ pub fn parse_into(text: &str, objects: &mut Objects) -> Result<usize, ManifestEr
     Ok(used)
 }
 
-fn add_value(index: usize, value: Value, objects: &mut Objects) -> Result<usize, ManifestError> {
+fn add_value(
+    index: usize,
+    mut value: Value,
+    objects: &mut Objects,
+) -> Result<usize, ManifestError> {
     if value.is_null() {
         return Ok(0);
     }
-    let meta: TypeMeta = serde_json::from_value(value.clone())
-        .map_err(|source| ManifestError::Object { index, source })?;
+    // Read from the document in place: it is converted once, into its kind.
+    let meta =
+        TypeMeta::deserialize(&value).map_err(|source| ManifestError::Object { index, source })?;
     let spec_err = |source| ManifestError::Spec {
         index,
         kind: meta.kind.clone(),
-        name: meta.metadata.name.clone(),
+        name: meta.metadata.name.clone().unwrap_or_default(),
         source,
     };
     let group = meta.api_version.split('/').next().unwrap_or("");
     match (group, meta.kind.as_str()) {
         (_, "List") => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_array())
-                .cloned()
-                .unwrap_or_default();
+            let items = match value.get_mut("items").map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             let mut used = 0;
             for item in items {
                 used += add_value(index, item, objects)?;
@@ -509,35 +498,31 @@ fn add_value(index: usize, value: Value, objects: &mut Objects) -> Result<usize,
         ("networking.istio.io", "ServiceEntry") => {
             let se: ServiceEntry = serde_json::from_value(value).map_err(spec_err)?;
             se.spec_addresses()?;
-            objects.service_entries.push(se);
+            objects.service_entries.push(Arc::new(se));
             Ok(1)
         }
         ("v1", "Service") => {
-            objects
-                .services
-                .push(serde_json::from_value(value).map_err(spec_err)?);
+            let svc = serde_json::from_value(value).map_err(spec_err)?;
+            objects.services.push(Arc::new(svc));
             Ok(1)
         }
         ("discovery.k8s.io", "EndpointSlice") => {
-            objects
-                .endpoint_slices
-                .push(serde_json::from_value(value).map_err(spec_err)?);
+            let slice = serde_json::from_value(value).map_err(spec_err)?;
+            objects.endpoint_slices.push(Arc::new(slice));
             Ok(1)
         }
         ("networking.istio.io", "WorkloadEntry") => {
-            objects
-                .workload_entries
-                .push(serde_json::from_value(value).map_err(spec_err)?);
+            let we = serde_json::from_value(value).map_err(spec_err)?;
+            objects.workload_entries.push(Arc::new(we));
             Ok(1)
         }
         ("v1", "Pod") => {
-            objects
-                .pods
-                .push(serde_json::from_value(value).map_err(spec_err)?);
+            let pod = serde_json::from_value(value).map_err(spec_err)?;
+            objects.pods.push(Arc::new(pod));
             Ok(1)
         }
         _ => {
-            tracing::debug!(kind = %meta.kind, name = %meta.metadata.name, "manifest object not used");
+            tracing::debug!(kind = %meta.kind, name = ?meta.metadata.name, "manifest object not used");
             Ok(0)
         }
     }
@@ -589,14 +574,14 @@ items:
             2
         );
         assert_eq!(
-            o.services[0].kind(),
+            service_kind(&o.services[0]),
             ServiceKind::ClusterIp(vec![
                 "10.0.0.5".parse().unwrap(),
                 "fd00::5".parse().unwrap()
             ])
         );
-        assert_eq!(o.endpoint_slices[0].service_name(), Some("db"));
-        assert_eq!(o.endpoint_slices[0].metadata.namespace(), "default");
+        assert_eq!(slice_service(&o.endpoint_slices[0]), Some("db"));
+        assert_eq!(o.endpoint_slices[0].metadata.ns(), "default");
     }
 
     #[test]
@@ -605,16 +590,21 @@ items:
         let text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: n, namespace: y, labels: {on: yes}}\nspec: {hosts: [a.b]}\n";
         assert_eq!(parse_into(text, &mut o).unwrap(), 1);
         let meta = &o.service_entries[0].metadata;
-        assert_eq!((meta.name.as_str(), meta.namespace()), ("n", "y"));
-        assert_eq!(meta.labels["on"], "yes");
+        assert_eq!((meta.name_str(), meta.ns()), ("n", "y"));
+        assert_eq!(meta.label("on"), Some("yes"));
     }
 
     #[test]
     fn service_kinds() {
         let svc = |yaml: &str| -> Service { from_yaml(yaml).unwrap() };
-        assert_eq!(svc("spec: {clusterIP: None}").kind(), ServiceKind::Headless);
         assert_eq!(
-            svc("spec: {type: ExternalName, externalName: Api.Example.COM.}").kind(),
+            service_kind(&svc("spec: {clusterIP: None}")),
+            ServiceKind::Headless
+        );
+        assert_eq!(
+            service_kind(&svc(
+                "spec: {type: ExternalName, externalName: Api.Example.COM.}"
+            )),
             ServiceKind::ExternalName("api.example.com".into())
         );
     }

@@ -1,5 +1,8 @@
-//! VIP → real address: what the data path's `dp_vips`/`dp_services` maps must hold
-//! (`plan`, pure), and the task that resolves backends and keeps the maps current
-//! (`sync`).
-pub mod plan;
-pub mod sync;
+//! Virtual IPs, in two halves a newcomer finds by their names:
+//!
+//! * `assign` — who gets a VIP: the hosts that need one, the slot each gets, kept
+//!   across restarts and agreed between nodes;
+//! * `translate` — what the kernel translates: the backends of every VIP, written to
+//!   the pinned maps, and what DNS may hand out because of it.
+pub mod assign;
+pub mod translate;

@@ -5,7 +5,7 @@
 //! address records (shuffled, as the handler does). No parsing into records, no
 //! encoding, no allocation, no task.
 //!
-//! A kept reply is valid for one table generation ([`crate::registry::Registry::answers_generation`])
+//! A kept reply is valid for one table generation ([`super::handler::Handler::answers_generation`])
 //! and one client context; it is only kept when it answers every client the same way
 //! for that key: at most 512 bytes (so no client's limit truncates it) and carrying the
 //! query's own question. Anything the strict query parser does not recognise goes to the

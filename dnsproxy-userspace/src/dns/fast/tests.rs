@@ -257,7 +257,7 @@ fn a_new_table_generation_or_context_empties_the_store() {
 fn the_registry_moves_the_generation_on_each_change_that_alters_answers() {
     let h = handler_with(vec![], false);
     let before = h.answers_generation();
-    h.registry()
+    h.translated()
         .set_ipv6_backed(std::collections::HashSet::new());
     assert!(h.answers_generation() > before);
 }

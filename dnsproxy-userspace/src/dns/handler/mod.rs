@@ -22,7 +22,7 @@ use super::{
     question::{Bits, Relay},
     upstream::{Refusal, Source, Upstream, UpstreamPath},
 };
-use crate::registry::Registry;
+use crate::{registry::Registry, vip::translate::Translated};
 
 /// Logs one query under target `dns`: at debug level, or at info level for a client
 /// whose pod asked for `dns:debug`, so its queries show without a global debug level.
@@ -46,6 +46,8 @@ macro_rules! answer_log {
 /// Answers queries.
 pub struct Handler {
     registry: Arc<Registry>,
+    /// What the data path translates: a VIP is answered only once it does.
+    translated: Arc<Translated>,
     upstream: UpstreamPath,
     ttl: u32,
     /// How long an answer may wait for its VIP to be translated.
@@ -123,7 +125,12 @@ pub struct Settings {
 impl Handler {
     /// The request path, assembled: admission, then the name table, then the cache,
     /// the in-flight bounds and merging, and the forwarder.
-    pub fn new(settings: Settings, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        settings: Settings,
+        registry: Arc<Registry>,
+        translated: Arc<Translated>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let forwarder = Arc::new(Forwarder::new(
             settings.upstreams,
             settings.upstream_timeout,
@@ -138,6 +145,7 @@ impl Handler {
         );
         Self {
             registry,
+            translated,
             upstream,
             ttl: settings.ttl,
             vip_wait: settings.vip_wait,
@@ -253,15 +261,17 @@ impl Handler {
         );
     }
 
-    /// The registry it answers from (tests change it under the handler).
+    /// What it knows is translated (tests change it under the handler).
     #[cfg(test)]
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.registry
+    pub(crate) fn translated(&self) -> &Translated {
+        &self.translated
     }
 
-    /// The generation of table answers (see [`Registry::answers_generation`]).
+    /// The generation of table answers: it moves after every change that can change
+    /// one (a new table, VIPs translated or not, hosts with IPv6 backends), once the
+    /// change is visible, so an answer kept under it is stale once it moves.
     pub fn answers_generation(&self) -> u64 {
-        self.registry.answers_generation()
+        self.registry.builds() + self.translated.generation()
     }
 
     /// The reply from the name table. Never hands out a VIP the data path does not
@@ -276,7 +286,7 @@ impl Handler {
     ) -> (Message, Outcome) {
         if untranslated.is_empty()
             || self
-                .registry
+                .translated
                 .wait_translated(untranslated, self.vip_wait)
                 .await
         {
@@ -391,7 +401,7 @@ impl Handler {
         let table = self.registry.current();
         let answer = local::answer(
             &table,
-            &self.registry.ipv6_backed(),
+            &self.translated.ipv6_backed(),
             question.name(),
             question.query_type(),
             ctx,
@@ -406,7 +416,7 @@ impl Handler {
                 _ => None,
             })
             .collect();
-        let untranslated = self.registry.untranslated(&table, &ips);
+        let untranslated = self.translated.untranslated(&table, &ips);
         Some((answer, untranslated))
     }
 

@@ -4,7 +4,7 @@
 //! objects keeps one entry per object, in precedence order; a client sees the one its
 //! namespace may see, its own namespace's first ([`super::export`]).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
@@ -12,11 +12,10 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    allocator::{AllocatorError, VipAllocator, Vips},
     export::{Rank, Visibility},
     manifest::{
-        Objects, Pod, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind, WorkloadEntry,
-        WorkloadSelector,
+        Meta as _, Objects, Pod, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind,
+        WorkloadEntry, WorkloadSelector, pod_ip, pod_is_ready, service_kind, slice_service,
     },
 };
 use crate::name::normalize;
@@ -41,6 +40,22 @@ impl Addrs {
         self.ipv4.is_empty() && self.ipv6.is_empty()
     }
 }
+
+/// A host's auto-allocated addresses (one slot: `240.240.a.b` and `2001:2::ab`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vips {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+impl Vips {
+    pub fn addrs(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.v4), IpAddr::V6(self.v6)]
+    }
+}
+
+/// Host → its auto-allocated VIPs, as `crate::vip::assign` assigned them.
+pub type Allocation = BTreeMap<String, Vips>;
 
 /// What a name resolves to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -179,22 +194,24 @@ impl Default for TableConfig {
 }
 
 impl NameTable {
-    /// Builds the table; auto-allocates VIPs for `ServiceEntry` hosts that need them.
-    pub fn build(
-        objects: &Objects,
-        allocator: &mut VipAllocator,
-        cfg: &TableConfig,
-    ) -> Result<Self, AllocatorError> {
+    /// A table without names.
+    pub fn empty(cfg: &TableConfig) -> Self {
+        NameTable {
+            cluster_domain: normalize(&cfg.cluster_domain),
+            ..Default::default()
+        }
+    }
+
+    /// Builds the table; `ServiceEntry` hosts without declared addresses get their
+    /// VIPs from `vips` (`crate::vip::assign` decides who gets which).
+    pub fn build(objects: &Objects, vips: &Allocation, cfg: &TableConfig) -> Self {
         let mut b = Builder {
-            table: NameTable {
-                cluster_domain: normalize(&cfg.cluster_domain),
-                ..Default::default()
-            },
+            table: NameTable::empty(cfg),
         };
         b.add_services(objects);
-        b.add_service_entries(objects, allocator)?;
+        b.add_service_entries(objects, vips);
         b.finish();
-        Ok(b.table)
+        b.table
     }
 
     /// The cluster domain (e.g. `cluster.local`).
@@ -405,14 +422,14 @@ impl Builder {
         // Ready endpoint addresses and hostnames per (namespace, service).
         let mut endpoints: HashMap<(String, String), Ready> = HashMap::new();
         for slice in &objects.endpoint_slices {
-            let Some(svc) = slice.service_name() else {
+            let Some(svc) = slice_service(slice) else {
                 continue;
             };
             let entry = endpoints
-                .entry((slice.metadata.namespace().to_owned(), svc.to_owned()))
+                .entry((slice.metadata.ns().to_owned(), svc.to_owned()))
                 .or_default();
             for ep in &slice.endpoints {
-                if ep.conditions.ready == Some(false) {
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                     continue;
                 }
                 for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
@@ -424,8 +441,8 @@ impl Builder {
             }
         }
         for svc in &objects.services {
-            let ns = svc.metadata.namespace();
-            let name = normalize(&svc.metadata.name);
+            let ns = svc.metadata.ns();
+            let name = normalize(svc.metadata.name_str());
             let fqdn = format!("{name}.{ns}.svc.{cd}");
             let owner = Owner {
                 source: format!("{SERVICE_SOURCE}{ns}/{name}").into(),
@@ -433,7 +450,7 @@ impl Builder {
                 export_to: Visibility::from_annotation(&svc.metadata),
                 rank: Arc::new(Rank::of(&svc.metadata)),
             };
-            match svc.kind() {
+            match service_kind(svc) {
                 ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &owner, true),
                 ServiceKind::Headless => {
                     let Some((ips, hostnames)) = endpoints.get(&(ns.to_owned(), name.clone()))
@@ -466,16 +483,11 @@ impl Builder {
         }
     }
 
-    fn add_service_entries(
-        &mut self,
-        objects: &Objects,
-        allocator: &mut VipAllocator,
-    ) -> Result<(), AllocatorError> {
-        let vips = allocate_vips(objects, allocator)?;
+    fn add_service_entries(&mut self, objects: &Objects, vips: &Allocation) {
         for se in &objects.service_entries {
-            let ns = se.metadata.namespace();
+            let ns = se.metadata.ns();
             let owner = Owner {
-                source: format!("ServiceEntry {ns}/{}", se.metadata.name).into(),
+                source: format!("ServiceEntry {ns}/{}", se.metadata.name_str()).into(),
                 namespace: ns.into(),
                 export_to: Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns),
                 rank: Arc::new(Rank::of(&se.metadata)),
@@ -486,10 +498,9 @@ impl Builder {
                 workloads: endpoints_of(se, objects).into(),
             };
             for host in &se.spec.hosts {
-                self.add_service_entry_host(se, &shared, &normalize(host), &vips, &owner);
+                self.add_service_entry_host(se, &shared, &normalize(host), vips, &owner);
             }
         }
-        Ok(())
     }
 
     /// One host of a `ServiceEntry`: its addresses (declared, else auto-allocated, else
@@ -499,7 +510,7 @@ impl Builder {
         se: &ServiceEntry,
         shared: &EntryShared,
         host: &str,
-        vips: &BTreeMap<String, Vips>,
+        vips: &Allocation,
         owner: &Owner,
     ) {
         let workloads = &shared.workloads;
@@ -551,23 +562,28 @@ struct EntryShared {
 }
 
 /// The namespace and selector of every `ServiceEntry` with a `workloadSelector`.
-pub fn workload_selectors(service_entries: &[ServiceEntry]) -> Vec<(String, WorkloadSelector)> {
+pub fn workload_selectors(
+    service_entries: &[Arc<ServiceEntry>],
+) -> Vec<(String, WorkloadSelector)> {
     service_entries
         .iter()
         .filter_map(|se| {
             let selector = se.spec.workload_selector.clone()?;
-            Some((se.metadata.namespace().to_owned(), selector))
+            Some((se.metadata.ns().to_owned(), selector))
         })
         .collect()
 }
 
 /// The Pods some `selectors` entry selects, ready or not: the only Pods the name table
 /// reads, so a change to any other Pod does not rebuild it.
-pub fn selectable_pods(pods: &[Pod], selectors: &[(String, WorkloadSelector)]) -> Vec<Pod> {
+pub fn selectable_pods(
+    pods: &[Arc<Pod>],
+    selectors: &[(String, WorkloadSelector)],
+) -> Vec<Arc<Pod>> {
     pods.iter()
         .filter(|p| {
             selectors.iter().any(|(ns, selector)| {
-                p.metadata.namespace() == ns && selector.matches(&p.metadata.labels)
+                p.metadata.ns() == ns && selector.matches(p.metadata.label_map())
             })
         })
         .cloned()
@@ -581,21 +597,21 @@ fn endpoints_of(se: &ServiceEntry, objects: &Objects) -> Vec<WorkloadEntry> {
     let Some(selector) = &se.spec.workload_selector else {
         return se.spec.endpoints.clone();
     };
-    let ns = se.metadata.namespace();
+    let ns = se.metadata.ns();
     let entries = objects
         .workload_entries
         .iter()
-        .filter(|w| w.metadata.namespace() == ns)
-        .filter(|w| selector.matches(&w.spec.labels) || selector.matches(&w.metadata.labels))
+        .filter(|w| w.metadata.ns() == ns)
+        .filter(|w| selector.matches(&w.spec.labels) || selector.matches(w.metadata.label_map()))
         .map(|w| w.spec.clone());
     let pods = objects
         .pods
         .iter()
-        .filter(|p| p.metadata.namespace() == ns && p.is_ready())
-        .filter(|p| selector.matches(&p.metadata.labels))
+        .filter(|p| p.metadata.ns() == ns && pod_is_ready(p))
+        .filter(|p| selector.matches(p.metadata.label_map()))
         .filter_map(|p| {
             Some(WorkloadEntry {
-                address: p.status.pod_ip.clone()?,
+                address: pod_ip(p)?.to_owned(),
                 ..Default::default()
             })
         });
@@ -611,37 +627,6 @@ fn declared_addresses(se: &ServiceEntry, host: &str) -> Vec<IpAddr> {
     } else {
         spec.single
     }
-}
-
-/// Auto-allocates VIPs for the hosts that need one ([`vip_demand`]).
-fn allocate_vips(
-    objects: &Objects,
-    allocator: &mut VipAllocator,
-) -> Result<BTreeMap<String, Vips>, AllocatorError> {
-    let (wanted, reserved) = vip_demand(objects);
-    allocator.sync(&wanted, &reserved)
-}
-
-/// The hosts that need an auto-allocated VIP (no declared address, allocation not
-/// turned off, not a wildcard), and every declared address (spec or status), which no
-/// allocated VIP may take.
-pub fn vip_demand(objects: &Objects) -> (BTreeSet<String>, HashSet<IpAddr>) {
-    let mut wanted = BTreeSet::new();
-    let mut reserved = HashSet::new();
-    for se in &objects.service_entries {
-        let spec = se.spec_addresses().unwrap_or_default();
-        reserved.extend(&spec.single);
-        for host in se.spec.hosts.iter().map(|h| normalize(h)) {
-            let status = se.status_addresses(&host);
-            // A CIDR is declared too: such an entry never gets a VIP.
-            let declared = !spec.is_empty() || !status.is_empty();
-            reserved.extend(status);
-            if !declared && se.wants_autoallocation() && !host.starts_with("*.") {
-                wanted.insert(host);
-            }
-        }
-    }
-    (wanted, reserved)
 }
 
 #[cfg(test)]

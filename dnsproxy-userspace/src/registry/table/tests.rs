@@ -1,5 +1,14 @@
 use super::*;
-use crate::registry::manifest::parse_into;
+use crate::{
+    registry::manifest::parse_into,
+    vip::assign::{Assignment, Demand, VipAllocator},
+};
+
+/// The table of `objects`, with VIPs from `assignment`.
+fn build_with(objects: &Objects, assignment: &mut Assignment) -> NameTable {
+    let vips = assignment.allocate(&Demand::of(objects)).unwrap();
+    NameTable::build(objects, &vips, &TableConfig::default())
+}
 
 const OBJECTS: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -71,12 +80,7 @@ spec: {type: ExternalName, externalName: aliyun.com}
 fn table() -> NameTable {
     let mut objects = Objects::default();
     parse_into(OBJECTS, &mut objects).unwrap();
-    NameTable::build(
-        &objects,
-        &mut VipAllocator::in_memory(),
-        &TableConfig::default(),
-    )
-    .unwrap()
+    build_with(&objects, &mut Assignment::local(VipAllocator::in_memory()))
 }
 
 fn v4s(h: &Host) -> Vec<String> {
@@ -271,15 +275,11 @@ fn addresses_by_kind() {
 fn other_entries_do_not_move_a_vip() {
     let mut objects = Objects::default();
     parse_into(OBJECTS, &mut objects).unwrap();
-    let mut alloc = VipAllocator::in_memory();
-    let cfg = TableConfig::default();
-    let before = v4s(NameTable::build(&objects, &mut alloc, &cfg)
-        .unwrap()
-        .get("aliyun.com")
-        .unwrap());
+    let mut alloc = Assignment::local(VipAllocator::in_memory());
+    let before = v4s(build_with(&objects, &mut alloc).get("aliyun.com").unwrap());
     objects
         .service_entries
-        .retain(|se| se.metadata.name != "alibabacloud");
+        .retain(|se| se.metadata.name.as_deref() != Some("alibabacloud"));
     let mut more = Objects::default();
     parse_into(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: n}\nspec: {hosts: [a.new, b.new, c.new], resolution: DNS}\n",
@@ -287,22 +287,14 @@ fn other_entries_do_not_move_a_vip() {
     )
     .unwrap();
     objects.service_entries.extend(more.service_entries);
-    let after = v4s(NameTable::build(&objects, &mut alloc, &cfg)
-        .unwrap()
-        .get("aliyun.com")
-        .unwrap());
+    let after = v4s(build_with(&objects, &mut alloc).get("aliyun.com").unwrap());
     assert_eq!(before, after);
 }
 
 fn build(yaml: &str) -> NameTable {
     let mut objects = Objects::default();
     parse_into(yaml, &mut objects).unwrap();
-    NameTable::build(
-        &objects,
-        &mut VipAllocator::in_memory(),
-        &TableConfig::default(),
-    )
-    .unwrap()
+    build_with(&objects, &mut Assignment::local(VipAllocator::in_memory()))
 }
 
 #[test]
@@ -488,7 +480,7 @@ fn only_pods_a_workload_selector_selects_are_read_ready_or_not() {
     assert_eq!(selectors.len(), 1);
     let names: Vec<String> = selectable_pods(&objects.pods, &selectors)
         .into_iter()
-        .map(|p| p.metadata.name)
+        .filter_map(|p| p.metadata.name.clone())
         .collect();
     assert_eq!(names, ["ready", "starting"]);
     assert!(selectable_pods(&objects.pods, &[]).is_empty());

@@ -10,7 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::vip_state::{self, SLOTS};
+use super::state_file::{self, SLOTS};
+use crate::registry::table::Vips;
 
 /// Errors of the allocator.
 #[derive(Debug, thiserror::Error)]
@@ -20,24 +21,12 @@ pub enum AllocatorError {
     Exhausted { host: String },
 }
 
-/// A host's auto-allocated addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Vips {
-    pub v4: Ipv4Addr,
-    pub v6: Ipv6Addr,
-}
-
-impl Vips {
-    fn from_slot(slot: u32) -> Self {
-        let [_, _, hi, lo] = slot.to_be_bytes();
-        Vips {
-            v4: Ipv4Addr::new(240, 240, hi, lo),
-            v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, slot as u16),
-        }
-    }
-
-    pub fn addrs(&self) -> [IpAddr; 2] {
-        [IpAddr::V4(self.v4), IpAddr::V6(self.v6)]
+/// The addresses of `slot`: `240.240.a.b` and `2001:2::ab`.
+fn vips_of(slot: u32) -> Vips {
+    let [_, _, hi, lo] = slot.to_be_bytes();
+    Vips {
+        v4: Ipv4Addr::new(240, 240, hi, lo),
+        v6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, slot as u16),
     }
 }
 
@@ -83,7 +72,7 @@ pub fn allocate(
         .collect();
     for host in &claimed {
         let slot = hosts.remove(host).unwrap_or_default();
-        tracing::warn!(%host, vip = %Vips::from_slot(slot).v4, "a declared address claims this auto-allocated VIP: the host moves to a free one");
+        tracing::warn!(%host, vip = %vips_of(slot).v4, "a declared address claims this auto-allocated VIP: the host moves to a free one");
     }
     let mut taken: HashSet<u32> = hosts.values().copied().collect();
     taken.extend(&reserved_slots);
@@ -124,7 +113,7 @@ impl VipAllocator {
     /// allocated again, and a warning names the file.
     pub fn load(state_dir: &Path) -> Self {
         let path = state_dir.join("vips.json");
-        let loaded = vip_state::read(&path);
+        let loaded = state_file::read(&path);
         if let Some(damage) = &loaded.damage {
             tracing::warn!(
                 path = %path.display(),
@@ -155,7 +144,7 @@ impl VipAllocator {
         Ok(self
             .hosts
             .iter()
-            .map(|(h, s)| (h.clone(), Vips::from_slot(*s)))
+            .map(|(h, s)| (h.clone(), vips_of(*s)))
             .collect())
     }
 
@@ -184,7 +173,7 @@ impl VipAllocator {
         let Some(path) = &self.state_path else {
             return;
         };
-        if let Err(e) = vip_state::write(path, &self.hosts) {
+        if let Err(e) = state_file::write(path, &self.hosts) {
             tracing::warn!(path = %path.display(), error = %crate::report(&e), "cannot persist VIP allocations");
         }
     }

@@ -18,8 +18,11 @@ use hickory_proto::{
 };
 use tokio::time::Instant;
 
-use super::plan::{
-    Backends, Capacity, Plan, ServiceKeyOrd, backends_of, names_to_resolve, plan, service_value,
+use super::{
+    Translated,
+    plan::{
+        Backends, Capacity, Plan, ServiceKeyOrd, backends_of, names_to_resolve, plan, service_value,
+    },
 };
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
@@ -63,6 +66,8 @@ fn refresh_after(ttl: u32) -> Duration {
 /// The task.
 pub struct BackendSync {
     pub registry: Arc<Registry>,
+    /// Where DNS learns what translates.
+    pub translated: Arc<Translated>,
     pub forwarder: Arc<Forwarder>,
     pub pin_dir: PathBuf,
     /// How long a gone host's VIP keeps translating (twice the TTL clients are told).
@@ -331,7 +336,7 @@ impl BackendSync {
         let mut desired = plan(services, &addrs);
         state.keep_retired(&mut desired, self.retire_after, Instant::now());
         let dropped = desired.fit(self.capacity);
-        if dropped != self.registry.vips_left_out() {
+        if dropped != self.translated.left_out() {
             tracing::warn!(
                 left_out = dropped,
                 max_vips = self.capacity.vips,
@@ -339,8 +344,8 @@ impl BackendSync {
                 "the VIP translation maps are full: VIPs past them (in address order) do not translate; raise --max-vips / --max-vip-services"
             );
         }
-        self.registry.set_vips_left_out(dropped);
-        self.registry.set_ipv6_backed(desired.ipv6_backed.clone());
+        self.translated.set_left_out(dropped);
+        self.translated.set_ipv6_backed(desired.ipv6_backed.clone());
         if desired != state.written {
             match write(&self.pin_dir, &state.written, &desired) {
                 Ok(()) => {
@@ -357,7 +362,7 @@ impl BackendSync {
                 ),
             }
         }
-        self.registry
+        self.translated
             .set_programmed(state.written.vips.keys().copied().collect());
     }
 }

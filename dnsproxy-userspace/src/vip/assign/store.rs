@@ -17,7 +17,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 
-use crate::registry::{allocator, vip_state};
+use super::{allocator, state_file};
 
 /// The key of the ConfigMap that holds the allocations.
 pub const KEY: &str = "vips.json";
@@ -120,7 +120,7 @@ impl VipStore {
         current: Option<ConfigMap>,
         slots: &BTreeMap<String, u32>,
     ) -> Result<(), kube::Error> {
-        let data = BTreeMap::from([(KEY.to_owned(), vip_state::encode(slots))]);
+        let data = BTreeMap::from([(KEY.to_owned(), state_file::encode(slots))]);
         let params = PostParams::default();
         if let Some(mut cm) = current {
             cm.data = Some(data);
@@ -143,8 +143,8 @@ impl VipStore {
 /// it was never written.
 fn stored_slots(cm: &ConfigMap) -> Option<BTreeMap<String, u32>> {
     let text = cm.data.as_ref()?.get(KEY)?;
-    Some(vip_state::parse(text).unwrap_or_else(|e| {
+    Some(state_file::parse(text).unwrap_or_else(|e| {
         tracing::warn!(error = %crate::report(&e), "the VIP store is damaged: keeping what it still holds");
-        vip_state::salvage(text)
+        state_file::salvage(text)
     }))
 }

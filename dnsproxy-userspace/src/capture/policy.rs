@@ -3,7 +3,7 @@
 //! most specific setting wins.
 use serde::Deserialize;
 
-use crate::registry::manifest::{Namespace, Pod, from_yaml};
+use crate::registry::manifest::{Meta as _, Namespace, Pod, from_yaml};
 
 /// Pod annotation: `"true"` / `"false"`.
 pub const POD_ANNOTATION: &str = "dnsproxy.io/capture";
@@ -44,13 +44,13 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// Decides for `pod` in `namespace` (None when the Namespace is not known yet).
 pub fn decide(pod: &Pod, namespace: Option<&Namespace>, capture_default: bool) -> PodPolicy {
-    let annotations = &pod.metadata.annotations;
-    let proxy_metadata = annotations
-        .get(ISTIO_PROXY_CONFIG)
+    let meta = &pod.metadata;
+    let proxy_metadata = meta
+        .annotation(ISTIO_PROXY_CONFIG)
         .and_then(|yaml| match from_yaml::<ProxyConfig>(yaml) {
             Ok(cfg) => Some(cfg.proxy_metadata),
             Err(e) => {
-                tracing::warn!(pod = %pod.metadata.name, error = %e, "unreadable {ISTIO_PROXY_CONFIG} annotation: ignored");
+                tracing::warn!(pod = %meta.name_str(), error = %e, "unreadable {ISTIO_PROXY_CONFIG} annotation: ignored");
                 None
             }
         })
@@ -59,8 +59,8 @@ pub fn decide(pod: &Pod, namespace: Option<&Namespace>, capture_default: bool) -
         .get("ISTIO_META_DNS_AUTO_ALLOCATE")
         .and_then(|v| parse_bool(v))
         .unwrap_or(true);
-    let dns_debug = annotations
-        .get(ISTIO_LOG_LEVEL)
+    let dns_debug = meta
+        .annotation(ISTIO_LOG_LEVEL)
         .is_some_and(|levels| levels.split(',').any(|l| l.trim() == "dns:debug"));
     let policy = |capture, decided_by| PodPolicy {
         capture,
@@ -69,14 +69,15 @@ pub fn decide(pod: &Pod, namespace: Option<&Namespace>, capture_default: bool) -
         dns_debug,
     };
 
-    if pod.spec.host_network {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         // Its network namespace is the node's: capturing it would capture the node.
         return policy(false, "hostNetwork");
     }
-    if pod.status.phase.as_deref() != Some("Running") {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if phase != Some("Running") {
         return policy(false, "not running");
     }
-    if let Some(v) = annotations.get(POD_ANNOTATION).and_then(|v| parse_bool(v)) {
+    if let Some(v) = meta.annotation(POD_ANNOTATION).and_then(parse_bool) {
         return policy(v, "pod annotation");
     }
     if let Some(v) = proxy_metadata
@@ -86,8 +87,8 @@ pub fn decide(pod: &Pod, namespace: Option<&Namespace>, capture_default: bool) -
         return policy(v, "istio proxyMetadata");
     }
     if let Some(v) = namespace
-        .and_then(|ns| ns.metadata.labels.get(NAMESPACE_LABEL))
-        .and_then(|v| parse_bool(v))
+        .and_then(|ns| ns.metadata.label(NAMESPACE_LABEL))
+        .and_then(parse_bool)
     {
         return policy(v, "namespace label");
     }
@@ -105,7 +106,7 @@ mod tests {
     fn ns(label: Option<&str>) -> Namespace {
         let mut n = Namespace::default();
         if let Some(v) = label {
-            n.metadata.labels.insert(NAMESPACE_LABEL.into(), v.into());
+            n.metadata.labels = Some([(NAMESPACE_LABEL.into(), v.into())].into());
         }
         n
     }

@@ -1,0 +1,123 @@
+//! The Pods that back `workloadSelector` entries, wherever they run: one watch per
+//! distinct (namespace, selector), label-selected by the API server, so the daemon
+//! holds and hears of only the Pods some visible entry selects — never the rest of
+//! the cluster's. Watches start when an entry brings a new selector and stop when no
+//! entry has it any more.
+use std::{collections::HashMap, sync::Arc};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    runtime::{reflector::Store, watcher},
+};
+use tokio::{
+    sync::mpsc,
+    task::{AbortHandle, JoinSet},
+};
+
+use super::{
+    trim,
+    watch::{self, Signal},
+};
+use crate::registry::manifest::{Meta as _, WorkloadSelector};
+
+/// One selector's watch: its store, and the task that feeds it.
+struct SelectorWatch {
+    selector: WorkloadSelector,
+    store: Store<Pod>,
+    task: AbortHandle,
+}
+
+/// The watches of every distinct selector.
+pub(super) struct SelectedPods {
+    client: Client,
+    signals: mpsc::Sender<Signal>,
+    /// By (namespace, `labelSelector`).
+    watches: HashMap<(String, String), SelectorWatch>,
+    tasks: JoinSet<()>,
+}
+
+impl SelectedPods {
+    pub(super) fn new(client: Client, signals: mpsc::Sender<Signal>) -> Self {
+        SelectedPods {
+            client,
+            signals,
+            watches: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Watches exactly the distinct `selectors` (namespace, selector): new ones start,
+    /// those no entry has any more stop. Returns how many started.
+    pub(super) fn follow(&mut self, selectors: &[(String, WorkloadSelector)]) -> usize {
+        let wanted: HashMap<(String, String), &WorkloadSelector> = selectors
+            .iter()
+            .filter(|(_, s)| !s.labels.is_empty())
+            .map(|(ns, s)| ((ns.clone(), s.to_query()), s))
+            .collect();
+        self.watches.retain(|key, w| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                tracing::info!(namespace = %key.0, selector = %key.1, "workloadSelector gone: its Pod watch stops");
+                w.task.abort();
+            }
+            keep
+        });
+        // Reap the tasks stopped above (and any that ended).
+        while self.tasks.try_join_next().is_some() {}
+        let mut started = 0;
+        for (key, selector) in wanted {
+            if self.watches.contains_key(&key) {
+                continue;
+            }
+            tracing::info!(namespace = %key.0, selector = %key.1, "watching the Pods of a workloadSelector");
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
+            let spec = watch::Spec {
+                api,
+                config: watcher::Config::default().labels(&key.1),
+                dyntype: (),
+                trim: trim::selected_pod,
+                signal: |_| Signal::Table,
+                kind: "selected Pods",
+            };
+            let (store, task) = watch::reflect(spec, self.signals.clone(), &mut self.tasks);
+            self.watches.insert(
+                key,
+                SelectorWatch {
+                    selector: selector.clone(),
+                    store,
+                    task,
+                },
+            );
+            started += 1;
+        }
+        started
+    }
+
+    /// Waits until every watch holds its first list.
+    pub(super) async fn synced(&self) {
+        for w in self.watches.values() {
+            let _ = w.store.wait_until_ready().await;
+        }
+    }
+
+    /// Every Pod a selector selects (in the selector's namespace, all its labels on
+    /// the Pod), once each.
+    pub(super) fn pods(&self) -> Vec<Arc<Pod>> {
+        let mut by_key: HashMap<(String, String), Arc<Pod>> = HashMap::new();
+        for ((ns, _), w) in &self.watches {
+            for pod in w.store.state() {
+                if pod.metadata.ns() == ns && w.selector.matches(pod.metadata.label_map()) {
+                    let key = (ns.clone(), pod.metadata.name_str().to_owned());
+                    by_key.insert(key, pod);
+                }
+            }
+        }
+        by_key.into_values().collect()
+    }
+
+    /// Pods watched now, for logs.
+    pub(super) fn watches(&self) -> usize {
+        self.watches.len()
+    }
+}
