@@ -93,8 +93,9 @@ struct Settings {
     args: RunArgs,
     /// `Some` in node mode.
     cluster: Option<ClusterSettings>,
-    /// Local mode's manifests at start (node mode reads the API instead).
-    objects: Objects,
+    /// Local mode's manifests at start (node mode reads the API instead), until the
+    /// first table is built from them: they are not kept after.
+    objects: Option<Objects>,
     cgroup: PathBuf,
     dns_servers: Vec<IpAddr>,
     upstreams: Vec<SocketAddr>,
@@ -133,7 +134,7 @@ impl Settings {
         Ok(Settings {
             args,
             cluster,
-            objects,
+            objects: Some(objects),
             cgroup,
             dns_servers,
             upstreams,
@@ -219,7 +220,7 @@ impl Settings {
     /// The registry, with local mode's table built (node mode's comes with the first
     /// sync), and the assignment of VIPs that rebuilds it: agreed through the VIP
     /// store in node mode (unless `--vip-store ""`), this daemon's alone in local mode.
-    fn registry(&self) -> anyhow::Result<(Registry, Assignment)> {
+    fn registry(&mut self) -> anyhow::Result<(Registry, Assignment)> {
         let allocator = VipAllocator::load(&self.args.state_dir);
         let registry = Registry::new(TableConfig {
             cluster_domain: self.args.cluster_domain.clone(),
@@ -234,8 +235,10 @@ impl Settings {
             Some(store) => Assignment::agreed_through(allocator, store),
             None => Assignment::local(allocator),
         };
-        if !self.node() {
-            assignment.rebuild(&registry, &self.objects)?;
+        if let Some(objects) = self.objects.take()
+            && !self.node()
+        {
+            assignment.rebuild(&registry, &objects)?;
         }
         Ok((registry, assignment))
     }
@@ -363,7 +366,7 @@ struct OpenSockets {
 }
 
 impl Daemon {
-    async fn start(settings: Settings, start: Start) -> anyhow::Result<Self> {
+    async fn start(mut settings: Settings, start: Start) -> anyhow::Result<Self> {
         let counters = handoff::Counters::default();
         let (mut taken, predecessor) = match start {
             Start::Fresh => (None, false),
@@ -638,9 +641,15 @@ impl Daemon {
         self.until(vips_synced)
             .await
             .context("first sync of the VIP backends")?;
-        self.admin.ready.store(true, Ordering::Release);
+        // What start-up freed goes back to the system before the daemon says ready.
         crate::memory::release_free();
-        tracing::info!(dns_servers = ?self.settings.dns_servers, cgroup = %self.settings.cgroup.display(), "ready");
+        self.admin.ready.store(true, Ordering::Release);
+        tracing::info!(
+            dns_servers = ?self.settings.dns_servers,
+            cgroup = %self.settings.cgroup.display(),
+            heap_bytes = crate::memory::heap_in_use(),
+            "ready"
+        );
         Ok(())
     }
 

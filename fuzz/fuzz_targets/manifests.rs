@@ -26,13 +26,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let table = NameTable::build(&objects, &vips, &TableConfig::default());
-    let mut owners: HashMap<std::net::IpAddr, (&str, &str)> = HashMap::new();
+    let mut owners: HashMap<std::net::IpAddr, (&str, String)> = HashMap::new();
     for service in table.vip_services() {
         for vip in &service.vips {
-            if let Some((host, source)) = owners.insert(*vip, (&service.host, &service.source)) {
+            let source = service.owner.source();
+            if let Some((host, other)) = owners.insert(*vip, (&service.host, source.clone())) {
                 // Two entries may declare one address for one host; two hosts never share.
                 assert!(
-                    host == service.host || source != &*service.source,
+                    host == &*service.host || other != source,
                     "{vip} given to {host} and {}",
                     service.host
                 );

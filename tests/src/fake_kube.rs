@@ -170,6 +170,22 @@ impl Default for Options {
     }
 }
 
+/// Writes objects into a running server, from any thread.
+#[derive(Clone)]
+pub struct Writer(Shared);
+
+impl Writer {
+    /// Creates or replaces each of `objs` (one lock, one wake-up of the watches).
+    pub fn apply_many(&self, resource: Resource, objs: impl IntoIterator<Item = Value>) {
+        let (lock, cv) = &*self.0;
+        let mut st = lock.lock().unwrap();
+        for obj in objs {
+            store_locked(&mut st, resource, obj);
+        }
+        cv.notify_all();
+    }
+}
+
 /// The server; stops when dropped.
 pub struct FakeKube {
     pub addr: SocketAddr,
@@ -250,12 +266,12 @@ impl FakeKube {
 
     /// [`FakeKube::apply`] of many objects at once (one lock, one wake-up).
     pub fn apply_many(&self, resource: Resource, objs: impl IntoIterator<Item = Value>) {
-        let (lock, cv) = &*self.shared;
-        let mut st = lock.lock().unwrap();
-        for obj in objs {
-            store_locked(&mut st, resource, obj);
-        }
-        cv.notify_all();
+        self.writer().apply_many(resource, objs);
+    }
+
+    /// A handle that writes objects from another thread.
+    pub fn writer(&self) -> Writer {
+        Writer(Arc::clone(&self.shared))
     }
 
     /// An object as stored (with its resourceVersion).

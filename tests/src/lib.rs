@@ -26,7 +26,7 @@ pub use env::{TestEnv, captured_command};
 pub use fake_dns::FakeDns;
 pub use fake_kube::{FakeKube, Resource};
 pub use netns::{Netns, bind_in};
-pub use node::{FakePod, NodeEnv};
+pub use node::{FakePod, NodeEnv, remote_pod};
 pub(crate) use process::must;
 pub use process::{run_with_timeout, stdout};
 pub use servers::{BannerServer, Signal, UdpEcho};
@@ -73,6 +73,28 @@ pub fn scale_registry(hosts: usize) -> String {
          resolution: STATIC\n  endpoints: [{{address: 203.0.113.10}}]\n",
         names.join(", ")
     )
+}
+
+/// A registry of `hosts` ServiceEntries (`e<i>`) of one host each (`h<i>.scale.example`,
+/// STATIC, one endpoint of its own in 198.18.0.0/15, an auto-allocated VIP), in 100
+/// namespaces: the shape clusters have.
+pub fn entry_per_host_registry(hosts: usize) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(hosts * 230);
+    for i in 0..hosts {
+        let _ = write!(
+            text,
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: e{i}, namespace: ns-{}}}\n\
+             spec: {{hosts: [h{i}.scale.example], ports: [{{number: 443, name: tls, protocol: TLS}}], \
+             resolution: STATIC, endpoints: [{{address: 198.{}.{}.{}}}]}}\n",
+            i % 100,
+            18 + i / 65_536,
+            (i / 256) % 256,
+            i % 256
+        );
+    }
+    text
 }
 
 /// For tests that load both cores on purpose: one at a time within their test binary,

@@ -69,6 +69,31 @@ fn wait_in_cgroup(cgroup: &Cgroup) {
     }
 }
 
+/// A Pod of another node, as the API serves it (no process behind it): labelled
+/// `app`, with IP `ip`, Ready or not, and an annotation that `generation` changes.
+pub fn remote_pod(
+    name: &str,
+    namespace: &str,
+    app: &str,
+    ip: &str,
+    ready: bool,
+    generation: u32,
+) -> Value {
+    json!({"metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"),
+                        "labels": {"app": app, "pod-template-hash": "5d8f7c9b4"},
+                        "annotations": {"generation": generation.to_string()}},
+           "spec": {"nodeName": "another-node", "serviceAccountName": "default",
+                    "containers": [{"name": "app", "image": format!("registry.example/{app}:1.0"),
+                                    "ports": [{"containerPort": 8080}],
+                                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}]},
+           "status": {"phase": "Running", "podIP": ip, "hostIP": "192.168.0.2",
+                      "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }},
+                                     {"type": "PodScheduled", "status": "True"}],
+                      "containerStatuses": [{"name": "app", "image": format!("registry.example/{app}:1.0"),
+                                             "imageID": "", "ready": ready, "restartCount": 0,
+                                             "containerID": format!("containerd://{name}")}]}})
+}
+
 /// Everything of one node-mode test.
 pub struct NodeEnv {
     pub pods: Vec<FakePod>,
@@ -92,10 +117,18 @@ impl NodeEnv {
     /// Node netns, root cgroup, fake DNS and API with the given namespaces
     /// (name, capture label or none).
     pub fn new(namespaces: &[(&str, Option<&str>)]) -> Self {
+        Self::with_api(namespaces, crate::fake_kube::Options::default())
+    }
+
+    /// [`NodeEnv::new`] with an API server that behaves as `options` say.
+    pub fn with_api(
+        namespaces: &[(&str, Option<&str>)],
+        options: crate::fake_kube::Options,
+    ) -> Self {
         let node = Netns::new();
         let root = Cgroup::new();
         let fake = FakeDns::start(&node);
-        let api = FakeKube::start(&node);
+        let api = FakeKube::start_with(&node, options);
         let dir = std::env::temp_dir().join(unique_name("k"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
@@ -135,6 +168,14 @@ impl NodeEnv {
     /// Creates a pod (netns, cgroup, process) and publishes it in the API; returns its
     /// index in `pods`.
     pub fn add_pod(&mut self, name: &str, namespace: &str, annotations: &[(&str, &str)]) -> usize {
+        let pod = self.start_pod(name, namespace);
+        self.annotate(pod, annotations);
+        pod
+    }
+
+    /// Creates a pod's netns, cgroup and process, as the runtime does before the
+    /// kubelet reports the pod Running, without publishing it; returns its index.
+    pub fn start_pod(&mut self, name: &str, namespace: &str) -> usize {
         let netns = Netns::new();
         let fake = FakeDns::start(&netns);
         let uid = uid();
@@ -151,8 +192,6 @@ impl NodeEnv {
             netns,
         };
         wait_in_cgroup(&pod.cgroup);
-        self.api
-            .apply(Resource::Pods, Self::pod_object(&pod, annotations));
         self.pods.push(pod);
         self.pods.len() - 1
     }

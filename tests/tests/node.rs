@@ -573,22 +573,6 @@ fn metric_value(metrics: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
-/// A Pod of another node, as the API serves it (no process behind it).
-fn api_pod(
-    name: &str,
-    namespace: &str,
-    app: &str,
-    ip: &str,
-    ready: bool,
-    generation: u32,
-) -> serde_json::Value {
-    json!({"metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
-                        "labels": {"app": app}, "annotations": {"generation": generation.to_string()}},
-           "spec": {"nodeName": "another-node"},
-           "status": {"phase": "Running", "podIP": ip,
-                      "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
-}
-
 fn table_builds(env: &NodeEnv) -> u64 {
     metric_value(&env.metrics(), "dnsproxy_name_table_builds_total")
 }
@@ -623,11 +607,11 @@ fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table(
     );
     env.api.apply(
         Resource::Pods,
-        api_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
+        remote_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
     );
     env.api.apply(
         Resource::Pods,
-        api_pod("web-1", "default", "web", "10.2.0.9", true, 0),
+        remote_pod("web-1", "default", "web", "10.2.0.9", true, 0),
     );
     let daemon = env.start_daemon(&[]);
     wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443"]);
@@ -639,7 +623,7 @@ fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table(
     for generation in 1..=10 {
         env.api.apply(
             Resource::Pods,
-            api_pod(
+            remote_pod(
                 "web-1",
                 "default",
                 "web",
@@ -656,7 +640,7 @@ fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table(
     let reads = env.api.reads();
     env.api.apply(
         Resource::Pods,
-        api_pod("vm-1", "vms", "vm", "10.2.0.7", false, 1),
+        remote_pod("vm-1", "vms", "vm", "10.2.0.7", false, 1),
     );
     let gone = wait_backends(&daemon, "240.240.8.8", &[]);
     let after_flip = table_builds(&env);
@@ -792,11 +776,11 @@ fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
     // Pods of other nodes: one the selector selects, many it does not.
     env.api.apply(
         Resource::Pods,
-        api_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
+        remote_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
     );
     env.api.apply_many(
         Resource::Pods,
-        (0..500).map(|i| api_pod(&format!("web-{i}"), "default", "web", "10.3.0.1", true, 0)),
+        (0..500).map(|i| remote_pod(&format!("web-{i}"), "default", "web", "10.3.0.1", true, 0)),
     );
     let daemon = env.start_daemon(&[]);
     wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443"]);
@@ -818,7 +802,7 @@ fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
     // A selected pod's churn reaches the daemon through its selector's watch.
     env.api.apply(
         Resource::Pods,
-        api_pod("vm-2", "vms", "vm", "10.2.0.8", true, 0),
+        remote_pod("vm-2", "vms", "vm", "10.2.0.8", true, 0),
     );
     wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443", "10.2.0.8:443"]);
     // The selector goes: its watch stops, and the entry has no backend.

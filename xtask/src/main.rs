@@ -82,9 +82,14 @@ enum Cmd {
     /// responder, dnsmasq, unbound and an iptables REDIRECT (as root, in its own netns);
     /// writes target/bench/bench.json.
     Bench {
-        /// Short runs: the whole comparison in under a minute.
+        /// Short runs: the whole comparison in a few minutes.
         #[arg(long)]
         quick: bool,
+        /// Only one part: `servers` (the side-by-side rows and the eBPF paths), `scale`
+        /// (hosts in one entry, and an entry per host), or `cluster` (node mode against
+        /// a cluster of 0 to 100,000 pods on other nodes).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Set up (cargo-fuzz too), then run each fuzz target for `--secs` seconds, with the
     /// pinned nightly; the committed seeds in fuzz/corpus/ are read, new inputs go to
@@ -128,7 +133,7 @@ fn main() -> anyhow::Result<()> {
             setup(&root, false)?;
             lint(&root)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             setup(&root, true)?;
             ensure_packages("bench tools", &BENCH_TOOLS)?;
             cargo(
@@ -159,6 +164,9 @@ fn main() -> anyhow::Result<()> {
                 .arg(target_dir(&root).join("bench"));
             if quick {
                 cmd.arg("--quick");
+            }
+            if let Some(only) = only {
+                cmd.arg("--only").arg(only);
             }
             run(&mut cmd)
         }

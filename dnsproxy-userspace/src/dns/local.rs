@@ -137,7 +137,7 @@ impl<'a> Chain<'a> {
         for _ in 0..MAX_CNAME_HOPS {
             let alias = match &self.host.target {
                 Target::Addresses(_) => {
-                    let ipv6 = !self.host.auto_allocated || ipv6_backed.contains(&self.host.name);
+                    let ipv6 = !self.host.auto_allocated || ipv6_backed.contains(&*self.host.name);
                     add_addresses(&mut self.out, &self.owner, self.host, qtype, ipv6, ttl);
                     return Some(self.out);
                 }
@@ -177,19 +177,17 @@ fn add_addresses(
     };
     let v4 = || {
         let mut r: Vec<Record> = addrs
-            .ipv4
-            .iter()
-            .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::A(rdata::A(*ip))))
+            .ipv4()
+            .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::A(rdata::A(ip))))
             .collect();
         r.shuffle(&mut rand::rng());
         r
     };
     let v6 = || {
         let mut r: Vec<Record> = addrs
-            .ipv6
-            .iter()
+            .ipv6()
             .filter(|_| ipv6)
-            .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::AAAA(rdata::AAAA(*ip))))
+            .map(|ip| Record::from_rdata(owner.clone(), ttl, RData::AAAA(rdata::AAAA(ip))))
             .collect();
         r.shuffle(&mut rand::rng());
         r

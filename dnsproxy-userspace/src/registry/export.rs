@@ -5,6 +5,8 @@
 //! a union of them.
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use k8s_openapi::jiff::Timestamp;
 
 use super::manifest::{Meta as _, ObjectMeta};
@@ -75,19 +77,31 @@ impl Visibility {
 pub struct Rank {
     untimed: bool,
     created: Timestamp,
-    namespace: String,
-    name: String,
+    namespace: Arc<str>,
+    name: Box<str>,
 }
 
 impl Rank {
-    pub fn of(meta: &ObjectMeta) -> Self {
+    /// The rank of the object `meta` says, in `namespace` (the caller's shared copy of
+    /// `meta`'s namespace).
+    pub fn of(meta: &ObjectMeta, namespace: Arc<str>) -> Self {
         let created = meta.creation_timestamp.as_ref().map(|t| t.0);
         Rank {
             untimed: created.is_none(),
             created: created.unwrap_or_default(),
-            namespace: meta.ns().to_owned(),
-            name: meta.name_str().to_owned(),
+            namespace,
+            name: meta.name_str().into(),
         }
+    }
+
+    /// The object's namespace.
+    pub fn namespace(&self) -> &Arc<str> {
+        &self.namespace
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -149,10 +163,14 @@ mod tests {
                 .map(|t| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t.parse().unwrap())),
             ..Default::default()
         };
-        let old = Rank::of(&meta("z", "z", Some("2024-01-01T00:00:00Z")));
-        let new = Rank::of(&meta("a", "a", Some("2025-01-01T00:00:00Z")));
-        let untimed = Rank::of(&meta("a", "a", None));
+        let rank = |m: ObjectMeta| {
+            let ns = Arc::from(m.ns());
+            Rank::of(&m, ns)
+        };
+        let old = rank(meta("z", "z", Some("2024-01-01T00:00:00Z")));
+        let new = rank(meta("a", "a", Some("2025-01-01T00:00:00Z")));
+        let untimed = rank(meta("a", "a", None));
         assert!(old < new && new < untimed);
-        assert!(Rank::of(&meta("a", "x", None)) < Rank::of(&meta("b", "a", None)));
+        assert!(rank(meta("a", "x", None)) < rank(meta("b", "a", None)));
     }
 }

@@ -84,6 +84,7 @@ pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Obje
     let mut seen = fingerprint(&path);
     loop {
         tokio::time::sleep(interval).await;
+        crate::memory::trim_if_due();
         let now = fingerprint(&path);
         if now == seen {
             continue;

@@ -196,7 +196,7 @@ pub struct WorkloadEntryObject {
 istio_resource!(ServiceEntry);
 istio_resource!(WorkloadEntryObject);
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntryPort {
     pub number: u16,
@@ -450,10 +450,93 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_
     serde_saphyr::from_str_with_options(text, yaml_options())
 }
 
+/// Below this size a text is parsed on the calling thread alone.
+const PARALLEL_FROM: usize = 256 * 1024;
+
 /// Adds the objects of a (multi-document) YAML text to `objects`; returns how many
 /// were used. `kind: List` documents are unpacked. Documents are counted from 0,
 /// empty ones not counted.
+///
+/// A large text (thousands of entries) is cut at its document markers and parsed on
+/// every core: YAML parsing is most of a large registry's start-up. A part that fails
+/// sends the whole text through the one-thread parse, whose error names the document
+/// and line as they are in the file.
 pub fn parse_into(text: &str, objects: &mut Objects) -> Result<usize, ManifestError> {
+    if text.len() >= PARALLEL_FROM
+        && let Some((parsed, used)) = parse_in_parts(text)
+    {
+        objects.service_entries.extend(parsed.service_entries);
+        objects.services.extend(parsed.services);
+        objects.endpoint_slices.extend(parsed.endpoint_slices);
+        objects.workload_entries.extend(parsed.workload_entries);
+        objects.pods.extend(parsed.pods);
+        return Ok(used);
+    }
+    parse_sequentially(text, objects)
+}
+
+/// `text` cut at document markers into about one part per core, parsed side by side;
+/// `None` when a part fails (the caller parses it again, in one go, for the error).
+fn parse_in_parts(text: &str) -> Option<(Objects, usize)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let parts = document_parts(text, threads);
+    if parts.len() < 2 {
+        return None;
+    }
+    let results: Vec<Option<(Objects, usize)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|part| {
+                s.spawn(move || {
+                    let mut objects = Objects::default();
+                    let used = parse_sequentially(part, &mut objects).ok()?;
+                    Some((objects, used))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    let mut all = Objects::default();
+    let mut used = 0;
+    for result in results {
+        let (objects, n) = result?;
+        all.service_entries.extend(objects.service_entries);
+        all.services.extend(objects.services);
+        all.endpoint_slices.extend(objects.endpoint_slices);
+        all.workload_entries.extend(objects.workload_entries);
+        all.pods.extend(objects.pods);
+        used += n;
+    }
+    Some((all, used))
+}
+
+/// `text` cut into at most `n` parts of about equal size, each cut just before a
+/// document marker (`---` at the start of a line, alone or before a space): YAML
+/// allows no such line inside a document, so every part is whole documents.
+fn document_parts(text: &str, n: usize) -> Vec<&str> {
+    let target = text.len() / n.max(1) + 1;
+    let mut parts = Vec::with_capacity(n);
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let is_marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']));
+        if is_marker && at - start >= target && parts.len() + 1 < n {
+            parts.push(&text[start..at]);
+            start = at;
+        }
+        at += line.len();
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// [`parse_into`] on the calling thread, document by document.
+fn parse_sequentially(text: &str, objects: &mut Objects) -> Result<usize, ManifestError> {
     let mut used = 0;
     let mut reader = text.as_bytes();
     for (index, doc) in
@@ -582,6 +665,39 @@ items:
         );
         assert_eq!(slice_service(&o.endpoint_slices[0]), Some("db"));
         assert_eq!(o.endpoint_slices[0].metadata.ns(), "default");
+    }
+
+    #[test]
+    fn a_large_text_parses_in_parts_to_the_same_objects_and_errors() {
+        let mut text = String::new();
+        for i in 0..3000 {
+            use std::fmt::Write as _;
+            let _ = write!(
+                text,
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: e{i}}}\n\
+                 spec: {{hosts: [h{i}.example], resolution: STATIC, endpoints: [{{address: 192.0.2.1}}]}}\n"
+            );
+        }
+        text.push_str("--- # the same line holds a comment\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n");
+        assert!(text.len() >= PARALLEL_FROM / 2);
+        let parts = document_parts(&text, 4);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts.concat(), text);
+        assert!(parts.iter().all(|p| p.starts_with("---")));
+        let big = text.repeat(2);
+        let (mut one, mut many) = (Objects::default(), Objects::default());
+        let used_one = parse_sequentially(&big, &mut one).unwrap();
+        let used_many = parse_into(&big, &mut many).unwrap();
+        assert_eq!((used_one, &one), (used_many, &many));
+        assert_eq!(many.service_entries.len(), 6000);
+        // A broken document deep inside: the error is the one-thread parse's.
+        let broken = format!("{big}---\nkind: [\n");
+        let err = parse_into(&broken, &mut Objects::default()).unwrap_err();
+        let want = parse_sequentially(&broken, &mut Objects::default()).unwrap_err();
+        assert_eq!(
+            crate::report(&err).to_string(),
+            crate::report(&want).to_string()
+        );
     }
 
     #[test]

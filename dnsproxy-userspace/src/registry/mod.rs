@@ -21,9 +21,11 @@ use manifest::Objects;
 pub struct Registry {
     table: ArcSwap<NameTable>,
     config: TableConfig,
-    /// Bumped on every new table, for those who follow changes (the VIP backends) and
-    /// for answers kept encoded (stale once it moves).
+    /// Bumped on every new table, for those who follow changes (the VIP backends).
     generation: tokio::sync::watch::Sender<u64>,
+    /// The same count, read without a lock on every batch of queries (answers kept
+    /// encoded are stale once it moves).
+    builds: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -33,6 +35,7 @@ impl Registry {
             table: ArcSwap::from_pointee(NameTable::empty(&config)),
             config,
             generation: tokio::sync::watch::Sender::new(0),
+            builds: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -55,13 +58,15 @@ impl Registry {
         drop(self.table.swap(Arc::new(table)));
         // Bumped only after the new table is visible: an answer kept under a
         // generation was never computed from an older table.
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.generation.send_modify(|g| *g += 1);
-        crate::memory::release_free();
+        crate::memory::release_free_soon();
     }
 
-    /// Name tables built so far.
+    /// Name tables built so far (lock-free: read on the query path).
     pub fn builds(&self) -> u64 {
-        *self.generation.borrow()
+        self.builds.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A receiver that wakes up after each table change.

@@ -434,10 +434,14 @@ pub async fn run(
     let followed = shutdown
         .run_until_cancelled(async {
             loop {
-                let wake = [table.due_at(), capture.next_retry()]
-                    .into_iter()
-                    .flatten()
-                    .min();
+                let wake = [
+                    table.due_at(),
+                    capture.next_retry(),
+                    crate::memory::trim_due().map(Instant::from_std),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 tokio::select! {
                     signal = signalled.recv() => {
                         let signal = signal.context("the watches stopped")?;
@@ -453,6 +457,7 @@ pub async fn run(
                     }
                 }
                 table.build_if_due(&watches).await;
+                crate::memory::trim_if_due();
                 // While a successor takes the sockets over, listeners stay as they are.
                 if !capture.frozen() {
                     apply_pods(&mut capture, &watches, &mut pending).await;

@@ -53,7 +53,7 @@ async fn local_answer_rules() {
     let h = handler_with(vec![], false);
     let vip = |host: &str| -> String {
         match &h.registry.table().get(host).unwrap().target {
-            crate::registry::table::Target::Addresses(a) => a.ipv4[0].to_string(),
+            crate::registry::table::Target::Addresses(a) => a.ipv4().next().unwrap().to_string(),
             t @ crate::registry::table::Target::Cname(_) => panic!("{t:?}"),
         }
     };

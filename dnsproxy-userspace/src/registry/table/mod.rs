@@ -14,30 +14,53 @@ use serde::Serialize;
 use super::{
     export::{Rank, Visibility},
     manifest::{
-        Meta as _, Objects, Pod, Resolution, ServiceEntry, ServiceEntryPort, ServiceKind,
-        WorkloadEntry, WorkloadSelector, pod_ip, pod_is_ready, service_kind, slice_service,
+        Meta as _, ObjectMeta, Objects, Pod, Resolution, ServiceEntry, ServiceEntryPort,
+        ServiceKind, WorkloadEntry, WorkloadSelector, pod_ip, pod_is_ready, service_kind,
+        slice_service,
     },
 };
 use crate::name::normalize;
 
-/// Addresses of a name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Addrs {
-    pub ipv4: Vec<Ipv4Addr>,
-    pub ipv6: Vec<Ipv6Addr>,
-}
+/// Addresses of a name, both families in one allocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Addrs(Vec<IpAddr>);
 
 impl Addrs {
     fn add(&mut self, ip: IpAddr) {
-        match ip {
-            IpAddr::V4(v4) if !self.ipv4.contains(&v4) => self.ipv4.push(v4),
-            IpAddr::V6(v6) if !self.ipv6.contains(&v6) => self.ipv6.push(v6),
-            _ => {}
+        if !self.0.contains(&ip) {
+            self.0.push(ip);
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.ipv4.is_empty() && self.ipv6.is_empty()
+        self.0.is_empty()
+    }
+
+    /// The IPv4 addresses, in the order they were given.
+    pub fn ipv4(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.0.iter().filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The IPv6 addresses, in the order they were given.
+    pub fn ipv6(&self) -> impl Iterator<Item = Ipv6Addr> + '_ {
+        self.0.iter().filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+}
+
+impl Serialize for Addrs {
+    /// `{"ipv4": [...], "ipv6": [...]}`, as the debug dump shows them.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("Addrs", 2)?;
+        s.serialize_field("ipv4", &self.ipv4().collect::<Vec<_>>())?;
+        s.serialize_field("ipv6", &self.ipv6().collect::<Vec<_>>())?;
+        s.end()
     }
 }
 
@@ -67,64 +90,103 @@ pub enum Target {
 }
 
 /// One name of the table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Host {
     /// Canonical name: lower case, no trailing dot (for a wildcard, `*.suffix`).
-    pub name: String,
+    pub name: Arc<str>,
     pub target: Target,
-    /// Where it came from, e.g. `ServiceEntry default/aliyun`.
-    pub sources: Vec<Arc<str>>,
-    /// Names that also reach it from a client in the same namespace (Kubernetes
-    /// short names), for the debug dump.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub alt_hosts: Vec<String>,
     /// Its only addresses are auto-allocated VIPs (pods may opt out of those).
     pub auto_allocated: bool,
-    /// Namespace of the object it came from (shared by the entry's hosts).
-    pub namespace: Arc<str>,
-    /// Who may see it (`exportTo`).
-    #[serde(skip_serializing_if = "Visibility::is_all")]
-    pub export_to: Visibility,
-    /// Precedence among the entries for its name.
-    #[serde(skip)]
-    pub rank: Arc<Rank>,
+    /// A Service's own name: its Kubernetes short names reach it too.
+    short_names: bool,
+    /// The object it came from, shared by every host of that object.
+    pub owner: Arc<Owner>,
 }
 
 impl Host {
     /// It comes from a Kubernetes Service (not a `ServiceEntry`).
     pub fn is_kubernetes_service(&self) -> bool {
-        self.sources
-            .first()
-            .is_some_and(|s| s.starts_with(SERVICE_SOURCE))
+        self.owner.kind == Kind::Service
+    }
+
+    /// Names that also reach it from a client in the same namespace (a Service's
+    /// short names: `svc`, `svc.ns`, `svc.ns.svc`), for the debug dump.
+    fn alt_hosts(&self) -> Vec<String> {
+        if !self.short_names {
+            return Vec::new();
+        }
+        let labels: Vec<&str> = self.name.splitn(4, '.').collect();
+        (1..=3)
+            .filter(|n| *n < labels.len())
+            .map(|n| labels[..n].join("."))
+            .collect()
     }
 }
 
-/// How a Service's entries name their source: `Service <namespace>/<name>`.
-const SERVICE_SOURCE: &str = "Service ";
+impl Serialize for Host {
+    /// The debug dump's form (`/debug/ndsz`), as Istio's lists a name's origin.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let alt_hosts = self.alt_hosts();
+        let export_to = (!self.owner.export_to.is_all()).then_some(&self.owner.export_to);
+        let mut s = serializer.serialize_struct("Host", 7)?;
+        s.serialize_field("name", &*self.name)?;
+        s.serialize_field("target", &self.target)?;
+        s.serialize_field("sources", &[self.owner.source()])?;
+        if !alt_hosts.is_empty() {
+            s.serialize_field("altHosts", &alt_hosts)?;
+        }
+        s.serialize_field("autoAllocated", &self.auto_allocated)?;
+        s.serialize_field("namespace", self.owner.namespace())?;
+        if let Some(export_to) = export_to {
+            s.serialize_field("exportTo", export_to)?;
+        }
+        s.end()
+    }
+}
 
-/// Where an entry comes from: the object's name for logs, namespace, visibility and
-/// precedence.
+/// What kind of object an entry comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Service,
+    ServiceEntry,
+}
+
+/// Where an entry comes from: the object (its kind, namespace and name), who may see
+/// it, and its precedence. One per object, shared by its hosts (there may be
+/// thousands).
+#[derive(Debug, PartialEq, Eq)]
 pub struct Owner {
-    /// Shared by every host of the entry: one copy per entry, not per host.
-    pub source: Arc<str>,
-    pub namespace: Arc<str>,
+    pub kind: Kind,
     pub export_to: Visibility,
-    pub rank: Arc<Rank>,
+    /// Precedence among the entries for one name; holds the namespace and name.
+    pub rank: Rank,
 }
 
 impl Owner {
+    /// The object's namespace.
+    pub fn namespace(&self) -> &str {
+        self.rank.namespace()
+    }
+
+    /// `ServiceEntry <namespace>/<name>`, `Service <namespace>/<name>`: for logs and
+    /// the debug dump.
+    pub fn source(&self) -> String {
+        let kind = match self.kind {
+            Kind::Service => "Service",
+            Kind::ServiceEntry => "ServiceEntry",
+        };
+        format!("{kind} {}/{}", self.namespace(), self.rank.name())
+    }
+
     /// A new entry for `name` from this owner.
-    fn host(&self, name: &str, target: Target) -> Host {
+    fn host(self: &Arc<Self>, name: Arc<str>, target: Target) -> Host {
         Host {
-            name: name.to_owned(),
+            name,
             target,
-            sources: vec![Arc::clone(&self.source)],
-            alt_hosts: Vec::new(),
             auto_allocated: false,
-            namespace: Arc::clone(&self.namespace),
-            export_to: self.export_to.clone(),
-            rank: Arc::clone(&self.rank),
+            short_names: false,
+            owner: Arc::clone(self),
         }
     }
 }
@@ -134,8 +196,12 @@ impl Owner {
 fn pick<'a>(candidates: &'a [Host], namespace: &str) -> Option<&'a Host> {
     candidates
         .iter()
-        .find(|h| &*h.namespace == namespace && h.export_to.allows(namespace))
-        .or_else(|| candidates.iter().find(|h| h.export_to.allows(namespace)))
+        .find(|h| h.owner.namespace() == namespace && h.owner.export_to.allows(namespace))
+        .or_else(|| {
+            candidates
+                .iter()
+                .find(|h| h.owner.export_to.allows(namespace))
+        })
 }
 
 /// How a query name was matched.
@@ -149,20 +215,36 @@ pub enum Match<'a> {
 }
 
 /// A `ServiceEntry` host whose VIPs the data path translates to real backends.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VipService {
-    pub host: String,
+    pub host: Arc<str>,
     /// Auto-allocated, `status.addresses` or `spec.addresses`.
     pub vips: Vec<IpAddr>,
-    /// Shared by every host of the entry.
-    pub ports: Arc<[ServiceEntryPort]>,
+    /// Ports and endpoints, shared by every host of the entry.
+    pub entry: Arc<EntryShared>,
     pub resolution: Resolution,
-    pub endpoints: Arc<[WorkloadEntry]>,
-    pub source: Arc<str>,
-    /// Precedence: of two entries on one VIP, the first translates it.
-    #[serde(skip)]
-    pub rank: Arc<Rank>,
+    /// Its source and precedence: of two entries on one VIP, the first translates it.
+    pub owner: Arc<Owner>,
+}
+
+impl VipService {
+    /// The entry's declared ports.
+    pub fn ports(&self) -> &[ServiceEntryPort] {
+        &self.entry.ports
+    }
+
+    /// The entry's endpoints (or the workloads its selector selects).
+    pub fn endpoints(&self) -> &[WorkloadEntry] {
+        &self.entry.endpoints
+    }
+}
+
+/// What every host of one `ServiceEntry` shares.
+#[derive(Debug, PartialEq)]
+pub struct EntryShared {
+    /// One copy per distinct list in the table (most entries declare the same few).
+    pub ports: Arc<[ServiceEntryPort]>,
+    pub endpoints: Box<[WorkloadEntry]>,
 }
 
 /// The table.
@@ -170,13 +252,15 @@ pub struct VipService {
 pub struct NameTable {
     cluster_domain: String,
     /// Name → its entries, in precedence order.
-    exact: HashMap<String, Vec<Host>>,
+    exact: HashMap<Arc<str>, Vec<Host>>,
     /// `*.example.com` is stored under `example.com`.
-    wildcards: HashMap<String, Vec<Host>>,
-    reverse: HashMap<IpAddr, String>,
+    wildcards: HashMap<Arc<str>, Vec<Host>>,
+    /// Address → the name it belongs to, sorted by address (the first name given an
+    /// address keeps it): PTR answers are rare, a sorted array costs a third of a map.
+    reverse: Vec<(IpAddr, Arc<str>)>,
     vip_services: Vec<VipService>,
-    /// Every VIP of `vip_services`: addresses the data path must translate.
-    translated_vips: HashSet<IpAddr>,
+    /// Every VIP of `vip_services`, sorted: addresses the data path must translate.
+    translated_vips: Vec<IpAddr>,
 }
 
 /// Settings of the table that do not come from objects.
@@ -207,6 +291,8 @@ impl NameTable {
     pub fn build(objects: &Objects, vips: &Allocation, cfg: &TableConfig) -> Self {
         let mut b = Builder {
             table: NameTable::empty(cfg),
+            namespaces: HashMap::new(),
+            ports: HashMap::new(),
         };
         b.add_services(objects);
         b.add_service_entries(objects, vips);
@@ -306,7 +392,9 @@ impl NameTable {
             }
             _ => return None,
         };
-        self.exact.get(&full).and_then(|c| pick(c, namespace))
+        self.exact
+            .get(full.as_str())
+            .and_then(|c| pick(c, namespace))
     }
 
     /// `ServiceEntry` hosts with VIPs to translate (`ClusterIPs` are kube-proxy's).
@@ -317,12 +405,15 @@ impl NameTable {
     /// Whether `ip` is a VIP the data path translates (not a `ClusterIP` or an
     /// endpoint address).
     pub fn is_translated_vip(&self, ip: IpAddr) -> bool {
-        self.translated_vips.contains(&ip)
+        self.translated_vips.binary_search(&ip).is_ok()
     }
 
     /// The name a VIP or `ClusterIP` belongs to (PTR).
     pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
-        self.reverse.get(&ip).map(String::as_str)
+        self.reverse
+            .binary_search_by(|(addr, _)| addr.cmp(&ip))
+            .ok()
+            .map(|at| &*self.reverse[at].1)
     }
 
     /// Every name, sorted, for `/debug/ndsz`: every entry of each, or with
@@ -336,7 +427,7 @@ impl NameTable {
                     Some(ns) => pick(candidates, ns).into_iter().collect(),
                     None => candidates.iter().collect(),
                 };
-                Some((candidates.first()?.name.as_str(), shown)).filter(|(_, s)| !s.is_empty())
+                Some((&*candidates.first()?.name, shown)).filter(|(_, s)| !s.is_empty())
             })
             .collect()
     }
@@ -347,52 +438,77 @@ type Ready = (Vec<IpAddr>, Vec<(String, IpAddr)>);
 
 struct Builder {
     table: NameTable,
+    /// One copy of each namespace's name, shared by its objects' entries.
+    namespaces: HashMap<String, Arc<str>>,
+    /// One copy of each distinct list of ports.
+    ports: HashMap<Vec<ServiceEntryPort>, Arc<[ServiceEntryPort]>>,
 }
 
 impl Builder {
-    /// Adds `addrs` to `owner`'s entry for `name` (made when it has none yet).
-    fn add_addrs(&mut self, name: &str, addrs: &[IpAddr], owner: &Owner, ptr: bool) {
+    /// The shared copy of namespace `ns`.
+    fn namespace(&mut self, ns: &str) -> Arc<str> {
+        if let Some(shared) = self.namespaces.get(ns) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = ns.into();
+        self.namespaces.insert(ns.to_owned(), Arc::clone(&shared));
+        shared
+    }
+
+    /// The owner of `meta`'s entries.
+    fn owner(&mut self, kind: Kind, meta: &ObjectMeta, export_to: Visibility) -> Arc<Owner> {
+        let namespace = self.namespace(meta.ns());
+        Arc::new(Owner {
+            kind,
+            export_to,
+            rank: Rank::of(meta, namespace),
+        })
+    }
+
+    /// Adds `addrs` to `owner`'s entry for `name` (made when it has none yet); returns
+    /// it.
+    fn add_addrs(
+        &mut self,
+        name: &Arc<str>,
+        addrs: &[IpAddr],
+        owner: &Arc<Owner>,
+        ptr: bool,
+    ) -> Option<&mut Host> {
         let wildcard = name.strip_prefix("*.");
         let map = if wildcard.is_some() {
             &mut self.table.wildcards
         } else {
             &mut self.table.exact
         };
+        let key: Arc<str> = wildcard.map_or_else(|| Arc::clone(name), Arc::from);
         // Nearly every name has one entry: a Vec's first growth would reserve four.
-        let candidates = map
-            .entry(wildcard.unwrap_or(name).to_owned())
-            .or_insert_with(|| Vec::with_capacity(1));
+        let candidates = map.entry(key).or_insert_with(|| Vec::with_capacity(1));
         let at = candidates
             .iter()
-            .position(|h| h.sources.first() == Some(&owner.source))
+            .position(|h| Arc::ptr_eq(&h.owner, owner))
             .unwrap_or_else(|| {
-                candidates.push(owner.host(name, Target::Addresses(Addrs::default())));
+                candidates.push(owner.host(Arc::clone(name), Target::Addresses(Addrs::default())));
                 candidates.len() - 1
             });
         match &mut candidates[at].target {
             Target::Addresses(a) => addrs.iter().for_each(|ip| a.add(*ip)),
             Target::Cname(t) => {
-                tracing::warn!(%name, cname = %t, source = %owner.source, "name is an alias already: addresses ignored");
-                return;
+                tracing::warn!(%name, cname = %t, source = %owner.source(), "name is an alias already: addresses ignored");
+                return None;
             }
         }
         if ptr && wildcard.is_none() {
-            for ip in addrs {
-                self.table
-                    .reverse
-                    .entry(*ip)
-                    .or_insert_with(|| name.to_owned());
-            }
+            self.table
+                .reverse
+                .extend(addrs.iter().map(|ip| (*ip, Arc::clone(name))));
         }
-    }
-
-    /// `owner`'s entry for the exact `name`.
-    fn entry_mut(&mut self, name: &str, owner: &Owner) -> Option<&mut Host> {
-        self.table
-            .exact
-            .get_mut(name)?
-            .iter_mut()
-            .find(|h| h.sources.first() == Some(&owner.source))
+        let map = if wildcard.is_some() {
+            &mut self.table.wildcards
+        } else {
+            &mut self.table.exact
+        };
+        map.get_mut(wildcard.unwrap_or(name))
+            .and_then(|c| c.get_mut(at))
     }
 
     /// Entries without an address are not the table's (wildcards included): such names
@@ -402,19 +518,34 @@ impl Builder {
         for map in [&mut self.table.exact, &mut self.table.wildcards] {
             for candidates in map.values_mut() {
                 candidates.retain(|h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
-                candidates.sort_by(|a, b| a.rank.cmp(&b.rank));
+                candidates.sort_by(|a, b| a.owner.rank.cmp(&b.owner.rank));
                 candidates.shrink_to_fit();
+                for h in candidates {
+                    if let Target::Addresses(a) = &mut h.target {
+                        a.0.shrink_to_fit();
+                    }
+                }
             }
             map.retain(|_, candidates| !candidates.is_empty());
+            map.shrink_to_fit();
         }
-        self.table.vip_services.sort_by(|a, b| a.rank.cmp(&b.rank));
+        // The first name given an address keeps it (a stable sort keeps the order).
+        let reverse = &mut self.table.reverse;
+        reverse.sort_by_key(|(ip, _)| *ip);
+        reverse.dedup_by_key(|(ip, _)| *ip);
+        reverse.shrink_to_fit();
+        self.table
+            .vip_services
+            .sort_by(|a, b| a.owner.rank.cmp(&b.owner.rank));
         let mut taken = HashSet::new();
         for svc in &mut self.table.vip_services {
             svc.vips.retain(|vip| taken.insert(*vip));
         }
         self.table.vip_services.retain(|s| !s.vips.is_empty());
         self.table.vip_services.shrink_to_fit();
-        self.table.translated_vips = taken;
+        let mut translated: Vec<IpAddr> = taken.into_iter().collect();
+        translated.sort_unstable();
+        self.table.translated_vips = translated;
     }
 
     fn add_services(&mut self, objects: &Objects) {
@@ -443,14 +574,10 @@ impl Builder {
         for svc in &objects.services {
             let ns = svc.metadata.ns();
             let name = normalize(svc.metadata.name_str());
-            let fqdn = format!("{name}.{ns}.svc.{cd}");
-            let owner = Owner {
-                source: format!("{SERVICE_SOURCE}{ns}/{name}").into(),
-                namespace: ns.into(),
-                export_to: Visibility::from_annotation(&svc.metadata),
-                rank: Arc::new(Rank::of(&svc.metadata)),
-            };
-            match service_kind(svc) {
+            let fqdn: Arc<str> = format!("{name}.{ns}.svc.{cd}").into();
+            let export_to = Visibility::from_annotation(&svc.metadata);
+            let owner = self.owner(Kind::Service, &svc.metadata, export_to);
+            let own = match service_kind(svc) {
                 ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &owner, true),
                 ServiceKind::Headless => {
                     let Some((ips, hostnames)) = endpoints.get(&(ns.to_owned(), name.clone()))
@@ -460,25 +587,24 @@ impl Builder {
                     if ips.is_empty() {
                         continue;
                     }
-                    self.add_addrs(&fqdn, ips, &owner, false);
                     for (hostname, ip) in hostnames {
-                        self.add_addrs(&format!("{hostname}.{fqdn}"), &[*ip], &owner, true);
+                        let pod: Arc<str> = format!("{hostname}.{fqdn}").into();
+                        self.add_addrs(&pod, &[*ip], &owner, true);
                     }
+                    self.add_addrs(&fqdn, ips, &owner, false)
                 }
                 ServiceKind::ExternalName(target) => {
-                    self.table
+                    let candidates = self
+                        .table
                         .exact
-                        .entry(fqdn.clone())
-                        .or_insert_with(|| Vec::with_capacity(1))
-                        .push(owner.host(&fqdn, Target::Cname(target)));
+                        .entry(Arc::clone(&fqdn))
+                        .or_insert_with(|| Vec::with_capacity(1));
+                    candidates.push(owner.host(Arc::clone(&fqdn), Target::Cname(target)));
+                    candidates.last_mut()
                 }
-            }
-            if let Some(h) = self.entry_mut(&fqdn, &owner) {
-                h.alt_hosts = vec![
-                    name.clone(),
-                    format!("{name}.{ns}"),
-                    format!("{name}.{ns}.svc"),
-                ];
+            };
+            if let Some(h) = own {
+                h.short_names = true;
             }
         }
     }
@@ -486,19 +612,21 @@ impl Builder {
     fn add_service_entries(&mut self, objects: &Objects, vips: &Allocation) {
         for se in &objects.service_entries {
             let ns = se.metadata.ns();
-            let owner = Owner {
-                source: format!("ServiceEntry {ns}/{}", se.metadata.name_str()).into(),
-                namespace: ns.into(),
-                export_to: Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns),
-                rank: Arc::new(Rank::of(&se.metadata)),
-            };
+            let export_to = Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns);
+            let owner = self.owner(Kind::ServiceEntry, &se.metadata, export_to);
             // Computed once for all the entry's hosts (there may be thousands).
-            let shared = EntryShared {
-                ports: se.spec.ports.clone().into(),
-                workloads: endpoints_of(se, objects).into(),
-            };
+            let ports = Arc::clone(
+                self.ports
+                    .entry(se.spec.ports.clone())
+                    .or_insert_with(|| se.spec.ports.clone().into()),
+            );
+            let shared = Arc::new(EntryShared {
+                ports,
+                endpoints: endpoints_of(se, objects).into(),
+            });
             for host in &se.spec.hosts {
-                self.add_service_entry_host(se, &shared, &normalize(host), vips, &owner);
+                let host: Arc<str> = normalize(host).into();
+                self.add_service_entry_host(se, &shared, &host, vips, &owner);
             }
         }
     }
@@ -508,23 +636,23 @@ impl Builder {
     fn add_service_entry_host(
         &mut self,
         se: &ServiceEntry,
-        shared: &EntryShared,
-        host: &str,
+        shared: &Arc<EntryShared>,
+        host: &Arc<str>,
         vips: &Allocation,
-        owner: &Owner,
+        owner: &Arc<Owner>,
     ) {
-        let workloads = &shared.workloads;
         let mut addrs = declared_addresses(se, host);
         let mut auto_allocated = false;
         if addrs.is_empty()
-            && let Some(v) = vips.get(host)
+            && let Some(v) = vips.get(&**host)
         {
             addrs = v.addrs().to_vec();
             auto_allocated = true;
         }
         if addrs.is_empty() && se.spec.resolution == Resolution::Static {
             // No VIP: answer with the endpoints themselves, like a headless Service.
-            let endpoints: Vec<IpAddr> = workloads
+            let endpoints: Vec<IpAddr> = shared
+                .endpoints
                 .iter()
                 .filter_map(|e| e.address.parse().ok())
                 .collect();
@@ -532,33 +660,26 @@ impl Builder {
             return;
         }
         if addrs.is_empty() {
-            tracing::debug!(%host, source = %owner.source, "no address: left to upstream DNS");
+            tracing::debug!(%host, source = %owner.source(), "no address: left to upstream DNS");
             return;
         }
-        self.add_addrs(host, &addrs, owner, true);
-        if auto_allocated && let Some(h) = self.entry_mut(host, owner) {
+        if let Some(h) = self.add_addrs(host, &addrs, owner, true)
+            && auto_allocated
+        {
             h.auto_allocated = true;
         }
         // NONE means "pass through to the address asked for"; wildcards have no single
         // name to resolve backends from.
         if se.spec.resolution != Resolution::None && !host.starts_with("*.") {
             self.table.vip_services.push(VipService {
-                host: host.to_owned(),
+                host: Arc::clone(host),
                 vips: addrs,
-                ports: Arc::clone(&shared.ports),
+                entry: Arc::clone(shared),
                 resolution: se.spec.resolution,
-                endpoints: Arc::clone(workloads),
-                source: Arc::clone(&owner.source),
-                rank: Arc::clone(&owner.rank),
+                owner: Arc::clone(owner),
             });
         }
     }
-}
-
-/// What every host of one `ServiceEntry` shares.
-struct EntryShared {
-    ports: Arc<[ServiceEntryPort]>,
-    workloads: Arc<[WorkloadEntry]>,
 }
 
 /// The namespace and selector of every `ServiceEntry` with a `workloadSelector`.

@@ -86,7 +86,7 @@ fn table() -> NameTable {
 fn v4s(h: &Host) -> Vec<String> {
     match &h.target {
         Target::Addresses(a) => {
-            let mut v: Vec<String> = a.ipv4.iter().map(ToString::to_string).collect();
+            let mut v: Vec<String> = a.ipv4().map(|ip| ip.to_string()).collect();
             v.sort();
             v
         }
@@ -215,7 +215,7 @@ fn resolution_rules() {
     let t = table();
     for c in cases {
         let got = match t.resolve(c.query, c.namespace, &[]) {
-            Some(Match::Direct(h)) => Want::Direct(Box::leak(h.name.clone().into_boxed_str())),
+            Some(Match::Direct(h)) => Want::Direct(Box::leak(h.name.to_string().into_boxed_str())),
             Some(Match::SearchSuffix { base, .. }) => {
                 Want::Search(Box::leak(base.to_owned().into_boxed_str()))
             }
@@ -266,7 +266,7 @@ fn addresses_by_kind() {
         Some("reviews.default.svc.cluster.local")
     );
     match &t.get("aliyun.com").unwrap().target {
-        Target::Addresses(a) => assert_eq!(a.ipv6.len(), 1),
+        Target::Addresses(a) => assert_eq!(a.ipv6().count(), 1),
         other @ Target::Cname(_) => panic!("{other:?}"),
     }
 }
@@ -311,7 +311,7 @@ fn cidr_addresses_answer_single_addresses_and_never_get_vips() {
         "only a range: no address to answer, no VIP; forwarded"
     );
     assert_eq!(v4s(t.get("mixed.example").unwrap()), ["10.40.0.7"]);
-    assert!(t.vip_services().iter().all(|s| s.host != "range.example"));
+    assert!(t.vip_services().iter().all(|s| &*s.host != "range.example"));
 }
 
 #[test]
@@ -405,10 +405,10 @@ fn one_auto_allocated_vip_translates_to_the_oldest_entrys_backends() {
     let shared: Vec<&VipService> = t
         .vip_services()
         .iter()
-        .filter(|s| s.host == "shared.example")
+        .filter(|s| &*s.host == "shared.example")
         .collect();
     assert_eq!(shared.len(), 1, "{shared:?}");
-    assert_eq!(&*shared[0].source, "ServiceEntry a/one");
+    assert_eq!(shared[0].owner.source(), "ServiceEntry a/one");
     assert_eq!(
         v4s(t.get_for("shared.example", "b").unwrap()),
         v4s(t.get_for("shared.example", "a").unwrap()),
@@ -459,7 +459,7 @@ fn workload_selector_backends_are_the_matching_workload_entries_and_ready_pods()
     let t = build(SELECTED);
     let svc = &t.vip_services()[0];
     let got: Vec<(String, Option<u16>)> = svc
-        .endpoints
+        .endpoints()
         .iter()
         .map(|e| (e.address.clone(), e.ports.get("http").copied()))
         .collect();

@@ -38,11 +38,11 @@ fn backend_port(port: &ServiceEntryPort, endpoint: Option<&WorkloadEntry>) -> u1
 pub fn names_to_resolve(service: &VipService) -> Vec<String> {
     match service.resolution {
         Resolution::Dns | Resolution::DnsRoundRobin => {
-            if service.endpoints.is_empty() {
-                vec![service.host.clone()]
+            if service.endpoints().is_empty() {
+                vec![service.host.to_string()]
             } else {
                 service
-                    .endpoints
+                    .endpoints()
                     .iter()
                     .filter(|e| e.address.parse::<IpAddr>().is_err())
                     .map(|e| normalize(&e.address))
@@ -125,7 +125,7 @@ fn backend_ips<'a>(
     resolved: &'a HashMap<String, Vec<IpAddr>>,
 ) -> impl Iterator<Item = IpAddr> + 'a {
     let literal = svc
-        .endpoints
+        .endpoints()
         .iter()
         .filter_map(|e| e.address.parse::<IpAddr>().ok());
     let named = names_to_resolve(svc)
@@ -177,29 +177,29 @@ pub fn plan(services: &[VipService], resolved: &HashMap<String, Vec<IpAddr>>) ->
     let mut out = Plan::default();
     for svc in services {
         if backend_ips(svc, resolved).any(|ip| ip.is_ipv6()) {
-            out.ipv6_backed.insert(svc.host.clone());
+            out.ipv6_backed.insert(svc.host.to_string());
         }
         for vip in &svc.vips {
-            *out.vips.entry(*vip).or_default() += svc.ports.len() as u32;
-            for port in svc.ports.iter() {
+            *out.vips.entry(*vip).or_default() += svc.ports().len() as u32;
+            for port in svc.ports() {
                 // Candidate backends (address, port), same family as the VIP.
                 let mut backends: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
                 let same_family = |ip: &IpAddr| ip.is_ipv4() == vip.is_ipv4();
                 match svc.resolution {
                     Resolution::Static => {
-                        for ep in svc.endpoints.iter() {
+                        for ep in svc.endpoints() {
                             if let Ok(ip) = ep.address.parse::<IpAddr>() {
                                 backends.insert((ip, backend_port(port, Some(ep))));
                             }
                         }
                     }
                     Resolution::Dns | Resolution::DnsRoundRobin => {
-                        if svc.endpoints.is_empty() {
-                            for ip in resolved.get(&svc.host).into_iter().flatten() {
+                        if svc.endpoints().is_empty() {
+                            for ip in resolved.get(&*svc.host).into_iter().flatten() {
                                 backends.insert((*ip, backend_port(port, None)));
                             }
                         }
-                        for ep in svc.endpoints.iter() {
+                        for ep in svc.endpoints() {
                             let ips: Vec<IpAddr> = match ep.address.parse::<IpAddr>() {
                                 Ok(ip) => vec![ip],
                                 Err(_) => resolved
@@ -263,11 +263,16 @@ mod tests {
         VipService {
             host: "aliyun.com".into(),
             vips: vec!["240.240.0.5".parse().unwrap(), "2001:2::5".parse().unwrap()],
-            ports: ports.into(),
+            entry: std::sync::Arc::new(crate::registry::table::EntryShared {
+                ports: ports.into(),
+                endpoints: endpoints.into(),
+            }),
             resolution,
-            endpoints: endpoints.into(),
-            source: "test".into(),
-            rank: std::sync::Arc::default(),
+            owner: std::sync::Arc::new(crate::registry::table::Owner {
+                kind: crate::registry::table::Kind::ServiceEntry,
+                export_to: crate::registry::export::Visibility::All,
+                rank: crate::registry::export::Rank::default(),
+            }),
         }
     }
 

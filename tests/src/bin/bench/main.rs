@@ -14,6 +14,7 @@ use std::{
 
 use dnsproxy_e2e::{Daemon, NodeEnv, TestEnv, privileged};
 
+mod cluster;
 mod dnsperf;
 mod ebpf;
 mod report;
@@ -44,22 +45,52 @@ fn bench(args: &[String]) {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
+    // `--only servers|scale|cluster`: one part of the bench (the others are skipped).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let part = |name: &str| only.is_none_or(|o| o == name);
     assert!(privileged(), "the bench needs root, cgroup v2 and BPF");
     let (secs, rounds) = if quick { (1, 1) } else { (3, 5) };
-    let (rows, costs) = compare(secs, rounds, quick);
-    let scales: Vec<scale::Scale> = [10_000, 30_000, 50_000]
-        .into_iter()
-        .map(|hosts| {
-            eprintln!("bench: {hosts} hosts ...");
-            scale::row(hosts, secs)
-        })
-        .collect();
+    let (rows, costs) = if part("servers") {
+        compare(secs, rounds, quick)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut scales = Vec::new();
+    if part("scale") {
+        for (shape, hosts) in scale::rows() {
+            eprintln!("bench: {hosts} hosts, {} ...", shape.label());
+            scales.push(scale::row(shape, hosts, secs));
+        }
+    }
+    let mut clusters = Vec::new();
+    if part("cluster") {
+        let windows = if quick {
+            cluster::Windows {
+                idle: Duration::from_secs(3),
+                churn: Duration::from_secs(2),
+            }
+        } else {
+            cluster::Windows {
+                idle: Duration::from_secs(20),
+                churn: Duration::from_secs(10),
+            }
+        };
+        for (remote, selected) in cluster::rows() {
+            eprintln!("bench: node mode, {remote} pods on other nodes, {selected} selected ...");
+            clusters.push(cluster::row(remote, selected, windows));
+        }
+    }
     let report = report::Report {
         quick,
         rounds,
         rows,
         costs,
         scales,
+        clusters,
     };
     print!("{}", report.text());
     std::fs::create_dir_all(&out).expect("create the bench output directory");
