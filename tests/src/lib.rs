@@ -26,7 +26,7 @@ pub use env::{TestEnv, captured_command};
 pub use fake_dns::FakeDns;
 pub use fake_kube::{FakeKube, Resource};
 pub use netns::{Netns, bind_in};
-pub use node::{FakePod, NodeEnv, remote_pod};
+pub use node::{FakePod, NodeEnv, remote_pod, vm_entry};
 pub(crate) use process::must;
 pub use process::{run_with_timeout, stdout};
 pub use servers::{BannerServer, Signal, UdpEcho};

@@ -94,6 +94,15 @@ pub fn remote_pod(
                                              "containerID": format!("containerd://{name}")}]}})
 }
 
+/// The `vm` ServiceEntry of namespace `vms`: VIP 240.240.8.8 (port 443), backed by the
+/// Pods of `vms` labelled `app: <app>` (its `workloadSelector`).
+pub fn vm_entry(app: &str) -> Value {
+    json!({"metadata": {"name": "vm", "namespace": "vms"},
+           "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
+                    "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                    "resolution": "STATIC", "workloadSelector": {"labels": {"app": app}}}})
+}
+
 /// Everything of one node-mode test.
 pub struct NodeEnv {
     pub pods: Vec<FakePod>,

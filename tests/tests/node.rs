@@ -573,6 +573,18 @@ fn metric_value(metrics: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
+/// Namespaces `vms` and `default`, the `vm` entry, and `vm-1`, a Pod of another node
+/// its selector selects (10.2.0.7, ready).
+fn vm_cluster() -> NodeEnv {
+    let env = NodeEnv::new(&[("vms", None), ("default", None)]);
+    env.api.apply(Resource::ServiceEntries, vm_entry("vm"));
+    env.api.apply(
+        Resource::Pods,
+        remote_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
+    );
+    env
+}
+
 fn table_builds(env: &NodeEnv) -> u64 {
     metric_value(&env.metrics(), "dnsproxy_name_table_builds_total")
 }
@@ -597,18 +609,7 @@ fn pods_back_a_workload_selector_and_other_pod_churn_does_not_rebuild_the_table(
     if !privileged() {
         return;
     }
-    let env = NodeEnv::new(&[("vms", None), ("default", None)]);
-    env.api.apply(
-        Resource::ServiceEntries,
-        json!({"metadata": {"name": "vm", "namespace": "vms"},
-               "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
-                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
-                        "resolution": "STATIC", "workloadSelector": {"labels": {"app": "vm"}}}}),
-    );
-    env.api.apply(
-        Resource::Pods,
-        remote_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
-    );
+    let env = vm_cluster();
     env.api.apply(
         Resource::Pods,
         remote_pod("web-1", "default", "web", "10.2.0.9", true, 0),
@@ -765,19 +766,8 @@ fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
     if !privileged() {
         return;
     }
-    let env = NodeEnv::new(&[("vms", None), ("default", None)]);
-    env.api.apply(
-        Resource::ServiceEntries,
-        json!({"metadata": {"name": "vm", "namespace": "vms"},
-               "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
-                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
-                        "resolution": "STATIC", "workloadSelector": {"labels": {"app": "vm"}}}}),
-    );
     // Pods of other nodes: one the selector selects, many it does not.
-    env.api.apply(
-        Resource::Pods,
-        remote_pod("vm-1", "vms", "vm", "10.2.0.7", true, 0),
-    );
+    let env = vm_cluster();
     env.api.apply_many(
         Resource::Pods,
         (0..500).map(|i| remote_pod(&format!("web-{i}"), "default", "web", "10.3.0.1", true, 0)),
@@ -806,13 +796,7 @@ fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
     );
     wait_backends(&daemon, "240.240.8.8", &["10.2.0.7:443", "10.2.0.8:443"]);
     // The selector goes: its watch stops, and the entry has no backend.
-    env.api.apply(
-        Resource::ServiceEntries,
-        json!({"metadata": {"name": "vm", "namespace": "vms"},
-               "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
-                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
-                        "resolution": "STATIC", "workloadSelector": {"labels": {"app": "other"}}}}),
-    );
+    env.api.apply(Resource::ServiceEntries, vm_entry("other"));
     wait_backends(&daemon, "240.240.8.8", &[]);
     assert!(
         daemon

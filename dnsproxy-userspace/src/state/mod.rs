@@ -106,109 +106,78 @@ impl Watches {
     ) -> anyhow::Result<Self> {
         let mut tasks = JoinSet::new();
         let all = watcher::Config::default();
-        let services = watch::reflect(
-            Spec {
-                api: Api::<Service>::all(client.clone()),
-                config: all.clone(),
-                dyntype: (),
-                trim: trim::service,
-                signal: table,
-                kind: "Services",
-            },
-            signals.clone(),
-            &mut tasks,
-        )
-        .0;
+        let mut start = watch::Reflectors {
+            signals,
+            tasks: &mut tasks,
+        };
+        let services = start.start(Spec {
+            api: Api::<Service>::all(client.clone()),
+            config: all.clone(),
+            dyntype: (),
+            trim: trim::service,
+            signal: table,
+            kind: "Services",
+        });
         // A ClusterIP Service is answered with its ClusterIP: only headless ones read
         // their endpoints, and the controller labels their slices.
-        let slices = watch::reflect(
-            Spec {
-                api: Api::<EndpointSlice>::all(client.clone()),
-                config: all.clone().labels(HEADLESS_LABEL),
-                dyntype: (),
-                trim: trim::endpoint_slice,
-                signal: table,
-                kind: "EndpointSlices",
-            },
-            signals.clone(),
-            &mut tasks,
-        )
-        .0;
-        let namespaces = watch::reflect(
-            Spec {
-                api: Api::<Namespace>::all(client.clone()),
-                config: all.clone(),
-                dyntype: (),
-                trim: trim::namespace,
-                signal: Signal::Namespace,
-                kind: "Namespaces",
-            },
-            signals.clone(),
-            &mut tasks,
-        )
-        .0;
-        let pods = watch::reflect(
-            Spec {
-                api: Api::<Pod>::all(client.clone()),
-                config: all.clone().fields(&format!("spec.nodeName={node_name}")),
-                dyntype: (),
-                trim: trim::local_pod,
-                signal: Signal::LocalPod,
-                kind: "Pods of this node",
-            },
-            signals.clone(),
-            &mut tasks,
-        )
-        .0;
+        let slices = start.start(Spec {
+            api: Api::<EndpointSlice>::all(client.clone()),
+            config: all.clone().labels(HEADLESS_LABEL),
+            dyntype: (),
+            trim: trim::endpoint_slice,
+            signal: table,
+            kind: "EndpointSlices",
+        });
+        let namespaces = start.start(Spec {
+            api: Api::<Namespace>::all(client.clone()),
+            config: all.clone(),
+            dyntype: (),
+            trim: trim::namespace,
+            signal: Signal::Namespace,
+            kind: "Namespaces",
+        });
+        let pods = start.start(Spec {
+            api: Api::<Pod>::all(client.clone()),
+            config: all.clone().fields(&format!("spec.nodeName={node_name}")),
+            dyntype: (),
+            trim: trim::local_pod,
+            signal: Signal::LocalPod,
+            kind: "Pods of this node",
+        });
         let service_entries = istio_resource(client, "ServiceEntry", "serviceentries")
             .await?
             .map(|ar| {
-                watch::reflect(
-                    Spec {
-                        api: Api::<ServiceEntry>::all_with(client.clone(), &ar),
-                        config: all.clone(),
-                        dyntype: ar,
-                        trim: trim::service_entry,
-                        signal: table,
-                        kind: "ServiceEntries",
-                    },
-                    signals.clone(),
-                    &mut tasks,
-                )
-                .0
+                start.start(Spec {
+                    api: Api::<ServiceEntry>::all_with(client.clone(), &ar),
+                    config: all.clone(),
+                    dyntype: ar,
+                    trim: trim::service_entry,
+                    signal: table,
+                    kind: "ServiceEntries",
+                })
             });
         let workload_entries = istio_resource(client, "WorkloadEntry", "workloadentries")
             .await?
             .map(|ar| {
-                watch::reflect(
-                    Spec {
-                        api: Api::<WorkloadEntryObject>::all_with(client.clone(), &ar),
-                        config: all.clone(),
-                        dyntype: ar,
-                        trim: trim::workload_entry,
-                        signal: table,
-                        kind: "WorkloadEntries",
-                    },
-                    signals.clone(),
-                    &mut tasks,
-                )
-                .0
+                start.start(Spec {
+                    api: Api::<WorkloadEntryObject>::all_with(client.clone(), &ar),
+                    config: all.clone(),
+                    dyntype: ar,
+                    trim: trim::workload_entry,
+                    signal: table,
+                    kind: "WorkloadEntries",
+                })
             });
         // The shared VIP store: another daemon's write starts a round here too.
         let vip_store = store.map(|(ns, name)| {
-            watch::reflect(
-                Spec {
-                    api: Api::<ConfigMap>::namespaced(client.clone(), ns),
-                    config: all.clone().fields(&format!("metadata.name={name}")),
-                    dyntype: (),
-                    trim: trim::vip_store,
-                    signal: table,
-                    kind: "the VIP store",
-                },
-                signals.clone(),
-                &mut tasks,
-            )
-            .0
+            start.start(Spec {
+                api: Api::<ConfigMap>::namespaced(client.clone(), ns),
+                config: all.clone().fields(&format!("metadata.name={name}")),
+                dyntype: (),
+                trim: trim::vip_store,
+                signal: table,
+                kind: "the VIP store",
+            })
         });
         Ok(Watches {
             services,

@@ -49,6 +49,30 @@ pub(super) struct Spec<K: Resource> {
     pub(super) kind: &'static str,
 }
 
+/// Starts reflectors, each signalling into the same channel, owned by one task set.
+pub(super) struct Reflectors<'a> {
+    pub(super) signals: &'a mpsc::Sender<Signal>,
+    pub(super) tasks: &'a mut JoinSet<()>,
+}
+
+impl Reflectors<'_> {
+    /// Starts the reflector of `spec`; returns its store.
+    pub(super) fn start<K>(&mut self, spec: Spec<K>) -> Store<K>
+    where
+        K: Resource
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+        K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
+    {
+        reflect(spec, self.signals.clone(), self.tasks).0
+    }
+}
+
 /// The key of an object: `namespace/name` (`name` for cluster-scoped ones).
 fn key_of<K: Resource>(obj: &K) -> String {
     match obj.namespace() {

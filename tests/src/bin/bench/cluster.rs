@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use dnsproxy_e2e::{NodeEnv, Resource, fake_kube, load, remote_pod};
+use dnsproxy_e2e::{NodeEnv, Resource, fake_kube, load, remote_pod, vm_entry};
 use serde_json::{Value, json};
 
 use crate::dnsperf::{cpu_micros_between, thread_cpu};
@@ -91,13 +91,7 @@ fn populate(env: &NodeEnv, remote: usize, selected: usize) {
         }),
     );
     if selected > 0 {
-        api.apply(
-            Resource::ServiceEntries,
-            json!({"metadata": {"name": "vm", "namespace": "vms"},
-                   "spec": {"hosts": ["vm.example"], "addresses": ["240.240.8.8"],
-                            "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
-                            "resolution": "STATIC", "workloadSelector": {"labels": {"app": "vm"}}}}),
-        );
+        api.apply(Resource::ServiceEntries, vm_entry("vm"));
     }
     // In batches: the server wakes its watches once per batch.
     let mut made = 0;
