@@ -351,6 +351,18 @@ impl Collector for NamesCollector {
                     self.registry.builds(),
                 ),
                 (
+                    "dnsproxy_name_table_namespace_builds",
+                    "Namespaces whose Services' shard of the name table was built (one namespace's Service changes build its shard only).",
+                    MetricType::Counter,
+                    self.registry.shard_builds().0,
+                ),
+                (
+                    "dnsproxy_name_table_entries_builds",
+                    "Builds of the ServiceEntries' shard of the name table (ServiceEntries, WorkloadEntries, selected Pods, the VIP store).",
+                    MetricType::Counter,
+                    self.registry.shard_builds().1,
+                ),
+                (
                     "dnsproxy_vip_store_conflicts",
                     "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
                     MetricType::Counter,

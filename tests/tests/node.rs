@@ -806,3 +806,51 @@ fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn a_change_builds_only_the_shard_of_the_table_it_names() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", Some("enabled")), ("other", None)]);
+    publish_registry(&env);
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "db", "namespace": "other"}, "spec": {"clusterIP": "10.100.0.9"}}),
+    );
+    let pod = env.add_pod("p", "default", &[]);
+    let _daemon = env.start_daemon(&[]);
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    let builds = |env: &NodeEnv| {
+        let m = env.metrics();
+        (
+            metric_value(&m, "dnsproxy_name_table_namespace_builds_total"),
+            metric_value(&m, "dnsproxy_name_table_entries_builds_total"),
+        )
+    };
+    // The first sync's signals may still be settling.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = builds(&env);
+
+    // A Service of `other` changes: that namespace's shard, nothing else.
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "db", "namespace": "other"}, "spec": {"clusterIP": "10.100.0.10"}}),
+    );
+    env.wait_for_answer(pod, "db.other.svc.cluster.local", "10.100.0.10");
+    let after_service = builds(&env);
+    // A ServiceEntry changes: the entries' shard, no namespace's.
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "fixed", "namespace": "default"},
+               "spec": {"hosts": ["fixed.example"], "addresses": ["240.240.3.3"], "resolution": "STATIC",
+                        "endpoints": [{"address": "192.0.2.3"}]}}),
+    );
+    env.wait_for_answer(pod, "fixed.example", "240.240.3.3");
+    let after_entry = builds(&env);
+    println!(
+        "shard builds (namespaces, entries): {before:?} -> a Service changed {after_service:?} -> a ServiceEntry changed {after_entry:?}"
+    );
+    assert_eq!(after_service, (before.0 + 1, before.1));
+    assert_eq!(after_entry, (after_service.0, after_service.1 + 1));
+}

@@ -26,6 +26,17 @@ pub struct Registry {
     /// The same count, read without a lock on every batch of queries (answers kept
     /// encoded are stale once it moves).
     builds: std::sync::atomic::AtomicU64,
+    /// Shards built: a namespace's Services, and the `ServiceEntries`'.
+    shard_builds: [std::sync::atomic::AtomicU64; 2],
+}
+
+/// Which shards a new table built again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Built {
+    /// Namespaces whose Services' shard was built.
+    pub namespaces: u64,
+    /// The `ServiceEntries`' shard was built.
+    pub entries: bool,
 }
 
 impl Registry {
@@ -36,6 +47,7 @@ impl Registry {
             config,
             generation: tokio::sync::watch::Sender::new(0),
             builds: std::sync::atomic::AtomicU64::new(0),
+            shard_builds: Default::default(),
         }
     }
 
@@ -54,6 +66,19 @@ impl Registry {
     /// puts it in service.
     pub fn rebuild(&self, objects: &Objects, vips: &Allocation) {
         let table = NameTable::build(objects, vips, &self.config);
+        let built = Built {
+            namespaces: table.service_namespaces().count() as u64,
+            entries: true,
+        };
+        self.publish(table, built);
+    }
+
+    /// Puts `table` in service (one made from the current one by `with_*`, say), which
+    /// built the shards `built` says.
+    pub fn publish(&self, table: NameTable, built: Built) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shard_builds[0].fetch_add(built.namespaces, Relaxed);
+        self.shard_builds[1].fetch_add(u64::from(built.entries), Relaxed);
         // The old table goes (once no query holds it): give its memory back.
         drop(self.table.swap(Arc::new(table)));
         // Bumped only after the new table is visible: an answer kept under a
@@ -67,6 +92,15 @@ impl Registry {
     /// Name tables built so far (lock-free: read on the query path).
     pub fn builds(&self) -> u64 {
         self.builds.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Shards built so far: namespaces' Services, and the `ServiceEntries`'.
+    pub fn shard_builds(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shard_builds[0].load(Relaxed),
+            self.shard_builds[1].load(Relaxed),
+        )
     }
 
     /// A receiver that wakes up after each table change.

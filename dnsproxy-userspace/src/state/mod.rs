@@ -41,7 +41,7 @@ use crate::{
     capture::{CaptureConfig, Handoff, PodCapture},
     dns::server::Shared,
     registry::{
-        Registry,
+        Allocation, Built, NameTable, Registry,
         manifest::{HEADLESS_LABEL, Meta as _, Objects, ServiceEntry, WorkloadEntryObject},
         table::{selectable_pods, workload_selectors},
     },
@@ -78,10 +78,6 @@ async fn istio_resource(
     Ok(None)
 }
 
-fn table(_: Option<String>) -> Signal {
-    Signal::Table
-}
-
 /// The reflectors of node mode and their stores; dropping it stops them.
 struct Watches {
     services: Store<Service>,
@@ -115,7 +111,7 @@ impl Watches {
             config: all.clone(),
             dyntype: (),
             trim: trim::service,
-            signal: table,
+            signal: watch::services,
             kind: "Services",
         });
         // A ClusterIP Service is answered with its ClusterIP: only headless ones read
@@ -125,7 +121,7 @@ impl Watches {
             config: all.clone().labels(HEADLESS_LABEL),
             dyntype: (),
             trim: trim::endpoint_slice,
-            signal: table,
+            signal: watch::services,
             kind: "EndpointSlices",
         });
         let namespaces = start.start(Spec {
@@ -152,7 +148,7 @@ impl Watches {
                     config: all.clone(),
                     dyntype: ar,
                     trim: trim::service_entry,
-                    signal: table,
+                    signal: watch::entries,
                     kind: "ServiceEntries",
                 })
             });
@@ -164,7 +160,7 @@ impl Watches {
                     config: all.clone(),
                     dyntype: ar,
                     trim: trim::workload_entry,
-                    signal: table,
+                    signal: watch::entries,
                     kind: "WorkloadEntries",
                 })
             });
@@ -175,7 +171,7 @@ impl Watches {
                 config: all.clone().fields(&format!("metadata.name={name}")),
                 dyntype: (),
                 trim: trim::vip_store,
-                signal: table,
+                signal: watch::entries,
                 kind: "the VIP store",
             })
         });
@@ -221,7 +217,7 @@ impl Watches {
         Ok(())
     }
 
-    /// What the name table is built from (the selected Pods are `selected`'s).
+    /// What the entries' shard is built from (the selected Pods are `selected`'s).
     fn objects(&self, selected: &SelectedPods) -> Objects {
         let service_entries: Vec<Arc<ServiceEntry>> = self
             .service_entries
@@ -232,14 +228,30 @@ impl Watches {
         Objects {
             pods: selectable_pods(&selected.pods(), &selectors),
             service_entries,
-            services: self.services.state(),
-            endpoint_slices: self.slices.state(),
             workload_entries: self
                 .workload_entries
                 .as_ref()
                 .map(Store::state)
                 .unwrap_or_default(),
+            ..Objects::default()
         }
+    }
+
+    /// Namespace `ns`'s Services and `EndpointSlices` (of headless Services).
+    fn services_in(&self, ns: &str) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
+        let of = |meta: &kube::api::ObjectMeta| meta.ns() == ns;
+        (
+            self.services
+                .state()
+                .into_iter()
+                .filter(|s| of(&s.metadata))
+                .collect(),
+            self.slices
+                .state()
+                .into_iter()
+                .filter(|s| of(&s.metadata))
+                .collect(),
+        )
     }
 
     /// The Pod of this node with `key` (`namespace/name`).
@@ -263,15 +275,32 @@ impl Watches {
     }
 }
 
-/// The name table's side: when to build it, and the VIPs it is built with.
+/// What the name table needs built again.
+#[derive(Default)]
+struct Dirty {
+    /// Namespaces whose Services (or their slices) changed.
+    namespaces: HashSet<String>,
+    /// Every namespace's (after Services or slices were listed again).
+    all_namespaces: bool,
+    /// The `ServiceEntries`' shard.
+    entries: bool,
+}
+
+impl Dirty {
+    fn any(&self) -> bool {
+        self.entries || self.all_namespaces || !self.namespaces.is_empty()
+    }
+}
+
+/// The name table's side: when to build what, and the VIPs it is built with.
 struct TableBuilder {
     registry: Arc<Registry>,
     assignment: Assignment,
     selected: SelectedPods,
-    /// A table input changed since the last build.
-    dirty: bool,
+    /// What changed since the last build.
+    dirty: Dirty,
     last_build: Option<Instant>,
-    /// The VIP store backs off until then: build again at that time.
+    /// The VIP store backs off until then: build the entries again at that time.
     store_retry: Option<Instant>,
 }
 
@@ -279,22 +308,71 @@ impl TableBuilder {
     /// When the table is due to be built, if it is.
     fn due_at(&self) -> Option<Instant> {
         let settled = self.last_build.map(|at| at + TABLE_SETTLE);
-        let dirty = self.dirty.then(|| settled.unwrap_or_else(Instant::now));
+        let dirty = self
+            .dirty
+            .any()
+            .then(|| settled.unwrap_or_else(Instant::now));
         [dirty, self.store_retry].into_iter().flatten().min()
     }
 
-    /// Builds the table when it is due.
+    /// Builds what is due.
     async fn build_if_due(&mut self, watches: &Watches) {
-        if self.due_at().is_some_and(|at| at <= Instant::now()) {
-            self.build(watches).await;
+        let now = Instant::now();
+        if self.due_at().is_none_or(|at| at > now) {
+            return;
+        }
+        if self.store_retry.is_some_and(|at| at <= now) {
+            self.dirty.entries = true;
+        }
+        self.last_build = Some(now);
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut table = NameTable::clone(&self.registry.table());
+        let namespaces: Vec<String> = if dirty.all_namespaces {
+            // Every namespace that has Services now, or had some before.
+            let mut all: HashSet<String> = watches
+                .services
+                .state()
+                .iter()
+                .map(|s| s.metadata.ns().to_owned())
+                .collect();
+            all.extend(table.service_namespaces().map(ToOwned::to_owned));
+            all.into_iter().collect()
+        } else {
+            dirty.namespaces.into_iter().collect()
+        };
+        for ns in &namespaces {
+            let (services, slices) = watches.services_in(ns);
+            table = table.with_namespace(ns, &services, &slices);
+        }
+        if dirty.entries {
+            match self.entries(watches).await {
+                Some((objects, vips)) => table = table.with_entries(&objects, &vips),
+                None => return,
+            }
+        }
+        let built = Built {
+            namespaces: namespaces.len() as u64,
+            entries: dirty.entries,
+        };
+        self.registry.publish(table, built);
+    }
+
+    /// The first table, whole: every namespace's Services and the entries.
+    async fn build_all(&mut self, watches: &Watches) {
+        self.dirty = Dirty::default();
+        self.last_build = Some(Instant::now());
+        if let Some((mut objects, vips)) = self.entries(watches).await {
+            objects.services = watches.services.state();
+            objects.endpoint_slices = watches.slices.state();
+            self.registry.rebuild(&objects, &vips);
         }
     }
 
-    /// Follows the entries' selectors, agrees on VIPs, builds and serves the table.
-    async fn build(&mut self, watches: &Watches) {
-        self.dirty = false;
+    /// What the entries' shard is built from, with the VIPs agreed for it: the entries'
+    /// selectors followed, the VIPs agreed through the store. `None` when no VIP could
+    /// be allocated (the table in service stays).
+    async fn entries(&mut self, watches: &Watches) -> Option<(Objects, Allocation)> {
         self.store_retry = None;
-        self.last_build = Some(Instant::now());
         let service_entries = watches
             .service_entries
             .as_ref()
@@ -310,12 +388,15 @@ impl TableBuilder {
         match self.assignment.agree(&demand, watched.as_deref()).await {
             Ok((vips, retry_at)) => {
                 self.store_retry = retry_at;
-                self.registry.rebuild(&objects, &vips);
+                Some((objects, vips))
             }
-            Err(e) => tracing::error!(
-                "name table not updated, the last one stays in service: {}",
-                crate::report(&e)
-            ),
+            Err(e) => {
+                tracing::error!(
+                    "name table not updated, the last one stays in service: {}",
+                    crate::report(&e)
+                );
+                None
+            }
         }
     }
 }
@@ -332,7 +413,11 @@ struct Pending {
 impl Pending {
     fn add(&mut self, signal: Signal, table: &mut TableBuilder) {
         match signal {
-            Signal::Table => table.dirty = true,
+            Signal::Services(Some(ns)) => {
+                table.dirty.namespaces.insert(ns);
+            }
+            Signal::Services(None) => table.dirty.all_namespaces = true,
+            Signal::Entries => table.dirty.entries = true,
             Signal::LocalPod(Some(key)) => {
                 self.pods.insert(key);
             }
@@ -374,7 +459,7 @@ pub async fn run(
         registry,
         assignment,
         selected: SelectedPods::new(client, signals),
-        dirty: true,
+        dirty: Dirty::default(),
         last_build: None,
         store_retry: None,
     };
@@ -386,7 +471,7 @@ pub async fn run(
         .unwrap_or_default();
     table.selected.follow(&workload_selectors(&service_entries));
     table.selected.synced().await;
-    table.build(&watches).await;
+    table.build_all(&watches).await;
     // The signals of the first lists are acted on here, at once.
     while signalled.try_recv().is_ok() {}
     capture

@@ -77,7 +77,7 @@ impl SelectedPods {
                 config: watcher::Config::default().labels(&key.1),
                 dyntype: (),
                 trim: trim::selected_pod,
-                signal: |_| Signal::Table,
+                signal: watch::entries,
                 kind: "selected Pods",
             };
             let (store, task) = watch::reflect(spec, self.signals.clone(), &mut self.tasks);

@@ -25,9 +25,12 @@ use tokio::{
 /// What changed, as the daemon's loop acts on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Signal {
-    /// Something the name table is built from (Services, headless `EndpointSlices`,
-    /// `ServiceEntries`, `WorkloadEntries`, selected Pods, the VIP store).
-    Table,
+    /// A Service or a headless Service's `EndpointSlice` of this namespace, or of every
+    /// namespace after a list (`None`): that namespace's shard of the name table.
+    Services(Option<String>),
+    /// What the `ServiceEntries`' shard is built from (`ServiceEntries`,
+    /// `WorkloadEntries`, selected Pods, the VIP store).
+    Entries,
     /// A Pod of this node (`namespace/name`), or all of them after a list (`None`).
     LocalPod(Option<String>),
     /// A Namespace (its name), or all of them after a list (`None`).
@@ -71,6 +74,16 @@ impl Reflectors<'_> {
     {
         reflect(spec, self.signals.clone(), self.tasks).0
     }
+}
+
+/// [`Signal::Services`] for an object's key: its namespace.
+pub(super) fn services(key: Option<String>) -> Signal {
+    Signal::Services(key.map(|k| k.split_once('/').map_or(k.clone(), |(ns, _)| ns.to_owned())))
+}
+
+/// [`Signal::Entries`], whatever the object.
+pub(super) fn entries(_: Option<String>) -> Signal {
+    Signal::Entries
 }
 
 /// The key of an object: `namespace/name` (`name` for cluster-scoped ones).

@@ -3,8 +3,16 @@
 //! suffixes, then wildcard suffixes (one probe per label). A name defined by several
 //! objects keeps one entry per object, in precedence order; a client sees the one its
 //! namespace may see, its own namespace's first ([`super::export`]).
+//!
+//! The table is made of shards (`build`), each built from its own objects and shared
+//! between tables: one per namespace for its Services (a Service's names live under
+//! `<ns>.svc.<cluster domain>`), and one for the `ServiceEntries` and what backs them.
+//! A change rebuilds only its shard: a Service or a headless Service's endpoints, its
+//! namespace's; a `ServiceEntry`, a `WorkloadEntry` or a selected Pod, the entries'.
+mod build;
+
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
@@ -14,12 +22,11 @@ use serde::Serialize;
 use super::{
     export::{Rank, Visibility},
     manifest::{
-        Meta as _, ObjectMeta, Objects, Pod, Resolution, ServiceEntry, ServiceEntryPort,
-        ServiceKind, WorkloadEntry, WorkloadSelector, pod_ip, pod_is_ready, service_kind,
-        slice_service,
+        EndpointSlice, Meta as _, Objects, Resolution, Service, ServiceEntryPort, WorkloadEntry,
     },
 };
 use crate::name::normalize;
+pub use build::{selectable_pods, workload_selectors};
 
 /// Addresses of a name, both families in one allocation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -191,17 +198,33 @@ impl Owner {
     }
 }
 
-/// The entry a client in `namespace` sees among `candidates` (in precedence order):
-/// its own namespace's, else the first it may see.
-fn pick<'a>(candidates: &'a [Host], namespace: &str) -> Option<&'a Host> {
-    candidates
-        .iter()
-        .find(|h| h.owner.namespace() == namespace && h.owner.export_to.allows(namespace))
-        .or_else(|| {
-            candidates
-                .iter()
-                .find(|h| h.owner.export_to.allows(namespace))
-        })
+/// The entry a client in `namespace` sees among `candidates` (a name's entries in its
+/// shards): its own namespace's first, else the first it may see, in precedence order.
+fn pick<'a>(candidates: [&'a [Host]; 2], namespace: &str) -> Option<&'a Host> {
+    let (mut own, mut any): (Option<&Host>, Option<&Host>) = (None, None);
+    for host in candidates.into_iter().flatten() {
+        if !host.owner.export_to.allows(namespace) {
+            continue;
+        }
+        let before = |best: Option<&Host>| best.is_none_or(|b| host.owner.rank < b.owner.rank);
+        if host.owner.namespace() == namespace && before(own) {
+            own = Some(host);
+        }
+        if before(any) {
+            any = Some(host);
+        }
+    }
+    own.or(any)
+}
+
+/// `name` without the domain whose labels are `labels` (and the dot before it), if it
+/// ends in that domain: no domain string is made for the check.
+fn strip_domain<'a>(name: &'a str, labels: &[&str]) -> Option<&'a str> {
+    let mut rest = name;
+    for label in labels.iter().rev() {
+        rest = rest.strip_suffix(label)?.strip_suffix('.')?;
+    }
+    Some(rest)
 }
 
 /// How a query name was matched.
@@ -247,10 +270,10 @@ pub struct EntryShared {
     pub endpoints: Box<[WorkloadEntry]>,
 }
 
-/// The table.
-#[derive(Clone, Debug, Default)]
-pub struct NameTable {
-    cluster_domain: String,
+/// Names, and what they resolve to, from one set of objects: a namespace's Services,
+/// or the `ServiceEntries`.
+#[derive(Debug, Default)]
+pub struct Shard {
     /// Name → its entries, in precedence order.
     exact: HashMap<Arc<str>, Vec<Host>>,
     /// `*.example.com` is stored under `example.com`.
@@ -262,6 +285,37 @@ pub struct NameTable {
     /// Every VIP of `vip_services`, sorted: addresses the data path must translate.
     translated_vips: Vec<IpAddr>,
 }
+
+impl Shard {
+    fn exact(&self, name: &str) -> &[Host] {
+        self.exact.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    fn reverse(&self, ip: IpAddr) -> Option<&Arc<str>> {
+        self.reverse
+            .binary_search_by(|(addr, _)| addr.cmp(&ip))
+            .ok()
+            .map(|at| &self.reverse[at].1)
+    }
+
+    /// Names, exact and wildcard.
+    fn len(&self) -> usize {
+        self.exact.len() + self.wildcards.len()
+    }
+}
+
+/// The table.
+#[derive(Clone, Debug, Default)]
+pub struct NameTable {
+    cluster_domain: String,
+    /// Each namespace's Services.
+    services: HashMap<Arc<str>, Arc<Shard>>,
+    /// The `ServiceEntries`, with their VIPs and backends.
+    entries: Arc<Shard>,
+}
+
+/// A namespace's Services and `EndpointSlices`.
+type NamespaceObjects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 
 /// Settings of the table that do not come from objects.
 #[derive(Clone, Debug)]
@@ -289,15 +343,76 @@ impl NameTable {
     /// Builds the table; `ServiceEntry` hosts without declared addresses get their
     /// VIPs from `vips` (`crate::vip::assign` decides who gets which).
     pub fn build(objects: &Objects, vips: &Allocation, cfg: &TableConfig) -> Self {
-        let mut b = Builder {
-            table: NameTable::empty(cfg),
-            namespaces: HashMap::new(),
-            ports: HashMap::new(),
-        };
-        b.add_services(objects);
-        b.add_service_entries(objects, vips);
-        b.finish();
-        b.table
+        let mut table = NameTable::empty(cfg);
+        let mut by_namespace: BTreeMap<&str, NamespaceObjects> = BTreeMap::new();
+        for svc in &objects.services {
+            by_namespace
+                .entry(svc.metadata.ns())
+                .or_default()
+                .0
+                .push(Arc::clone(svc));
+        }
+        for slice in &objects.endpoint_slices {
+            let ns = slice.metadata.ns();
+            by_namespace
+                .entry(ns)
+                .or_default()
+                .1
+                .push(Arc::clone(slice));
+        }
+        for (ns, (services, slices)) in by_namespace {
+            table.set_namespace(ns, &services, &slices);
+        }
+        table.entries = Arc::new(build::entries(objects, vips));
+        table
+    }
+
+    /// This table with namespace `ns`'s Services (and their `EndpointSlices`) built
+    /// again from `services` and `slices`, every other shard shared.
+    #[must_use]
+    pub fn with_namespace(
+        &self,
+        ns: &str,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+    ) -> Self {
+        let mut table = self.clone();
+        table.set_namespace(ns, services, slices);
+        table
+    }
+
+    /// This table with the `ServiceEntries` (and what backs them: `WorkloadEntries`,
+    /// selected Pods) built again from `objects`, with the VIPs of `vips`.
+    #[must_use]
+    pub fn with_entries(&self, objects: &Objects, vips: &Allocation) -> Self {
+        NameTable {
+            entries: Arc::new(build::entries(objects, vips)),
+            ..self.clone()
+        }
+    }
+
+    fn set_namespace(
+        &mut self,
+        ns: &str,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+    ) {
+        if services.is_empty() {
+            self.services.remove(ns);
+            return;
+        }
+        let shard = build::services(ns, services, slices, &self.cluster_domain);
+        self.services.insert(ns.into(), Arc::new(shard));
+    }
+
+    /// The namespaces that have Services in the table.
+    pub fn service_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(|ns| &**ns)
+    }
+
+    /// The shard of the `ServiceEntries`: the same `Arc` while they did not change.
+    pub fn entries(&self) -> &Arc<Shard> {
+        &self.entries
     }
 
     /// The cluster domain (e.g. `cluster.local`).
@@ -310,28 +425,32 @@ impl NameTable {
         self.len() == 0
     }
 
-    /// Number of names (exact and wildcard).
+    /// Number of names (exact and wildcard; a name in two shards counts twice).
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wildcards.len()
+        self.services.values().map(|s| s.len()).sum::<usize>() + self.entries.len()
     }
 
-    /// The Kubernetes search domains of a client in `namespace`.
-    pub fn search_domains(&self, namespace: &str) -> [String; 3] {
-        let cd = &self.cluster_domain;
-        [
-            format!("{namespace}.svc.{cd}"),
-            format!("svc.{cd}"),
-            cd.clone(),
-        ]
+    /// The shard that holds the Services of the namespace `name` is under
+    /// (`….<ns>.svc.<cluster domain>`).
+    fn services_of(&self, name: &str) -> Option<&Shard> {
+        let under = name
+            .strip_suffix(self.cluster_domain.as_str())?
+            .strip_suffix('.')?
+            .strip_suffix(".svc")?;
+        let ns = under.rsplit('.').next()?;
+        self.services.get(ns).map(|s| &**s)
+    }
+
+    /// A name's entries, in the shards that can hold it.
+    fn candidates(&self, name: &str) -> [&[Host]; 2] {
+        let services = self.services_of(name).map_or(&[][..], |s| s.exact(name));
+        [services, self.entries.exact(name)]
     }
 
     /// The entry a client in `namespace` sees for `name`: exact, else the most
     /// specific wildcard covering it.
     pub fn get_for(&self, name: &str, namespace: &str) -> Option<&Host> {
-        self.exact
-            .get(name)
-            .and_then(|c| pick(c, namespace))
-            .or_else(|| self.wildcard_for(name, namespace))
+        pick(self.candidates(name), namespace).or_else(|| self.wildcard_for(name, namespace))
     }
 
     /// The most specific wildcard entry covering `name` that a client in `namespace`
@@ -339,7 +458,9 @@ impl NameTable {
     fn wildcard_for(&self, name: &str, namespace: &str) -> Option<&Host> {
         let mut rest = name;
         while let Some((_, suffix)) = rest.split_once('.') {
-            if let Some(h) = self.wildcards.get(suffix).and_then(|c| pick(c, namespace)) {
+            if let Some(c) = self.entries.wildcards.get(suffix)
+                && let Some(h) = pick([c, &[]], namespace)
+            {
                 return Some(h);
             }
             rest = suffix;
@@ -359,20 +480,23 @@ impl NameTable {
         namespace: &str,
         extra_search: &[String],
     ) -> Option<Match<'a>> {
-        if let Some(h) = self.exact.get(name).and_then(|c| pick(c, namespace)) {
+        if let Some(h) = pick(self.candidates(name), namespace) {
             return Some(Match::Direct(h));
         }
         if let Some(h) = self.short_name(name, namespace) {
             return Some(Match::Direct(h));
         }
-        let search = self.search_domains(namespace);
-        for domain in search.iter().chain(extra_search) {
-            let Some(base) = name
-                .strip_suffix(domain.as_str())
-                .and_then(|b| b.strip_suffix('.'))
-            else {
-                continue;
-            };
+        // The Kubernetes search domains of a client in `namespace`, then the others.
+        let cd = self.cluster_domain.as_str();
+        let kubernetes = [
+            strip_domain(name, &[namespace, "svc", cd]),
+            strip_domain(name, &["svc", cd]),
+            strip_domain(name, &[cd]),
+        ];
+        let others = extra_search
+            .iter()
+            .map(|d| strip_domain(name, &[d.as_str()]));
+        for base in kubernetes.into_iter().chain(others).flatten() {
             if let Some(host) = self.get_for(base, namespace) {
                 return Some(Match::SearchSuffix { base, host });
             }
@@ -392,361 +516,67 @@ impl NameTable {
             }
             _ => return None,
         };
-        self.exact
-            .get(full.as_str())
-            .and_then(|c| pick(c, namespace))
+        pick(self.candidates(&full), namespace)
     }
 
     /// `ServiceEntry` hosts with VIPs to translate (`ClusterIPs` are kube-proxy's).
     pub fn vip_services(&self) -> &[VipService] {
-        &self.vip_services
+        &self.entries.vip_services
     }
 
     /// Whether `ip` is a VIP the data path translates (not a `ClusterIP` or an
     /// endpoint address).
     pub fn is_translated_vip(&self, ip: IpAddr) -> bool {
-        self.translated_vips.binary_search(&ip).is_ok()
+        self.entries.translated_vips.binary_search(&ip).is_ok()
     }
 
-    /// The name a VIP or `ClusterIP` belongs to (PTR).
+    /// The name a VIP or `ClusterIP` belongs to (PTR): a Service's first (of two
+    /// namespaces' on one address, the first name in order), else an entry's.
     pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
-        self.reverse
-            .binary_search_by(|(addr, _)| addr.cmp(&ip))
-            .ok()
-            .map(|at| &*self.reverse[at].1)
+        self.services
+            .values()
+            .filter_map(|s| s.reverse(ip))
+            .min()
+            .or_else(|| self.entries.reverse(ip))
+            .map(|n| &**n)
     }
 
     /// Every name, sorted, for `/debug/ndsz`: every entry of each, or with
     /// `namespace` the one a client there sees.
     pub fn dump(&self, namespace: Option<&str>) -> BTreeMap<&str, Vec<&Host>> {
-        self.exact
-            .values()
-            .chain(self.wildcards.values())
-            .filter_map(|candidates| {
+        let shards = self.services.values().chain(std::iter::once(&self.entries));
+        let mut out: BTreeMap<&str, Vec<&Host>> = BTreeMap::new();
+        for shard in shards {
+            for (key, wild) in shard
+                .exact
+                .keys()
+                .map(|k| (k, false))
+                .chain(shard.wildcards.keys().map(|k| (k, true)))
+            {
+                let candidates = if wild {
+                    [
+                        self.entries
+                            .wildcards
+                            .get(&**key)
+                            .map_or(&[][..], Vec::as_slice),
+                        &[],
+                    ]
+                } else {
+                    self.candidates(key)
+                };
+                let Some(first) = candidates.iter().flat_map(|c| c.iter()).next() else {
+                    continue;
+                };
                 let shown: Vec<&Host> = match namespace {
                     Some(ns) => pick(candidates, ns).into_iter().collect(),
-                    None => candidates.iter().collect(),
+                    None => candidates.iter().flat_map(|c| c.iter()).collect(),
                 };
-                Some((&*candidates.first()?.name, shown)).filter(|(_, s)| !s.is_empty())
-            })
-            .collect()
-    }
-}
-
-/// A Service's ready endpoint addresses, and (hostname, address) for those with a name.
-type Ready = (Vec<IpAddr>, Vec<(String, IpAddr)>);
-
-struct Builder {
-    table: NameTable,
-    /// One copy of each namespace's name, shared by its objects' entries.
-    namespaces: HashMap<String, Arc<str>>,
-    /// One copy of each distinct list of ports.
-    ports: HashMap<Vec<ServiceEntryPort>, Arc<[ServiceEntryPort]>>,
-}
-
-impl Builder {
-    /// The shared copy of namespace `ns`.
-    fn namespace(&mut self, ns: &str) -> Arc<str> {
-        if let Some(shared) = self.namespaces.get(ns) {
-            return Arc::clone(shared);
-        }
-        let shared: Arc<str> = ns.into();
-        self.namespaces.insert(ns.to_owned(), Arc::clone(&shared));
-        shared
-    }
-
-    /// The owner of `meta`'s entries.
-    fn owner(&mut self, kind: Kind, meta: &ObjectMeta, export_to: Visibility) -> Arc<Owner> {
-        let namespace = self.namespace(meta.ns());
-        Arc::new(Owner {
-            kind,
-            export_to,
-            rank: Rank::of(meta, namespace),
-        })
-    }
-
-    /// Adds `addrs` to `owner`'s entry for `name` (made when it has none yet); returns
-    /// it.
-    fn add_addrs(
-        &mut self,
-        name: &Arc<str>,
-        addrs: &[IpAddr],
-        owner: &Arc<Owner>,
-        ptr: bool,
-    ) -> Option<&mut Host> {
-        let wildcard = name.strip_prefix("*.");
-        let map = if wildcard.is_some() {
-            &mut self.table.wildcards
-        } else {
-            &mut self.table.exact
-        };
-        let key: Arc<str> = wildcard.map_or_else(|| Arc::clone(name), Arc::from);
-        // Nearly every name has one entry: a Vec's first growth would reserve four.
-        let candidates = map.entry(key).or_insert_with(|| Vec::with_capacity(1));
-        let at = candidates
-            .iter()
-            .position(|h| Arc::ptr_eq(&h.owner, owner))
-            .unwrap_or_else(|| {
-                candidates.push(owner.host(Arc::clone(name), Target::Addresses(Addrs::default())));
-                candidates.len() - 1
-            });
-        match &mut candidates[at].target {
-            Target::Addresses(a) => addrs.iter().for_each(|ip| a.add(*ip)),
-            Target::Cname(t) => {
-                tracing::warn!(%name, cname = %t, source = %owner.source(), "name is an alias already: addresses ignored");
-                return None;
-            }
-        }
-        if ptr && wildcard.is_none() {
-            self.table
-                .reverse
-                .extend(addrs.iter().map(|ip| (*ip, Arc::clone(name))));
-        }
-        let map = if wildcard.is_some() {
-            &mut self.table.wildcards
-        } else {
-            &mut self.table.exact
-        };
-        map.get_mut(wildcard.unwrap_or(name))
-            .and_then(|c| c.get_mut(at))
-    }
-
-    /// Entries without an address are not the table's (wildcards included): such names
-    /// are forwarded, as Istio does. Entries go in precedence order, and of two VIP
-    /// services on one VIP only the first translates it.
-    fn finish(&mut self) {
-        for map in [&mut self.table.exact, &mut self.table.wildcards] {
-            for candidates in map.values_mut() {
-                candidates.retain(|h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
-                candidates.sort_by(|a, b| a.owner.rank.cmp(&b.owner.rank));
-                candidates.shrink_to_fit();
-                for h in candidates {
-                    if let Target::Addresses(a) = &mut h.target {
-                        a.0.shrink_to_fit();
-                    }
-                }
-            }
-            map.retain(|_, candidates| !candidates.is_empty());
-            map.shrink_to_fit();
-        }
-        // The first name given an address keeps it (a stable sort keeps the order).
-        let reverse = &mut self.table.reverse;
-        reverse.sort_by_key(|(ip, _)| *ip);
-        reverse.dedup_by_key(|(ip, _)| *ip);
-        reverse.shrink_to_fit();
-        self.table
-            .vip_services
-            .sort_by(|a, b| a.owner.rank.cmp(&b.owner.rank));
-        let mut taken = HashSet::new();
-        for svc in &mut self.table.vip_services {
-            svc.vips.retain(|vip| taken.insert(*vip));
-        }
-        self.table.vip_services.retain(|s| !s.vips.is_empty());
-        self.table.vip_services.shrink_to_fit();
-        let mut translated: Vec<IpAddr> = taken.into_iter().collect();
-        translated.sort_unstable();
-        self.table.translated_vips = translated;
-    }
-
-    fn add_services(&mut self, objects: &Objects) {
-        let cd = self.table.cluster_domain.clone();
-        // Ready endpoint addresses and hostnames per (namespace, service).
-        let mut endpoints: HashMap<(String, String), Ready> = HashMap::new();
-        for slice in &objects.endpoint_slices {
-            let Some(svc) = slice_service(slice) else {
-                continue;
-            };
-            let entry = endpoints
-                .entry((slice.metadata.ns().to_owned(), svc.to_owned()))
-                .or_default();
-            for ep in &slice.endpoints {
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-                    entry.0.push(ip);
-                    if let Some(h) = &ep.hostname {
-                        entry.1.push((normalize(h), ip));
-                    }
+                if !shown.is_empty() {
+                    out.insert(&first.name, shown);
                 }
             }
         }
-        for svc in &objects.services {
-            let ns = svc.metadata.ns();
-            let name = normalize(svc.metadata.name_str());
-            let fqdn: Arc<str> = format!("{name}.{ns}.svc.{cd}").into();
-            let export_to = Visibility::from_annotation(&svc.metadata);
-            let owner = self.owner(Kind::Service, &svc.metadata, export_to);
-            let own = match service_kind(svc) {
-                ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &owner, true),
-                ServiceKind::Headless => {
-                    let Some((ips, hostnames)) = endpoints.get(&(ns.to_owned(), name.clone()))
-                    else {
-                        continue;
-                    };
-                    if ips.is_empty() {
-                        continue;
-                    }
-                    for (hostname, ip) in hostnames {
-                        let pod: Arc<str> = format!("{hostname}.{fqdn}").into();
-                        self.add_addrs(&pod, &[*ip], &owner, true);
-                    }
-                    self.add_addrs(&fqdn, ips, &owner, false)
-                }
-                ServiceKind::ExternalName(target) => {
-                    let candidates = self
-                        .table
-                        .exact
-                        .entry(Arc::clone(&fqdn))
-                        .or_insert_with(|| Vec::with_capacity(1));
-                    candidates.push(owner.host(Arc::clone(&fqdn), Target::Cname(target)));
-                    candidates.last_mut()
-                }
-            };
-            if let Some(h) = own {
-                h.short_names = true;
-            }
-        }
-    }
-
-    fn add_service_entries(&mut self, objects: &Objects, vips: &Allocation) {
-        for se in &objects.service_entries {
-            let ns = se.metadata.ns();
-            let export_to = Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns);
-            let owner = self.owner(Kind::ServiceEntry, &se.metadata, export_to);
-            // Computed once for all the entry's hosts (there may be thousands).
-            let ports = Arc::clone(
-                self.ports
-                    .entry(se.spec.ports.clone())
-                    .or_insert_with(|| se.spec.ports.clone().into()),
-            );
-            let shared = Arc::new(EntryShared {
-                ports,
-                endpoints: endpoints_of(se, objects).into(),
-            });
-            for host in &se.spec.hosts {
-                let host: Arc<str> = normalize(host).into();
-                self.add_service_entry_host(se, &shared, &host, vips, &owner);
-            }
-        }
-    }
-
-    /// One host of a `ServiceEntry`: its addresses (declared, else auto-allocated, else
-    /// for STATIC its endpoints), and the VIP service the data path translates.
-    fn add_service_entry_host(
-        &mut self,
-        se: &ServiceEntry,
-        shared: &Arc<EntryShared>,
-        host: &Arc<str>,
-        vips: &Allocation,
-        owner: &Arc<Owner>,
-    ) {
-        let mut addrs = declared_addresses(se, host);
-        let mut auto_allocated = false;
-        if addrs.is_empty()
-            && let Some(v) = vips.get(&**host)
-        {
-            addrs = v.addrs().to_vec();
-            auto_allocated = true;
-        }
-        if addrs.is_empty() && se.spec.resolution == Resolution::Static {
-            // No VIP: answer with the endpoints themselves, like a headless Service.
-            let endpoints: Vec<IpAddr> = shared
-                .endpoints
-                .iter()
-                .filter_map(|e| e.address.parse().ok())
-                .collect();
-            self.add_addrs(host, &endpoints, owner, false);
-            return;
-        }
-        if addrs.is_empty() {
-            tracing::debug!(%host, source = %owner.source(), "no address: left to upstream DNS");
-            return;
-        }
-        if let Some(h) = self.add_addrs(host, &addrs, owner, true)
-            && auto_allocated
-        {
-            h.auto_allocated = true;
-        }
-        // NONE means "pass through to the address asked for"; wildcards have no single
-        // name to resolve backends from.
-        if se.spec.resolution != Resolution::None && !host.starts_with("*.") {
-            self.table.vip_services.push(VipService {
-                host: Arc::clone(host),
-                vips: addrs,
-                entry: Arc::clone(shared),
-                resolution: se.spec.resolution,
-                owner: Arc::clone(owner),
-            });
-        }
-    }
-}
-
-/// The namespace and selector of every `ServiceEntry` with a `workloadSelector`.
-pub fn workload_selectors(
-    service_entries: &[Arc<ServiceEntry>],
-) -> Vec<(String, WorkloadSelector)> {
-    service_entries
-        .iter()
-        .filter_map(|se| {
-            let selector = se.spec.workload_selector.clone()?;
-            Some((se.metadata.ns().to_owned(), selector))
-        })
-        .collect()
-}
-
-/// The Pods some `selectors` entry selects, ready or not: the only Pods the name table
-/// reads, so a change to any other Pod does not rebuild it.
-pub fn selectable_pods(
-    pods: &[Arc<Pod>],
-    selectors: &[(String, WorkloadSelector)],
-) -> Vec<Arc<Pod>> {
-    pods.iter()
-        .filter(|p| {
-            selectors.iter().any(|(ns, selector)| {
-                p.metadata.ns() == ns && selector.matches(p.metadata.label_map())
-            })
-        })
-        .cloned()
-        .collect()
-}
-
-/// A `ServiceEntry`'s endpoints: with a `workloadSelector`, the WorkloadEntries and
-/// ready Pods of its namespace whose labels match (a workload's `ports` override the
-/// target port by port name, as Istio does); else `spec.endpoints`.
-fn endpoints_of(se: &ServiceEntry, objects: &Objects) -> Vec<WorkloadEntry> {
-    let Some(selector) = &se.spec.workload_selector else {
-        return se.spec.endpoints.clone();
-    };
-    let ns = se.metadata.ns();
-    let entries = objects
-        .workload_entries
-        .iter()
-        .filter(|w| w.metadata.ns() == ns)
-        .filter(|w| selector.matches(&w.spec.labels) || selector.matches(w.metadata.label_map()))
-        .map(|w| w.spec.clone());
-    let pods = objects
-        .pods
-        .iter()
-        .filter(|p| p.metadata.ns() == ns && pod_is_ready(p))
-        .filter(|p| selector.matches(p.metadata.label_map()))
-        .filter_map(|p| {
-            Some(WorkloadEntry {
-                address: pod_ip(p)?.to_owned(),
-                ..Default::default()
-            })
-        });
-    entries.chain(pods).collect()
-}
-
-/// The addresses a `ServiceEntry` itself gives `host`: `spec.addresses`, else the ones
-/// Istio allocated (`status.addresses`).
-fn declared_addresses(se: &ServiceEntry, host: &str) -> Vec<IpAddr> {
-    let spec = se.spec_addresses().unwrap_or_default();
-    if spec.is_empty() {
-        se.status_addresses(host)
-    } else {
-        spec.single
+        out
     }
 }
 

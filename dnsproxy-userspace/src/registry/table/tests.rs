@@ -485,3 +485,78 @@ fn only_pods_a_workload_selector_selects_are_read_ready_or_not() {
     assert_eq!(names, ["ready", "starting"]);
     assert!(selectable_pods(&objects.pods, &[]).is_empty());
 }
+
+#[test]
+fn a_change_rebuilds_only_its_shard_and_names_resolve_across_shards() {
+    let objects = |yaml: &str| {
+        let mut o = Objects::default();
+        parse_into(yaml, &mut o).unwrap();
+        o
+    };
+    let all = objects(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {clusterIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: b, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec: {clusterIP: 10.0.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: a}
+spec: {hosts: [ext.example], addresses: [240.241.0.1], resolution: STATIC, endpoints: [{address: 192.0.2.1}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: squat, namespace: c, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {hosts: [db.b.svc.cluster.local], addresses: [240.241.0.9], resolution: STATIC}
+"#,
+    );
+    let t = build_with(&all, &mut Assignment::local(VipAllocator::in_memory()));
+    assert_eq!(v4s(t.get("web.a.svc.cluster.local").unwrap()), ["10.0.0.1"]);
+    assert_eq!(v4s(t.get("ext.example").unwrap()), ["240.241.0.1"]);
+    // One name in a namespace's shard and in the entries': precedence decides, as in
+    // one table (the older entry).
+    assert_eq!(
+        v4s(t.get("db.b.svc.cluster.local").unwrap()),
+        ["240.241.0.9"]
+    );
+    assert_eq!(
+        t.reverse("10.0.0.2".parse().unwrap()),
+        Some("db.b.svc.cluster.local")
+    );
+    let mut names: Vec<&str> = t.service_namespaces().collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a", "b"]);
+
+    // Namespace a's Service changes: its shard only is built again.
+    let changed = objects(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: a}\nspec: {clusterIP: 10.0.0.7}\n",
+    );
+    let t2 = t.with_namespace("a", &changed.services, &[]);
+    assert_eq!(
+        v4s(t2.get("web.a.svc.cluster.local").unwrap()),
+        ["10.0.0.7"]
+    );
+    assert!(
+        Arc::ptr_eq(t.entries(), t2.entries()),
+        "the entries' shard is shared"
+    );
+    assert!(
+        Arc::ptr_eq(&t.services["b"], &t2.services["b"]),
+        "namespace b's shard is shared"
+    );
+    // Its last Service goes: so does its shard.
+    let t3 = t2.with_namespace("a", &[], &[]);
+    assert!(t3.get("web.a.svc.cluster.local").is_none());
+    assert_eq!(t3.service_namespaces().count(), 1);
+    // The entries change: the namespaces' shards are shared.
+    let t4 = t3.with_entries(&Objects::default(), &Allocation::new());
+    assert!(t4.get("ext.example").is_none());
+    assert_eq!(v4s(t4.get("db.b.svc.cluster.local").unwrap()), ["10.0.0.2"]);
+    assert!(Arc::ptr_eq(&t3.services["b"], &t4.services["b"]));
+}

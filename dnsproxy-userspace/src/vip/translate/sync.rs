@@ -30,7 +30,10 @@ use crate::{
         forwarder::{ForwardError, Forwarder},
         question::Relay,
     },
-    registry::{Registry, table::VipService},
+    registry::{
+        Registry,
+        table::{Shard, VipService},
+    },
 };
 
 /// Shortest and longest time between two resolutions of a name.
@@ -286,12 +289,22 @@ impl BackendSync {
             retired: HashMap::new(),
         };
         let mut first = Some(first_sync);
+        // The entries' shard planned last: a table change that kept it (a Service
+        // changed) changes no VIP, and is not planned again.
+        let mut planned: Option<Arc<Shard>> = None;
         loop {
             changes.borrow_and_update();
             let table = self.registry.table();
-            let services = table.vip_services();
-            self.resolve_due(services, &mut state.resolved).await;
-            self.apply(services, &mut state);
+            let same = planned
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, table.entries()));
+            let due = state.next_wake().is_some_and(|at| at <= Instant::now());
+            if !same || due {
+                let services = table.vip_services();
+                self.resolve_due(services, &mut state.resolved).await;
+                self.apply(services, &mut state);
+                planned = Some(Arc::clone(table.entries()));
+            }
             if let Some(tx) = first.take() {
                 let _ = tx.send(());
             }
