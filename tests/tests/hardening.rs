@@ -440,12 +440,14 @@ fn a_cache_flood_of_large_answers_stays_within_the_cache_budget() {
     );
     assert!(bytes <= BUDGET as f64 && evictions > 0.0, "{metrics}");
     // The budget weighs answer bytes only; keys, entry overhead, allocator slack and the
-    // flood's in-flight buffers come on top, so allow half the budget again. Without the
-    // byte budget the 20k answers (over 20 MiB weighed) would still exceed this bound.
-    let allowed = rss_idle + BUDGET + BUDGET / 2;
+    // flood's in-flight buffers come on top: the peak over idle is 7 to 8 MiB in most
+    // runs and up to 12.2 in one of ten (the same with the daemon before the
+    // cluster-state work), so allow the budget twice. Without the byte budget the 20k
+    // answers (over 20 MiB weighed) would still exceed this bound.
+    let allowed = rss_idle + 2 * BUDGET;
     assert!(
         rss_max < allowed,
-        "RSS {rss_max} over {rss_idle} + 1.5 x {BUDGET}"
+        "RSS {rss_max} over {rss_idle} + 2 x {BUDGET}"
     );
     stop.store(true, Ordering::SeqCst);
     upstream.join().unwrap();

@@ -44,6 +44,15 @@ pub struct Limits {
     pub per_client: usize,
 }
 
+/// Why a question would be refused at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// It failed a moment ago.
+    RecentlyFailed,
+    /// A bound is reached.
+    Overloaded,
+}
+
 /// Whether a question may go upstream.
 pub enum Admission {
     /// Ask the upstreams, then [`Lead::finish`].
@@ -115,6 +124,23 @@ impl InFlight {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// Whether [`InFlight::admit`] would refuse `question` from `client` now, and why;
+    /// `None` when it would let it lead or follow. Reserves nothing: a slot freed in
+    /// between only means a question is refused that might have gone.
+    pub fn refusal(&self, question: &Question, client: &Arc<str>, now: Instant) -> Option<Refused> {
+        let state = self.lock();
+        if state.failed.get(question).is_some_and(|until| *until > now) {
+            return Some(Refused::RecentlyFailed);
+        }
+        if state.pending.contains_key(question) {
+            let full = state.followers >= self.limits.total.saturating_mul(FOLLOWERS_PER_SLOT);
+            return full.then_some(Refused::Overloaded);
+        }
+        let mine = state.per_client.get(client).copied().unwrap_or(0);
+        (state.total >= self.limits.total || mine >= self.limits.per_client)
+            .then_some(Refused::Overloaded)
     }
 
     /// Decides whether `question` from `client` goes upstream, waits for an identical

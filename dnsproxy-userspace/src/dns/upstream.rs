@@ -8,7 +8,7 @@ use hickory_proto::op::{Message, Query};
 use super::{
     cache::{Cache, CachedAnswer},
     forwarder::Forwarder,
-    inflight::{Admission, InFlight},
+    inflight::{Admission, InFlight, Refused},
     metrics::Metrics,
     question::{Question, Relay},
 };
@@ -79,17 +79,35 @@ impl UpstreamPath {
         self.inflight.len()
     }
 
-    /// The cached answer to `question`, if there is one (counted as a hit; a miss is
-    /// counted by [`UpstreamPath::answer`], which the caller goes on to).
-    pub fn cached(&self, question: &Query, relay: &Relay) -> Option<Upstream> {
-        let hit = self
-            .cache
-            .get(&Question::of(question, relay), Instant::now())?;
-        self.metrics.cache_hit();
-        Some(Upstream {
-            answer: hit,
-            source: Source::Cache,
-        })
+    /// The answer to `question` that needs no upstream now: a cached one, or the
+    /// refusal the failure memory or a bound gives at once (with serve-stale, a stale
+    /// answer instead of a failure). `None`: it goes upstream ([`UpstreamPath::answer`],
+    /// which counts the cache miss then).
+    pub fn answer_now(
+        &self,
+        question: &Query,
+        relay: &Relay,
+        client: &Arc<str>,
+    ) -> Option<Result<Upstream, Refusal>> {
+        let key = Question::of(question, relay);
+        let now = Instant::now();
+        if let Some(hit) = self.cache.get(&key, now) {
+            self.metrics.cache_hit();
+            return Some(Ok(Upstream {
+                answer: hit,
+                source: Source::Cache,
+            }));
+        }
+        let refused = self.inflight.refusal(&key, client, now)?;
+        self.metrics.cache_miss();
+        let refusal = match refused {
+            Refused::RecentlyFailed => {
+                self.metrics.failure_cache_hit();
+                Refusal::Failed
+            }
+            Refused::Overloaded => Refusal::Overloaded,
+        };
+        Some(self.or_stale(Err(refusal), &key, now))
     }
 
     /// The answer to `question` for `client`.
@@ -109,8 +127,19 @@ impl UpstreamPath {
         }
         self.metrics.cache_miss();
         let asked = self.ask(question, &key, client).await;
+        self.or_stale(asked, &key, Instant::now())
+    }
+
+    /// `asked`, or when every upstream failed and serve-stale is on, the expired
+    /// answer the cache still holds.
+    fn or_stale(
+        &self,
+        asked: Result<Upstream, Refusal>,
+        key: &Question,
+        now: Instant,
+    ) -> Result<Upstream, Refusal> {
         if asked.as_ref().err() == Some(&Refusal::Failed)
-            && let Some(stale) = self.cache.stale(&key, Instant::now())
+            && let Some(stale) = self.cache.stale(key, now)
         {
             return Ok(Upstream {
                 answer: stale,

@@ -230,12 +230,29 @@ impl Handler {
             let reply = Self::local_message(&request, local, Vec::new(), &asked);
             (reply, Outcome::Local, Keep::Table)
         } else {
-            let hit = self.upstream.cached(question, &relay(&request))?;
-            let keep = hit.answer.min_ttl().map_or(Keep::No, |ttl| {
-                Keep::Cached(KEEP_CACHED.min(std::time::Duration::from_secs(ttl.into())))
-            });
-            let (reply, outcome) = Self::forwarded_reply(&request, hit, &asked);
-            (reply, outcome, keep)
+            match self
+                .upstream
+                .answer_now(question, &relay(&request), &ctx.client)?
+            {
+                Ok(hit) => {
+                    let keep = match hit.source {
+                        Source::Cache => hit.answer.min_ttl().map_or(Keep::No, |ttl| {
+                            Keep::Cached(
+                                KEEP_CACHED.min(std::time::Duration::from_secs(ttl.into())),
+                            )
+                        }),
+                        _ => Keep::No,
+                    };
+                    let (reply, outcome) = Self::forwarded_reply(&request, hit, &asked);
+                    (reply, outcome, keep)
+                }
+                // A bound or the failure memory refuses it now, on this thread: a
+                // flood of questions the upstreams cannot take costs no task.
+                Err(refusal) => {
+                    let (reply, outcome) = Self::refused(&request, refusal, &asked);
+                    (reply, outcome, Keep::No)
+                }
+            }
         };
         self.metrics
             .request(asked.qtype, protocol, outcome, ctx.requests.as_deref());
@@ -315,17 +332,24 @@ impl Handler {
             .await
         {
             Ok(upstream) => Self::forwarded_reply(request, upstream, asked),
-            Err(refusal) => {
-                let (why, outcome) = match refusal {
-                    Refusal::Overloaded => {
-                        ("overload: a bound on upstream work", Outcome::Overload)
-                    }
-                    Refusal::Failed => ("every upstream failed", Outcome::ServFail),
-                };
-                answer_log!(asked, question.name(), found = false, why, "SERVFAIL");
-                (error_reply(request, ResponseCode::ServFail), outcome)
-            }
+            Err(refusal) => Self::refused(request, refusal, asked),
         }
+    }
+
+    /// SERVFAIL for a question the upstream path refused.
+    fn refused(request: &Message, refusal: Refusal, asked: &Asked<'_>) -> (Message, Outcome) {
+        let (why, outcome) = match refusal {
+            Refusal::Overloaded => ("overload: a bound on upstream work", Outcome::Overload),
+            Refusal::Failed => ("every upstream failed", Outcome::ServFail),
+        };
+        answer_log!(
+            asked,
+            request.queries[0].name(),
+            found = false,
+            why,
+            "SERVFAIL"
+        );
+        (error_reply(request, ResponseCode::ServFail), outcome)
     }
 
     /// The parsed query if it is one we answer; else the reply to send instead

@@ -1024,3 +1024,23 @@ async fn an_error_for_many_long_questions_still_fits_the_clients_limit() {
     let tcp = ask(&h, &m, Protocol::Tcp).await;
     assert_eq!(tcp.queries.len(), 6);
 }
+
+#[tokio::test]
+async fn a_question_the_bounds_refuse_is_answered_at_once_without_a_task() {
+    // No upstream slot at all: every forwarded question is over the bound.
+    let limits = inflight::Limits {
+        total: 0,
+        per_client: 0,
+    };
+    let h = handler_with_limits(vec![client()], false, limits, false);
+    let q = query("flood.test.", RecordType::A, false).to_vec().unwrap();
+    let now = h
+        .answer_now(&q, Protocol::Udp, client(), &ctx())
+        .expect("refused on the caller's thread");
+    assert_eq!(now.keep, Keep::No);
+    let reply = Message::from_vec(&now.bytes.unwrap()).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    // A question the bounds would admit still goes to the async path.
+    let h = handler_with(vec![client()], false);
+    assert!(h.answer_now(&q, Protocol::Udp, client(), &ctx()).is_none());
+}
