@@ -50,6 +50,13 @@ pub mod map_names {
     ];
 }
 
+/// The netns cookie probe (kernels without `SO_NETNS_COOKIE`): its program, attached to
+/// a probe cgroup of the daemon's only, and its map, neither pinned.
+pub const NETNS_PROBE_PROGRAM: &str = "dnsproxy_netns_probe";
+pub const NETNS_PROBE_MAP: &str = "dp_netns_probe";
+/// Probes in flight at once, at most (each is removed once read).
+pub const MAX_NETNS_PROBES: u32 = 1024;
+
 /// Program names as they appear in the object (function names) and as pin file names.
 pub const PROGRAMS: [&str; 8] = [
     "dnsproxy_connect4",

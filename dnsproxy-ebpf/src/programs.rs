@@ -6,20 +6,20 @@ use core::ptr;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_sock_addr},
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockMap},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
         bpf_map_lookup_elem, bpf_sk_release,
     },
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
     Addr, Config, DnsServer, LISTENERS_PER_SLOT, LOOPBACK4, LOOPBACK6, MAX_BACKENDS,
-    MAX_DNS_SERVERS, MAX_LISTENER_SLOTS, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy, ServiceKey,
-    ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey, ip_proto, stat,
+    MAX_DNS_SERVERS, MAX_LISTENER_SLOTS, MAX_NETNS_PROBES, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy,
+    ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey, ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -66,6 +66,11 @@ static SERVICES: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Netns cookies learned by [`dnsproxy_netns_probe`], by the pid of the process that
+/// asked (kernels without `SO_NETNS_COOKIE`; the daemon reads and removes each).
+#[btf_map(name = "dp_netns_probe")]
+static NETNS_PROBE: HashMap<u32, u64, { MAX_NETNS_PROBES as usize }> = HashMap::new();
+
 // === entry points ===
 
 #[cgroup_sock_addr(connect4)]
@@ -109,6 +114,19 @@ fn dnsproxy_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 fn dnsproxy_getpeername6(ctx: SockAddrContext) -> i32 {
     restore_peer(&ctx, Family::V6);
+    ALLOW
+}
+
+/// Records the network namespace cookie of a socket being created, under its process
+/// id: attached only to the daemon's probe cgroup, where a short-lived child of the
+/// daemon opens one socket in the namespace whose cookie the daemon needs (Linux before
+/// 5.14 has no `SO_NETNS_COOKIE`).
+#[cgroup_sock(sock_create)]
+fn dnsproxy_netns_probe(ctx: SockContext) -> i32 {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: helper accepted for cgroup sock programs (Linux 5.7).
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let _ = NETNS_PROBE.insert(pid, cookie, u64::from(BPF_NOEXIST));
     ALLOW
 }
 

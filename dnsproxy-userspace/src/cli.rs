@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::upstream_addr::UpstreamAddr;
+use crate::{bpf::netns_cookie::CookieSource, upstream_addr::UpstreamAddr};
 
 /// Port of the admin endpoint unless `--admin` says otherwise.
 pub const ADMIN_PORT: u16 = 15191;
@@ -40,6 +40,9 @@ pub enum Command {
     Maps(MapsArgs),
     /// Detach and remove pinned state left by `run --keep-pins` or a crashed daemon.
     Cleanup(CleanupArgs),
+    /// Probe the kernel features the data path uses, each with the Linux release that
+    /// brought it; exits 1 when a required one is missing (what `run` refuses with).
+    Check(CheckArgs),
 }
 
 /// Where the daemon runs.
@@ -83,6 +86,17 @@ pub struct RunArgs {
     /// Node mode: where pod processes are found (the host's /proc: run with hostPID).
     #[arg(long, default_value = "/proc", env = "DNSPROXY_PROC_ROOT")]
     pub proc_root: PathBuf,
+
+    /// How network namespace cookies are learned: `SO_NETNS_COOKIE` (Linux 5.14), or a
+    /// probe program in a cgroup of the daemon's (older kernels); `auto` picks the
+    /// socket option when the kernel has it.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "DNSPROXY_NETNS_COOKIE"
+    )]
+    pub netns_cookie: CookieSource,
 
     /// DNS server address whose port-53 traffic is captured (repeatable).
     /// Default: local mode the nameservers of --resolv-conf, node mode the `ClusterIP`
@@ -322,6 +336,9 @@ pub struct MapsArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {}
 
 #[derive(Debug, Args)]
 pub struct CleanupArgs {

@@ -29,6 +29,8 @@ use crate::{
     bpf::{
         self,
         datapath::{DataPath, DataPathOptions},
+        features,
+        netns_cookie::NetnsCookies,
         system,
     },
     capture::{self, CaptureConfig},
@@ -66,7 +68,9 @@ pub fn run_blocking(args: RunArgs) -> anyhow::Result<()> {
 /// `dnsproxy run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     system::require_root()?;
-    system::require_btf()?;
+    let kernel = features::Report::probe();
+    kernel.require()?;
+    kernel.log();
     match system::raise_nofile_limit() {
         Ok(limit) => tracing::debug!(limit, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
@@ -74,7 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Caught from here on: a SIGTERM while the daemon starts stops it once it serves,
     // instead of killing it half-started with the default action.
     let mut signals = Signals::catch().context("cannot install the SIGTERM/SIGINT handlers")?;
-    let settings = Settings::resolve(args).await?;
+    let settings = Settings::resolve(args, kernel).await?;
     let start = settings.ask_predecessor().await;
     let daemon = Daemon::start(settings, start).await?;
     daemon.serve_until_signal(&mut signals).await
@@ -100,10 +104,12 @@ struct Settings {
     dns_servers: Vec<IpAddr>,
     upstreams: Vec<SocketAddr>,
     extra_search: Vec<String>,
+    /// What the kernel offers, probed at start.
+    kernel: features::Report,
 }
 
 impl Settings {
-    async fn resolve(args: RunArgs) -> anyhow::Result<Self> {
+    async fn resolve(args: RunArgs, kernel: features::Report) -> anyhow::Result<Self> {
         let objects = initial_objects(&args)?;
         let cluster = match args.mode {
             Mode::Node => Some(ClusterSettings::connect(&args).await?),
@@ -139,6 +145,7 @@ impl Settings {
             dns_servers,
             upstreams,
             extra_search,
+            kernel,
         })
     }
 
@@ -190,6 +197,7 @@ impl Settings {
             adopt: self.node(),
             max_vips: self.args.max_vips,
             max_vip_services: self.args.max_vip_services,
+            netns_cookie: self.args.netns_cookie,
         }
     }
 
@@ -243,7 +251,7 @@ impl Settings {
         Ok((registry, assignment))
     }
 
-    fn node_settings(&self) -> state::NodeSettings {
+    fn node_settings(&self, cookies: Arc<NetnsCookies>) -> state::NodeSettings {
         let node_name = self
             .cluster
             .as_ref()
@@ -260,6 +268,7 @@ impl Settings {
                     cgroup_root: self.cgroup.clone(),
                     proc_root: self.args.proc_root.clone(),
                 },
+                cookies,
             },
             node_name,
         }
@@ -480,6 +489,7 @@ impl Daemon {
         let args = &settings.args;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
         handoff_counters.register(&mut metrics_registry);
+        settings.kernel.register(&mut metrics_registry);
         let metrics = Arc::new(Metrics::new(
             &settings.upstreams,
             &mut metrics_registry,
@@ -599,7 +609,8 @@ impl Daemon {
             .expect("the assignment is taken once");
         let watch = state::run(
             client,
-            self.settings.node_settings(),
+            self.settings
+                .node_settings(Arc::clone(self.datapath.netns_cookies())),
             (Arc::clone(&self.registry), assignment),
             (self.shared.clone(), handoff),
             tx,

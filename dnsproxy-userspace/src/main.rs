@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use dnsproxy::{
-    bpf::{pinned, system},
+    bpf::{features, pinned, system},
     cli::{CleanupArgs, Cli, Command, ExecArgs, MapsArgs},
     daemon, exec,
 };
@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec_command(&args),
         Command::Maps(args) => maps(&args),
         Command::Cleanup(args) => cleanup(&args),
+        Command::Check(_) => Ok(check()),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -52,6 +53,16 @@ fn maps(args: &MapsArgs) -> anyhow::Result<u8> {
         print!("{dump}");
     }
     Ok(0)
+}
+
+/// Prints the feature table; 1 when a required feature is missing.
+fn check() -> u8 {
+    if system::require_root().is_err() {
+        println!("not root: the probes that load programs or make cgroups fail with EPERM");
+    }
+    let report = features::Report::probe();
+    println!("{report}");
+    u8::from(!report.missing_required().is_empty())
 }
 
 fn cleanup(args: &CleanupArgs) -> anyhow::Result<u8> {

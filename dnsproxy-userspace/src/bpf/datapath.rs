@@ -10,6 +10,7 @@ use std::{
     net::IpAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -20,7 +21,9 @@ use aya::{
 use dnsproxy_common::{Config, DnsServer, MAX_DNS_SERVERS, PROGRAMS, VipInfo, VipKey, map_names};
 
 use super::{
-    BpfError, Cause, map_err, pin_err, pinned,
+    BpfError, Cause, map_err,
+    netns_cookie::{CookieSource, NetnsCookies},
+    pin_err, pinned,
     system::{self, PinDirLock},
     to_map_addr,
 };
@@ -47,6 +50,8 @@ pub struct DataPathOptions {
     /// Sizes of `dp_vips` and `dp_services` (maps pinned already keep theirs).
     pub max_vips: u32,
     pub max_vip_services: u32,
+    /// How netns cookies are learned (`SO_NETNS_COOKIE`, or the probe).
+    pub netns_cookie: CookieSource,
 }
 
 /// The kernel's log records (`aya-log`), waiting to be forwarded.
@@ -58,6 +63,7 @@ pub struct DataPath {
     pin_dir: PathBuf,
     logger: Option<KernelLogger>,
     lock: PinDirLock,
+    cookies: Arc<NetnsCookies>,
 }
 
 impl DataPath {
@@ -104,11 +110,14 @@ impl DataPath {
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .inspect_err(|e| tracing::debug!("no eBPF logger: {e}"))
             .ok();
+        let cookies = NetnsCookies::new(opts.netns_cookie, &mut ebpf, &system::cgroup2_mount()?)?;
+        let local_netns = own_netns_cookie(&cookies).map_err(BpfError::Listener)?;
         let mut dp = DataPath {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             logger,
             lock,
+            cookies: Arc::new(cookies),
         };
         dp.write_config(Config {
             listen_port: opts.listen_port,
@@ -116,7 +125,7 @@ impl DataPath {
             capture_all: u32::from(opts.capture_all),
             daemon_tgid: std::process::id(),
             _pad: 0,
-            local_netns: own_netns_cookie().map_err(BpfError::Listener)?,
+            local_netns,
         })?;
         dp.set_dns_servers(&opts.dns_servers)?;
         // Adopted VIPs (perhaps from a daemon without the filter) stay translated.
@@ -184,6 +193,11 @@ impl DataPath {
             })?;
         }
         Ok(())
+    }
+
+    /// Where netns cookies come from (for the in-pod listeners' policy entries).
+    pub fn netns_cookies(&self) -> &Arc<NetnsCookies> {
+        &self.cookies
     }
 
     /// A descriptor of the pin directory's lock, to hand to a successor.
@@ -261,9 +275,9 @@ async fn forward_kernel_logs(logger: KernelLogger) {
 }
 
 /// The cookie of the daemon's own network namespace (read from a socket made for it).
-fn own_netns_cookie() -> std::io::Result<u64> {
+fn own_netns_cookie(cookies: &NetnsCookies) -> std::io::Result<u64> {
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-    crate::capture::netns::netns_cookie(&probe)
+    cookies.of_socket(&probe)
 }
 
 /// The programs scan at most [`MAX_DNS_SERVERS`] slots: more servers are an error.

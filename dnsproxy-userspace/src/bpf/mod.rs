@@ -1,8 +1,10 @@
 //! The kernel side as the daemon sees it: environment checks (`system`), loading,
 //! attaching and pinning the programs (`datapath`), and reading pinned maps (`pinned`).
 pub mod datapath;
+pub mod features;
 mod link;
 pub mod listeners;
+pub mod netns_cookie;
 pub mod pinned;
 pub mod system;
 
@@ -39,11 +41,11 @@ pub enum BpfError {
         "no cgroup v2 (cgroup2) mount found in /proc/self/mountinfo: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
     )]
     NoCgroup2,
-    /// The kernel exposes no BTF.
+    /// The kernel lacks features the data path needs (`dnsproxy check` lists all).
     #[error(
-        "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing): it needs CONFIG_DEBUG_INFO_BTF=y"
+        "kernel {kernel} lacks what the data path needs: {missing} (`dnsproxy check` lists every feature)"
     )]
-    NoBtf,
+    MissingFeatures { kernel: String, missing: String },
     /// bpffs is not mounted and could not be mounted.
     #[error("bpffs is not mounted at {path} and mounting it failed")]
     BpffsMount {

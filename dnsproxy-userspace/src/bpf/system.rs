@@ -1,4 +1,4 @@
-//! Checks and preparation of the host: privileges, cgroup v2, BTF, bpffs.
+//! Checks and preparation of the host: privileges, cgroup v2, bpffs (kernel features: `features`).
 use std::{
     ffi::CString,
     os::fd::AsRawFd as _,
@@ -39,14 +39,6 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
     }
     Ok(limit.rlim_cur)
-}
-
-/// Fails unless the kernel exposes BTF.
-pub fn require_btf() -> Result<(), BpfError> {
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Err(BpfError::NoBtf);
-    }
-    Ok(())
 }
 
 /// The mount point of the cgroup v2 hierarchy, from a mountinfo text.

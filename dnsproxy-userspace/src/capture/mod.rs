@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bpf::{self, BpfError, pinned},
+    bpf::{self, BpfError, netns_cookie::NetnsCookies, pinned},
     dns::{
         client::ClientContext,
         server::{Listeners, Shared, SharedContext, StdListeners},
@@ -55,6 +55,8 @@ pub struct CaptureConfig {
     pub pin_dir: PathBuf,
     /// Where pods' processes are found.
     pub locator: Locator,
+    /// How the netns cookie of a pod's namespace is learned.
+    pub cookies: Arc<NetnsCookies>,
 }
 
 /// Node mode's part in a handoff: what this daemon keeps for a successor, and what
@@ -455,11 +457,12 @@ impl PodCapture {
             tracing::info!(pod = %key, "handed-over sockets are in a network namespace the pod left: binding new ones");
         }
         let port = self.config.listen_port;
+        let cookies = Arc::clone(&self.config.cookies);
         let netns = netns
             .try_clone()
             .context("keeping the pod's process handle")?;
         Ok(
-            tokio::task::spawn_blocking(move || netns::bind_in(&netns, port))
+            tokio::task::spawn_blocking(move || netns::bind_in(&netns, port, &cookies))
                 .await
                 .context("the listener thread failed")??,
         )

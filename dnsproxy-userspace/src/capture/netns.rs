@@ -15,15 +15,14 @@ use std::{
     collections::VecDeque,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::{
+    bpf::netns_cookie::NetnsCookies,
     dns::server::{BindError, StdListeners, UdpSockets, bind_std},
     pidfd::Pidfd,
 };
-
-/// `SO_NETNS_COOKIE` (include/uapi/asm-generic/socket.h).
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// How deep below the attach cgroup a pod's cgroup is looked for
 /// (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice` is 3).
@@ -209,29 +208,13 @@ fn netns_id(path: &Path) -> std::io::Result<NetnsId> {
     Ok((meta.dev(), meta.ino()))
 }
 
-/// The network namespace cookie of the namespace `sock` lives in.
-pub fn netns_cookie(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
 /// Binds the DNS listeners on `127.0.0.1/::1`:`port` inside `netns`; returns them with
 /// the namespace's cookie (the key of the policy map).
-pub fn bind_in(netns: &PodNetns, port: u16) -> Result<(StdListeners, u64), NetnsError> {
+pub fn bind_in(
+    netns: &PodNetns,
+    port: u16,
+    cookies: &Arc<NetnsCookies>,
+) -> Result<(StdListeners, u64), NetnsError> {
     let pid = netns.process.pid();
     if netns_id(Path::new("/proc/thread-self/ns/net")).is_ok_and(|own| own == netns.id) {
         return Err(NetnsError::HostNamespace { pid });
@@ -242,6 +225,7 @@ pub fn bind_in(netns: &PodNetns, port: u16) -> Result<(StdListeners, u64), Netns
         .try_clone_to_owned()
         .map_err(|source| NetnsError::Enter { pid, source })?;
     let expected = netns.id;
+    let cookies = Arc::clone(cookies);
     // A thread of its own: setns changes only the calling thread, which ends here, so
     // no runtime thread is ever left in a pod's namespace.
     std::thread::spawn(move || {
@@ -263,7 +247,9 @@ pub fn bind_in(netns: &PodNetns, port: u16) -> Result<(StdListeners, u64), Netns
         let sock = listeners
             .any_socket()
             .expect("bind_std binds at least one UDP socket");
-        let cookie = netns_cookie(sock).map_err(|source| NetnsError::Cookie { pid, source })?;
+        let cookie = cookies
+            .of_socket(sock)
+            .map_err(|source| NetnsError::Cookie { pid, source })?;
         Ok((listeners, cookie))
     })
     .join()
