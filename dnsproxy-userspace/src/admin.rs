@@ -35,7 +35,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bpf::pinned,
     dns::server::Shared,
-    registry::Registry,
+    registry::{Registry, table::addresses::Reason},
     vip::{assign, translate::Translated},
 };
 
@@ -47,6 +47,10 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// What the admin endpoint reports on.
 pub struct AdminState {
     pub ready: AtomicBool,
+    /// This daemon has handed its sockets to a successor (which may not serve yet):
+    /// `/readyz` speaks for the process that answers it, and the admin listener is
+    /// shared with the successor, so this one says 503 until the handoff is abandoned.
+    pub handing_over: AtomicBool,
     /// Every metric: the DNS server's, plus the collectors added by [`AdminState::new`].
     pub metrics: MetricsRegistry,
     pub registry: Arc<Registry>,
@@ -71,6 +75,7 @@ impl AdminState {
         }));
         AdminState {
             ready: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
             metrics,
             registry,
         }
@@ -207,6 +212,11 @@ fn respond(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Res
 fn respond_probe(path: &str, state: &AdminState) -> Response<Full<Bytes>> {
     match path {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.handing_over.load(Ordering::Acquire) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "handing over to a successor\n".into(),
+        ),
         "/readyz" if state.ready.load(Ordering::Acquire) => {
             reply(StatusCode::OK, "text/plain", "ready\n".into())
         }
@@ -251,6 +261,7 @@ fn render_ndsz(state: &AdminState, namespace: Option<&str>) -> String {
         "clusterDomain": table.cluster_domain(),
         "namespace": namespace,
         "hosts": table.dump(namespace),
+        "refused": table.refused(),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
 }
@@ -369,13 +380,50 @@ impl Collector for NamesCollector {
                     assigned.store_conflicts.load(Relaxed),
                 ),
                 (
+                    "dnsproxy_vip_resolutions_deferred",
+                    "DNS-resolution hosts that waited for a slot under --dns-refresh-concurrency.",
+                    MetricType::Counter,
+                    self.translated.refresh.deferred.load(Relaxed),
+                ),
+                (
+                    "dnsproxy_vip_refresh_floored",
+                    "Resolutions whose TTL was shorter than --dns-refresh-floor-secs: refreshed after the floor instead.",
+                    MetricType::Counter,
+                    self.translated.refresh.floored.load(Relaxed),
+                ),
+                (
+                    "dnsproxy_vip_resolution_failures",
+                    "Failed resolutions of DNS-resolution hosts (each retried with exponential backoff from 5 s to 5 min).",
+                    MetricType::Counter,
+                    self.translated.refresh.failures.load(Relaxed),
+                ),
+                (
                     "dnsproxy_vip_store_failures",
                     "Node mode: rounds without agreement through the VIP store (VIPs allocated locally until the next try).",
                     MetricType::Counter,
                     assigned.store_failures.load(Relaxed),
                 ),
             ],
-        )
+        )?;
+        self.encode_refused(&mut encoder)
+    }
+}
+
+impl NamesCollector {
+    /// `dnsproxy_entries_refused_total{reason}`.
+    fn encode_refused(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "dnsproxy_entries_refused",
+            "Addresses a ServiceEntry declared and did not get (a ClusterIP, a pod IP, loopback, link-local, multicast, outside --declared-address-cidrs, or held by an entry first in precedence), and hosts it named under another namespace's svc.<cluster domain>.",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in Reason::ALL {
+            let labels = [("reason", reason.label())];
+            ConstCounter::new(self.registry.refused_total(reason))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

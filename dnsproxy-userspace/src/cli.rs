@@ -169,6 +169,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128, env = "DNSPROXY_MAX_INFLIGHT_PER_CLIENT")]
     pub max_inflight_per_client: usize,
 
+    /// Most `resolution: DNS` hosts the VIP backend refresh resolves at once (A and
+    /// AAAA, two sockets each); the others wait their turn, the longest due first.
+    #[arg(long, default_value_t = 16, env = "DNSPROXY_DNS_REFRESH_CONCURRENCY")]
+    pub dns_refresh_concurrency: usize,
+
+    /// Shortest time between two resolutions of a `resolution: DNS` host, in seconds,
+    /// whatever its TTL (each wait spread by ±10%). Failures are retried after 5 s,
+    /// doubling to 5 min.
+    #[arg(long, default_value_t = 30, env = "DNSPROXY_DNS_REFRESH_FLOOR_SECS")]
+    pub dns_refresh_floor_secs: u64,
+
     /// Node mode: the ConfigMap, `NAMESPACE/NAME`, in which the daemons of every node
     /// agree on auto-allocated VIPs (empty: each node allocates alone, from its
     /// `vips.json`).
@@ -252,6 +263,27 @@ pub struct RunArgs {
     #[arg(long, env = "DNSPROXY_SERVE_STALE")]
     pub serve_stale: bool,
 
+    /// Where a `ServiceEntry`'s declared addresses may be (comma-separated blocks).
+    /// Empty: anywhere but loopback, link-local, multicast, a Service's `ClusterIP`, a
+    /// known pod's IP and --cluster-cidrs, which are always refused.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "DNSPROXY_DECLARED_ADDRESS_CIDRS",
+        value_delimiter = ','
+    )]
+    pub declared_address_cidrs: Vec<crate::registry::table::addresses::Cidr>,
+
+    /// The cluster's pod and Service blocks (comma-separated): no `ServiceEntry` may
+    /// declare an address in them.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "DNSPROXY_CLUSTER_CIDRS",
+        value_delimiter = ','
+    )]
+    pub cluster_cidrs: Vec<crate::registry::table::addresses::Cidr>,
+
     /// Kubernetes cluster domain.
     #[arg(long, default_value = "cluster.local", env = "DNSPROXY_CLUSTER_DOMAIN")]
     pub cluster_domain: String,
@@ -281,7 +313,8 @@ pub struct RunArgs {
 
     /// After handing its sockets to a successor, how long this daemon waits for the
     /// successor to serve them (its first sync included) before it carries on alone,
-    /// in milliseconds.
+    /// in milliseconds. A successor whose first sync takes longer closes the sockets
+    /// it was handed and exits 1 (pods then fail open rather than go unanswered).
     #[arg(long, default_value_t = 30_000, env = "DNSPROXY_HANDOFF_TIMEOUT_MS")]
     pub handoff_timeout_ms: u64,
 

@@ -52,7 +52,11 @@ use crate::{
     resolv_conf, state,
     vip::{
         assign::{Assignment, VipAllocator, store::VipStore},
-        translate::{Translated, plan::Capacity, sync::BackendSync},
+        translate::{
+            Translated,
+            plan::Capacity,
+            sync::{BackendSync, Refresh},
+        },
     },
 };
 
@@ -79,6 +83,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // instead of killing it half-started with the default action.
     let mut signals = Signals::catch().context("cannot install the SIGTERM/SIGINT handlers")?;
     let settings = Settings::resolve(args, kernel).await?;
+    crate::private_dir::ensure(&settings.args.state_dir, "state directory")?;
     let start = settings.ask_predecessor().await;
     let daemon = Daemon::start(settings, start).await?;
     daemon.serve_until_signal(&mut signals).await
@@ -232,6 +237,10 @@ impl Settings {
         let allocator = VipAllocator::load(&self.args.state_dir);
         let registry = Registry::new(TableConfig {
             cluster_domain: self.args.cluster_domain.clone(),
+            addresses: registry::table::addresses::AddressPolicy {
+                allowed: self.args.declared_address_cidrs.clone(),
+                cluster: self.args.cluster_cidrs.clone(),
+            },
         });
         let store = self.cluster.as_ref().and_then(|c| {
             let location = self.args.vip_store.as_str();
@@ -433,7 +442,10 @@ impl Daemon {
             daemon.spawn_local(listeners);
         }
         let first_sync = daemon.spawn_cluster(handed_pods);
-        if let Err(e) = daemon.become_ready(first_sync).await {
+        if let Err(e) = daemon
+            .become_ready_within(first_sync, taken.is_some())
+            .await
+        {
             daemon.stop().await?;
             return Err(e);
         }
@@ -468,6 +480,20 @@ impl Daemon {
         let inventory = Arc::clone(&self.inventory);
         let stop_wait = Duration::from_millis(self.settings.args.handoff_timeout_ms);
         let outcome = (self.handed_over.clone(), self.handoff_counters.clone());
+        // Readiness follows the handoff: not ready from the moment the sockets are sent.
+        let (mut frozen, admin) = (self.inventory.subscribe_frozen(), Arc::clone(&self.admin));
+        let token = self.shutdown.child_token();
+        self.tasks.spawn(async move {
+            token
+                .run_until_cancelled(async move {
+                    while frozen.changed().await.is_ok() {
+                        let now = *frozen.borrow_and_update();
+                        admin.handing_over.store(now, Ordering::Release);
+                    }
+                })
+                .await;
+            Ok(())
+        });
         let token = self.shutdown.child_token();
         self.tasks.spawn(async move {
             handoff::serve(giver, inventory, stop_wait, outcome, token).await;
@@ -623,6 +649,32 @@ impl Daemon {
 
     /// Ready after the first full registry sync and the first VIP backend sync
     /// (bounded: resolution has timeouts).
+    /// [`Daemon::become_ready`], bounded by `--handoff-timeout-ms` when this daemon
+    /// holds sockets a predecessor `handed` it: a successor that cannot sync (an API
+    /// it cannot reach) would otherwise hold the pods' sockets unread once its
+    /// predecessor stops, and DNS would vanish instead of failing open. It exits
+    /// instead, closing its copies; the predecessor carries on, or, stopping too,
+    /// leaves the pods to fail open.
+    async fn become_ready_within(
+        &mut self,
+        cluster_synced: Option<tokio::sync::oneshot::Receiver<()>>,
+        handed: bool,
+    ) -> anyhow::Result<()> {
+        if !handed {
+            return self.become_ready(cluster_synced).await;
+        }
+        let bound = Duration::from_millis(self.settings.args.handoff_timeout_ms);
+        tokio::time::timeout(bound, self.become_ready(cluster_synced))
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "handoff: the first sync did not complete within --handoff-timeout-ms ({bound:?}); \
+                     closing the sockets the previous daemon handed over (it carries on, or captured \
+                     pods fail open) and exiting"
+                ))
+            })
+    }
+
     async fn become_ready(
         &mut self,
         cluster_synced: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -642,6 +694,10 @@ impl Daemon {
             capacity: Capacity {
                 vips: self.settings.args.max_vips as usize,
                 services: self.settings.args.max_vip_services as usize,
+            },
+            refresh: Refresh {
+                concurrency: self.settings.args.dns_refresh_concurrency,
+                floor: Duration::from_secs(self.settings.args.dns_refresh_floor_secs),
             },
         };
         let token = self.shutdown.child_token();

@@ -41,13 +41,38 @@ pub struct DaemonOptions<'a> {
     /// Pass `--dns-server 10.96.0.10 --dns-server fd00::10` (else the daemon finds them).
     pub dns_server_flags: bool,
     pub extra_args: Vec<String>,
+    /// A program the daemon runs under (`setpriv …`), inside the netns.
+    pub wrapper: Vec<String>,
 }
 
 impl Daemon {
     pub fn start(opts: DaemonOptions<'_>) -> Self {
+        let netns = opts.netns;
+        // The admin address the test chose, else the default.
+        let admin = opts
+            .extra_args
+            .iter()
+            .position(|a| a == "--admin")
+            .and_then(|i| opts.extra_args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| ADMIN_ADDR.to_owned());
+        let mut daemon = Self::spawn(opts);
+        daemon.wait_ready(netns, &admin);
+        daemon
+    }
+
+    /// Starts the daemon without waiting for it to be ready (one that is not to be).
+    pub fn spawn(opts: DaemonOptions<'_>) -> Self {
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("log")));
         let bin = dnsproxy_bin();
-        let mut cmd = opts.netns.command(&bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = opts.netns.command(program);
+                cmd.args(args).arg(&bin);
+                cmd
+            }
+            None => opts.netns.command(&bin),
+        };
         if opts.inside_cgroup {
             cmd.arg("exec")
                 .arg("--cgroup")
@@ -85,6 +110,16 @@ impl Daemon {
                     .into_iter()
                     .flatten(),
             )
+            // Upstream TTLs of a second or two are followed, unless a test sets a floor.
+            .args(
+                (!opts
+                    .extra_args
+                    .iter()
+                    .any(|a| a == "--dns-refresh-floor-secs"))
+                .then_some(["--dns-refresh-floor-secs", "0"])
+                .into_iter()
+                .flatten(),
+            )
             // SIGTERM stops at once unless a test waits for a successor.
             .args(
                 (!opts.extra_args.iter().any(|a| a == "--handoff-wait-ms"))
@@ -99,22 +134,12 @@ impl Daemon {
             .stdout(File::create(&log).unwrap())
             .stderr(File::create(&log).unwrap());
         let child = cmd.spawn().expect("start dnsproxy");
-        let mut daemon = Daemon {
+        Daemon {
             child: Some(child),
             log,
             pin_dir: opts.pin_dir,
             hand_over: false,
-        };
-        // The admin address the test chose, else the default.
-        let admin = opts
-            .extra_args
-            .iter()
-            .position(|a| a == "--admin")
-            .and_then(|i| opts.extra_args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| ADMIN_ADDR.to_owned());
-        daemon.wait_ready(opts.netns, &admin);
-        daemon
+        }
     }
 
     /// The daemon's log so far.
@@ -122,8 +147,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Panics with the log unless it holds `needle`.
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.log_text();
+        assert!(log.contains(needle), "no {needle:?} in the log:\n{log}");
+    }
+
     fn wait_ready(&mut self, netns: &Netns, admin: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(30));
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("dnsproxy exited early ({status}):\n{}", self.log_text());
@@ -175,7 +206,7 @@ impl Daemon {
     /// Waits for the daemon to exit; panics with its log after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
-        let deadline = Instant::now() + limit;
+        let deadline = Instant::now() + crate::scaled(limit);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
@@ -278,8 +309,10 @@ impl Drop for Daemon {
 /// A minimal HTTP GET (the admin endpoint); the whole response as text.
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
     let addr: SocketAddr = addr.parse().ok()?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, crate::scaled(Duration::from_millis(500))).ok()?;
+    s.set_read_timeout(Some(crate::scaled(Duration::from_secs(2))))
+        .ok()?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -58,6 +58,7 @@ impl TestEnv {
             inside_cgroup: false,
             dns_server_flags: true,
             extra_args: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 

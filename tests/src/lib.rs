@@ -97,6 +97,27 @@ pub fn entry_per_host_registry(hosts: usize) -> String {
     text
 }
 
+/// How many times slower than this machine the tests run: `DNSPROXY_TEST_TIME_SCALE`,
+/// 1 unless set. `cargo xtask test --kernel` sets it for its VMs, where QEMU emulates
+/// the CPU (no KVM) and everything takes ten times longer or more. Deadlines that tests
+/// wait on are multiplied by it ([`scaled`]) and load rates divided; what is asserted
+/// besides time stays the same.
+pub fn time_scale() -> u32 {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("DNSPROXY_TEST_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s >= 1)
+            .unwrap_or(1)
+    })
+}
+
+/// `d` times [`time_scale`].
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    d * time_scale()
+}
+
 /// For tests that load both cores on purpose: one at a time within their test binary,
 /// so that their figures measure the daemon and not each other.
 pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -126,6 +147,9 @@ pub fn privileged() -> bool {
         }
     }
     if missing.is_empty() {
+        missing.extend(kernel_features_missing());
+    }
+    if missing.is_empty() {
         return true;
     }
     let msg = format!("privileged e2e test needs: {}", missing.join(", "));
@@ -135,6 +159,25 @@ pub fn privileged() -> bool {
     );
     eprintln!("SKIPPED: {msg}");
     false
+}
+
+/// What `dnsproxy check` says this kernel lacks (its `missing:` line), asked once.
+fn kernel_features_missing() -> Option<String> {
+    static MISSING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    MISSING
+        .get_or_init(|| {
+            let out = std::process::Command::new(dnsproxy_bin())
+                .arg("check")
+                .output()
+                .ok()?;
+            if out.status.success() {
+                return None;
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text.lines().find(|l| l.starts_with("missing: "))?;
+            Some(format!("kernel features ({line})"))
+        })
+        .clone()
 }
 
 fn on_path(tool: &str) -> bool {

@@ -55,7 +55,7 @@ fn start_sleeper(netns: &Netns, cgroup: &Cgroup) -> Child {
 
 /// Waits until a process is in `cgroup` (before the daemon looks for it).
 fn wait_in_cgroup(cgroup: &Cgroup) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + crate::scaled(Duration::from_secs(5));
     while std::fs::read_to_string(cgroup.path.join("cgroup.procs"))
         .unwrap_or_default()
         .trim()
@@ -279,6 +279,7 @@ impl NodeEnv {
             inside_cgroup: false,
             dns_server_flags: true,
             extra_args: vec!["--mode".into(), "node".into()],
+            wrapper: Vec::new(),
         }
     }
 
@@ -311,24 +312,20 @@ impl NodeEnv {
 
     /// `dig +short` of `name` (A) from inside pod `pod`, to the cluster DNS.
     pub fn dig(&self, pod: usize, name: &str) -> String {
-        let out = self.in_pod(
-            pod,
-            &[
-                "dig",
-                "+short",
-                "+time=2",
-                "+tries=1",
-                "@10.96.0.10",
-                name,
-                "A",
-            ],
-        );
+        self.dig_short(pod, &[name, "A"])
+    }
+
+    /// `dig +short <query>` from inside pod `pod`, to the cluster DNS (one try).
+    pub fn dig_short(&self, pod: usize, query: &[&str]) -> String {
+        let mut args = vec!["dig", "+short", "+time=2", "+tries=1", "@10.96.0.10"];
+        args.extend_from_slice(query);
+        let out = self.in_pod(pod, &args);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// Waits until `dig` from `pod` answers `want` (the policy applies asynchronously).
     pub fn wait_for_answer(&self, pod: usize, name: &str, want: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let deadline = std::time::Instant::now() + crate::scaled(Duration::from_secs(15));
         loop {
             let got = self.dig(pod, name);
             if got == want {

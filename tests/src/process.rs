@@ -8,6 +8,7 @@ use std::{
 
 /// Runs `cmd`, killing it after `limit`. Panics if it cannot start.
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
+    let limit = crate::scaled(limit);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -854,3 +854,317 @@ fn a_change_builds_only_the_shard_of_the_table_it_names() {
     assert_eq!(after_service, (before.0 + 1, before.1));
     assert_eq!(after_entry, (after_service.0, after_service.1 + 1));
 }
+
+/// Kernels before 5.14 (5.10 LTS) have no `SO_NETNS_COOKIE`: the daemon learns each
+/// pod's netns cookie from its probe program instead. Forced here on a kernel that has
+/// both, the probe's cookies must be the ones the socket option reports in each pod,
+/// and capture must work as usual.
+#[test]
+fn netns_cookies_from_the_probe_are_the_kernels_own() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
+    publish_registry(&env);
+    let pods = [
+        env.add_pod("p1", "default", &[]),
+        env.add_pod("p2", "default", &[]),
+    ];
+    let mut daemon = env.start_daemon(&["--netns-cookie", "probe"]);
+    for pod in pods {
+        assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    }
+    daemon.assert_logged("netns cookies come from a probe program");
+    let json: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    let mut from_probe: Vec<u64> = json["policy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["netns_cookie"].as_u64().unwrap())
+        .collect();
+    let sockopt = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                   print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), 'little'))";
+    let mut from_sockopt: Vec<u64> = pods
+        .iter()
+        .map(|pod| {
+            let out = env.in_pod(*pod, &["python3", "-c", sockopt]);
+            stdout(&out).trim().parse().unwrap()
+        })
+        .collect();
+    from_probe.sort_unstable();
+    from_sockopt.sort_unstable();
+    assert_eq!(
+        from_probe, from_sockopt,
+        "the probe's cookies are the kernel's"
+    );
+    let metrics = env.metrics();
+    assert!(
+        metrics.contains("dnsproxy_kernel_feature_missing{feature=\"so_netns_cookie\"} 0"),
+        "{metrics}"
+    );
+    // The probe's cgroup goes with the daemon.
+    let probe_cgroup = cgroup2_root()
+        .unwrap()
+        .join(format!("dnsproxy-netns-probe-{}", daemon.pid()));
+    assert!(probe_cgroup.exists());
+    assert!(daemon.stop().success());
+    assert!(!probe_cgroup.exists(), "{} is left", probe_cgroup.display());
+}
+
+/// The capabilities `deploy/daemonset.yaml` adds (its `capabilities.add` list).
+fn daemonset_capabilities() -> Vec<String> {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml"),
+    )
+    .unwrap();
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "add:").skip(1);
+    let mut caps = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(cap) = line.strip_prefix("- ") else {
+            break;
+        };
+        caps.push(cap.to_owned());
+    }
+    caps
+}
+
+/// The capability mask of `names` (as /proc/<pid>/status prints `CapEff`).
+fn capability_mask(names: &[String]) -> u64 {
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "DAC_OVERRIDE" => 1,
+            "NET_ADMIN" => 12,
+            "SYS_PTRACE" => 19,
+            "SYS_ADMIN" => 21,
+            "SYS_RESOURCE" => 24,
+            "PERFMON" => 38,
+            "BPF" => 39,
+            other => panic!("a capability this test does not know: {other}"),
+        })
+        .fold(0, |mask, bit| mask | 1 << bit)
+}
+
+/// The daemon under exactly the DaemonSet's capabilities (a bounding set of those
+/// alone, no new privileges, as `allowPrivilegeEscalation: false`): it starts, finds and
+/// captures a pod, answers from the table, and a second daemon under the same set takes
+/// the sockets over. So the list in the manifest is enough, not a guess.
+#[test]
+fn node_mode_runs_with_only_the_daemonsets_capabilities() {
+    if !privileged() {
+        return;
+    }
+    let caps = daemonset_capabilities();
+    assert!(caps.contains(&"SYS_ADMIN".to_owned()), "{caps:?}");
+    let bounding = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
+    publish_registry(&env);
+    let pod = env.add_pod("p", "default", &[]);
+    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("p"));
+    let start = || {
+        let mut opts = env.daemon_options(pin_dir.clone());
+        opts.wrapper = vec![
+            "setpriv".into(),
+            format!("--bounding-set={bounding}"),
+            "--inh-caps=-all".into(),
+            "--no-new-privs".into(),
+            "--".into(),
+        ];
+        Daemon::start(opts)
+    };
+    let mut first = start();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", first.pid())).unwrap();
+    let mask = |status: &str, field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    let effective = mask(&status, "CapEff:");
+    // What this machine grants root at all (a sandbox may withhold some).
+    let available = mask(
+        &std::fs::read_to_string("/proc/self/status").unwrap(),
+        "CapBnd:",
+    );
+    assert_eq!(
+        effective,
+        capability_mask(&caps) & available,
+        "the daemon holds exactly {caps:?} (of those this machine grants)"
+    );
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    let vip = env.dig(pod, "aliyun.com");
+    assert!(vip.starts_with("240.240."), "{vip}");
+    assert_eq!(policy_entries(&first), 1);
+    let second = start();
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while !second.log_text().contains("handoff complete") {
+        assert!(Instant::now() < deadline, "{}", second.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(first.stop_and_hand_over().success());
+    assert_eq!(env.dig(pod, "aliyun.com"), vip);
+    println!("capabilities {caps:?} (CapEff {effective:#x}): captured, answered, handed over");
+}
+
+/// What a pod reads from a TCP connection to `addr` (port 80), or why it read nothing.
+fn read_from(env: &NodeEnv, pod: usize, addr: &str) -> String {
+    let p = &env.pods[pod];
+    let resolv = env.dir.join("resolv.conf");
+    let script = format!(
+        "import socket\n\
+         try:\n\
+         \x20   s = socket.create_connection(('{addr}', 80), timeout=2)\n\
+         \x20   print(s.recv(200).decode().strip())\n\
+         except OSError as e:\n\
+         \x20   print('no connection:', e)"
+    );
+    let out = run_with_timeout(
+        &mut captured_command(&p.netns, &p.cgroup, &resolv, &["python3", "-c", &script]),
+        Duration::from_secs(20),
+    );
+    stdout(&out).trim().to_owned()
+}
+
+/// The issue's reproduction: namespace `evil` declares shop's Service `ClusterIP` and
+/// the cloud metadata address in a `ServiceEntry` exported everywhere, with an endpoint
+/// of its own. A pod in `shop` connecting to either never reaches evil's endpoint;
+/// both are refused, counted and listed, while an address of evil's own (the control)
+/// still translates to that endpoint.
+#[test]
+fn a_tenant_cannot_declare_a_service_clusterip_or_the_metadata_address() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("shop", Some("enabled")), ("evil", Some("enabled"))]);
+    std::fs::write(env.dir.join("resolv.conf"), "nameserver 10.96.0.10\n").unwrap();
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.40.40", "ports": [{"port": 80}]}}),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "takeover", "namespace": "evil", "creationTimestamp": "2020-01-01T00:00:00Z"},
+               "spec": {"hosts": ["web.evil.example"], "addresses": ["10.96.40.40", "169.254.169.254", "192.0.2.90"],
+                        "exportTo": ["*"], "resolution": "STATIC",
+                        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                        "endpoints": [{"address": "203.0.113.66"}]}}),
+    );
+    let shop = env.add_pod("shopper", "shop", &[]);
+    let p = &env.pods[shop];
+    p.netns.add_addr("203.0.113.66/32");
+    let _evil = BannerServer::start(&p.netns, "203.0.113.66:80");
+    let daemon = env.start_daemon(&[]);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while !daemon.maps_json().contains("192.0.2.90") {
+        assert!(Instant::now() < deadline, "{}", daemon.maps_json());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let control = read_from(&env, shop, "192.0.2.90");
+    assert!(
+        control.starts_with("hello from 203.0.113.66:80"),
+        "{control}"
+    );
+    for taken in ["10.96.40.40", "169.254.169.254"] {
+        let got = read_from(&env, shop, taken);
+        assert!(
+            !got.contains("203.0.113.66"),
+            "{taken} reached evil's endpoint: {got}"
+        );
+        println!("shop → {taken}:80: {got}");
+    }
+    let maps = daemon.maps_json();
+    assert!(
+        !maps.contains("10.96.40.40") && !maps.contains("169.254.169.254"),
+        "{maps}"
+    );
+    let metrics = env.metrics();
+    for reason in ["cluster_ip", "link_local"] {
+        let series = format!("dnsproxy_entries_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&series), "{series} in:\n{metrics}");
+    }
+    let ndsz = env
+        .node
+        .within(|| http_get(DEBUG_ADDR, "/debug/ndsz"))
+        .unwrap_or_default();
+    assert!(
+        ndsz.contains("\"reason\": \"cluster_ip\"") && ndsz.contains("\"reason\": \"link_local\""),
+        "{ndsz}"
+    );
+    daemon.assert_logged("refused: it is not the entry's to take");
+    // A Service that comes later with evil's remaining address as its ClusterIP takes
+    // it back: the entries are checked again.
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "late", "namespace": "shop"},
+               "spec": {"clusterIP": "192.0.2.90", "ports": [{"port": 80}]}}),
+    );
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while daemon.maps_json().contains("192.0.2.90") {
+        assert!(Instant::now() < deadline, "{}", daemon.maps_json());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = read_from(&env, shop, "192.0.2.90");
+    assert!(!got.contains("203.0.113.66"), "{got}");
+}
+
+/// Names under the cluster domain are the Services': namespace `evil` made, before
+/// shop's Service existed, an entry naming it and a wildcard over every Service name.
+/// Neither ever answers a shop pod: first the name goes to the cluster DNS, then the
+/// Service answers. A name below `svc.cluster.local` nobody defined is not the
+/// wildcard's either. A PTR sweep from shop does not find evil's private entry, while
+/// evil's own pods do.
+#[test]
+fn a_squatter_under_the_cluster_domain_loses_to_the_service_and_ptr_follows_export_to() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("shop", Some("enabled")), ("evil", Some("enabled"))]);
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "squat", "namespace": "evil", "creationTimestamp": "2020-01-01T00:00:00Z"},
+               "spec": {"hosts": ["web.shop.svc.cluster.local", "*.svc.cluster.local"], "addresses": ["192.0.2.66"],
+                        "resolution": "STATIC", "endpoints": [{"address": "203.0.113.66"}]}}),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "private", "namespace": "evil"},
+               "spec": {"hosts": ["secret.evil.example"], "addresses": ["192.0.2.68"], "exportTo": ["."],
+                        "resolution": "STATIC", "endpoints": [{"address": "203.0.113.68"}]}}),
+    );
+    let shop = env.add_pod("shopper", "shop", &[]);
+    let evil = env.add_pod("mallory", "evil", &[]);
+    let daemon = env.start_daemon(&[]);
+    env.wait_for_answer(evil, "secret.evil.example", "192.0.2.68");
+    let before = env.dig(shop, "web.shop.svc.cluster.local");
+    assert_eq!(before, FAKE_A, "the cluster DNS answers, not the squatter");
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "web", "namespace": "shop", "creationTimestamp": "2024-01-01T00:00:00Z"},
+               "spec": {"clusterIP": "10.96.50.50", "ports": [{"port": 80}]}}),
+    );
+    env.wait_for_answer(shop, "web.shop.svc.cluster.local", "10.96.50.50");
+    env.wait_for_answer(evil, "web.shop.svc.cluster.local", "10.96.50.50");
+    assert_eq!(env.dig(shop, "nope.shop.svc.cluster.local"), FAKE_A);
+    let ptr = |pod: usize| env.dig_short(pod, &["-x", "192.0.2.68"]);
+    assert_eq!(ptr(evil), "secret.evil.example.");
+    assert_ne!(
+        ptr(shop),
+        "secret.evil.example.",
+        "a sweep from shop finds it"
+    );
+    let metrics = env.metrics();
+    assert!(
+        metrics.contains("dnsproxy_entries_refused_total{reason=\"cluster_name\"} 2"),
+        "{metrics}"
+    );
+    drop(daemon);
+}

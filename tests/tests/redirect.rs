@@ -405,3 +405,67 @@ fn clear_errors_for_a_taken_port_and_a_broken_registry() {
         pin_dir.display()
     );
 }
+
+/// Whether this kernel answers `SO_NETNS_COOKIE` (71), asked of a socket of our own.
+fn has_so_netns_cookie() -> bool {
+    // SAFETY: a new socket, closed below; getsockopt with out-pointers of the right size.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            71,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        );
+        libc::close(fd);
+        rc == 0
+    }
+}
+
+/// `dnsproxy check` names every kernel feature the data path uses with its release;
+/// on the kernels we support every required one is there. With netns cookies forced to come
+/// from the probe program (what 5.10 does), local mode redirects as usual.
+#[test]
+fn the_feature_check_passes_here_and_the_netns_cookie_probe_redirects_as_on_5_10() {
+    if !privileged() {
+        return;
+    }
+    let out = run_with_timeout(
+        std::process::Command::new(dnsproxy_bin()).arg("check"),
+        Duration::from_secs(20),
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    // SO_NETNS_COOKIE (5.14) is optional: 5.10 degrades to the probe.
+    let sockopt = if has_so_netns_cookie() {
+        "SO_NETNS_COOKIE                                  5.14  yes"
+    } else {
+        "SO_NETNS_COOKIE                                  5.14  no (ENOPROTOOPT): netns cookies come from a probe program"
+    };
+    for line in [
+        "cgroup getpeername hooks                          5.8  yes",
+        "SOCKMAP (lookup from programs)                    5.8  yes",
+        sockopt,
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    assert!(
+        text.ends_with("every required feature is there\n"),
+        "{text}"
+    );
+
+    let env = TestEnv::new();
+    let mut opts = env.daemon_options();
+    opts.extra_args
+        .extend(["--netns-cookie".to_owned(), "probe".to_owned()]);
+    let daemon = Daemon::start(opts);
+    let udp = env.dig(&["registry.test", "A"]);
+    assert_eq!(dig_answers(&udp), ["240.240.1.1"], "{}", stdout(&udp));
+    let tcp = env.dig(&["+tcp", "registry.test", "A"]);
+    assert_eq!(dig_answers(&tcp), ["240.240.1.1"], "{}", stdout(&tcp));
+    assert_eq!(env.fake.queries(), 0);
+    daemon.assert_logged("netns cookies come from a probe program");
+}

@@ -55,6 +55,9 @@ pub enum BpfError {
     /// The pin directory is not on bpffs.
     #[error("{path} is not on a bpf filesystem (bpffs)")]
     NotBpffs { path: String },
+    /// The pin directory is not the daemon's own (owner, mode, symlink).
+    #[error(transparent)]
+    PinDir(#[from] crate::private_dir::PrivateDirError),
     /// Another daemon holds the pin directory.
     #[error("another dnsproxy is running with pin directory {path}")]
     PinDirBusy { path: String },

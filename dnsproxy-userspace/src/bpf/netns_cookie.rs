@@ -40,22 +40,7 @@ pub enum CookieSource {
 
 /// The network namespace cookie of the namespace `sock` lives in (`SO_NETNS_COOKIE`).
 pub fn sockopt_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
+    crate::sockopt::get(sock.as_raw_fd(), SO_NETNS_COOKIE)
 }
 
 /// Whether this kernel has `SO_NETNS_COOKIE` (5.14).

@@ -99,14 +99,16 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
         let src = CString::new("bpffs").expect("no NUL");
         let target = CString::new("/sys/fs/bpf").expect("no NUL");
         let fstype = CString::new("bpf").expect("no NUL");
-        // SAFETY: valid NUL-terminated strings; no data argument.
+        // Root only, as systemd mounts it: pins are the data path's controls.
+        let data = CString::new("mode=0700").expect("no NUL");
+        // SAFETY: valid NUL-terminated strings.
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),
                 target.as_ptr(),
                 fstype.as_ptr(),
                 0,
-                std::ptr::null(),
+                data.as_ptr().cast(),
             )
         };
         if rc != 0 {
@@ -117,7 +119,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(pin_dir).map_err(super::pin_err(pin_dir))?;
+    crate::private_dir::ensure(pin_dir, "pin directory")?;
     if statfs_type(pin_dir) != Some(BPF_FS_MAGIC) {
         return Err(BpfError::NotBpffs {
             path: pin_dir.display().to_string(),

@@ -56,7 +56,7 @@ pub fn answer(
 ) -> Option<LocalAnswer> {
     let name = normalize_name(qname);
     if qtype == RecordType::PTR {
-        return ptr_answer(table, &name, qname, ttl);
+        return ptr_answer(table, &name, qname, ttl, &client.namespace);
     }
     let matched = table.resolve(&name, &client.namespace, &client.extra_search)?;
     let (Match::Direct(host) | Match::SearchSuffix { host, .. }) = matched;
@@ -74,8 +74,14 @@ pub fn answer(
 }
 
 /// PTR for a VIP or `ClusterIP` the table knows.
-fn ptr_answer(table: &NameTable, name: &str, qname: &Name, ttl: u32) -> Option<LocalAnswer> {
-    let host = table.reverse(reverse_ip(name)?)?;
+fn ptr_answer(
+    table: &NameTable,
+    name: &str,
+    qname: &Name,
+    ttl: u32,
+    namespace: &str,
+) -> Option<LocalAnswer> {
+    let host = table.reverse(reverse_ip(name)?, namespace)?;
     let target = fqdn(host)?;
     Some(LocalAnswer {
         answers: vec![Record::from_rdata(

@@ -15,7 +15,10 @@
 //! Fallbacks, each counted: no answer within a bound, a predecessor that has crashed
 //! (its socket refuses), or one for another pin directory or port: the successor
 //! starts as before (adopting pins in node mode), and pods fail open in between.
+pub mod trust;
 pub mod wire;
+
+pub use trust::Refusal;
 
 use std::{
     collections::HashMap,
@@ -91,7 +94,7 @@ struct PodDescription {
 /// What precedes the descriptors. They follow in this order: the pin directory's lock,
 /// the admin listener, the debug listener, the local listener, each pod's.
 #[derive(Debug, Serialize, Deserialize)]
-struct Description {
+pub struct Description {
     pid: u32,
     pin_dir: PathBuf,
     listen_port: u16,
@@ -100,11 +103,90 @@ struct Description {
 }
 
 impl Description {
-    fn descriptors(&self) -> usize {
-        let n = |c: &Counts| c.udp + c.tcp;
-        3 + self.local.as_ref().map_or(0, n)
-            + self.pods.iter().map(|p| n(&p.sockets)).sum::<usize>()
+    /// How many descriptors follow, once the counts are checked against their bounds
+    /// (nothing is allocated for a count that is not).
+    fn descriptors(&self) -> std::io::Result<usize> {
+        let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+        if self.pods.len() > trust::MAX_PODS {
+            return Err(invalid(format!(
+                "{} pods described, more than {}",
+                self.pods.len(),
+                trust::MAX_PODS
+            )));
+        }
+        let n = |c: &Counts| {
+            if c.udp > trust::MAX_SOCKETS || c.tcp > trust::MAX_SOCKETS {
+                return Err(invalid(format!(
+                    "a listener of {} UDP and {} TCP sockets, more than {} of a kind",
+                    c.udp,
+                    c.tcp,
+                    trust::MAX_SOCKETS
+                )));
+            }
+            Ok(c.udp + c.tcp)
+        };
+        let mut total = 3 + self.local.as_ref().map(n).transpose()?.unwrap_or(0);
+        for pod in &self.pods {
+            total += n(&pod.sockets)?;
+        }
+        Ok(total)
     }
+
+    /// Each descriptor as [`Inventory::send`] orders them, with the kind and network
+    /// namespace it must have.
+    fn expected(&self, own: (u64, u64)) -> Vec<(String, trust::Kind, (u64, u64))> {
+        use trust::Kind::{Tcp, Udp};
+        let listener = |out: &mut Vec<_>, who: &str, c: &Counts, netns| {
+            out.extend((0..c.udp).map(|i| (format!("{who}'s UDP socket {i}"), Udp, netns)));
+            out.extend((0..c.tcp).map(|i| (format!("{who}'s TCP socket {i}"), Tcp, netns)));
+        };
+        let mut out = vec![
+            ("the admin listener".to_owned(), Tcp, own),
+            ("the debug listener".to_owned(), Tcp, own),
+        ];
+        if let Some(local) = &self.local {
+            listener(&mut out, "the local listener", local, own);
+        }
+        for pod in &self.pods {
+            listener(
+                &mut out,
+                &format!("pod {}", pod.uid),
+                &pod.sockets,
+                pod.netns,
+            );
+        }
+        out
+    }
+}
+
+/// A predecessor's description and how many descriptors follow it (bounded), or why
+/// it is refused. Public for the fuzz target of the wire messages.
+pub fn parse_description(bytes: &[u8]) -> std::io::Result<(Description, usize)> {
+    let d: Description = serde_json::from_slice(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let n = d.descriptors()?;
+    Ok((d, n))
+}
+
+/// Checks what a predecessor handed against its description: the pin directory's lock
+/// first, then every socket's kind and network namespace.
+fn check_handed(description: &Description, fds: &[OwnedFd], pin_dir: &Path) -> Result<(), String> {
+    use std::os::fd::AsFd as _;
+    let (lock, sockets) = fds.split_first().ok_or("no descriptors")?;
+    trust::check_lock(lock.as_fd(), pin_dir)?;
+    let own = trust::own_netns().map_err(|e| format!("this process's network namespace: {e}"))?;
+    let expected = description.expected(own);
+    if expected.len() != sockets.len() {
+        return Err(format!(
+            "{} sockets described, {} handed",
+            expected.len(),
+            sockets.len()
+        ));
+    }
+    for ((what, kind, netns), fd) in expected.into_iter().zip(sockets) {
+        trust::check_descriptor(fd.as_fd(), kind, netns).map_err(|why| format!("{what}: {why}"))?;
+    }
+    Ok(())
 }
 
 // === the predecessor's side ===
@@ -201,6 +283,8 @@ impl Inventory {
 pub enum Given {
     /// It serves now: stop.
     TakenOver { successor: u32 },
+    /// Not a dnsproxy of ours: nothing was read from it or sent to it.
+    Refused(Refusal),
     /// It went away or did not say stop in time: carry on.
     Abandoned,
 }
@@ -212,6 +296,9 @@ pub fn give(
     inventory: &Inventory,
     stop_wait: Duration,
 ) -> std::io::Result<Given> {
+    if let Err(refusal) = trust::check_peer(stream) {
+        return Ok(Given::Refused(refusal));
+    }
     stream.set_read_timeout(Some(STEP_TIMEOUT))?;
     stream.set_write_timeout(Some(STEP_TIMEOUT))?;
     wire::expect_word(stream, wire::HELLO)?;
@@ -314,6 +401,13 @@ pub async fn serve(
                 shutdown.cancelled().await;
                 return;
             }
+            Ok(Given::Refused(refusal)) => {
+                tracing::warn!(
+                    reason = refusal.reason(),
+                    "handoff: refused a peer that is not this daemon's program: {refusal}"
+                );
+                counters.refused(&refusal);
+            }
             Ok(Given::Abandoned) => {
                 tracing::warn!(
                     "handoff: the successor went away or did not serve in time; carrying on"
@@ -339,6 +433,8 @@ pub enum Fallback {
     Timeout { pid: Option<u32> },
     /// It serves another pin directory or port: not ours to take.
     Mismatch(String),
+    /// What listens is not this daemon's program (nothing was sent to it).
+    Untrusted(Refusal),
     /// The exchange broke.
     Failed(String),
 }
@@ -350,6 +446,7 @@ impl Fallback {
             Fallback::Crashed => "crashed",
             Fallback::Timeout { .. } => "timeout",
             Fallback::Mismatch(_) => "mismatch",
+            Fallback::Untrusted(_) => "untrusted",
             Fallback::Failed(_) => "failed",
         }
     }
@@ -365,6 +462,9 @@ impl std::fmt::Display for Fallback {
                 f,
                 "the previous daemon (pid {pid:?}) did not answer within {STEP_TIMEOUT:?}"
             ),
+            Fallback::Untrusted(refusal) => {
+                write!(f, "the handoff socket's listener is not trusted: {refusal}")
+            }
             Fallback::Mismatch(why) | Fallback::Failed(why) => f.write_str(why),
         }
     }
@@ -417,7 +517,10 @@ fn exchange(
     listen_port: u16,
     node: bool,
 ) -> Result<(Description, Vec<OwnedFd>), Fallback> {
-    let pid = peer_pid(stream);
+    let pid = match trust::check_peer(stream) {
+        Ok(pid) => Some(pid),
+        Err(refusal) => return Err(Fallback::Untrusted(refusal)),
+    };
     let broke = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Fallback::Timeout { pid },
         _ => Fallback::Failed(format!("handoff exchange: {e}")),
@@ -427,13 +530,7 @@ fn exchange(
         .set_write_timeout(Some(STEP_TIMEOUT))
         .map_err(broke)?;
     wire::write_word(stream, wire::HELLO, std::process::id()).map_err(broke)?;
-    let (description, fds) = wire::receive(stream, |bytes| {
-        let d: Description = serde_json::from_slice(bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        let n = d.descriptors();
-        Ok((d, n))
-    })
-    .map_err(broke)?;
+    let (description, fds) = wire::receive(stream, parse_description).map_err(broke)?;
     if description.pin_dir != pin_dir || description.listen_port != listen_port {
         return Err(Fallback::Mismatch(format!(
             "the running daemon (pid {}) serves pin directory {} and port {}, not {} and {listen_port}",
@@ -449,6 +546,12 @@ fn exchange(
             description.pid
         )));
     }
+    check_handed(&description, &fds, pin_dir).map_err(|why| {
+        Fallback::Failed(format!(
+            "the running daemon (pid {}) handed a descriptor that is not what it described: {why}",
+            description.pid
+        ))
+    })?;
     Ok((description, fds))
 }
 
@@ -513,34 +616,17 @@ pub fn kill_unresponsive(pid: u32) -> bool {
     true
 }
 
-/// The pid of the process that listens on the other end (`SO_PEERCRED`).
-fn peer_pid(stream: &UnixStream) -> Option<u32> {
-    // SAFETY: an all-zero ucred is valid; getsockopt fills it.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a valid socket and out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then(|| cred.pid.unsigned_abs())
-}
-
 // === metrics ===
 
 type Labels = [(&'static str, &'static str); 1];
 
-/// `dnsproxy_handoffs_total{role="received"|"given"}` and
-/// `dnsproxy_handoff_fallbacks_total{reason}`.
+/// `dnsproxy_handoffs_total{role="received"|"given"}`,
+/// `dnsproxy_handoff_fallbacks_total{reason}` and `dnsproxy_handoff_refused_total{reason}`.
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
     handoffs: Family<Labels, Counter>,
     fallbacks: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
 }
 
 impl Counters {
@@ -548,8 +634,11 @@ impl Counters {
         for role in ["received", "given"] {
             let _ = self.handoffs.get_or_create(&[("role", role)]);
         }
-        for reason in ["crashed", "timeout", "mismatch", "failed"] {
+        for reason in ["crashed", "timeout", "mismatch", "untrusted", "failed"] {
             let _ = self.fallbacks.get_or_create(&[("reason", reason)]);
+        }
+        for reason in ["credentials", "uid", "executable"] {
+            let _ = self.refused.get_or_create(&[("reason", reason)]);
         }
         registry.register(
             "dnsproxy_handoffs",
@@ -561,6 +650,17 @@ impl Counters {
             "Starts that found a previous daemon but could not take its sockets over (then pods failed open until the new listeners).",
             self.fallbacks.clone(),
         );
+        registry.register(
+            "dnsproxy_handoff_refused",
+            "Connections to the handoff socket refused because the peer is not this daemon's program run by its user.",
+            self.refused.clone(),
+        );
+    }
+
+    pub fn refused(&self, refusal: &Refusal) {
+        self.refused
+            .get_or_create(&[("reason", refusal.reason())])
+            .inc();
     }
 
     pub fn handoff(&self, role: &'static str) {

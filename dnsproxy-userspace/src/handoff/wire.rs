@@ -19,6 +19,10 @@ pub const DONE: &[u8; 4] = b"DONE";
 /// Most descriptors in one message (the kernel's `SCM_MAX_FD` is 253).
 const FDS_PER_MESSAGE: usize = 200;
 
+/// Most descriptors one handoff may announce (the bounds of its description allow
+/// fewer; this holds whatever a parser says).
+pub const MAX_DESCRIPTORS: usize = 1 << 20;
+
 /// Largest description accepted (a node's pods and their sockets fit many times).
 const MAX_DESCRIPTION: u32 = 4 << 20;
 
@@ -84,7 +88,14 @@ pub fn receive<T>(
     let mut description = vec![0u8; len as usize];
     stream.read_exact(&mut description)?;
     let (value, count) = parse(&description)?;
-    let mut fds = Vec::with_capacity(count);
+    if count > MAX_DESCRIPTORS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{count} descriptors announced, more than {MAX_DESCRIPTORS}"),
+        ));
+    }
+    // Grown as descriptors arrive, not reserved on the peer's word.
+    let mut fds = Vec::with_capacity(count.min(FDS_PER_MESSAGE));
     while fds.len() < count {
         let want = (count - fds.len()).min(FDS_PER_MESSAGE);
         receive_fds(stream, want, &mut fds)?;

@@ -28,6 +28,8 @@ pub struct Registry {
     builds: std::sync::atomic::AtomicU64,
     /// Shards built: a namespace's Services, and the `ServiceEntries`'.
     shard_builds: [std::sync::atomic::AtomicU64; 2],
+    /// Declared addresses refused, by [`table::addresses::Reason`].
+    refused: [std::sync::atomic::AtomicU64; table::addresses::Reason::ALL.len()],
 }
 
 /// Which shards a new table built again.
@@ -48,6 +50,7 @@ impl Registry {
             generation: tokio::sync::watch::Sender::new(0),
             builds: std::sync::atomic::AtomicU64::new(0),
             shard_builds: Default::default(),
+            refused: Default::default(),
         }
     }
 
@@ -79,6 +82,7 @@ impl Registry {
         use std::sync::atomic::Ordering::Relaxed;
         self.shard_builds[0].fetch_add(built.namespaces, Relaxed);
         self.shard_builds[1].fetch_add(u64::from(built.entries), Relaxed);
+        self.count_refused(&self.table.load(), &table);
         // The old table goes (once no query holds it): give its memory back.
         drop(self.table.swap(Arc::new(table)));
         // Bumped only after the new table is visible: an answer kept under a
@@ -87,6 +91,47 @@ impl Registry {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.generation.send_modify(|g| *g += 1);
         crate::memory::release_free_soon();
+    }
+
+    /// Counts and logs the declared addresses `new` refuses that `old` did not.
+    fn count_refused(&self, old: &NameTable, new: &NameTable) {
+        use std::sync::atomic::Ordering::Relaxed;
+        /// Lines per table: the rest are counted and in `/debug/ndsz`.
+        const LOGGED: usize = 10;
+        if std::ptr::eq(old.refused(), new.refused()) || new.refused().is_empty() {
+            return;
+        }
+        let before: std::collections::HashSet<&table::addresses::Refusal> =
+            old.refused().iter().collect();
+        let fresh: Vec<_> = new
+            .refused()
+            .iter()
+            .filter(|r| !before.contains(r))
+            .collect();
+        for r in &fresh {
+            self.refused[r.reason as usize].fetch_add(1, Relaxed);
+        }
+        for r in fresh.iter().take(LOGGED) {
+            tracing::warn!(
+                source = %r.source,
+                host = %r.host,
+                address = ?r.address,
+                reason = r.reason.label(),
+                holder = r.holder.as_deref().unwrap_or(""),
+                "declared address or name refused: it is not the entry's to take"
+            );
+        }
+        if fresh.len() > LOGGED {
+            tracing::warn!(
+                more = fresh.len() - LOGGED,
+                "more declared addresses refused (all of them in /debug/ndsz)"
+            );
+        }
+    }
+
+    /// Declared addresses refused so far, by reason (`Reason as usize`).
+    pub fn refused_total(&self, reason: table::addresses::Reason) -> u64 {
+        self.refused[reason as usize].load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Name tables built so far (lock-free: read on the query path).

@@ -340,11 +340,19 @@ impl TableBuilder {
         } else {
             dirty.namespaces.into_iter().collect()
         };
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
         for ns in &namespaces {
             let (services, slices) = watches.services_in(ns);
+            let before = table.cluster_ips(ns).to_vec();
             table = table.with_namespace(ns, &services, &slices);
+            let after = table.cluster_ips(ns);
+            added.extend(after.iter().filter(|ip| before.binary_search(ip).is_err()));
+            removed.extend(before.iter().filter(|ip| after.binary_search(ip).is_err()));
         }
-        if dirty.entries {
+        // No entry may declare a `ClusterIP`: the entries are built again only when a
+        // `ClusterIP` that came or went is one they declare or were refused.
+        let cluster_ips_moved = table.entries_affected(&added, &removed);
+        if dirty.entries || cluster_ips_moved {
             match self.entries(watches).await {
                 Some((objects, vips)) => table = table.with_entries(&objects, &vips),
                 None => return,
@@ -352,7 +360,7 @@ impl TableBuilder {
         }
         let built = Built {
             namespaces: namespaces.len() as u64,
-            entries: dirty.entries,
+            entries: dirty.entries || cluster_ips_moved,
         };
         self.registry.publish(table, built);
     }

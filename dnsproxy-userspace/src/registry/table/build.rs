@@ -1,13 +1,12 @@
 //! Building one shard of the name table: a namespace's Services (with the endpoints of
 //! its headless ones), or the `ServiceEntries` (with their VIPs, and the workloads
 //! their selectors select).
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use super::{Addrs, Allocation, EntryShared, Host, Kind, Owner, Shard, Target, VipService};
+use super::{
+    Addrs, Allocation, EntryShared, Host, Kind, Owner, Shard, Target, VipService,
+    addresses::{Reason, Refusal, Reserved},
+};
 use crate::{
     name::normalize,
     registry::{
@@ -36,9 +35,9 @@ pub(super) fn services(
 
 /// The shard of the `ServiceEntries` of `objects`; hosts without declared addresses
 /// get their VIPs from `vips`.
-pub(super) fn entries(objects: &Objects, vips: &Allocation) -> Shard {
+pub(super) fn entries(objects: &Objects, vips: &Allocation, reserved: &Reserved<'_>) -> Shard {
     let mut b = Builder::default();
-    b.add_service_entries(objects, vips);
+    b.add_service_entries(objects, vips, reserved);
     b.finish();
     b.shard
 }
@@ -109,9 +108,11 @@ impl Builder {
             }
         }
         if ptr && wildcard.is_none() {
-            self.shard
-                .reverse
-                .extend(addrs.iter().map(|ip| (*ip, Arc::clone(name))));
+            self.shard.reverse.extend(
+                addrs
+                    .iter()
+                    .map(|ip| (*ip, Arc::clone(name), Arc::clone(owner))),
+            );
         }
         let map = if wildcard.is_some() {
             &mut self.shard.wildcards
@@ -126,6 +127,15 @@ impl Builder {
     /// are forwarded, as Istio does. Entries go in precedence order, and of two VIP
     /// services on one VIP only the first translates it.
     fn finish(&mut self) {
+        let taken = self.refuse_claimed();
+        self.shard.declared.sort_unstable();
+        self.shard.declared.dedup();
+        self.shard.declared.shrink_to_fit();
+        self.shard.cluster_ips.sort_unstable();
+        self.shard.cluster_ips.dedup();
+        self.shard.cluster_ips.shrink_to_fit();
+        self.shard.refused.shrink_to_fit();
+
         for map in [&mut self.shard.exact, &mut self.shard.wildcards] {
             for candidates in map.values_mut() {
                 candidates.retain(|h| !matches!(&h.target, Target::Addresses(a) if a.is_empty()));
@@ -140,23 +150,70 @@ impl Builder {
             map.retain(|_, candidates| !candidates.is_empty());
             map.shrink_to_fit();
         }
-        // The first name given an address keeps it (a stable sort keeps the order).
+        // Every name of an address, in precedence order (a stable sort keeps the
+        // order names were given it in): a PTR answer is the first a client may see.
         let reverse = &mut self.shard.reverse;
-        reverse.sort_by_key(|(ip, _)| *ip);
-        reverse.dedup_by_key(|(ip, _)| *ip);
+        reverse.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.rank.cmp(&b.2.rank)));
+        reverse.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         reverse.shrink_to_fit();
+        self.shard.vip_services.retain(|s| !s.vips.is_empty());
+        self.shard.vip_services.shrink_to_fit();
+        let mut translated: Vec<IpAddr> = taken.into_keys().collect();
+        translated.sort_unstable();
+        self.shard.translated_vips = translated;
+    }
+
+    /// Sorts the VIP services by precedence and gives each address to the first that
+    /// declares it: the others are refused it, in their translation and their answers
+    /// (never merged). Returns every address held, with its holder.
+    fn refuse_claimed(&mut self) -> HashMap<IpAddr, Arc<Owner>> {
         self.shard
             .vip_services
             .sort_by(|a, b| a.owner.rank.cmp(&b.owner.rank));
-        let mut taken = HashSet::new();
+        let mut taken: HashMap<IpAddr, Arc<Owner>> = HashMap::new();
+        let mut claimed = Vec::new();
         for svc in &mut self.shard.vip_services {
-            svc.vips.retain(|vip| taken.insert(*vip));
+            svc.vips.retain(|vip| match taken.get(vip) {
+                None => {
+                    taken.insert(*vip, Arc::clone(&svc.owner));
+                    true
+                }
+                // One entry's hosts sharing its addresses, or one host in two
+                // namespaces sharing its auto-allocated VIP: the first translates.
+                Some(holder) if !svc.declared || Arc::ptr_eq(holder, &svc.owner) => false,
+                Some(holder) => {
+                    claimed.push((
+                        Arc::clone(&svc.host),
+                        Arc::clone(&svc.owner),
+                        *vip,
+                        holder.source(),
+                    ));
+                    false
+                }
+            });
         }
-        self.shard.vip_services.retain(|s| !s.vips.is_empty());
-        self.shard.vip_services.shrink_to_fit();
-        let mut translated: Vec<IpAddr> = taken.into_iter().collect();
-        translated.sort_unstable();
-        self.shard.translated_vips = translated;
+        for (host, owner, vip, holder) in claimed {
+            if let Some(h) = self
+                .shard
+                .exact
+                .get_mut(&host)
+                .and_then(|c| c.iter_mut().find(|h| Arc::ptr_eq(&h.owner, &owner)))
+                && let Target::Addresses(a) = &mut h.target
+            {
+                a.0.retain(|ip| *ip != vip);
+            }
+            self.shard
+                .reverse
+                .retain(|(ip, name, _)| !(*ip == vip && *name == host));
+            self.shard.refused.push(Refusal {
+                source: owner.source(),
+                host,
+                address: Some(vip),
+                reason: Reason::Claimed,
+                holder: Some(holder),
+            });
+        }
+        taken
     }
 
     fn add_services(
@@ -191,7 +248,10 @@ impl Builder {
             let export_to = Visibility::from_annotation(&svc.metadata);
             let owner = self.owner(Kind::Service, &svc.metadata, export_to);
             let own = match service_kind(svc) {
-                ServiceKind::ClusterIp(ips) => self.add_addrs(&fqdn, &ips, &owner, true),
+                ServiceKind::ClusterIp(ips) => {
+                    self.shard.cluster_ips.extend(ips.iter().copied());
+                    self.add_addrs(&fqdn, &ips, &owner, true)
+                }
                 ServiceKind::Headless => {
                     let Some((ips, hostnames)) = endpoints.get(&name) else {
                         continue;
@@ -221,7 +281,12 @@ impl Builder {
         }
     }
 
-    fn add_service_entries(&mut self, objects: &Objects, vips: &Allocation) {
+    fn add_service_entries(
+        &mut self,
+        objects: &Objects,
+        vips: &Allocation,
+        reserved: &Reserved<'_>,
+    ) {
         for se in &objects.service_entries {
             let ns = se.metadata.ns();
             let export_to = Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns);
@@ -238,7 +303,7 @@ impl Builder {
             });
             for host in &se.spec.hosts {
                 let host: Arc<str> = normalize(host).into();
-                self.add_service_entry_host(se, &shared, &host, vips, &owner);
+                self.add_service_entry_host(se, &shared, &host, (vips, reserved), &owner);
             }
         }
     }
@@ -250,10 +315,39 @@ impl Builder {
         se: &ServiceEntry,
         shared: &Arc<EntryShared>,
         host: &Arc<str>,
-        vips: &Allocation,
+        (vips, reserved): (&Allocation, &Reserved<'_>),
         owner: &Arc<Owner>,
     ) {
         let mut addrs = declared_addresses(se, host);
+        let declared = !addrs.is_empty();
+        if !reserved.may_name(host, owner.namespace()) {
+            self.shard.refused.push(Refusal {
+                source: owner.source(),
+                host: Arc::clone(host),
+                address: None,
+                reason: Reason::ClusterName,
+                holder: None,
+            });
+            return;
+        }
+        addrs.retain(|ip| match reserved.check(*ip) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.shard.refused.push(Refusal {
+                    source: owner.source(),
+                    host: Arc::clone(host),
+                    address: Some(*ip),
+                    reason,
+                    holder: None,
+                });
+                false
+            }
+        });
+        if declared && addrs.is_empty() {
+            // Every address it declared is someone else's: it gets none, not a VIP of
+            // ours either (its name goes to upstream DNS).
+            return;
+        }
         let mut auto_allocated = false;
         if addrs.is_empty()
             && let Some(v) = vips.get(&**host)
@@ -275,6 +369,9 @@ impl Builder {
             tracing::debug!(%host, source = %owner.source(), "no address: left to upstream DNS");
             return;
         }
+        if !auto_allocated {
+            self.shard.declared.extend(addrs.iter().copied());
+        }
         if let Some(h) = self.add_addrs(host, &addrs, owner, true)
             && auto_allocated
         {
@@ -289,6 +386,7 @@ impl Builder {
                 entry: Arc::clone(shared),
                 resolution: se.spec.resolution,
                 owner: Arc::clone(owner),
+                declared: !auto_allocated,
             });
         }
     }

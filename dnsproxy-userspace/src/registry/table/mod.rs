@@ -9,6 +9,7 @@
 //! `<ns>.svc.<cluster domain>`), and one for the `ServiceEntries` and what backs them.
 //! A change rebuilds only its shard: a Service or a headless Service's endpoints, its
 //! namespace's; a `ServiceEntry`, a `WorkloadEntry` or a selected Pod, the entries'.
+pub mod addresses;
 mod build;
 
 use std::{
@@ -26,6 +27,7 @@ use super::{
     },
 };
 use crate::name::normalize;
+use addresses::{AddressPolicy, Refusal, Reserved};
 pub use build::{selectable_pods, workload_selectors};
 
 /// Addresses of a name, both families in one allocation.
@@ -199,10 +201,16 @@ impl Owner {
 }
 
 /// The entry a client in `namespace` sees among `candidates` (a name's entries in its
-/// shards): its own namespace's first, else the first it may see, in precedence order.
+/// shards: the Services', then the entries'): a Service it may see always wins its own
+/// name; else its own namespace's first, else the first it may see, in precedence
+/// order.
 fn pick<'a>(candidates: [&'a [Host]; 2], namespace: &str) -> Option<&'a Host> {
+    pick_in(candidates[0], namespace).or_else(|| pick_in(candidates[1], namespace))
+}
+
+fn pick_in<'a>(candidates: &'a [Host], namespace: &str) -> Option<&'a Host> {
     let (mut own, mut any): (Option<&Host>, Option<&Host>) = (None, None);
-    for host in candidates.into_iter().flatten() {
+    for host in candidates {
         if !host.owner.export_to.allows(namespace) {
             continue;
         }
@@ -215,6 +223,17 @@ fn pick<'a>(candidates: [&'a [Host]; 2], namespace: &str) -> Option<&'a Host> {
         }
     }
     own.or(any)
+}
+
+/// What precedes `.svc.<cluster domain>` in `name` (`web.shop` of
+/// `web.shop.svc.cluster.local`; empty for `svc.cluster.local` itself), if it is under
+/// it: the Services' names.
+pub(crate) fn under_services<'a>(name: &'a str, cluster_domain: &str) -> Option<&'a str> {
+    let rest = name.strip_suffix(cluster_domain)?.strip_suffix('.')?;
+    if rest == "svc" {
+        return Some("");
+    }
+    rest.strip_suffix(".svc")
 }
 
 /// `name` without the domain whose labels are `labels` (and the dot before it), if it
@@ -248,6 +267,8 @@ pub struct VipService {
     pub resolution: Resolution,
     /// Its source and precedence: of two entries on one VIP, the first translates it.
     pub owner: Arc<Owner>,
+    /// Its VIPs are its own declared addresses (not auto-allocated).
+    pub declared: bool,
 }
 
 impl VipService {
@@ -278,12 +299,18 @@ pub struct Shard {
     exact: HashMap<Arc<str>, Vec<Host>>,
     /// `*.example.com` is stored under `example.com`.
     wildcards: HashMap<Arc<str>, Vec<Host>>,
-    /// Address → the name it belongs to, sorted by address (the first name given an
-    /// address keeps it): PTR answers are rare, a sorted array costs a third of a map.
-    reverse: Vec<(IpAddr, Arc<str>)>,
+    /// Address → the names it belongs to, with their owners, sorted by address then
+    /// precedence: PTR answers are rare, a sorted array costs a third of a map.
+    reverse: Vec<(IpAddr, Arc<str>, Arc<Owner>)>,
     vip_services: Vec<VipService>,
     /// Every VIP of `vip_services`, sorted: addresses the data path must translate.
     translated_vips: Vec<IpAddr>,
+    /// A namespace's Services: their `ClusterIPs`, sorted (no entry may declare one).
+    cluster_ips: Vec<IpAddr>,
+    /// The entries': declared addresses refused ([`addresses`]).
+    refused: Vec<Refusal>,
+    /// The entries': declared addresses they hold, sorted.
+    declared: Vec<IpAddr>,
 }
 
 impl Shard {
@@ -291,11 +318,14 @@ impl Shard {
         self.exact.get(name).map_or(&[], Vec::as_slice)
     }
 
-    fn reverse(&self, ip: IpAddr) -> Option<&Arc<str>> {
-        self.reverse
-            .binary_search_by(|(addr, _)| addr.cmp(&ip))
-            .ok()
-            .map(|at| &self.reverse[at].1)
+    /// The first name of `ip` a client in `namespace` may see.
+    fn reverse(&self, ip: IpAddr, namespace: &str) -> Option<&Arc<str>> {
+        let from = self.reverse.partition_point(|(addr, _, _)| *addr < ip);
+        self.reverse[from..]
+            .iter()
+            .take_while(|(addr, _, _)| *addr == ip)
+            .find(|(_, _, owner)| owner.export_to.allows(namespace))
+            .map(|(_, name, _)| name)
     }
 
     /// Names, exact and wildcard.
@@ -312,6 +342,8 @@ pub struct NameTable {
     services: HashMap<Arc<str>, Arc<Shard>>,
     /// The `ServiceEntries`, with their VIPs and backends.
     entries: Arc<Shard>,
+    /// Where declared addresses may be.
+    policy: Arc<AddressPolicy>,
 }
 
 /// A namespace's Services and `EndpointSlices`.
@@ -321,12 +353,14 @@ type NamespaceObjects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 #[derive(Clone, Debug)]
 pub struct TableConfig {
     pub cluster_domain: String,
+    pub addresses: AddressPolicy,
 }
 
 impl Default for TableConfig {
     fn default() -> Self {
         TableConfig {
             cluster_domain: "cluster.local".into(),
+            addresses: AddressPolicy::default(),
         }
     }
 }
@@ -336,6 +370,7 @@ impl NameTable {
     pub fn empty(cfg: &TableConfig) -> Self {
         NameTable {
             cluster_domain: normalize(&cfg.cluster_domain),
+            policy: Arc::new(cfg.addresses.clone()),
             ..Default::default()
         }
     }
@@ -363,8 +398,50 @@ impl NameTable {
         for (ns, (services, slices)) in by_namespace {
             table.set_namespace(ns, &services, &slices);
         }
-        table.entries = Arc::new(build::entries(objects, vips));
+        table.entries = Arc::new(build::entries(objects, vips, &table.reserved(objects)));
         table
+    }
+
+    /// What the entries of `objects` may not declare: the policy's blocks, every
+    /// Service's `ClusterIPs`, the pods `objects` holds.
+    fn reserved<'a>(&'a self, objects: &Objects) -> Reserved<'a> {
+        Reserved {
+            policy: Some(&self.policy),
+            cluster_domain: &self.cluster_domain,
+            cluster_ips: self
+                .services
+                .values()
+                .flat_map(|s| s.cluster_ips.iter().copied())
+                .collect(),
+            pod_ips: objects
+                .pods
+                .iter()
+                .filter_map(|p| super::manifest::pod_ip(p)?.parse().ok())
+                .collect(),
+        }
+    }
+
+    /// Namespace `ns`'s `ClusterIPs` (a change to them rebuilds the entries).
+    pub fn cluster_ips(&self, ns: &str) -> &[IpAddr] {
+        self.services.get(ns).map_or(&[], |s| &s.cluster_ips)
+    }
+
+    /// Whether `ClusterIPs` that came (`added`) or went (`removed`) change what the
+    /// entries may declare: one of theirs is now a `ClusterIP`, or one refused as a
+    /// `ClusterIP` is free again. Else the entries' shard stays as it is.
+    pub fn entries_affected(&self, added: &[IpAddr], removed: &[IpAddr]) -> bool {
+        added
+            .iter()
+            .any(|ip| self.entries.declared.binary_search(ip).is_ok())
+            || self.entries.refused.iter().any(|r| {
+                r.reason == addresses::Reason::ClusterIp
+                    && r.address.is_some_and(|a| removed.contains(&a))
+            })
+    }
+
+    /// Declared addresses the entries do not get, and why.
+    pub fn refused(&self) -> &[Refusal] {
+        &self.entries.refused
     }
 
     /// This table with namespace `ns`'s Services (and their `EndpointSlices`) built
@@ -386,7 +463,7 @@ impl NameTable {
     #[must_use]
     pub fn with_entries(&self, objects: &Objects, vips: &Allocation) -> Self {
         NameTable {
-            entries: Arc::new(build::entries(objects, vips)),
+            entries: Arc::new(build::entries(objects, vips, &self.reserved(objects))),
             ..self.clone()
         }
     }
@@ -456,6 +533,12 @@ impl NameTable {
     /// The most specific wildcard entry covering `name` that a client in `namespace`
     /// sees.
     fn wildcard_for(&self, name: &str, namespace: &str) -> Option<&Host> {
+        // Below `svc.<cluster domain>` the names are the Services' (a headless
+        // Service's pods, a StatefulSet's peers without ready endpoints): a wildcard
+        // never answers there.
+        if under_services(name, &self.cluster_domain).is_some() {
+            return None;
+        }
         let mut rest = name;
         while let Some((_, suffix)) = rest.split_once('.') {
             if let Some(c) = self.entries.wildcards.get(suffix)
@@ -530,14 +613,15 @@ impl NameTable {
         self.entries.translated_vips.binary_search(&ip).is_ok()
     }
 
-    /// The name a VIP or `ClusterIP` belongs to (PTR): a Service's first (of two
-    /// namespaces' on one address, the first name in order), else an entry's.
-    pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
+    /// The name a VIP or `ClusterIP` belongs to (PTR) for a client in `namespace`,
+    /// among those it may see (`exportTo`): a Service's first (of two namespaces' on
+    /// one address, the first name in order), else an entry's, in precedence order.
+    pub fn reverse(&self, ip: IpAddr, namespace: &str) -> Option<&str> {
         self.services
             .values()
-            .filter_map(|s| s.reverse(ip))
+            .filter_map(|s| s.reverse(ip, namespace))
             .min()
-            .or_else(|| self.entries.reverse(ip))
+            .or_else(|| self.entries.reverse(ip, namespace))
             .map(|n| &**n)
     }
 

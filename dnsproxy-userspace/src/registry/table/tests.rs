@@ -260,9 +260,9 @@ fn addresses_by_kind() {
     assert_eq!(get("ext.default.svc.cluster.local"), ["CNAME aliyun.com"]);
     // PTR for VIPs and ClusterIPs.
     let vip: IpAddr = aliyun[0].parse().unwrap();
-    assert_eq!(t.reverse(vip), Some("aliyun.com"));
+    assert_eq!(t.reverse(vip, "default"), Some("aliyun.com"));
     assert_eq!(
-        t.reverse("10.0.0.5".parse().unwrap()),
+        t.reverse("10.0.0.5".parse().unwrap(), "default"),
         Some("reviews.default.svc.cluster.local")
     );
     match &t.get("aliyun.com").unwrap().target {
@@ -519,14 +519,11 @@ spec: {hosts: [db.b.svc.cluster.local], addresses: [240.241.0.9], resolution: ST
     let t = build_with(&all, &mut Assignment::local(VipAllocator::in_memory()));
     assert_eq!(v4s(t.get("web.a.svc.cluster.local").unwrap()), ["10.0.0.1"]);
     assert_eq!(v4s(t.get("ext.example").unwrap()), ["240.241.0.1"]);
-    // One name in a namespace's shard and in the entries': precedence decides, as in
-    // one table (the older entry).
+    // An older entry of namespace c naming b's Service: refused, the Service answers.
+    assert_eq!(v4s(t.get("db.b.svc.cluster.local").unwrap()), ["10.0.0.2"]);
+    assert_eq!(t.refused()[0].reason, addresses::Reason::ClusterName);
     assert_eq!(
-        v4s(t.get("db.b.svc.cluster.local").unwrap()),
-        ["240.241.0.9"]
-    );
-    assert_eq!(
-        t.reverse("10.0.0.2".parse().unwrap()),
+        t.reverse("10.0.0.2".parse().unwrap(), "default"),
         Some("db.b.svc.cluster.local")
     );
     let mut names: Vec<&str> = t.service_namespaces().collect();
@@ -559,4 +556,204 @@ spec: {hosts: [db.b.svc.cluster.local], addresses: [240.241.0.9], resolution: ST
     assert!(t4.get("ext.example").is_none());
     assert_eq!(v4s(t4.get("db.b.svc.cluster.local").unwrap()), ["10.0.0.2"]);
     assert!(Arc::ptr_eq(&t3.services["b"], &t4.services["b"]));
+}
+
+/// shop's Service, and entries of evil's and of team-a's declaring what is not theirs.
+const SQUATTERS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.40.40, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: takeover, namespace: evil, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {hosts: [shop.evil.example], addresses: [10.96.40.40], exportTo: ["."], resolution: STATIC, endpoints: [{address: 203.0.113.66}], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: metadata, namespace: evil, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {hosts: [md.evil.example], addresses: [169.254.169.254, 127.0.0.1, 224.0.0.1, "fe80::1"], resolution: STATIC, endpoints: [{address: 203.0.113.66}], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: team-a, creationTimestamp: "2021-01-01T00:00:00Z"}
+spec: {hosts: [db.team-a.example], addresses: [192.0.2.80], resolution: STATIC, endpoints: [{address: 198.51.100.1}], ports: [{number: 5432, name: pg, protocol: TCP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db-too, namespace: evil, creationTimestamp: "2022-01-01T00:00:00Z"}
+spec: {hosts: [db.evil.example], addresses: [192.0.2.80, 192.0.2.81], resolution: STATIC, endpoints: [{address: 203.0.113.66}], ports: [{number: 5432, name: pg, protocol: TCP}]}
+"#;
+
+#[test]
+fn declared_addresses_that_are_someone_elses_are_refused_never_merged() {
+    use super::addresses::Reason;
+    let t = build(SQUATTERS);
+    let refused: Vec<(String, String, Reason)> = t
+        .refused()
+        .iter()
+        .map(|r| {
+            let address = r.address.map(|a| a.to_string()).unwrap_or_default();
+            (r.host.to_string(), address, r.reason)
+        })
+        .collect();
+    for want in [
+        ("shop.evil.example", "10.96.40.40", Reason::ClusterIp),
+        ("md.evil.example", "169.254.169.254", Reason::LinkLocal),
+        ("md.evil.example", "127.0.0.1", Reason::Loopback),
+        ("md.evil.example", "224.0.0.1", Reason::Multicast),
+        ("md.evil.example", "fe80::1", Reason::LinkLocal),
+        ("db.evil.example", "192.0.2.80", Reason::Claimed),
+    ] {
+        let want = (want.0.to_owned(), want.1.to_owned(), want.2);
+        assert!(refused.contains(&want), "{want:?} in {refused:?}");
+    }
+    assert_eq!(refused.len(), 6, "{refused:?}");
+    let claimed = t
+        .refused()
+        .iter()
+        .find(|r| r.reason == Reason::Claimed)
+        .unwrap();
+    assert_eq!(claimed.holder.as_deref(), Some("ServiceEntry team-a/db"));
+    // Nothing of theirs translates, and the loser keeps only its own address.
+    let mut translated: Vec<String> = t
+        .vip_services()
+        .iter()
+        .flat_map(|s| s.vips.iter().map(|v| format!("{} {v}", s.host)))
+        .collect();
+    translated.sort();
+    assert_eq!(
+        translated,
+        ["db.evil.example 192.0.2.81", "db.team-a.example 192.0.2.80"],
+        "{translated:?}"
+    );
+    assert!(t.get_for("shop.evil.example", "evil").is_none());
+    assert!(t.get_for("md.evil.example", "evil").is_none());
+    assert_eq!(
+        v4s(t.get_for("db.evil.example", "evil").unwrap()),
+        ["192.0.2.81"]
+    );
+    // The Service keeps its ClusterIP for everyone.
+    assert_eq!(
+        v4s(t.get_for("web.shop.svc.cluster.local", "shop").unwrap()),
+        ["10.96.40.40"]
+    );
+}
+
+#[test]
+fn declared_address_blocks_restrict_further() {
+    use super::addresses::{AddressPolicy, Reason};
+    let mut objects = Objects::default();
+    parse_into(SQUATTERS, &mut objects).unwrap();
+    let cfg = TableConfig {
+        addresses: AddressPolicy {
+            allowed: vec!["192.0.2.80/31".parse().unwrap()],
+            cluster: vec!["192.0.2.81/32".parse().unwrap()],
+        },
+        ..TableConfig::default()
+    };
+    let vips = Assignment::local(VipAllocator::in_memory())
+        .allocate(&Demand::of(&objects))
+        .unwrap();
+    let t = NameTable::build(&objects, &vips, &cfg);
+    let reasons: Vec<(String, Reason)> = t
+        .refused()
+        .iter()
+        .map(|r| {
+            (
+                r.address.map(|a| a.to_string()).unwrap_or_default(),
+                r.reason,
+            )
+        })
+        .collect();
+    assert!(
+        reasons.contains(&("192.0.2.81".into(), Reason::ClusterCidr)),
+        "{reasons:?}"
+    );
+    assert!(
+        t.get_for("db.evil.example", "evil").is_none(),
+        "nothing left"
+    );
+    assert_eq!(
+        v4s(t.get_for("db.team-a.example", "team-a").unwrap()),
+        ["192.0.2.80"]
+    );
+}
+
+/// Squatters under the cluster domain: an older entry of evil's naming shop's Service,
+/// a wildcard over every Service name, shop's own older entry for its own Service's
+/// name, and a private entry whose VIP a PTR sweep would find.
+const NAME_SQUATTERS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: squat, namespace: evil, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {hosts: [web.shop.svc.cluster.local, "*.svc.cluster.local", api.evil.svc.cluster.local], addresses: [192.0.2.66], resolution: STATIC, endpoints: [{address: 203.0.113.66}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: own, namespace: shop, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {hosts: [web.shop.svc.cluster.local], addresses: [192.0.2.67], resolution: STATIC, endpoints: [{address: 203.0.113.67}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: evil}
+spec: {hosts: [secret.evil.example], addresses: [192.0.2.68], exportTo: ["."], resolution: STATIC, endpoints: [{address: 203.0.113.68}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {clusterIP: 10.96.50.50, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+"#;
+
+#[test]
+fn names_under_the_cluster_domain_are_the_services_and_ptr_follows_export_to() {
+    use super::addresses::Reason;
+    let t = build(NAME_SQUATTERS);
+    let refused: Vec<(String, Reason)> = t
+        .refused()
+        .iter()
+        .map(|r| (r.host.to_string(), r.reason))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("web.shop.svc.cluster.local".to_owned(), Reason::ClusterName),
+            ("*.svc.cluster.local".to_owned(), Reason::ClusterName),
+        ],
+        "evil may name only its own namespace's names"
+    );
+    // The Service wins its name for everyone, its own namespace's older entry included.
+    for ns in ["shop", "evil", "default"] {
+        let h = t.get_for("web.shop.svc.cluster.local", ns).unwrap();
+        assert_eq!(v4s(h), ["10.96.50.50"], "{ns}");
+        assert!(h.is_kubernetes_service());
+    }
+    // No wildcard answers below svc.cluster.local: a headless Service without ready
+    // endpoints, a name nobody defined.
+    for name in [
+        "db.shop.svc.cluster.local",
+        "db-0.db.shop.svc.cluster.local",
+        "nope.shop.svc.cluster.local",
+    ] {
+        assert!(t.resolve(name, "shop", &[]).is_none(), "{name}");
+    }
+    // An entry may name its own namespace's names.
+    assert_eq!(
+        v4s(t.get_for("api.evil.svc.cluster.local", "evil").unwrap()),
+        ["192.0.2.66"]
+    );
+    // PTR: a private entry's VIP is named only to its own namespace.
+    let vip = "192.0.2.68".parse().unwrap();
+    assert_eq!(t.reverse(vip, "evil"), Some("secret.evil.example"));
+    assert_eq!(t.reverse(vip, "shop"), None);
+    assert_eq!(
+        t.reverse("10.96.50.50".parse().unwrap(), "evil"),
+        Some("web.shop.svc.cluster.local")
+    );
 }

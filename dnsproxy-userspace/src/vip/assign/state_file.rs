@@ -148,7 +148,22 @@ pub fn write(path: &Path, hosts: &BTreeMap<String, u32>) -> std::io::Result<()> 
     std::fs::create_dir_all(dir)?;
     let bytes = encode(hosts).into_bytes();
     let tmp = temp_path(path);
-    let mut file = std::fs::File::create(&tmp)?;
+    // A leftover of a crash is removed (unlink does not follow a link), and the file is
+    // created new and never through a symbolic link: whatever sits at the name, the
+    // state goes nowhere else.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?
+    };
     file.write_all(&bytes)?;
     file.sync_all()?;
     drop(file);

@@ -30,8 +30,21 @@ pub struct Translated {
     ipv6_backed: ArcSwap<HashSet<String>>,
     /// VIPs left out of the maps because they are full.
     left_out: AtomicUsize,
+    /// The refresh of DNS-resolution hosts: how often its bounds acted.
+    pub refresh: RefreshCounters,
     /// Bumped after every change that can change a table answer.
     generation: AtomicU64,
+}
+
+/// `dnsproxy_vip_resolutions_deferred_total` (a due name waited for a slot under
+/// `--dns-refresh-concurrency`), `dnsproxy_vip_refresh_floored_total` (a TTL shorter than
+/// `--dns-refresh-floor-secs` was stretched to it), `dnsproxy_vip_resolution_failures_total`
+/// (each failure, retried with exponential backoff).
+#[derive(Debug, Default)]
+pub struct RefreshCounters {
+    pub deferred: AtomicU64,
+    pub floored: AtomicU64,
+    pub failures: AtomicU64,
 }
 
 impl Translated {

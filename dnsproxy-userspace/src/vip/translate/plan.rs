@@ -273,6 +273,7 @@ mod tests {
                 export_to: crate::registry::export::Visibility::All,
                 rank: crate::registry::export::Rank::default(),
             }),
+            declared: false,
         }
     }
 

@@ -1,9 +1,11 @@
 //! Keeps `dp_vips`/`dp_services` equal to the plan: follows registry changes, resolves
 //! DNS-resolution hosts upstream (A and AAAA) and re-resolves each name before its TTL
-//! runs out (within [`MIN_REFRESH`, `MAX_REFRESH`]). Services are written before their
-//! VIP appears and removed after it goes, each value whole.
+//! runs out, never sooner than the refresh floor (`--dns-refresh-floor-secs`, with
+//! jitter) nor later than [`MAX_REFRESH`]; at most `--dns-refresh-concurrency` names at
+//! once; a failure is retried with exponential backoff. Services are written before
+//! their VIP appears and removed after it goes, each value whole.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -36,11 +38,32 @@ use crate::{
     },
 };
 
-/// Shortest and longest time between two resolutions of a name.
+/// Shortest and longest time between two resolutions of a name, before the floor.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 pub const MAX_REFRESH: Duration = Duration::from_mins(5);
-/// When a name could not be resolved (or has no address), ask again after this.
+/// When a name could not be resolved (or has no address), ask again after this,
+/// doubled with each failure in a row up to [`MAX_REFRESH`].
 const RETRY: Duration = Duration::from_secs(5);
+
+/// How names are refreshed: at most `concurrency` lookups (two queries each) at once,
+/// none sooner than `floor` after the last.
+#[derive(Clone, Copy, Debug)]
+pub struct Refresh {
+    pub concurrency: usize,
+    pub floor: Duration,
+}
+
+/// `d` spread by ±10%, so that names resolved together do not stay in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.9..1.1))
+}
+
+/// The wait after `failures` failures in a row: 5 s, 10 s, 20 s, ... 5 min.
+fn backoff(failures: u32) -> Duration {
+    RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_REFRESH)
+}
 
 /// What a name's backends are, per family, and when to ask again.
 #[derive(Default)]
@@ -48,6 +71,8 @@ struct Resolved {
     v4: Vec<IpAddr>,
     v6: Vec<IpAddr>,
     refresh_at: Option<Instant>,
+    /// Failures in a row (the backoff).
+    failures: u32,
 }
 
 impl Resolved {
@@ -77,6 +102,7 @@ pub struct BackendSync {
     pub retire_after: Duration,
     /// What the maps hold at most.
     pub capacity: Capacity,
+    pub refresh: Refresh,
 }
 
 /// Why a name's backends could not be resolved.
@@ -240,9 +266,19 @@ impl SyncState {
 
     /// Adds the VIPs still in their grace period to `desired`; starts the grace period
     /// of VIPs that left it, and ends those that are over or whose VIP is wanted again.
-    fn keep_retired(&mut self, desired: &mut Plan, grace: Duration, now: Instant) {
+    /// A VIP in `refused` (an address an entry may no longer declare: someone else's)
+    /// gets no grace: it stops translating at once.
+    fn keep_retired(
+        &mut self,
+        desired: &mut Plan,
+        (grace, refused): (Duration, &HashSet<IpAddr>),
+        now: Instant,
+    ) {
         for (vip, ports) in &self.written.vips {
-            if desired.vips.contains_key(vip) || self.retired.contains_key(vip) {
+            if desired.vips.contains_key(vip)
+                || self.retired.contains_key(vip)
+                || refused.contains(vip)
+            {
                 continue;
             }
             // The services of one VIP are adjacent: keys order by VIP first.
@@ -263,8 +299,9 @@ impl SyncState {
                 },
             );
         }
-        self.retired
-            .retain(|vip, r| r.until > now && !desired.vips.contains_key(vip));
+        self.retired.retain(|vip, r| {
+            r.until > now && !desired.vips.contains_key(vip) && !refused.contains(vip)
+        });
         for (vip, r) in &self.retired {
             desired.vips.insert(*vip, r.ports);
             desired.services.extend(r.services.iter().cloned());
@@ -302,7 +339,8 @@ impl BackendSync {
             if !same || due {
                 let services = table.vip_services();
                 self.resolve_due(services, &mut state.resolved).await;
-                self.apply(services, &mut state);
+                let refused = table.refused().iter().filter_map(|r| r.address).collect();
+                self.apply(services, &refused, &mut state);
                 planned = Some(Arc::clone(table.entries()));
             }
             if let Some(tx) = first.take() {
@@ -314,40 +352,62 @@ impl BackendSync {
         }
     }
 
-    /// Resolves the names that are new or due for a refresh, all at once.
+    /// Resolves the names that are new or due for a refresh, the longest due first, at
+    /// most `--dns-refresh-concurrency` at once.
     async fn resolve_due(&self, services: &[VipService], resolved: &mut HashMap<String, Resolved>) {
+        use std::sync::atomic::Ordering::Relaxed;
         let wanted: BTreeSet<String> = services.iter().flat_map(names_to_resolve).collect();
         resolved.retain(|name, _| wanted.contains(name));
         let now = Instant::now();
+        let mut due: Vec<(Option<Instant>, &String)> = wanted
+            .iter()
+            .map(|n| (resolved.get(n).and_then(|r| r.refresh_at), n))
+            .filter(|(at, _)| at.is_none_or(|at| at <= now))
+            .collect();
+        due.sort();
+        let bound = self.refresh.concurrency.max(1);
+        let counters = &self.translated.refresh;
+        counters
+            .deferred
+            .fetch_add(due.len().saturating_sub(bound) as u64, Relaxed);
+        let mut names = due.into_iter().map(|(_, n)| n.clone());
         let mut lookups = tokio::task::JoinSet::new();
-        for name in wanted.iter().filter(|n| {
-            resolved
-                .get(*n)
-                .and_then(|r| r.refresh_at)
-                .is_none_or(|at| at <= now)
-        }) {
-            let (forwarder, name) = (Arc::clone(&self.forwarder), name.clone());
+        let spawn = |lookups: &mut tokio::task::JoinSet<_>, name: String| {
+            let forwarder = Arc::clone(&self.forwarder);
             lookups.spawn(async move {
                 let result = resolve(&forwarder, &name).await;
                 (name, result)
             });
+        };
+        for name in names.by_ref().take(bound) {
+            spawn(&mut lookups, name);
         }
-        while let Some(Ok((name, result))) = lookups.join_next().await {
-            record(resolved, &name, result);
+        while let Some(joined) = lookups.join_next().await {
+            if let Ok((name, result)) = joined {
+                let outcome = record(resolved, &name, result, self.refresh.floor);
+                match outcome {
+                    Outcome::Failed => counters.failures.fetch_add(1, Relaxed),
+                    Outcome::Floored => counters.floored.fetch_add(1, Relaxed),
+                    Outcome::Resolved => 0,
+                };
+            }
+            if let Some(name) = names.next() {
+                spawn(&mut lookups, name);
+            }
         }
     }
 
     /// Writes the plan for `services` (and the retired VIPs still in their grace
     /// period) when it differs from what the maps hold, then tells the registry which
     /// VIPs are translated, so DNS hands out no other.
-    fn apply(&self, services: &[VipService], state: &mut SyncState) {
+    fn apply(&self, services: &[VipService], refused: &HashSet<IpAddr>, state: &mut SyncState) {
         let addrs: HashMap<String, Vec<IpAddr>> = state
             .resolved
             .iter()
             .map(|(n, r)| (n.clone(), r.addrs()))
             .collect();
         let mut desired = plan(services, &addrs);
-        state.keep_retired(&mut desired, self.retire_after, Instant::now());
+        state.keep_retired(&mut desired, (self.retire_after, refused), Instant::now());
         let dropped = desired.fit(self.capacity);
         if dropped != self.translated.left_out() {
             tracing::warn!(
@@ -388,16 +448,19 @@ fn record(
     resolved: &mut HashMap<String, Resolved>,
     name: &str,
     result: Result<(Family, Family), ResolveError>,
-) {
+    floor: Duration,
+) -> Outcome {
     let now = Instant::now();
     let entry = resolved.entry(name.to_owned()).or_default();
     let had = !entry.v4.is_empty() || !entry.v6.is_empty();
     let (v4, v6) = match result {
         Ok(families) => families,
         Err(e) => {
-            tracing::warn!(%name, error = %crate::report(&e), "cannot resolve VIP backends, keeping the last ones");
-            entry.refresh_at = Some(now + RETRY);
-            return;
+            entry.failures = entry.failures.saturating_add(1);
+            let wait = jitter(backoff(entry.failures));
+            tracing::warn!(%name, error = %crate::report(&e), failures = entry.failures, ?wait, "cannot resolve VIP backends, keeping the last ones");
+            entry.refresh_at = Some(now + wait);
+            return Outcome::Failed;
         }
     };
     let mut ttl = u32::MAX;
@@ -416,11 +479,29 @@ fn record(
         if had || entry.refresh_at.is_none() {
             tracing::info!(%name, "no address for a VIP host: its VIPs fail closed");
         }
-        entry.refresh_at = Some(now + RETRY);
-        return;
+        entry.failures = entry.failures.saturating_add(1);
+        entry.refresh_at = Some(now + jitter(backoff(entry.failures)));
+        return Outcome::Failed;
     }
+    entry.failures = 0;
     tracing::debug!(%name, v4 = ?entry.v4, v6 = ?entry.v6, ttl, "resolved VIP backends");
-    entry.refresh_at = Some(now + refresh_after(ttl));
+    let by_ttl = refresh_after(ttl);
+    entry.refresh_at = Some(now + jitter(by_ttl.max(floor)));
+    if by_ttl < floor {
+        Outcome::Floored
+    } else {
+        Outcome::Resolved
+    }
+}
+
+/// How one lookup ended, for the counters.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Resolved,
+    /// Resolved, its TTL shorter than the floor.
+    Floored,
+    /// Failed, or no address: retried with backoff.
+    Failed,
 }
 
 /// Waits for a registry change or the next refresh; false when the registry is gone.
@@ -452,24 +533,26 @@ mod tests {
             Some((vec![v4("192.0.2.1")], 60)),
             Some((vec![v4("2001:db8::1")], 60)),
         ));
-        record(&mut resolved, "h", both);
+        record(&mut resolved, "h", both, Duration::ZERO);
         assert_eq!(resolved["h"].addrs().len(), 2);
         // AAAA times out (or SERVFAIL): its last backend stays; A is updated.
         record(
             &mut resolved,
             "h",
             Ok((Some((vec![v4("192.0.2.2")], 60)), None)),
+            Duration::ZERO,
         );
         assert_eq!(resolved["h"].addrs(), [v4("192.0.2.2"), v4("2001:db8::1")]);
         // Both fail: nothing changes.
         let upstream_down = Err(ResolveError::Upstream(ForwardError::NoUpstream));
-        record(&mut resolved, "h", upstream_down);
+        record(&mut resolved, "h", upstream_down, Duration::ZERO);
         assert_eq!(resolved["h"].addrs(), [v4("192.0.2.2"), v4("2001:db8::1")]);
         // A definitive NODATA for AAAA empties that family only.
         record(
             &mut resolved,
             "h",
             Ok((Some((vec![v4("192.0.2.2")], 60)), Some((vec![], 0)))),
+            Duration::ZERO,
         );
         assert_eq!(resolved["h"].addrs(), [v4("192.0.2.2")]);
     }
@@ -480,5 +563,42 @@ mod tests {
         assert_eq!(refresh_after(2), Duration::from_secs(2));
         assert_eq!(refresh_after(0), MIN_REFRESH);
         assert_eq!(refresh_after(86_400), MAX_REFRESH);
+    }
+
+    #[test]
+    fn a_short_ttl_waits_for_the_floor_and_failures_back_off() {
+        let ok = |ttl| Ok((Some((vec!["192.0.2.1".parse().unwrap()], ttl)), None));
+        let floor = Duration::from_secs(30);
+        let mut resolved = HashMap::new();
+        let until = |r: &HashMap<String, Resolved>| r["h"].refresh_at.unwrap() - Instant::now();
+        // TTL 1: refreshed after the floor (±10%), not after a second.
+        assert_eq!(record(&mut resolved, "h", ok(1), floor), Outcome::Floored);
+        let wait = until(&resolved);
+        assert!(
+            wait > Duration::from_secs(26) && wait <= Duration::from_secs(33),
+            "{wait:?}"
+        );
+        // A long TTL is kept as it is.
+        assert_eq!(
+            record(&mut resolved, "h", ok(120), floor),
+            Outcome::Resolved
+        );
+        assert!(until(&resolved) > Duration::from_secs(80));
+        // Failures in a row: 5 s, 10 s, 20 s, ... up to 5 min, each ±10%.
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let down = Err(ResolveError::Upstream(ForwardError::NoUpstream));
+            assert_eq!(record(&mut resolved, "h", down, floor), Outcome::Failed);
+            waits.push(until(&resolved).as_secs_f64().round() as u64);
+        }
+        for (got, want) in waits.iter().zip([5u64, 10, 20, 40, 80, 160, 300, 300]) {
+            let (lo, hi) = (want * 9 / 10, want * 11 / 10 + 1);
+            assert!((lo..=hi).contains(got), "{waits:?}");
+        }
+        // A success ends the backoff.
+        record(&mut resolved, "h", ok(120), floor);
+        assert_eq!(resolved["h"].failures, 0);
+        assert_eq!(backoff(1), RETRY);
+        assert_eq!(backoff(u32::MAX), MAX_REFRESH);
     }
 }
