@@ -7,7 +7,7 @@
 
 /// Version of the pinned map/program layout. Pins live under
 /// `/sys/fs/bpf/dnsproxy/v{LAYOUT_VERSION}/`, so a layout change never reuses an old pin.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Default port the userspace DNS server listens on (127.0.0.1 and `::1`).
 pub const DEFAULT_LISTEN_PORT: u16 = 15053;
@@ -232,6 +232,11 @@ pub struct NetnsPolicy {
     pub capture_dns: u32,
     /// The slot of this netns's listeners in `dp_listeners` (1 and up).
     pub listener_slot: u32,
+    /// The view of this netns's namespace (1 and up; 0: the view every namespace
+    /// shares): its own `dp_services` entries, looked up first on a VIP whose
+    /// [`VipInfo::scoped`] says it has some.
+    pub view: u32,
+    pub _pad: u32,
 }
 
 /// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
@@ -271,11 +276,16 @@ pub struct VipKey {
 pub struct VipInfo {
     /// Number of (port, protocol) services declared on this VIP: `dnsproxy maps` shows
     /// it, so that a `vip_port_unknown` count can be matched against what is declared.
+    /// Those of view 0, the entry every namespace sees.
     pub ports: u32,
-    pub _pad: u32,
+    /// 1: some namespace's view holds other services on this VIP (an entry only it
+    /// sees, or its own that comes first): a client in a view looks there first.
+    pub scoped: u32,
 }
 
-/// Key of `dp_services`: a VIP, a declared port (host order) and the IP protocol.
+/// Key of `dp_services`: a VIP, a declared port (host order), the IP protocol, and
+/// the view it is translated for (0: every namespace's; node mode's namespaces have
+/// their own, [`NetnsPolicy::view`], for what they see differently).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceKey {
@@ -284,7 +294,13 @@ pub struct ServiceKey {
     /// [`ip_proto::TCP`] or [`ip_proto::UDP`].
     pub protocol: u8,
     pub _pad: u8,
+    pub view: u32,
 }
+
+/// [`ServiceValue::count`] of a port that a view's own entry does not declare, while the
+/// entry of view 0 does: the client's view says "not a service here", and its connect
+/// is left alone instead of falling back to view 0.
+pub const PORT_UNDECLARED: u32 = u32::MAX;
 
 /// One backend of a service.
 #[repr(C)]
@@ -301,7 +317,8 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Valid entries at the front of `backends`; 0 = the VIP fails closed.
+    /// Valid entries at the front of `backends`; 0 = the VIP fails closed;
+    /// [`PORT_UNDECLARED`]: not a service in this view.
     pub count: u32,
     pub _pad: u32,
     pub backends: [Backend; MAX_BACKENDS],
@@ -428,8 +445,9 @@ mod tests {
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<DnsServer>(), 24);
         assert_eq!(size_of::<SockOrig>(), 36);
-        assert_eq!(size_of::<NetnsPolicy>(), 8);
-        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<NetnsPolicy>(), 16);
+        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(size_of::<VipInfo>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 8 + 20 * MAX_BACKENDS);
         assert!(MAX_BACKENDS.is_power_of_two());

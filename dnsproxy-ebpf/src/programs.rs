@@ -19,7 +19,8 @@ use aya_log_ebpf::warn;
 use dnsproxy_common::{
     Addr, Config, DnsServer, LISTENERS_PER_SLOT, LOOPBACK4, LOOPBACK6, MAX_BACKENDS,
     MAX_DNS_SERVERS, MAX_LISTENER_SLOTS, MAX_NETNS_PROBES, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy,
-    ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey, ip_proto, stat,
+    PORT_UNDECLARED, ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey,
+    ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -210,22 +211,33 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
-/// The listener slot of netns `cookie` when it is captured: local mode captures
-/// everything in the attached cgroup, and the daemon's own netns has slot 0 (another
-/// netns gets [`MAX_LISTENER_SLOTS`], which holds no listener); node mode captures a
-/// netns whose `dp_policy` entry asks for it, with the slot written there.
+/// A captured netns: its listener slot and its namespace's view.
+#[derive(Clone, Copy)]
+struct Captured {
+    slot: u32,
+    view: u32,
+}
+
+/// Netns `cookie` when it is captured: local mode captures everything in the attached
+/// cgroup, in the one view 0, and the daemon's own netns has slot 0 (another netns gets
+/// [`MAX_LISTENER_SLOTS`], which holds no listener); node mode captures a netns whose
+/// `dp_policy` entry asks for it, with the slot and view written there.
 #[inline(always)]
-fn capture_slot(cookie: u64, cfg: &Config) -> Option<u32> {
+fn captured(cookie: u64, cfg: &Config) -> Option<Captured> {
     if cfg.capture_all != 0 {
-        return Some(if cookie == cfg.local_netns {
+        let slot = if cookie == cfg.local_netns {
             0
         } else {
             MAX_LISTENER_SLOTS
-        });
+        };
+        return Some(Captured { slot, view: 0 });
     }
     // SAFETY: the value is only read, and copied at once.
     match unsafe { POLICY.get(cookie) } {
-        Some(policy) if policy.capture_dns != 0 => Some(policy.listener_slot),
+        Some(policy) if policy.capture_dns != 0 => Some(Captured {
+            slot: policy.listener_slot,
+            view: policy.view,
+        }),
         _ => None,
     }
 }
@@ -286,8 +298,11 @@ fn rewrite_destination(ctx: &SockAddrContext, family: Family) -> i32 {
         redirect_dns(ctx, family, &cfg, dst);
         return ALLOW;
     }
-    if may_be_vip(&dst) && VIPS.get_ptr(VipKey { addr: dst }).is_some() {
-        return translate_vip(ctx, family, &cfg, dst, port);
+    if may_be_vip(&dst) {
+        // SAFETY: the value is copied out at once.
+        if let Some(vip) = unsafe { VIPS.get(VipKey { addr: dst }) }.copied() {
+            return translate_vip(ctx, family, &cfg, (dst, port), vip);
+        }
     }
     count(stat::PASSED);
     ALLOW
@@ -349,7 +364,7 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
         count(stat::OWN_TRAFFIC);
         return;
     }
-    let Some(slot) = capture_slot(cookie, cfg) else {
+    let Some(Captured { slot, .. }) = captured(cookie, cfg) else {
         count(stat::NOT_CAPTURED);
         return;
     };
@@ -379,25 +394,51 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
     count(stat::REDIRECTED);
 }
 
-/// A VIP → one of its backends: random per connection for TCP, stable per socket for
-/// UDP. No backend → the syscall fails at once; an undeclared port → untouched.
+/// The service `key` names in `view`, else in view 0 (every namespace's); only a VIP
+/// that some view holds services of its own on (`scoped`) costs a second lookup.
 #[inline(always)]
-fn translate_vip(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr, port: u16) -> i32 {
-    if capture_slot(netns_cookie(ctx), cfg).is_none() {
+fn service(mut key: ServiceKey, view: u32, scoped: bool) -> Option<&'static ServiceValue> {
+    if scoped && view != 0 {
+        key.view = view;
+        // SAFETY: the value is read at once; updates replace it whole.
+        if let Some(own) = unsafe { SERVICES.get(key) } {
+            return Some(own);
+        }
+        key.view = 0;
+    }
+    // SAFETY: as above.
+    unsafe { SERVICES.get(key) }
+}
+
+/// A VIP → one of its backends, as the client's view translates it: random per
+/// connection for TCP, stable per socket for UDP. No backend → the syscall fails at
+/// once; a port the view does not declare → untouched.
+#[inline(always)]
+fn translate_vip(
+    ctx: &SockAddrContext,
+    family: Family,
+    cfg: &Config,
+    (dst, port): (Addr, u16),
+    vip: VipInfo,
+) -> i32 {
+    let Some(Captured { view, .. }) = captured(netns_cookie(ctx), cfg) else {
         count(stat::NOT_CAPTURED);
         return ALLOW;
-    }
+    };
     let protocol = protocol(ctx);
     let key = ServiceKey {
         addr: dst,
         port,
         protocol: protocol as u8,
         _pad: 0,
+        view: 0,
     };
-    // SAFETY: the value is copied out at once; updates replace it whole.
-    let Some(service) = (unsafe { SERVICES.get(key) }) else {
-        count(stat::VIP_PORT_UNKNOWN);
-        return ALLOW;
+    let service = match service(key, view, vip.scoped != 0) {
+        Some(s) if s.count != PORT_UNDECLARED => s,
+        _ => {
+            count(stat::VIP_PORT_UNKNOWN);
+            return ALLOW;
+        }
     };
     let n = service.count as usize;
     if n == 0 || n > MAX_BACKENDS {

@@ -398,6 +398,18 @@ impl Collector for NamesCollector {
                     self.translated.refresh.failures.load(Relaxed),
                 ),
                 (
+                    "dnsproxy_vip_hosts_unallocated",
+                    "Hosts the last allocation left without an auto-allocated VIP: every one of the 65,534 was taken (they are forwarded to upstream DNS; everything else is built).",
+                    MetricType::Gauge,
+                    assigned.unallocated.load(Relaxed),
+                ),
+                (
+                    "dnsproxy_vip_store_moves_refused",
+                    "Node mode: hosts in use that the VIP store moved to another VIP, with no declared address claiming theirs: refused, the host keeps its VIP.",
+                    MetricType::Counter,
+                    assigned.store_moves_refused.load(Relaxed),
+                ),
+                (
                     "dnsproxy_vip_store_failures",
                     "Node mode: rounds without agreement through the VIP store (VIPs allocated locally until the next try).",
                     MetricType::Counter,

@@ -263,6 +263,19 @@ pub struct RunArgs {
     #[arg(long, env = "DNSPROXY_SERVE_STALE")]
     pub serve_stale: bool,
 
+    /// Who sees a `ServiceEntry` or Service whose `exportTo` says nothing, as Istio's
+    /// mesh-wide `defaultServiceExportTo`: `*` (everyone), `.` (its own namespace),
+    /// namespaces, comma-separated. Clusters that rely on the mesh setting for
+    /// isolation must set it here too.
+    #[arg(
+        long,
+        value_name = "NAMESPACES",
+        env = "DNSPROXY_DEFAULT_EXPORT_TO",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub default_export_to: Vec<String>,
+
     /// Where a `ServiceEntry`'s declared addresses may be (comma-separated blocks).
     /// Empty: anywhere but loopback, link-local, multicast, a Service's `ClusterIP`, a
     /// known pod's IP and --cluster-cidrs, which are always refused.

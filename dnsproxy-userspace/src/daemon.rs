@@ -56,6 +56,7 @@ use crate::{
             Translated,
             plan::Capacity,
             sync::{BackendSync, Refresh},
+            views::Views,
         },
     },
 };
@@ -233,7 +234,7 @@ impl Settings {
     /// The registry, with local mode's table built (node mode's comes with the first
     /// sync), and the assignment of VIPs that rebuilds it: agreed through the VIP
     /// store in node mode (unless `--vip-store ""`), this daemon's alone in local mode.
-    fn registry(&mut self) -> anyhow::Result<(Registry, Assignment)> {
+    fn registry(&mut self) -> (Registry, Assignment) {
         let allocator = VipAllocator::load(&self.args.state_dir);
         let registry = Registry::new(TableConfig {
             cluster_domain: self.args.cluster_domain.clone(),
@@ -241,6 +242,7 @@ impl Settings {
                 allowed: self.args.declared_address_cidrs.clone(),
                 cluster: self.args.cluster_cidrs.clone(),
             },
+            default_export_to: self.args.default_export_to.clone(),
         });
         let store = self.cluster.as_ref().and_then(|c| {
             let location = self.args.vip_store.as_str();
@@ -255,12 +257,12 @@ impl Settings {
         if let Some(objects) = self.objects.take()
             && !self.node()
         {
-            assignment.rebuild(&registry, &objects)?;
+            assignment.rebuild(&registry, &objects);
         }
-        Ok((registry, assignment))
+        (registry, assignment)
     }
 
-    fn node_settings(&self, cookies: Arc<NetnsCookies>) -> state::NodeSettings {
+    fn node_settings(&self, cookies: Arc<NetnsCookies>, views: Arc<Views>) -> state::NodeSettings {
         let node_name = self
             .cluster
             .as_ref()
@@ -278,6 +280,7 @@ impl Settings {
                     proc_root: self.args.proc_root.clone(),
                 },
                 cookies,
+                views,
             },
             node_name,
         }
@@ -357,6 +360,8 @@ struct Daemon {
     assignment: Option<Assignment>,
     /// What the data path translates, for DNS answers.
     translated: Arc<Translated>,
+    /// Node mode's namespace views (the capture writes them, the translation follows).
+    views: Option<Arc<Views>>,
     forwarder: Arc<Forwarder>,
     /// What every DNS listener shares: the handler and the TCP connection registry.
     shared: Shared,
@@ -401,7 +406,7 @@ impl Daemon {
         .context("cannot start the UDP threads")?;
         // Sockets first: "port in use" is reported before anything is attached.
         let sockets = open_sockets(&settings, taken.as_mut(), udp.threads()).await?;
-        let (registry, assignment) = settings.registry()?;
+        let (registry, assignment) = settings.registry();
         settings.log_start(sockets.local.as_ref(), registry.table().len());
 
         // A predecessor's pins are adopted (node mode always does).
@@ -547,6 +552,9 @@ impl Daemon {
             (assignment.counters(), Arc::clone(&translated)),
             args.pin_dir.clone(),
         ));
+        let views = settings
+            .node()
+            .then(|| Arc::new(Views::new(policy_views(&settings.args.pin_dir))));
         Daemon {
             settings,
             datapath,
@@ -554,6 +562,7 @@ impl Daemon {
             registry,
             assignment: Some(assignment),
             translated,
+            views,
             forwarder,
             shared,
             inventory,
@@ -606,12 +615,7 @@ impl Daemon {
         let interval = Duration::from_millis(args.registry_poll_ms);
         self.tasks.spawn(async move {
             let watch = registry::files::watch(path, interval, move |objects| {
-                if let Err(e) = assignment.rebuild(&registry, &objects) {
-                    tracing::error!(
-                        "registry not updated, the last good table stays in service: {}",
-                        crate::report(&e)
-                    );
-                }
+                assignment.rebuild(&registry, &objects);
             });
             token.run_until_cancelled(watch).await;
             Ok(())
@@ -635,8 +639,10 @@ impl Daemon {
             .expect("the assignment is taken once");
         let watch = state::run(
             client,
-            self.settings
-                .node_settings(Arc::clone(self.datapath.netns_cookies())),
+            self.settings.node_settings(
+                Arc::clone(self.datapath.netns_cookies()),
+                Arc::clone(self.views.as_ref().expect("node mode has views")),
+            ),
             (Arc::clone(&self.registry), assignment),
             (self.shared.clone(), handoff),
             tx,
@@ -699,6 +705,7 @@ impl Daemon {
                 concurrency: self.settings.args.dns_refresh_concurrency,
                 floor: Duration::from_secs(self.settings.args.dns_refresh_floor_secs),
             },
+            views: self.views.clone(),
         };
         let token = self.shutdown.child_token();
         self.tasks.spawn(async move {
@@ -881,4 +888,26 @@ async fn open_sockets(
         local_kept,
         admin_kept,
     })
+}
+
+/// The views the pinned policy entries hold (a predecessor's): new namespaces get
+/// none of them.
+fn policy_views(pin_dir: &std::path::Path) -> Vec<u32> {
+    match bpf::pinned::open_hash::<u64, dnsproxy_common::NetnsPolicy>(
+        pin_dir,
+        dnsproxy_common::map_names::POLICY,
+    ) {
+        Ok(map) => map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, p)| p.view)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the policy entries' views: {}",
+                crate::report(&e)
+            );
+            Vec::new()
+        }
+    }
 }

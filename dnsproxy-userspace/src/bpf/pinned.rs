@@ -60,12 +60,16 @@ pub struct MapsDump {
     pub services: Vec<ServiceDump>,
 }
 
-/// One translated (VIP, port, protocol) and its backends.
+/// One translated (VIP, port, protocol) in a view and its backends.
 #[derive(Debug, Serialize)]
 pub struct ServiceDump {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
+    /// 0: every namespace's; else one namespace's own (its pods' policy `view`).
+    pub view: u32,
+    /// The view's entry does not declare the port (view 0's does): left alone there.
+    pub undeclared: bool,
     pub backends: Vec<std::net::SocketAddr>,
 }
 
@@ -73,11 +77,15 @@ impl ServiceDump {
     /// A `dp_services` entry as read from the map, whatever its bytes: a count past
     /// the backends array shows the whole array.
     pub fn decode(key: &ServiceKey, value: &ServiceValue) -> Self {
+        let undeclared = value.count == dnsproxy_common::PORT_UNDECLARED;
+        let count = if undeclared { 0 } else { value.count as usize };
         ServiceDump {
             vip: from_map_addr(&key.addr),
             port: key.port,
             protocol: Protocol::from_ip_proto(key.protocol).as_str(),
-            backends: value.backends[..(value.count as usize).min(value.backends.len())]
+            view: key.view,
+            undeclared,
+            backends: value.backends[..count.min(value.backends.len())]
                 .iter()
                 .map(|b| std::net::SocketAddr::new(from_map_addr(&b.addr), b.port))
                 .collect(),
@@ -114,6 +122,8 @@ pub struct PolicyDump {
     pub capture_dns: bool,
     /// Its slot in `dp_listeners`.
     pub listener_slot: u32,
+    /// Its namespace's view of the VIP translations.
+    pub view: u32,
 }
 
 /// One VIP and how many (port, protocol) services are declared on it.
@@ -121,6 +131,8 @@ pub struct PolicyDump {
 pub struct VipDump {
     pub vip: IpAddr,
     pub ports: u32,
+    /// Some namespace's view has services of its own on it.
+    pub scoped: bool,
 }
 
 /// Marks the buckets of `addrs` in `dp_vip_filter` (set only: a bucket is never
@@ -176,6 +188,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
             netns_cookie: cookie,
             capture_dns: p.capture_dns != 0,
             listener_slot: p.listener_slot,
+            view: p.view,
         })
         .collect();
     policy.sort_by_key(|p| p.netns_cookie);
@@ -189,6 +202,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .map(|(k, v)| VipDump {
             vip: from_map_addr(&k.addr),
             ports: v.ports,
+            scoped: v.scoped != 0,
         })
         .collect();
     vips.sort_by_key(|v| v.vip);
@@ -199,7 +213,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .filter_map(Result::ok)
         .map(|(k, v)| ServiceDump::decode(&k, &v))
         .collect();
-    services.sort_by_key(|s| (s.vip, s.port, s.protocol));
+    services.sort_by_key(|s| (s.vip, s.view, s.port, s.protocol));
     let mut links: Vec<String> = std::fs::read_dir(pin_dir.join(LINKS_DIR))
         .map(|rd| {
             rd.filter_map(Result::ok)
@@ -244,8 +258,8 @@ impl std::fmt::Display for MapsDump {
             for p in &self.policy {
                 writeln!(
                     f,
-                    "  netns cookie {:<20} capture_dns={} listener_slot={}",
-                    p.netns_cookie, p.capture_dns, p.listener_slot
+                    "  netns cookie {:<20} capture_dns={} listener_slot={} view={}",
+                    p.netns_cookie, p.capture_dns, p.listener_slot, p.view
                 )?;
             }
         }
@@ -257,7 +271,14 @@ impl std::fmt::Display for MapsDump {
         let vips: Vec<String> = self
             .vips
             .iter()
-            .map(|v| format!("{} ({} ports)", v.vip, v.ports))
+            .map(|v| {
+                let scoped = if v.scoped {
+                    ", per-namespace views"
+                } else {
+                    ""
+                };
+                format!("{} ({} ports{scoped})", v.vip, v.ports)
+            })
             .collect();
         writeln!(f, "vips:        {}", vips.join(", "))?;
         if self.services.is_empty() {
@@ -267,12 +288,18 @@ impl std::fmt::Display for MapsDump {
         for s in &self.services {
             let vip = std::net::SocketAddr::new(s.vip, s.port);
             let backends: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
-            let backends = if backends.is_empty() {
+            let backends = if s.undeclared {
+                "(not declared in this view: left alone)".to_owned()
+            } else if backends.is_empty() {
                 "(no backend: fails closed)".to_owned()
             } else {
                 backends.join(", ")
             };
-            writeln!(f, "  {vip}/{:<4} -> {backends}", s.protocol)?;
+            let view = match s.view {
+                0 => String::new(),
+                v => format!(" [view {v}]"),
+            };
+            writeln!(f, "  {vip}/{:<4}{view} -> {backends}", s.protocol)?;
         }
         Ok(())
     }

@@ -30,6 +30,7 @@ use crate::{
     },
     handoff::{Inventory, PodSockets},
     registry::manifest::{Meta as _, Namespace, Pod},
+    vip::translate::views::Views,
 };
 use netns::{Locator, NetnsId, PodNetns};
 
@@ -57,6 +58,8 @@ pub struct CaptureConfig {
     pub locator: Locator,
     /// How the netns cookie of a pod's namespace is learned.
     pub cookies: Arc<NetnsCookies>,
+    /// Each namespace's view, written in its pods' policy entries.
+    pub views: Arc<Views>,
 }
 
 /// Node mode's part in a handoff: what this daemon keeps for a successor, and what
@@ -107,6 +110,8 @@ struct PodListener {
     slot: u32,
     /// Identity of the network namespace it listens in.
     netns_id: NetnsId,
+    /// Its namespace, whose view it holds while it lives.
+    view: (Arc<Views>, String),
     /// The containers it was opened or last checked for.
     containers: Containers,
     /// The containers changed and the namespace was not found since: look again.
@@ -117,6 +122,7 @@ struct PodListener {
 
 impl Drop for PodListener {
     fn drop(&mut self) {
+        self.view.0.release(&self.view.1);
         self.stop.cancel();
         // The copies kept for a successor go too, so the sockets really close.
         self.inventory.remove_pod(&self.uid);
@@ -389,13 +395,20 @@ impl PodCapture {
         ctx.requests = self.shared.handler.metrics().pod_requests(namespace, pod);
         let ctx = Arc::new(ArcSwap::from_pointee(ctx));
         let stop = self.shutdown.child_token();
+        // A handed-over pod's entry names its namespace's view already.
+        let adopt = policy_map.get(&cookie, 0).ok().map(|p| p.view);
+        let views = &self.config.views;
+        let view = views.acquire(namespace, adopt);
         let entry = NetnsPolicy {
             capture_dns: 1,
             listener_slot: slot,
+            view,
+            _pad: 0,
         };
-        policy_map
-            .insert(cookie, entry, 0)
-            .context("cannot write the policy entry")?;
+        if let Err(e) = policy_map.insert(cookie, entry, 0) {
+            views.release(namespace);
+            return Err(e).context("cannot write the policy entry");
+        }
         self.handoff.inventory.add_pod(
             &want.uid,
             PodSockets {
@@ -413,6 +426,7 @@ impl PodCapture {
             cookie,
             slot,
             netns_id: netns.id,
+            view: (Arc::clone(views), namespace.to_owned()),
             containers: want.containers,
             verify: false,
             ctx,

@@ -93,7 +93,7 @@ pub(crate) fn handler_with_limits(
 ) -> Handler {
     let mut objects = Objects::default();
     parse_into(REGISTRY, &mut objects).unwrap();
-    let registry = in_memory_registry(&objects, TableConfig::default()).unwrap();
+    let registry = in_memory_registry(&objects, TableConfig::default());
     let translated = Translated::default();
     // As if the backend sync had found IPv6 addresses for aliyun.com only, and written
     // every VIP to the data path.

@@ -26,6 +26,20 @@ pub enum Visibility {
 }
 
 impl Visibility {
+    /// From `exportTo` values of an object in namespace `own`; `default` (the mesh's
+    /// `defaultServiceExportTo`, `--default-export-to`) when it says nothing.
+    pub fn parse_or<'a>(
+        export_to: impl IntoIterator<Item = &'a str>,
+        own: &str,
+        default: &[String],
+    ) -> Self {
+        let mut values = export_to.into_iter().peekable();
+        if values.peek().is_none() && !default.is_empty() {
+            return Visibility::parse(default.iter().map(String::as_str), own);
+        }
+        Visibility::parse(values, own)
+    }
+
     /// From `exportTo` values of an object in namespace `own`.
     pub fn parse<'a>(export_to: impl IntoIterator<Item = &'a str>, own: &str) -> Self {
         let mut namespaces = Vec::new();
@@ -50,12 +64,14 @@ impl Visibility {
         }
     }
 
-    /// The annotation form: `".,team-b"`.
-    pub fn from_annotation(meta: &ObjectMeta) -> Self {
-        meta.annotation(EXPORT_TO_ANNOTATION)
-            .map_or(Visibility::All, |v| {
-                Visibility::parse(v.split(','), meta.ns())
-            })
+    /// The annotation form: `".,team-b"`; `default` when there is none.
+    pub fn from_annotation(meta: &ObjectMeta, default: &[String]) -> Self {
+        let values = meta.annotation(EXPORT_TO_ANNOTATION).unwrap_or_default();
+        Visibility::parse_or(
+            values.split(',').filter(|v| !v.trim().is_empty()),
+            meta.ns(),
+            default,
+        )
     }
 
     /// Whether a client in `namespace` sees the entry.
@@ -68,6 +84,17 @@ impl Visibility {
 
     pub fn is_all(&self) -> bool {
         *self == Visibility::All
+    }
+
+    /// Every namespace that sees `other` sees this too.
+    pub fn covers(&self, other: &Visibility) -> bool {
+        match (self, other) {
+            (Visibility::All, _) => true,
+            (Visibility::Namespaces(_), Visibility::All) => false,
+            (Visibility::Namespaces(mine), Visibility::Namespaces(theirs)) => {
+                theirs.iter().all(|ns| mine.contains(ns))
+            }
+        }
     }
 }
 
@@ -108,6 +135,20 @@ impl Rank {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn covers_is_seen_everywhere_the_other_is() {
+        let v = |values: &[&str]| Visibility::parse(values.iter().copied(), "own");
+        assert!(v(&["*"]).covers(&v(&["."])));
+        assert!(v(&["*"]).covers(&v(&["*"])));
+        assert!(!v(&["."]).covers(&v(&["*"])));
+        assert!(v(&[".", "b"]).covers(&v(&["b"])));
+        assert!(!v(&["b"]).covers(&v(&[".", "b"])));
+        assert!(
+            v(&["b"]).covers(&v(&["~"])),
+            "seen nowhere: covered by anything"
+        );
+    }
 
     #[test]
     fn export_to_values() {

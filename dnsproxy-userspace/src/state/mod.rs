@@ -353,10 +353,8 @@ impl TableBuilder {
         // `ClusterIP` that came or went is one they declare or were refused.
         let cluster_ips_moved = table.entries_affected(&added, &removed);
         if dirty.entries || cluster_ips_moved {
-            match self.entries(watches).await {
-                Some((objects, vips)) => table = table.with_entries(&objects, &vips),
-                None => return,
-            }
+            let (objects, vips) = self.entries(watches).await;
+            table = table.with_entries(&objects, &vips);
         }
         let built = Built {
             namespaces: namespaces.len() as u64,
@@ -369,17 +367,16 @@ impl TableBuilder {
     async fn build_all(&mut self, watches: &Watches) {
         self.dirty = Dirty::default();
         self.last_build = Some(Instant::now());
-        if let Some((mut objects, vips)) = self.entries(watches).await {
-            objects.services = watches.services.state();
-            objects.endpoint_slices = watches.slices.state();
-            self.registry.rebuild(&objects, &vips);
-        }
+        let (mut objects, vips) = self.entries(watches).await;
+        objects.services = watches.services.state();
+        objects.endpoint_slices = watches.slices.state();
+        self.registry.rebuild(&objects, &vips);
     }
 
     /// What the entries' shard is built from, with the VIPs agreed for it: the entries'
-    /// selectors followed, the VIPs agreed through the store. `None` when no VIP could
-    /// be allocated (the table in service stays).
-    async fn entries(&mut self, watches: &Watches) -> Option<(Objects, Allocation)> {
+    /// selectors followed, the VIPs agreed through the store (hosts past the last free
+    /// VIP get none, and the table is built all the same).
+    async fn entries(&mut self, watches: &Watches) -> (Objects, Allocation) {
         self.store_retry = None;
         let service_entries = watches
             .service_entries
@@ -393,19 +390,9 @@ impl TableBuilder {
             .vip_store
             .as_ref()
             .and_then(|s| s.state().into_iter().next());
-        match self.assignment.agree(&demand, watched.as_deref()).await {
-            Ok((vips, retry_at)) => {
-                self.store_retry = retry_at;
-                Some((objects, vips))
-            }
-            Err(e) => {
-                tracing::error!(
-                    "name table not updated, the last one stays in service: {}",
-                    crate::report(&e)
-                );
-                None
-            }
-        }
+        let (vips, retry_at) = self.assignment.agree(&demand, watched.as_deref()).await;
+        self.store_retry = retry_at;
+        (objects, vips)
     }
 }
 

@@ -25,9 +25,12 @@ pub(super) fn services(
     ns: &str,
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
-    cluster_domain: &str,
+    (cluster_domain, default_export): (&str, &[String]),
 ) -> Shard {
-    let mut b = Builder::default();
+    let mut b = Builder {
+        default_export: default_export.to_vec(),
+        ..Builder::default()
+    };
     b.add_services(ns, services, slices, cluster_domain);
     b.finish();
     b.shard
@@ -35,8 +38,15 @@ pub(super) fn services(
 
 /// The shard of the `ServiceEntries` of `objects`; hosts without declared addresses
 /// get their VIPs from `vips`.
-pub(super) fn entries(objects: &Objects, vips: &Allocation, reserved: &Reserved<'_>) -> Shard {
-    let mut b = Builder::default();
+pub(super) fn entries(
+    objects: &Objects,
+    vips: &Allocation,
+    (reserved, default_export): (&Reserved<'_>, &[String]),
+) -> Shard {
+    let mut b = Builder {
+        default_export: default_export.to_vec(),
+        ..Builder::default()
+    };
     b.add_service_entries(objects, vips, reserved);
     b.finish();
     b.shard
@@ -52,6 +62,8 @@ struct Builder {
     namespaces: HashMap<String, Arc<str>>,
     /// One copy of each distinct list of ports.
     ports: HashMap<Vec<ServiceEntryPort>, Arc<[ServiceEntryPort]>>,
+    /// `exportTo` of an object that says none (`--default-export-to`; empty: `*`).
+    default_export: Vec<String>,
 }
 
 impl Builder {
@@ -164,8 +176,12 @@ impl Builder {
     }
 
     /// Sorts the VIP services by precedence and gives each address to the first that
-    /// declares it: the others are refused it, in their translation and their answers
-    /// (never merged). Returns every address held, with its holder.
+    /// declares it: another entry that declares it too, and is seen nowhere the first
+    /// is not, is refused it, in its translation and its answers (never merged).
+    /// An auto-allocated VIP (one host in several namespaces), or an address whose
+    /// entries are seen in different namespaces, stays with each: the data path
+    /// translates it, in each namespace's view, to the entry that namespace sees.
+    /// Returns every address held, with its first holder.
     fn refuse_claimed(&mut self) -> HashMap<IpAddr, Arc<Owner>> {
         self.shard
             .vip_services
@@ -178,10 +194,13 @@ impl Builder {
                     taken.insert(*vip, Arc::clone(&svc.owner));
                     true
                 }
-                // One entry's hosts sharing its addresses, or one host in two
-                // namespaces sharing its auto-allocated VIP: the first translates.
-                Some(holder) if !svc.declared || Arc::ptr_eq(holder, &svc.owner) => false,
-                Some(holder) => {
+                // One entry's hosts sharing its addresses: the first translates.
+                Some(holder) if Arc::ptr_eq(holder, &svc.owner) => false,
+                // One host in several namespaces, one auto-allocated VIP: each
+                // namespace's view translates it to the entry that namespace sees.
+                Some(_) if !svc.declared => true,
+                // Another's address, declared where the holder is seen too: refused.
+                Some(holder) if holder.export_to.covers(&svc.owner.export_to) => {
                     claimed.push((
                         Arc::clone(&svc.host),
                         Arc::clone(&svc.owner),
@@ -190,6 +209,8 @@ impl Builder {
                     ));
                     false
                 }
+                // Seen where the holder is not: each view's first (the plan).
+                Some(_) => true,
             });
         }
         for (host, owner, vip, holder) in claimed {
@@ -245,7 +266,7 @@ impl Builder {
         for svc in services.iter().filter(|s| s.metadata.ns() == ns) {
             let name = normalize(svc.metadata.name_str());
             let fqdn: Arc<str> = format!("{name}.{ns}.svc.{cd}").into();
-            let export_to = Visibility::from_annotation(&svc.metadata);
+            let export_to = Visibility::from_annotation(&svc.metadata, &self.default_export);
             let owner = self.owner(Kind::Service, &svc.metadata, export_to);
             let own = match service_kind(svc) {
                 ServiceKind::ClusterIp(ips) => {
@@ -289,7 +310,11 @@ impl Builder {
     ) {
         for se in &objects.service_entries {
             let ns = se.metadata.ns();
-            let export_to = Visibility::parse(se.spec.export_to.iter().map(String::as_str), ns);
+            let export_to = Visibility::parse_or(
+                se.spec.export_to.iter().map(String::as_str),
+                ns,
+                &self.default_export,
+            );
             let owner = self.owner(Kind::ServiceEntry, &se.metadata, export_to);
             // Computed once for all the entry's hosts (there may be thousands).
             let ports = Arc::clone(

@@ -344,6 +344,8 @@ pub struct NameTable {
     entries: Arc<Shard>,
     /// Where declared addresses may be.
     policy: Arc<AddressPolicy>,
+    /// `exportTo` of objects that say none.
+    default_export: Arc<[String]>,
 }
 
 /// A namespace's Services and `EndpointSlices`.
@@ -354,6 +356,9 @@ type NamespaceObjects = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 pub struct TableConfig {
     pub cluster_domain: String,
     pub addresses: AddressPolicy,
+    /// `exportTo` of a `ServiceEntry` or Service that says none, as Istio's mesh-wide
+    /// `defaultServiceExportTo` (`--default-export-to`); empty: every namespace.
+    pub default_export_to: Vec<String>,
 }
 
 impl Default for TableConfig {
@@ -361,6 +366,7 @@ impl Default for TableConfig {
         TableConfig {
             cluster_domain: "cluster.local".into(),
             addresses: AddressPolicy::default(),
+            default_export_to: Vec::new(),
         }
     }
 }
@@ -371,6 +377,7 @@ impl NameTable {
         NameTable {
             cluster_domain: normalize(&cfg.cluster_domain),
             policy: Arc::new(cfg.addresses.clone()),
+            default_export: cfg.default_export_to.clone().into(),
             ..Default::default()
         }
     }
@@ -398,7 +405,11 @@ impl NameTable {
         for (ns, (services, slices)) in by_namespace {
             table.set_namespace(ns, &services, &slices);
         }
-        table.entries = Arc::new(build::entries(objects, vips, &table.reserved(objects)));
+        table.entries = Arc::new(build::entries(
+            objects,
+            vips,
+            (&table.reserved(objects), &table.default_export),
+        ));
         table
     }
 
@@ -463,7 +474,11 @@ impl NameTable {
     #[must_use]
     pub fn with_entries(&self, objects: &Objects, vips: &Allocation) -> Self {
         NameTable {
-            entries: Arc::new(build::entries(objects, vips, &self.reserved(objects))),
+            entries: Arc::new(build::entries(
+                objects,
+                vips,
+                (&self.reserved(objects), &self.default_export),
+            )),
             ..self.clone()
         }
     }
@@ -478,7 +493,12 @@ impl NameTable {
             self.services.remove(ns);
             return;
         }
-        let shard = build::services(ns, services, slices, &self.cluster_domain);
+        let shard = build::services(
+            ns,
+            services,
+            slices,
+            (&self.cluster_domain, &self.default_export),
+        );
         self.services.insert(ns.into(), Arc::new(shard));
     }
 

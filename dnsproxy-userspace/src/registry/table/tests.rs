@@ -6,7 +6,7 @@ use crate::{
 
 /// The table of `objects`, with VIPs from `assignment`.
 fn build_with(objects: &Objects, assignment: &mut Assignment) -> NameTable {
-    let vips = assignment.allocate(&Demand::of(objects)).unwrap();
+    let vips = assignment.allocate(&Demand::of(objects));
     NameTable::build(objects, &vips, &TableConfig::default())
 }
 
@@ -400,20 +400,51 @@ fn export_to_and_one_entry_per_client_namespace_never_a_union() {
 }
 
 #[test]
-fn one_auto_allocated_vip_translates_to_the_oldest_entrys_backends() {
+fn one_auto_allocated_vip_is_translated_in_each_namespace_to_the_entry_it_sees() {
+    use crate::vip::translate::plan::{ServiceKeyOrd, plan};
     let t = build(EXPORTS);
     let shared: Vec<&VipService> = t
         .vip_services()
         .iter()
         .filter(|s| &*s.host == "shared.example")
         .collect();
-    assert_eq!(shared.len(), 1, "{shared:?}");
-    assert_eq!(shared[0].owner.source(), "ServiceEntry a/one");
+    let sources: Vec<String> = shared.iter().map(|s| s.owner.source()).collect();
+    assert_eq!(sources, ["ServiceEntry a/one", "ServiceEntry b/two"]);
+    assert_eq!(shared[0].vips, shared[1].vips, "one VIP for the host");
     assert_eq!(
         v4s(t.get_for("shared.example", "b").unwrap()),
         v4s(t.get_for("shared.example", "a").unwrap()),
         "the same VIP"
     );
+    // b's pods reach b's backends, everyone else the oldest entry's: never b's
+    // backends for a, which an older test asserted.
+    let views: Vec<(Arc<str>, u32)> = vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 3)];
+    let p = plan(t.vip_services(), &HashMap::new(), Some(&views));
+    let vip = shared[0]
+        .vips
+        .iter()
+        .find(|v| v.is_ipv4())
+        .copied()
+        .unwrap();
+    let backend = |view: u32| {
+        let key = ServiceKeyOrd {
+            vip,
+            view,
+            port: 443,
+            protocol: dnsproxy_common::ip_proto::TCP,
+        };
+        p.services.get(&key).map(|b| {
+            b.as_deref()
+                .unwrap()
+                .iter()
+                .map(|b| crate::bpf::from_map_addr(&b.addr).to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(backend(0), Some(vec!["192.0.2.10".to_owned()]));
+    assert_eq!(backend(2), Some(vec!["192.0.2.20".to_owned()]));
+    assert_eq!(backend(1), None, "a sees view 0's entry: its own");
+    assert_eq!(backend(3), None);
 }
 
 /// A STATIC entry selecting `app: vm` in `vms`, and workloads in and out of it.
@@ -653,9 +684,7 @@ fn declared_address_blocks_restrict_further() {
         },
         ..TableConfig::default()
     };
-    let vips = Assignment::local(VipAllocator::in_memory())
-        .allocate(&Demand::of(&objects))
-        .unwrap();
+    let vips = Assignment::local(VipAllocator::in_memory()).allocate(&Demand::of(&objects));
     let t = NameTable::build(&objects, &vips, &cfg);
     let reasons: Vec<(String, Reason)> = t
         .refused()
@@ -756,4 +785,46 @@ fn names_under_the_cluster_domain_are_the_services_and_ptr_follows_export_to() {
         t.reverse("10.96.50.50".parse().unwrap(), "evil"),
         Some("web.shop.svc.cluster.local")
     );
+}
+
+#[test]
+fn default_export_to_hides_what_says_nothing_as_the_mesh_setting_does() {
+    let mut objects = Objects::default();
+    parse_into(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: quiet, namespace: team-a}\n\
+         spec: {hosts: [quiet.example], addresses: [192.0.2.1], resolution: STATIC, endpoints: [{address: 198.51.100.1}]}\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: loud, namespace: team-a}\n\
+         spec: {hosts: [loud.example], addresses: [192.0.2.2], exportTo: [\"*\"], resolution: STATIC, endpoints: [{address: 198.51.100.2}]}\n\
+         ---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: team-a}\nspec: {clusterIP: 10.0.0.1}\n",
+        &mut objects,
+    )
+    .unwrap();
+    let vips = Assignment::local(VipAllocator::in_memory()).allocate(&Demand::of(&objects));
+    let cfg = TableConfig {
+        default_export_to: vec![".".into()],
+        ..TableConfig::default()
+    };
+    let t = NameTable::build(&objects, &vips, &cfg);
+    assert!(t.get_for("quiet.example", "team-a").is_some());
+    assert!(
+        t.get_for("quiet.example", "team-b").is_none(),
+        "nothing said: its own namespace only"
+    );
+    assert!(
+        t.get_for("loud.example", "team-b").is_some(),
+        "`*` said: everyone"
+    );
+    assert!(
+        t.get_for("web.team-a.svc.cluster.local", "team-b")
+            .is_none()
+    );
+    assert!(
+        t.get_for("web.team-a.svc.cluster.local", "team-a")
+            .is_some()
+    );
+    // The default: everyone.
+    let t = NameTable::build(&objects, &vips, &TableConfig::default());
+    assert!(t.get_for("quiet.example", "team-b").is_some());
 }

@@ -13,12 +13,15 @@ use std::{
 use super::state_file::{self, SLOTS};
 use crate::registry::table::Vips;
 
-/// Errors of the allocator.
-#[derive(Debug, thiserror::Error)]
-pub enum AllocatorError {
-    /// Every slot is taken.
-    #[error("no free auto-allocated VIP left for {host} (65534 in use)")]
-    Exhausted { host: String },
+/// What one allocation did beside giving slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocated {
+    /// Hosts moved because a declared address claimed their slot.
+    pub moved: u64,
+    /// Hosts left without a VIP: every slot is taken. They are forwarded to upstream
+    /// DNS like hosts without addresses; everything else (Services, the other hosts)
+    /// is still built.
+    pub unallocated: usize,
 }
 
 /// The addresses of `slot`: `240.240.a.b` and `2001:2::ab`.
@@ -52,17 +55,19 @@ pub struct VipAllocator {
     state_path: Option<PathBuf>,
     /// Allocations moved because a declared address claimed their slot.
     moved: u64,
+    /// Hosts of the last allocation left without a VIP.
+    unallocated: usize,
 }
 
 /// Makes `hosts` (host → slot) cover exactly `wanted`: hosts no longer wanted go; a
 /// host whose slot a `reserved` (declared) address claims moves, so that two hosts
 /// never share a VIP; new hosts take the slot of a stable hash of their name, probing
-/// past taken ones. Returns how many hosts moved.
+/// past taken ones; when every slot is taken, a new host is skipped (and counted).
 pub fn allocate(
     hosts: &mut BTreeMap<String, u32>,
     wanted: &BTreeSet<String>,
     reserved: &HashSet<IpAddr>,
-) -> Result<u64, AllocatorError> {
+) -> Allocated {
     hosts.retain(|host, _| wanted.contains(host));
     let reserved_slots: HashSet<u32> = reserved.iter().filter_map(|ip| slot_of(*ip)).collect();
     let claimed: Vec<String> = hosts
@@ -76,19 +81,70 @@ pub fn allocate(
     }
     let mut taken: HashSet<u32> = hosts.values().copied().collect();
     taken.extend(&reserved_slots);
+    let mut skipped: Vec<&String> = Vec::new();
     for host in wanted {
         if hosts.contains_key(host) {
             continue;
         }
+        if taken.len() >= SLOTS as usize {
+            skipped.push(host);
+            continue;
+        }
         let start = (stable_hash(host) % u64::from(SLOTS)) as u32;
-        let slot = (0..SLOTS)
+        if let Some(slot) = (0..SLOTS)
             .map(|i| (start + i) % SLOTS + 1)
             .find(|s| !taken.contains(s))
-            .ok_or_else(|| AllocatorError::Exhausted { host: host.clone() })?;
-        taken.insert(slot);
-        hosts.insert(host.clone(), slot);
+        {
+            taken.insert(slot);
+            hosts.insert(host.clone(), slot);
+        }
     }
-    Ok(claimed.len() as u64)
+    if let Some(first) = skipped.first() {
+        tracing::warn!(
+            unallocated = skipped.len(),
+            first = %first,
+            "every auto-allocated VIP is taken ({SLOTS}): these hosts get none and are forwarded to upstream DNS"
+        );
+    }
+    Allocated {
+        moved: claimed.len() as u64,
+        unallocated: skipped.len(),
+    }
+}
+
+/// Of the store's `slots`, the moves of hosts that were agreed at a slot before (`last`)
+/// and are still `wanted`, that no `reserved` (declared) address explains: a node
+/// that rewrites the store (or a compromised one) cannot swap two hosts' VIPs, or move
+/// one, under every other node's clients. Those hosts keep their slot; a host the
+/// store put on one of those slots loses it (and is allocated again). Returns how many
+/// moves were refused.
+pub fn refuse_moves(
+    slots: &mut BTreeMap<String, u32>,
+    last: &BTreeMap<String, u32>,
+    wanted: &BTreeSet<String>,
+    reserved: &HashSet<IpAddr>,
+) -> usize {
+    let claimed = |slot: u32| {
+        let vips = vips_of(slot);
+        reserved.contains(&IpAddr::V4(vips.v4)) || reserved.contains(&IpAddr::V6(vips.v6))
+    };
+    let moved: Vec<(&String, u32)> = last
+        .iter()
+        .filter(|(host, was)| {
+            wanted.contains(*host) && slots.get(*host) != Some(*was) && !claimed(**was)
+        })
+        .map(|(host, was)| (host, *was))
+        .collect();
+    if moved.is_empty() {
+        return 0;
+    }
+    let kept: HashSet<u32> = moved.iter().map(|(_, was)| *was).collect();
+    slots.retain(|_, slot| !kept.contains(slot));
+    for (host, was) in &moved {
+        tracing::warn!(%host, vip = %vips_of(*was).v4, store = ?slots.get(*host).map(|s| vips_of(*s).v4), "the VIP store moved a host in use, without a declared address claiming its VIP: refused, the host keeps its VIP");
+        slots.insert((*host).clone(), *was);
+    }
+    moved.len()
 }
 
 /// FNV-1a: stable across builds and runs, unlike the standard library's hasher.
@@ -105,6 +161,7 @@ impl VipAllocator {
             hosts: BTreeMap::new(),
             state_path: None,
             moved: 0,
+            unallocated: 0,
         }
     }
 
@@ -126,6 +183,7 @@ impl VipAllocator {
             hosts: loaded.hosts,
             state_path: Some(path),
             moved: 0,
+            unallocated: 0,
         }
     }
 
@@ -135,17 +193,23 @@ impl VipAllocator {
         &mut self,
         wanted: &BTreeSet<String>,
         reserved: &HashSet<IpAddr>,
-    ) -> Result<BTreeMap<String, Vips>, AllocatorError> {
+    ) -> BTreeMap<String, Vips> {
         let before = self.hosts.clone();
-        self.moved += allocate(&mut self.hosts, wanted, reserved)?;
+        let done = allocate(&mut self.hosts, wanted, reserved);
+        self.moved += done.moved;
+        self.unallocated = done.unallocated;
         if self.hosts != before {
             self.persist();
         }
-        Ok(self
-            .hosts
+        self.hosts
             .iter()
             .map(|(h, s)| (h.clone(), vips_of(*s)))
-            .collect())
+            .collect()
+    }
+
+    /// Hosts the last allocation left without a VIP (every slot taken).
+    pub fn unallocated(&self) -> usize {
+        self.unallocated
     }
 
     /// Host → slot, as allocated now.
@@ -188,11 +252,50 @@ mod tests {
     }
 
     #[test]
+    fn hosts_past_the_last_free_slot_are_skipped_and_the_rest_allocated() {
+        let wanted: BTreeSet<String> = (0..SLOTS + 6).map(|i| format!("h{i}.example")).collect();
+        let reserved: HashSet<IpAddr> = [IpAddr::V4(Ipv4Addr::new(240, 240, 0, 7))].into();
+        let mut a = VipAllocator::in_memory();
+        let got = a.sync(&wanted, &reserved);
+        assert_eq!(
+            got.len(),
+            SLOTS as usize - 1,
+            "every slot but the declared one"
+        );
+        assert_eq!(a.unallocated(), 7);
+        let distinct: HashSet<Ipv4Addr> = got.values().map(|v| v.v4).collect();
+        assert_eq!(distinct.len(), got.len(), "no VIP shared");
+        assert!(!distinct.contains(&Ipv4Addr::new(240, 240, 0, 7)));
+        // Hosts go: the skipped ones get the freed slots, nobody else moves.
+        let fewer: BTreeSet<String> = wanted.iter().skip(10).cloned().collect();
+        let again = a.sync(&fewer, &reserved);
+        assert_eq!(a.unallocated(), 0);
+        assert!(got.iter().all(|(h, v)| again.get(h).is_none_or(|w| w == v)));
+    }
+
+    #[test]
+    fn a_store_that_swaps_or_moves_hosts_in_use_is_not_followed() {
+        let map = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(h, s)| ((*h).to_owned(), *s)).collect()
+        };
+        let last = map(&[("a", 1), ("b", 2), ("c", 3), ("gone", 4)]);
+        let wanted = set(&["a", "b", "c", "new"]);
+        // a and b swapped, c moved onto 9, new put on c's slot, gone's slot reused.
+        let mut slots = map(&[("a", 2), ("b", 1), ("c", 9), ("new", 3), ("x", 4)]);
+        let refused = refuse_moves(&mut slots, &last, &wanted, &HashSet::new());
+        assert_eq!(refused, 3);
+        assert_eq!(slots, map(&[("a", 1), ("b", 2), ("c", 3), ("x", 4)]));
+        // A declared address claiming a's slot: that move stands.
+        let reserved: HashSet<IpAddr> = [IpAddr::V4(vips_of(1).v4)].into();
+        let mut slots = map(&[("a", 5), ("b", 2), ("c", 3)]);
+        assert_eq!(refuse_moves(&mut slots, &last, &wanted, &reserved), 0);
+        assert_eq!(slots["a"], 5);
+    }
+
+    #[test]
     fn addresses_are_in_range_and_paired() {
         let mut a = VipAllocator::in_memory();
-        let got = a
-            .sync(&set(&["aliyun.com", "alibabacloud.com"]), &HashSet::new())
-            .unwrap();
+        let got = a.sync(&set(&["aliyun.com", "alibabacloud.com"]), &HashSet::new());
         for vips in got.values() {
             assert_eq!(&vips.v4.octets()[..2], &[240, 240]);
             assert_eq!(&vips.v6.segments()[..2], &[0x2001, 2]);
@@ -204,29 +307,23 @@ mod tests {
     #[test]
     fn stable_under_churn_and_deterministic() {
         let mut a = VipAllocator::in_memory();
-        let first = a
-            .sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new())
-            .unwrap();
+        let first = a.sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new());
         // Remove one, add others: the survivors keep their addresses.
-        let second = a
-            .sync(&set(&["a.com", "c.com", "d.com", "e.com"]), &HashSet::new())
-            .unwrap();
+        let second = a.sync(&set(&["a.com", "c.com", "d.com", "e.com"]), &HashSet::new());
         assert_eq!(first["a.com"], second["a.com"]);
         assert_eq!(first["c.com"], second["c.com"]);
         // The same set on a fresh allocator gets the same addresses.
         let mut fresh = VipAllocator::in_memory();
-        let again = fresh
-            .sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new())
-            .unwrap();
+        let again = fresh.sync(&set(&["a.com", "b.com", "c.com"]), &HashSet::new());
         assert_eq!(first, again);
     }
 
     #[test]
     fn a_host_whose_vip_is_claimed_later_moves() {
         let mut a = VipAllocator::in_memory();
-        let first = a.sync(&set(&["x.com", "y.com"]), &HashSet::new()).unwrap();
+        let first = a.sync(&set(&["x.com", "y.com"]), &HashSet::new());
         let claimed: HashSet<IpAddr> = [IpAddr::V4(first["x.com"].v4)].into();
-        let second = a.sync(&set(&["x.com", "y.com"]), &claimed).unwrap();
+        let second = a.sync(&set(&["x.com", "y.com"]), &claimed);
         assert_ne!(second["x.com"], first["x.com"], "x.com moved");
         assert_eq!(second["y.com"], first["y.com"], "y.com untouched");
         assert_eq!(a.moved(), 1);
@@ -235,10 +332,10 @@ mod tests {
     #[test]
     fn reserved_and_colliding_slots_are_skipped() {
         let mut a = VipAllocator::in_memory();
-        let natural = a.sync(&set(&["x.com"]), &HashSet::new()).unwrap()["x.com"];
+        let natural = a.sync(&set(&["x.com"]), &HashSet::new())["x.com"];
         let mut b = VipAllocator::in_memory();
         let reserved: HashSet<IpAddr> = [IpAddr::V4(natural.v4)].into();
-        let moved = b.sync(&set(&["x.com"]), &reserved).unwrap()["x.com"];
+        let moved = b.sync(&set(&["x.com"]), &reserved)["x.com"];
         assert_ne!(natural, moved);
     }
 
@@ -247,11 +344,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vips-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut a = VipAllocator::load(&dir);
-        let first = a.sync(&set(&["b.com"]), &HashSet::new()).unwrap();
+        let first = a.sync(&set(&["b.com"]), &HashSet::new());
         // A new process, where a.com arrives first and could hash onto b.com's slot:
         // the state file keeps b.com where it was.
         let mut b = VipAllocator::load(&dir);
-        let second = b.sync(&set(&["a.com", "b.com"]), &HashSet::new()).unwrap();
+        let second = b.sync(&set(&["a.com", "b.com"]), &HashSet::new());
         assert_eq!(first["b.com"], second["b.com"]);
         // Truncated: b.com's line survives, and so does its VIP.
         let text = std::fs::read_to_string(dir.join("vips.json")).unwrap();
@@ -259,7 +356,7 @@ mod tests {
         let cut = cut + text[cut..].find('\n').unwrap() + 1;
         std::fs::write(dir.join("vips.json"), &text[..cut]).unwrap();
         let mut c = VipAllocator::load(&dir);
-        let third = c.sync(&set(&["b.com", "a.com"]), &HashSet::new()).unwrap();
+        let third = c.sync(&set(&["b.com", "a.com"]), &HashSet::new());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(second, third);
     }

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-pub use allocator::{AllocatorError, VipAllocator};
+pub use allocator::VipAllocator;
 use k8s_openapi::api::core::v1::ConfigMap;
 use tokio::time::Instant;
 
@@ -72,6 +72,11 @@ pub struct Counters {
     /// without agreement.
     pub store_conflicts: AtomicU64,
     pub store_failures: AtomicU64,
+    /// Hosts left without a VIP by the last allocation: every slot was taken.
+    pub unallocated: AtomicU64,
+    /// Node mode: moves of hosts in use that the store held and no declared address
+    /// explained, refused.
+    pub store_moves_refused: AtomicU64,
 }
 
 /// Node mode's agreement through the store, and when it may be asked again.
@@ -82,6 +87,8 @@ struct Agreement {
     /// The demand and store version of the last round that agreed: the same again
     /// needs no round (the store is not even parsed).
     agreed: Option<(Demand, Option<String>)>,
+    /// Host → slot as last agreed: the store may not move them behind our back.
+    last: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 /// The assignment of VIPs to hosts.
@@ -108,6 +115,7 @@ impl Assignment {
                 store,
                 backoff: None,
                 agreed: None,
+                last: None,
             }),
             ..Assignment::local(allocator)
         }
@@ -125,25 +133,24 @@ impl Assignment {
     }
 
     /// Rebuilds `registry`'s table from `objects` with VIPs allocated by this daemon
-    /// (local mode); on error the table in service stays.
-    pub fn rebuild(
-        &mut self,
-        registry: &Registry,
-        objects: &Objects,
-    ) -> Result<(), AllocatorError> {
-        let vips = self.allocate(&Demand::of(objects))?;
+    /// (local mode).
+    pub fn rebuild(&mut self, registry: &Registry, objects: &Objects) {
+        let vips = self.allocate(&Demand::of(objects));
         registry.rebuild(objects, &vips);
-        Ok(())
     }
 
-    /// The VIPs for `demand`, allocated by this daemon.
-    pub fn allocate(&mut self, demand: &Demand) -> Result<Allocation, AllocatorError> {
+    /// The VIPs for `demand`, allocated by this daemon. Hosts past the last free slot
+    /// get none (counted); the others are allocated whatever their number.
+    pub fn allocate(&mut self, demand: &Demand) -> Allocation {
         let moved_before = self.allocator.moved();
-        let vips = self.allocator.sync(&demand.wanted, &demand.reserved)?;
+        let vips = self.allocator.sync(&demand.wanted, &demand.reserved);
         self.counters
             .moves
             .fetch_add(self.allocator.moved() - moved_before, Relaxed);
-        Ok(vips)
+        self.counters
+            .unallocated
+            .store(self.allocator.unallocated() as u64, Relaxed);
+        vips
     }
 
     /// The VIPs for `demand`, agreed with the other daemons through the store first
@@ -156,9 +163,9 @@ impl Assignment {
         &mut self,
         demand: &Demand,
         watched: Option<&ConfigMap>,
-    ) -> Result<(Allocation, Option<Instant>), AllocatorError> {
+    ) -> (Allocation, Option<Instant>) {
         let Some(agreement) = self.agreement.as_mut() else {
-            return Ok((self.allocate(demand)?, None));
+            return (self.allocate(demand), None);
         };
         let now = Instant::now();
         let version = watched.and_then(|cm| cm.metadata.resource_version.clone());
@@ -178,7 +185,7 @@ impl Assignment {
                 )
                 .await;
             match round {
-                Ok((slots, lost)) => {
+                Ok((mut slots, lost)) => {
                     self.counters
                         .store_conflicts
                         .fetch_add(lost as u64, Relaxed);
@@ -188,6 +195,18 @@ impl Assignment {
                             "VIP store: other daemons wrote first, agreed after re-reading"
                         );
                     }
+                    if let Some(last) = &agreement.last {
+                        let refused = allocator::refuse_moves(
+                            &mut slots,
+                            last,
+                            &demand.wanted,
+                            &demand.reserved,
+                        );
+                        self.counters
+                            .store_moves_refused
+                            .fetch_add(refused as u64, Relaxed);
+                    }
+                    agreement.last = Some(slots.clone());
                     self.allocator.adopt(slots);
                     agreement.backoff = None;
                     // The version our own write made is seen through the watch: one
@@ -197,7 +216,7 @@ impl Assignment {
                 Err(e) => {
                     let lost = match e {
                         store::StoreError::Contended(_) => store::ATTEMPTS,
-                        _ => 0,
+                        store::StoreError::Api(..) => 0,
                     };
                     self.counters
                         .store_conflicts
@@ -221,18 +240,15 @@ impl Assignment {
             .as_ref()
             .and_then(|a| a.backoff)
             .map(|(at, _)| at);
-        Ok((self.allocate(demand)?, retry_at))
+        (self.allocate(demand), retry_at)
     }
 }
 
 /// A registry serving `objects`, their VIPs allocated in memory (tests, fuzzing).
-pub fn in_memory_registry(
-    objects: &Objects,
-    config: TableConfig,
-) -> Result<Registry, AllocatorError> {
+pub fn in_memory_registry(objects: &Objects, config: TableConfig) -> Registry {
     let registry = Registry::new(config);
-    Assignment::local(VipAllocator::in_memory()).rebuild(&registry, objects)?;
-    Ok(registry)
+    Assignment::local(VipAllocator::in_memory()).rebuild(&registry, objects);
+    registry
 }
 
 #[cfg(test)]

@@ -32,9 +32,6 @@ pub enum StoreError {
     /// The API refused or failed.
     #[error("the VIP store {0} could not be read or written")]
     Api(String, #[source] kube::Error),
-    /// Every slot is taken.
-    #[error("allocating")]
-    Allocate(#[source] allocator::AllocatorError),
     /// Other daemons kept writing first.
     #[error("{ATTEMPTS} writes of the VIP store {0} lost a race")]
     Contended(String),
@@ -97,7 +94,7 @@ impl VipStore {
             let written_before = stored.is_some();
             let mut slots = stored.unwrap_or_else(|| local.clone());
             let before = slots.clone();
-            allocator::allocate(&mut slots, wanted, reserved).map_err(StoreError::Allocate)?;
+            allocator::allocate(&mut slots, wanted, reserved);
             if written_before && slots == before {
                 return Ok((slots, lost));
             }

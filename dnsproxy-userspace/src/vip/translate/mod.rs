@@ -4,6 +4,7 @@
 //! once it translates, and an IPv6 VIP only for a host with IPv6 backends.
 pub mod plan;
 pub mod sync;
+pub mod views;
 
 use std::{
     collections::HashSet,

@@ -25,6 +25,7 @@ use super::{
     plan::{
         Backends, Capacity, Plan, ServiceKeyOrd, backends_of, names_to_resolve, plan, service_value,
     },
+    views::Views,
 };
 use crate::{
     bpf::{BpfError, map_err, pinned, to_map_addr},
@@ -103,6 +104,8 @@ pub struct BackendSync {
     /// What the maps hold at most.
     pub capacity: Capacity,
     pub refresh: Refresh,
+    /// Node mode's namespaces with captured pods; `None` in local mode (one view).
+    pub views: Option<Arc<Views>>,
 }
 
 /// Why a name's backends could not be resolved.
@@ -176,16 +179,10 @@ fn read_current(pin_dir: &std::path::Path) -> Result<Plan, BpfError> {
     let vips: BpfHashMap<_, VipKey, VipInfo> = pinned::open_hash(pin_dir, map_names::VIPS)?;
     let mut plan = Plan::default();
     for (k, v) in services.iter().filter_map(Result::ok) {
-        let key = ServiceKeyOrd {
-            vip: crate::bpf::from_map_addr(&k.addr),
-            port: k.port,
-            protocol: k.protocol,
-        };
-        plan.services.insert(key, backends_of(&v));
+        plan.services.insert(ServiceKeyOrd::of(&k), backends_of(&v));
     }
     for (k, v) in vips.iter().filter_map(Result::ok) {
-        plan.vips
-            .insert(crate::bpf::from_map_addr(&k.addr), v.ports);
+        plan.vips.insert(crate::bpf::from_map_addr(&k.addr), v);
     }
     Ok(plan)
 }
@@ -206,17 +203,13 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
                 .map_err(map_err(map_names::SERVICES))?;
         }
     }
-    for (vip, ports) in &new.vips {
-        if old.vips.get(vip) != Some(ports) {
-            let info = VipInfo {
-                ports: *ports,
-                _pad: 0,
-            };
+    for (vip, info) in &new.vips {
+        if old.vips.get(vip) != Some(info) {
             vips.insert(
                 VipKey {
                     addr: to_map_addr(*vip),
                 },
-                info,
+                *info,
                 0,
             )
             .map_err(map_err(map_names::VIPS))?;
@@ -243,7 +236,7 @@ fn write(pin_dir: &std::path::Path, old: &Plan, new: &Plan) -> Result<(), BpfErr
 /// A VIP whose host is gone, still translated until `until`: clients hold the name
 /// for its TTL, twice over to be safe.
 struct Retired {
-    ports: u32,
+    info: VipInfo,
     services: Vec<(ServiceKeyOrd, Backends)>,
     until: Instant,
 }
@@ -274,7 +267,7 @@ impl SyncState {
         (grace, refused): (Duration, &HashSet<IpAddr>),
         now: Instant,
     ) {
-        for (vip, ports) in &self.written.vips {
+        for (vip, info) in &self.written.vips {
             if desired.vips.contains_key(vip)
                 || self.retired.contains_key(vip)
                 || refused.contains(vip)
@@ -293,7 +286,7 @@ impl SyncState {
             self.retired.insert(
                 *vip,
                 Retired {
-                    ports: *ports,
+                    info: *info,
                     services,
                     until,
                 },
@@ -303,7 +296,7 @@ impl SyncState {
             r.until > now && !desired.vips.contains_key(vip) && !refused.contains(vip)
         });
         for (vip, r) in &self.retired {
-            desired.vips.insert(*vip, r.ports);
+            desired.vips.insert(*vip, r.info);
             desired.services.extend(r.services.iter().cloned());
         }
     }
@@ -313,6 +306,7 @@ impl BackendSync {
     /// Runs until the task is dropped; `first_sync` fires after the first write.
     pub async fn run(self, first_sync: tokio::sync::oneshot::Sender<()>) {
         let mut changes = self.registry.subscribe();
+        let mut view_changes = self.views.as_ref().map(|v| v.subscribe());
         let written = read_current(&self.pin_dir).unwrap_or_else(|e| {
             tracing::warn!(
                 "cannot read the VIP translation maps: {}",
@@ -331,10 +325,17 @@ impl BackendSync {
         let mut planned: Option<Arc<Shard>> = None;
         loop {
             changes.borrow_and_update();
+            let views_changed = view_changes
+                .as_mut()
+                .is_some_and(|rx| rx.has_changed().unwrap_or(false));
+            if let Some(rx) = view_changes.as_mut() {
+                rx.borrow_and_update();
+            }
             let table = self.registry.table();
-            let same = planned
-                .as_ref()
-                .is_some_and(|p| Arc::ptr_eq(p, table.entries()));
+            let same = !views_changed
+                && planned
+                    .as_ref()
+                    .is_some_and(|p| Arc::ptr_eq(p, table.entries()));
             let due = state.next_wake().is_some_and(|at| at <= Instant::now());
             if !same || due {
                 let services = table.vip_services();
@@ -346,7 +347,7 @@ impl BackendSync {
             if let Some(tx) = first.take() {
                 let _ = tx.send(());
             }
-            if !next_round(&mut changes, state.next_wake()).await {
+            if !next_round(&mut changes, view_changes.as_mut(), state.next_wake()).await {
                 return;
             }
         }
@@ -406,7 +407,8 @@ impl BackendSync {
             .iter()
             .map(|(n, r)| (n.clone(), r.addrs()))
             .collect();
-        let mut desired = plan(services, &addrs);
+        let views = self.views.as_ref().map(|v| v.list());
+        let mut desired = plan(services, &addrs, views.as_deref());
         state.keep_retired(&mut desired, (self.retire_after, refused), Instant::now());
         let dropped = desired.fit(self.capacity);
         if dropped != self.translated.left_out() {
@@ -414,12 +416,12 @@ impl BackendSync {
                 left_out = dropped,
                 max_vips = self.capacity.vips,
                 max_services = self.capacity.services,
-                "the VIP translation maps are full: VIPs past them (in address order) do not translate; raise --max-vips / --max-vip-services"
+                "the VIP translation maps are full: the newest entries' VIPs do not translate; raise --max-vips / --max-vip-services"
             );
         }
         self.translated.set_left_out(dropped);
         self.translated.set_ipv6_backed(desired.ipv6_backed.clone());
-        if desired != state.written {
+        if !desired.same_maps(&state.written) {
             match write(&self.pin_dir, &state.written, &desired) {
                 Ok(()) => {
                     tracing::info!(
@@ -507,6 +509,7 @@ enum Outcome {
 /// Waits for a registry change or the next refresh; false when the registry is gone.
 async fn next_round(
     changes: &mut tokio::sync::watch::Receiver<u64>,
+    views: Option<&mut tokio::sync::watch::Receiver<u64>>,
     next: Option<Instant>,
 ) -> bool {
     let refresh = async {
@@ -515,8 +518,20 @@ async fn next_round(
             None => std::future::pending().await,
         }
     };
+    let views = async {
+        match views {
+            // A closed channel (the capture gone) changes nothing more.
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         changed = changes.changed() => changed.is_ok(),
+        () = views => true,
         () = refresh => true,
     }
 }
