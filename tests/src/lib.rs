@@ -17,6 +17,7 @@ pub mod load;
 mod netns;
 pub mod node;
 mod process;
+pub mod rbac;
 mod servers;
 
 pub use cgroup::{Cgroup, cgroup2_root};

@@ -141,6 +141,15 @@ impl NodeEnv {
         let dir = std::env::temp_dir().join(unique_name("k"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
+        // The VIP store, as `kubectl apply -k deploy/` ships it (empty): the daemons
+        // only ever update it, which is all the RBAC grants.
+        let store = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/vip-store.yaml"
+        ))
+        .expect("deploy/vip-store.yaml");
+        let store: Value = serde_saphyr::from_str(&store).expect("deploy/vip-store.yaml parses");
+        api.apply(Resource::ConfigMaps, store);
         for (name, label) in namespaces {
             let mut ns = json!({"metadata": {"name": name, "labels": {}}});
             if let Some(v) = label {

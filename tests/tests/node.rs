@@ -338,6 +338,21 @@ fn the_cluster_dns_is_discovered_from_kube_dns() {
         maps.contains("\"10.96.0.10\"") && !maps.contains("fd00::10"),
         "{maps}"
     );
+    assert_rbac_grants_every_request(&env);
+}
+
+/// Every request the daemon made of the API is one `deploy/rbac.yaml` grants: the
+/// narrowed roles are enough, and the daemon asks for nothing they leave out.
+fn assert_rbac_grants_every_request(env: &NodeEnv) {
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+        .unwrap();
+    let log = env.api.request_log();
+    assert!(!log.is_empty());
+    let refused = rbac::refused(&rbac, &log);
+    assert!(
+        refused.is_empty(),
+        "requests deploy/rbac.yaml does not grant: {refused:#?}"
+    );
 }
 
 #[test]
@@ -805,6 +820,7 @@ fn the_daemon_asks_the_api_only_for_its_own_pods_and_the_selected_ones() {
         "{}",
         daemon.log_text()
     );
+    assert_rbac_grants_every_request(&env);
 }
 
 #[test]
@@ -1167,4 +1183,204 @@ fn a_squatter_under_the_cluster_domain_loses_to_the_service_and_ptr_follows_expo
         "{metrics}"
     );
     drop(daemon);
+}
+
+/// The first reproduction, kept in the kernel: one host in three namespaces,
+/// one auto-allocated VIP. `old`'s entry is exported everywhere, `shop`'s and `evil`'s
+/// (the oldest) to their own namespace only; evil also declares, for itself, an
+/// external address shop's pods use. Each pod's `connect()` to the VIP reaches the entry
+/// its namespace sees (its own first, then the oldest exported to it), and shop's
+/// connect to the external address reaches the real host. Before views, every pod
+/// reached evil's endpoint (the oldest entry held the VIP, and every address, for all).
+#[test]
+fn each_namespace_connects_to_the_entry_it_sees_and_never_to_anothers_private_one() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[
+        ("shop", Some("enabled")),
+        ("evil", Some("enabled")),
+        ("other", Some("enabled")),
+    ]);
+    std::fs::write(env.dir.join("resolv.conf"), "nameserver 10.96.0.10\n").unwrap();
+    let entry = |ns: &str, created: &str, export_to: &str, endpoint: &str| {
+        json!({"metadata": {"name": "api", "namespace": ns, "creationTimestamp": created},
+               "spec": {"hosts": ["api.example"], "exportTo": [export_to], "resolution": "STATIC",
+                        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                        "endpoints": [{"address": endpoint}]}})
+    };
+    env.api.apply(
+        Resource::ServiceEntries,
+        entry("old", "2020-01-01T00:00:00Z", "*", "203.0.113.1"),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        entry("shop", "2024-01-01T00:00:00Z", ".", "203.0.113.2"),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        entry("evil", "2019-01-01T00:00:00Z", ".", "203.0.113.66"),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "ext", "namespace": "evil", "creationTimestamp": "2019-01-01T00:00:00Z"},
+               "spec": {"hosts": ["ext.evil.example"], "addresses": ["198.51.100.10"], "exportTo": ["."],
+                        "resolution": "STATIC", "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                        "endpoints": [{"address": "203.0.113.66"}]}}),
+    );
+    let pods = [
+        env.add_pod("shopper", "shop", &[]),
+        env.add_pod("mallory", "evil", &[]),
+        env.add_pod("bystander", "other", &[]),
+    ];
+    // Every address a connection may end at, live in every pod: a wrong translation
+    // answers with the wrong banner instead of failing.
+    let mut servers = Vec::new();
+    for pod in pods {
+        for addr in [
+            "203.0.113.1",
+            "203.0.113.2",
+            "203.0.113.66",
+            "198.51.100.10",
+        ] {
+            env.pods[pod].netns.add_addr(&format!("{addr}/32"));
+            servers.push(BannerServer::start(
+                &env.pods[pod].netns,
+                &format!("{addr}:80"),
+            ));
+        }
+    }
+    let daemon = env.start_daemon(&[]);
+    env.wait_for_answer(pods[1], "ext.evil.example", "198.51.100.10");
+    let vip = env.dig(pods[0], "api.example");
+    assert!(vip.starts_with("240.240."), "{vip}");
+    for pod in pods {
+        assert_eq!(env.dig(pod, "api.example"), vip, "one VIP for the host");
+    }
+    let banner = |pod: usize, addr: &str| {
+        let got = read_from(&env, pod, addr);
+        println!("{} → {addr}:80: {got}", env.pods[pod].namespace);
+        got
+    };
+    let reached = |got: &str| {
+        got.strip_prefix("hello from ")
+            .and_then(|r| r.split(':').next())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(reached(&banner(pods[0], &vip)), "203.0.113.2", "shop's own");
+    assert_eq!(
+        reached(&banner(pods[1], &vip)),
+        "203.0.113.66",
+        "evil's own"
+    );
+    assert_eq!(
+        reached(&banner(pods[2], &vip)),
+        "203.0.113.1",
+        "the oldest exported to other (evil's is older, but private)"
+    );
+    assert_eq!(
+        reached(&banner(pods[0], "198.51.100.10")),
+        "198.51.100.10",
+        "the real host, not evil's endpoint"
+    );
+    assert_eq!(reached(&banner(pods[1], "198.51.100.10")), "203.0.113.66");
+    let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    let views: Vec<u64> = maps["policy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["view"].as_u64().unwrap())
+        .collect();
+    assert!(
+        views.iter().all(|v| *v != 0),
+        "every pod has a view: {views:?}"
+    );
+    let scoped = maps["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vip"] == vip.as_str())
+        .map(|v| v["scoped"].clone());
+    assert_eq!(scoped, Some(json!(true)), "{maps}");
+}
+
+/// Another node (or anyone who can write the ConfigMap) swaps two hosts' VIPs in the
+/// VIP store. This daemon, which agreed on them before and hands them out, refuses
+/// both moves and counts them: its answers do not change. Before, it adopted the
+/// store as it was, and every client's cached VIP of one host reached the other.
+#[test]
+fn a_swapped_vip_store_is_not_adopted() {
+    if !privileged() {
+        return;
+    }
+    let env = NodeEnv::new(&[("default", None)]);
+    let _daemon = env.start_daemon(&[]);
+    apply_concurrently(&env.api, 0..2);
+    let before = wait_hosts(&env.node, DEBUG_ADDR, 2);
+    let stored = || {
+        env.api
+            .get(Resource::ConfigMaps, "dnsproxy-system", "dnsproxy-vips")
+            .and_then(|cm| cm["data"]["vips.json"].as_str().map(str::to_owned))
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .map(|v| v["hosts"].clone())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while stored().as_object().map_or(0, serde_json::Map::len) < 2 {
+        assert!(Instant::now() < deadline, "the store: {}", stored());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hosts = stored();
+    let (a, b) = ("h0.agree.example", "h1.agree.example");
+    let swapped = json!({"hosts": {a: hosts[b], b: hosts[a]}});
+    let mut cm = env
+        .api
+        .get(Resource::ConfigMaps, "dnsproxy-system", "dnsproxy-vips")
+        .unwrap();
+    cm["data"]["vips.json"] = json!(swapped.to_string());
+    env.api.apply(Resource::ConfigMaps, cm);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while metric_value(&env.metrics(), "dnsproxy_vip_store_moves_refused_total") < 2 {
+        assert!(Instant::now() < deadline, "{}", env.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(wait_hosts(&env.node, DEBUG_ADDR, 2), before, "VIPs moved");
+    println!("store swapped {a} and {b}: refused, answers unchanged: {before:?}");
+    assert_rbac_grants_every_request(&env);
+}
+
+/// 65,540 auto-allocated hosts, more than the 65,534 VIPs: the table still builds,
+/// the hosts past the last slot are counted, and Services keep answering. Before, the
+/// allocator failed and the whole table stayed as it was (here: never built, so not
+/// even the Service answered).
+#[test]
+fn more_hosts_than_vips_still_answer_services() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", Some("enabled"))]);
+    let hosts: Vec<String> = (0..65_540).map(|i| format!("h{i}.many.example")).collect();
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "many", "namespace": "default"},
+               "spec": {"hosts": hosts, "resolution": "STATIC",
+                        "endpoints": [{"address": "192.0.2.1"}],
+                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}}),
+    );
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "reviews", "namespace": "default"}, "spec": {"clusterIP": REVIEWS_IP}}),
+    );
+    let pod = env.add_pod("client", "default", &[]);
+    let _daemon = env.start_daemon(&[]);
+    env.wait_for_answer(pod, "reviews.default.svc.cluster.local", REVIEWS_IP);
+    let metrics = env.metrics();
+    assert_eq!(
+        metric_value(&metrics, "dnsproxy_vip_hosts_unallocated"),
+        6,
+        "{metrics}"
+    );
+    println!("65,540 hosts: Service answered, 6 hosts without a VIP counted");
 }
