@@ -263,6 +263,17 @@ pub struct RunArgs {
     #[arg(long, env = "DNSPROXY_SERVE_STALE")]
     pub serve_stale: bool,
 
+    /// Most `ServiceEntry` hosts one namespace may put in the table (and so VIPs it may
+    /// take), its oldest entries first; the rest are refused (`reason="quota"`).
+    /// 0: no bound.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "DNSPROXY_MAX_HOSTS_PER_NAMESPACE",
+        default_value_t = 0
+    )]
+    pub max_hosts_per_namespace: usize,
+
     /// Who sees a `ServiceEntry` or Service whose `exportTo` says nothing, as Istio's
     /// mesh-wide `defaultServiceExportTo`: `*` (everyone), `.` (its own namespace),
     /// namespaces, comma-separated. Clusters that rely on the mesh setting for

@@ -243,6 +243,7 @@ impl Settings {
                 cluster: self.args.cluster_cidrs.clone(),
             },
             default_export_to: self.args.default_export_to.clone(),
+            max_hosts_per_namespace: self.args.max_hosts_per_namespace,
         });
         let store = self.cluster.as_ref().and_then(|c| {
             let location = self.args.vip_store.as_str();

@@ -1340,13 +1340,22 @@ fn a_swapped_vip_store_is_not_adopted() {
         .unwrap();
     cm["data"]["vips.json"] = json!(swapped.to_string());
     env.api.apply(Resource::ConfigMaps, cm);
+    // Until the daemon has acted on the swap: refused it (counted), or followed it.
+    let refused = || {
+        env.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("dnsproxy_vip_store_moves_refused_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    while metric_value(&env.metrics(), "dnsproxy_vip_store_moves_refused_total") < 2 {
+    while refused() < 2 && vips_seen(&env.node, DEBUG_ADDR) == before {
         assert!(Instant::now() < deadline, "{}", env.metrics());
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(wait_hosts(&env.node, DEBUG_ADDR, 2), before, "VIPs moved");
+    assert_eq!(vips_seen(&env.node, DEBUG_ADDR), before, "VIPs moved");
+    assert_eq!(refused(), 2);
     println!("store swapped {a} and {b}: refused, answers unchanged: {before:?}");
     assert_rbac_grants_every_request(&env);
 }
@@ -1383,4 +1392,57 @@ fn more_hosts_than_vips_still_answer_services() {
         "{metrics}"
     );
     println!("65,540 hosts: Service answered, 6 hosts without a VIP counted");
+}
+
+/// `--max-hosts-per-namespace 2`: namespace `greedy` asks for five hosts, its oldest
+/// entry's come first; the three past the bound are refused and counted, get no VIP
+/// and go to the cluster DNS, while another namespace's hosts are untouched.
+#[test]
+fn a_namespace_past_its_host_quota_is_refused_the_rest() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("greedy", Some("enabled")), ("team", Some("enabled"))]);
+    let entry = |ns: &str, name: &str, created: &str, hosts: &[&str]| {
+        json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+               "spec": {"hosts": hosts, "resolution": "STATIC",
+                        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                        "endpoints": [{"address": "192.0.2.1"}]}})
+    };
+    env.api.apply(
+        Resource::ServiceEntries,
+        entry(
+            "greedy",
+            "new",
+            "2025-01-01T00:00:00Z",
+            &["g2.example", "g3.example", "g4.example", "g5.example"],
+        ),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        entry("greedy", "old", "2020-01-01T00:00:00Z", &["g1.example"]),
+    );
+    env.api.apply(
+        Resource::ServiceEntries,
+        entry(
+            "team",
+            "mine",
+            "2025-06-01T00:00:00Z",
+            &["t1.example", "t2.example"],
+        ),
+    );
+    let pod = env.add_pod("client", "team", &[]);
+    let _daemon = env.start_daemon(&["--max-hosts-per-namespace", "2"]);
+    for host in ["g1.example", "g2.example", "t1.example", "t2.example"] {
+        let got = env.dig(pod, host);
+        assert!(got.starts_with("240.240."), "{host}: {got}");
+    }
+    for host in ["g3.example", "g4.example", "g5.example"] {
+        assert_eq!(env.dig(pod, host), FAKE_A, "{host} goes to the cluster DNS");
+    }
+    let metrics = env.metrics();
+    assert!(
+        metrics.contains("dnsproxy_entries_refused_total{reason=\"quota\"} 3"),
+        "{metrics}"
+    );
 }

@@ -7,6 +7,7 @@
 pub mod export;
 pub mod files;
 pub mod manifest;
+pub mod quota;
 pub mod table;
 
 use std::sync::Arc;

@@ -385,7 +385,7 @@ impl TableBuilder {
             .unwrap_or_default();
         self.selected.follow(&workload_selectors(&service_entries));
         let objects = watches.objects(&self.selected);
-        let demand = Demand::of(&objects);
+        let demand = Demand::within(&objects, self.registry.table().max_hosts_per_namespace());
         let watched = watches
             .vip_store
             .as_ref()

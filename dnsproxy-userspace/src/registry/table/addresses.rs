@@ -97,10 +97,12 @@ pub enum Reason {
     /// A host under `svc.<cluster domain>` outside the entry's own namespace: those
     /// names are the Services'.
     ClusterName,
+    /// Past `--max-hosts-per-namespace` (the namespace's oldest entries first).
+    Quota,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Loopback,
         Reason::LinkLocal,
         Reason::Multicast,
@@ -111,6 +113,7 @@ impl Reason {
         Reason::NotAllowed,
         Reason::Claimed,
         Reason::ClusterName,
+        Reason::Quota,
     ];
 
     pub fn label(self) -> &'static str {
@@ -125,6 +128,7 @@ impl Reason {
             Reason::NotAllowed => "not_allowed",
             Reason::Claimed => "claimed",
             Reason::ClusterName => "cluster_name",
+            Reason::Quota => "quota",
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::{
             ServiceEntryPort, ServiceKind, WorkloadEntry, WorkloadSelector, pod_ip, pod_is_ready,
             service_kind, slice_service,
         },
+        quota::OverQuota,
     },
 };
 
@@ -41,13 +42,13 @@ pub(super) fn services(
 pub(super) fn entries(
     objects: &Objects,
     vips: &Allocation,
-    (reserved, default_export): (&Reserved<'_>, &[String]),
+    (reserved, default_export, quota): (&Reserved<'_>, &[String], usize),
 ) -> Shard {
     let mut b = Builder {
         default_export: default_export.to_vec(),
         ..Builder::default()
     };
-    b.add_service_entries(objects, vips, reserved);
+    b.add_service_entries(objects, vips, reserved, &OverQuota::of(objects, quota));
     b.finish();
     b.shard
 }
@@ -307,8 +308,9 @@ impl Builder {
         objects: &Objects,
         vips: &Allocation,
         reserved: &Reserved<'_>,
+        over_quota: &OverQuota,
     ) {
-        for se in &objects.service_entries {
+        for (index, se) in objects.service_entries.iter().enumerate() {
             let ns = se.metadata.ns();
             let export_to = Visibility::parse_or(
                 se.spec.export_to.iter().map(String::as_str),
@@ -328,6 +330,16 @@ impl Builder {
             });
             for host in &se.spec.hosts {
                 let host: Arc<str> = normalize(host).into();
+                if over_quota.contains(index, &host) {
+                    self.shard.refused.push(Refusal {
+                        source: owner.source(),
+                        host,
+                        address: None,
+                        reason: Reason::Quota,
+                        holder: None,
+                    });
+                    continue;
+                }
                 self.add_service_entry_host(se, &shared, &host, (vips, reserved), &owner);
             }
         }

@@ -346,6 +346,8 @@ pub struct NameTable {
     policy: Arc<AddressPolicy>,
     /// `exportTo` of objects that say none.
     default_export: Arc<[String]>,
+    /// `--max-hosts-per-namespace` (0: no bound).
+    max_hosts_per_namespace: usize,
 }
 
 /// A namespace's Services and `EndpointSlices`.
@@ -359,6 +361,9 @@ pub struct TableConfig {
     /// `exportTo` of a `ServiceEntry` or Service that says none, as Istio's mesh-wide
     /// `defaultServiceExportTo` (`--default-export-to`); empty: every namespace.
     pub default_export_to: Vec<String>,
+    /// Most `ServiceEntry` hosts of one namespace (`--max-hosts-per-namespace`; 0: no
+    /// bound), the oldest entries first.
+    pub max_hosts_per_namespace: usize,
 }
 
 impl Default for TableConfig {
@@ -367,6 +372,7 @@ impl Default for TableConfig {
             cluster_domain: "cluster.local".into(),
             addresses: AddressPolicy::default(),
             default_export_to: Vec::new(),
+            max_hosts_per_namespace: 0,
         }
     }
 }
@@ -378,6 +384,7 @@ impl NameTable {
             cluster_domain: normalize(&cfg.cluster_domain),
             policy: Arc::new(cfg.addresses.clone()),
             default_export: cfg.default_export_to.clone().into(),
+            max_hosts_per_namespace: cfg.max_hosts_per_namespace,
             ..Default::default()
         }
     }
@@ -408,7 +415,11 @@ impl NameTable {
         table.entries = Arc::new(build::entries(
             objects,
             vips,
-            (&table.reserved(objects), &table.default_export),
+            (
+                &table.reserved(objects),
+                &table.default_export,
+                table.max_hosts_per_namespace,
+            ),
         ));
         table
     }
@@ -477,7 +488,11 @@ impl NameTable {
             entries: Arc::new(build::entries(
                 objects,
                 vips,
-                (&self.reserved(objects), &self.default_export),
+                (
+                    &self.reserved(objects),
+                    &self.default_export,
+                    self.max_hosts_per_namespace,
+                ),
             )),
             ..self.clone()
         }
@@ -513,6 +528,11 @@ impl NameTable {
     }
 
     /// The cluster domain (e.g. `cluster.local`).
+    /// `--max-hosts-per-namespace` (0: no bound): the VIP demand follows it too.
+    pub fn max_hosts_per_namespace(&self) -> usize {
+        self.max_hosts_per_namespace
+    }
+
     pub fn cluster_domain(&self) -> &str {
         &self.cluster_domain
     }

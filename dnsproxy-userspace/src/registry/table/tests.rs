@@ -828,3 +828,54 @@ fn default_export_to_hides_what_says_nothing_as_the_mesh_setting_does() {
     let t = NameTable::build(&objects, &vips, &TableConfig::default());
     assert!(t.get_for("quiet.example", "team-b").is_some());
 }
+
+#[test]
+fn a_namespace_past_its_quota_gets_no_more_hosts_or_vips_and_the_oldest_stay() {
+    use super::addresses::Reason;
+    use crate::registry::quota::OverQuota;
+    let mut objects = Objects::default();
+    parse_into(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: new, namespace: greedy, creationTimestamp: \"2025-01-01T00:00:00Z\"}\n\
+         spec: {hosts: [n1.example, n2.example, n3.example], resolution: STATIC, endpoints: [{address: 198.51.100.1}]}\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: old, namespace: greedy, creationTimestamp: \"2020-01-01T00:00:00Z\"}\n\
+         spec: {hosts: [o1.example], resolution: STATIC, endpoints: [{address: 198.51.100.1}]}\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: modest, namespace: team-a, creationTimestamp: \"2025-06-01T00:00:00Z\"}\n\
+         spec: {hosts: [a1.example, a2.example], resolution: STATIC, endpoints: [{address: 198.51.100.1}]}\n",
+        &mut objects,
+    )
+    .unwrap();
+    let demand = Demand::within(&objects, 2);
+    let wanted: Vec<&str> = demand.wanted.iter().map(String::as_str).collect();
+    assert_eq!(
+        wanted,
+        ["a1.example", "a2.example", "n1.example", "o1.example"]
+    );
+    let vips = Assignment::local(VipAllocator::in_memory()).allocate(&demand);
+    let cfg = TableConfig {
+        max_hosts_per_namespace: 2,
+        ..TableConfig::default()
+    };
+    let t = NameTable::build(&objects, &vips, &cfg);
+    for host in ["o1.example", "n1.example", "a1.example", "a2.example"] {
+        assert!(t.get(host).is_some(), "{host}");
+    }
+    let refused: Vec<(String, Reason)> = t
+        .refused()
+        .iter()
+        .map(|r| (r.host.to_string(), r.reason))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("n2.example".to_owned(), Reason::Quota),
+            ("n3.example".to_owned(), Reason::Quota)
+        ]
+    );
+    assert!(t.get("n2.example").is_none());
+    assert!(
+        !OverQuota::of(&objects, 0).contains(0, "n3.example"),
+        "0: no bound"
+    );
+}

@@ -45,8 +45,16 @@ pub struct Demand {
 impl Demand {
     /// The demand of the `ServiceEntries` in `objects`.
     pub fn of(objects: &Objects) -> Self {
+        Demand::within(objects, 0)
+    }
+
+    /// The demand of the `ServiceEntries` in `objects`, without the hosts past `quota`
+    /// per namespace (`--max-hosts-per-namespace`; 0: no bound): the table refuses
+    /// them, so they get no VIP either.
+    pub fn within(objects: &Objects, quota: usize) -> Self {
+        let over = crate::registry::quota::OverQuota::of(objects, quota);
         let mut demand = Demand::default();
-        for se in &objects.service_entries {
+        for (index, se) in objects.service_entries.iter().enumerate() {
             let spec = se.spec_addresses().unwrap_or_default();
             demand.reserved.extend(&spec.single);
             for host in se.spec.hosts.iter().map(|h| normalize(h)) {
@@ -54,7 +62,11 @@ impl Demand {
                 // A CIDR is declared too: such an entry never gets a VIP.
                 let declared = !spec.is_empty() || !status.is_empty();
                 demand.reserved.extend(status);
-                if !declared && se.wants_autoallocation() && !host.starts_with("*.") {
+                if !declared
+                    && se.wants_autoallocation()
+                    && !host.starts_with("*.")
+                    && !over.contains(index, &host)
+                {
                     demand.wanted.insert(host);
                 }
             }
@@ -135,7 +147,8 @@ impl Assignment {
     /// Rebuilds `registry`'s table from `objects` with VIPs allocated by this daemon
     /// (local mode).
     pub fn rebuild(&mut self, registry: &Registry, objects: &Objects) {
-        let vips = self.allocate(&Demand::of(objects));
+        let quota = registry.table().max_hosts_per_namespace();
+        let vips = self.allocate(&Demand::within(objects, quota));
         registry.rebuild(objects, &vips);
     }
 

@@ -209,9 +209,12 @@ pub(crate) const LOCAL_PATHS: [HookPath; 7] = [
     ),
 ];
 
-/// The DNS redirect of a node-mode daemon, from a captured pod: the DaemonSet's case,
-/// where the pod's netns is looked up in `dp_policy`.
-pub(crate) const NODE_PATHS: [HookPath; 2] = [
+/// The DNS redirect and VIP translation of a node-mode daemon, from a captured pod:
+/// the DaemonSet's case, where the pod's netns is looked up in `dp_policy`. The VIP
+/// rows: a VIP no namespace sees differently (one `dp_services` lookup), one the pod's
+/// namespace has its own entry on (its view first, found), and one another namespace
+/// sees differently (its view first, missed, then view 0).
+pub(crate) const NODE_PATHS: [HookPath; 5] = [
     hook(
         "DNS redirect (connect, node-mode pod)",
         "connect",
@@ -225,6 +228,27 @@ pub(crate) const NODE_PATHS: [HookPath; 2] = [
         "10.96.0.10:53",
         "cgroup_udp4_sendmsg",
         "dnsproxy_sendmsg4",
+    ),
+    hook(
+        "VIP translate (TCP connect, node-mode pod)",
+        "tcpconnect",
+        "240.240.1.1:443",
+        CONNECT4,
+        "dnsproxy_connect4",
+    ),
+    hook(
+        "VIP translate (node-mode pod, its view's own)",
+        "tcpconnect",
+        "240.240.1.2:443",
+        CONNECT4,
+        "dnsproxy_connect4",
+    ),
+    hook(
+        "VIP translate (node-mode pod, view 0 after a miss)",
+        "tcpconnect",
+        "240.240.1.3:443",
+        CONNECT4,
+        "dnsproxy_connect4",
     ),
 ];
 

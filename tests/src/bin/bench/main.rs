@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use dnsproxy_e2e::{Daemon, NodeEnv, TestEnv, privileged};
+use dnsproxy_e2e::{Daemon, NodeEnv, Resource, TestEnv, privileged};
 
 mod cluster;
 mod dnsperf;
@@ -188,10 +188,57 @@ fn compare(
 /// The node-mode DNS redirect's cost: a node-mode daemon (fake API server) and one
 /// captured pod, whose process runs the probe.
 fn node_costs(runs: u64) -> Vec<ebpf::PathCost> {
-    let mut env = NodeEnv::new(&[("bench", Some("enabled"))]);
+    let mut env = NodeEnv::new(&[("bench", Some("enabled")), ("other", Some("enabled"))]);
+    // 240.240.1.1: everyone's. 240.240.1.2: bench's own only. 240.240.1.3: everyone's
+    // (third's), and other's own in other's view.
+    let entry = |name: &str, ns: &str, vip: &str, export_to: &str, created: &str| {
+        serde_json::json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+               "spec": {"hosts": [format!("{name}.example")], "addresses": [vip], "exportTo": [export_to],
+                        "resolution": "STATIC", "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+                        "endpoints": [{"address": "203.0.113.10"}]}})
+    };
+    env.api.apply_many(
+        Resource::ServiceEntries,
+        [
+            entry(
+                "shared",
+                "bench",
+                "240.240.1.1",
+                "*",
+                "2024-01-01T00:00:00Z",
+            ),
+            entry("own", "bench", "240.240.1.2", ".", "2024-01-01T00:00:00Z"),
+            entry(
+                "private",
+                "other",
+                "240.240.1.3",
+                ".",
+                "2020-01-01T00:00:00Z",
+            ),
+            entry(
+                "public",
+                "third",
+                "240.240.1.3",
+                "*",
+                "2024-01-01T00:00:00Z",
+            ),
+        ],
+    );
     let pod = env.add_pod("probe", "bench", &[]);
-    let _daemon = env.start_daemon(&[]);
+    let _peer = env.add_pod("peer", "other", &[]);
+    let daemon = env.start_daemon(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.maps_json().contains("\"scoped\": true") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.maps_json()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let pod = &env.pods[pod];
+    // The backend exists (nothing listens: each connect is refused at once).
+    pod.netns.add_addr("203.0.113.10/32");
     let probe = || {
         let mut cmd = pod.netns.command(dnsproxy_e2e::dnsproxy_bin());
         cmd.args(["exec", "--cgroup"])
