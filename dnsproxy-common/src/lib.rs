@@ -192,7 +192,17 @@ pub struct Config {
     /// Local mode: the cookie of the daemon's network namespace, whose listeners are
     /// slot 0 of `dp_listeners` (sockets of other namespaces in the cgroup have none).
     pub local_netns: u64,
+    /// The sidecar proxy's user and group ids (Istio's 1337): in a pod with a sidecar
+    /// ([`NetnsPolicy::sidecar`]) their DNS is never captured, as Istio's own capture
+    /// exempts them. [`NO_ID`] fills unused slots.
+    pub proxy_uids: [u32; MAX_PROXY_IDS],
+    pub proxy_gids: [u32; MAX_PROXY_IDS],
 }
+
+/// Slots of [`Config::proxy_uids`] and [`Config::proxy_gids`].
+pub const MAX_PROXY_IDS: usize = 4;
+/// An unused proxy id slot.
+pub const NO_ID: u32 = u32::MAX;
 
 /// Slots of `dp_dns_servers`: at most this many DNS servers are captured.
 pub const MAX_DNS_SERVERS: u32 = 8;
@@ -236,7 +246,9 @@ pub struct NetnsPolicy {
     /// shares): its own `dp_services` entries, looked up first on a VIP whose
     /// [`VipInfo::scoped`] says it has some.
     pub view: u32,
-    pub _pad: u32,
+    /// 1: the pod has a sidecar proxy (Istio's): the proxy's own DNS is not captured,
+    /// and a VIP the proxy knows ([`VIP_DECLARED`]) is left to it, not translated.
+    pub sidecar: u32,
 }
 
 /// Per-socket memory of the last rewrite (socket-local storage, freed with the socket):
@@ -278,10 +290,17 @@ pub struct VipInfo {
     /// it, so that a `vip_port_unknown` count can be matched against what is declared.
     /// Those of view 0, the entry every namespace sees.
     pub ports: u32,
-    /// 1: some namespace's view holds other services on this VIP (an entry only it
-    /// sees, or its own that comes first): a client in a view looks there first.
-    pub scoped: u32,
+    /// [`VIP_SCOPED`], [`VIP_DECLARED`].
+    pub flags: u32,
 }
+
+/// [`VipInfo::flags`]: some namespace's view holds other services on this VIP (an entry
+/// only it sees, or its own that comes first): a client in a view looks there first.
+pub const VIP_SCOPED: u32 = 1;
+/// [`VipInfo::flags`]: an address an entry declares (`spec.addresses`, or Istio's own
+/// allocation in `status.addresses`), which a sidecar proxy has a listener for; not one
+/// dnsproxy allocated.
+pub const VIP_DECLARED: u32 = 2;
 
 /// Key of `dp_services`: a VIP, a declared port (host order), the IP protocol, and
 /// the view it is translated for (0: every namespace's; node mode's namespaces have
@@ -351,8 +370,12 @@ pub mod stat {
     pub const NO_BACKEND: u32 = 10;
     /// VIP on a port its `ServiceEntry` does not declare: left alone.
     pub const VIP_PORT_UNKNOWN: u32 = 11;
+    /// DNS from the sidecar proxy's user or group in a pod with a sidecar: left alone.
+    pub const PROXY_EXEMPT: u32 = 12;
+    /// A declared VIP from a pod with a sidecar: left to the proxy, not translated.
+    pub const SIDECAR_PASSTHROUGH: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
 
     /// Names, indexed by counter, as shown by `dnsproxy maps` and `/metrics`.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -368,6 +391,8 @@ pub mod stat {
         "translated",
         "no_backend",
         "vip_port_unknown",
+        "proxy_exempt",
+        "sidecar_passthrough",
     ];
 }
 
@@ -442,7 +467,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<DnsServer>(), 24);
         assert_eq!(size_of::<SockOrig>(), 36);
         assert_eq!(size_of::<NetnsPolicy>(), 16);

@@ -9,8 +9,8 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_sock_addr},
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockMap},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
-        bpf_map_lookup_elem, bpf_sk_release,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -18,9 +18,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use dnsproxy_common::{
     Addr, Config, DnsServer, LISTENERS_PER_SLOT, LOOPBACK4, LOOPBACK6, MAX_BACKENDS,
-    MAX_DNS_SERVERS, MAX_LISTENER_SLOTS, MAX_NETNS_PROBES, MAX_VIP_SERVICES, MAX_VIPS, NetnsPolicy,
-    PORT_UNDECLARED, ServiceKey, ServiceValue, SockOrig, VIP_FILTER_WORDS, VipInfo, VipKey,
-    ip_proto, stat,
+    MAX_DNS_SERVERS, MAX_LISTENER_SLOTS, MAX_NETNS_PROBES, MAX_PROXY_IDS, MAX_VIP_SERVICES,
+    MAX_VIPS, NetnsPolicy, PORT_UNDECLARED, ServiceKey, ServiceValue, SockOrig, VIP_DECLARED,
+    VIP_FILTER_WORDS, VIP_SCOPED, VipInfo, VipKey, ip_proto, stat,
 };
 
 /// Verdict: let the syscall proceed (possibly rewritten).
@@ -211,11 +211,13 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
-/// A captured netns: its listener slot and its namespace's view.
+/// A captured netns: its listener slot, its namespace's view, whether its pod has a
+/// sidecar proxy.
 #[derive(Clone, Copy)]
 struct Captured {
     slot: u32,
     view: u32,
+    sidecar: bool,
 }
 
 /// Netns `cookie` when it is captured: local mode captures everything in the attached
@@ -230,13 +232,18 @@ fn captured(cookie: u64, cfg: &Config) -> Option<Captured> {
         } else {
             MAX_LISTENER_SLOTS
         };
-        return Some(Captured { slot, view: 0 });
+        return Some(Captured {
+            slot,
+            view: 0,
+            sidecar: false,
+        });
     }
     // SAFETY: the value is only read, and copied at once.
     match unsafe { POLICY.get(cookie) } {
         Some(policy) if policy.capture_dns != 0 => Some(Captured {
             slot: policy.listener_slot,
             view: policy.view,
+            sidecar: policy.sidecar != 0,
         }),
         _ => None,
     }
@@ -250,6 +257,22 @@ fn own_traffic(cookie: u64, cfg: &Config) -> bool {
     cookie == cfg.local_netns
         && cfg.daemon_tgid != 0
         && (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.daemon_tgid
+}
+
+/// The calling process runs as the sidecar proxy's user or group (Istio's 1337).
+#[inline(always)]
+fn proxy_process(cfg: &Config) -> bool {
+    // Accepted for cgroup sock_addr programs: sockets are made in a process context.
+    let ids = bpf_get_current_uid_gid();
+    let (uid, gid) = (ids as u32, (ids >> 32) as u32);
+    let mut i = 0;
+    while i < MAX_PROXY_IDS {
+        if cfg.proxy_uids[i] == uid || cfg.proxy_gids[i] == gid {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The daemon's listener of `slot` for `local`'s family and `protocol` is open right
@@ -364,10 +387,15 @@ fn redirect_dns(ctx: &SockAddrContext, family: Family, cfg: &Config, dst: Addr) 
         count(stat::OWN_TRAFFIC);
         return;
     }
-    let Some(Captured { slot, .. }) = captured(cookie, cfg) else {
+    let Some(Captured { slot, sidecar, .. }) = captured(cookie, cfg) else {
         count(stat::NOT_CAPTURED);
         return;
     };
+    // As Istio's own capture: the proxy resolves its DNS clusters itself.
+    if sidecar && proxy_process(cfg) {
+        count(stat::PROXY_EXEMPT);
+        return;
+    }
     // A v4-mapped destination on a dual-stack socket travels over IPv4: the IPv4
     // listener serves it, written back as ::ffff:127.0.0.1.
     let local = if dst.is_ipv4_mapped() {
@@ -421,10 +449,16 @@ fn translate_vip(
     (dst, port): (Addr, u16),
     vip: VipInfo,
 ) -> i32 {
-    let Some(Captured { view, .. }) = captured(netns_cookie(ctx), cfg) else {
+    let Some(Captured { view, sidecar, .. }) = captured(netns_cookie(ctx), cfg) else {
         count(stat::NOT_CAPTURED);
         return ALLOW;
     };
+    // The proxy has a listener for a declared VIP: its capture must see the VIP as the
+    // original destination, so the connect goes through untouched.
+    if sidecar && vip.flags & VIP_DECLARED != 0 {
+        count(stat::SIDECAR_PASSTHROUGH);
+        return ALLOW;
+    }
     let protocol = protocol(ctx);
     let key = ServiceKey {
         addr: dst,
@@ -433,7 +467,7 @@ fn translate_vip(
         _pad: 0,
         view: 0,
     };
-    let service = match service(key, view, vip.scoped != 0) {
+    let service = match service(key, view, vip.flags & VIP_SCOPED != 0) {
         Some(s) if s.count != PORT_UNDECLARED => s,
         _ => {
             count(stat::VIP_PORT_UNKNOWN);

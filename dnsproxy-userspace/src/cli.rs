@@ -9,6 +9,15 @@ use crate::{bpf::netns_cookie::CookieSource, upstream_addr::UpstreamAddr};
 pub const ADMIN_PORT: u16 = 15191;
 
 /// Default directory for pinned maps and links (versioned by layout).
+/// A proxy user or group id: any but `u32::MAX`, which marks an unused slot.
+fn proxy_id(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(id) if id != dnsproxy_common::NO_ID => Ok(id),
+        Ok(_) => Err(format!("{s} is not a user or group id")),
+        Err(e) => Err(format!("{s}: {e}")),
+    }
+}
+
 pub fn default_pin_dir() -> PathBuf {
     PathBuf::from(format!(
         "/sys/fs/bpf/dnsproxy/v{}",
@@ -262,6 +271,29 @@ pub struct RunArgs {
     /// (RFC 8767) instead of SERVFAIL.
     #[arg(long, env = "DNSPROXY_SERVE_STALE")]
     pub serve_stale: bool,
+
+    /// The sidecar proxy's user ids (comma-separated, at most 4): in a pod with an
+    /// Istio sidecar their DNS is not captured, as Istio's own capture exempts them.
+    #[arg(
+        long,
+        value_name = "UID",
+        env = "DNSPROXY_PROXY_UIDS",
+        value_delimiter = ',',
+        default_value = "1337",
+        value_parser = proxy_id
+    )]
+    pub proxy_uids: Vec<u32>,
+
+    /// The sidecar proxy's group ids (comma-separated, at most 4), as `--proxy-uids`.
+    #[arg(
+        long,
+        value_name = "GID",
+        env = "DNSPROXY_PROXY_GIDS",
+        value_delimiter = ',',
+        default_value = "1337",
+        value_parser = proxy_id
+    )]
+    pub proxy_gids: Vec<u32>,
 
     /// Most `ServiceEntry` hosts one namespace may put in the table (and so VIPs it may
     /// take), its oldest entries first; the rest are refused (`reason="quota"`).

@@ -134,6 +134,16 @@ impl Settings {
         };
         // Refused before anything is bound or attached.
         bpf::datapath::check_dns_servers(&dns_servers)?;
+        for (flag, ids) in [
+            ("--proxy-uids", &args.proxy_uids),
+            ("--proxy-gids", &args.proxy_gids),
+        ] {
+            anyhow::ensure!(
+                ids.len() <= dnsproxy_common::MAX_PROXY_IDS,
+                "{flag}: at most {} ids",
+                dnsproxy_common::MAX_PROXY_IDS
+            );
+        }
         let upstreams = if args.upstreams.is_empty() {
             dns_servers
                 .iter()
@@ -204,6 +214,8 @@ impl Settings {
             max_vips: self.args.max_vips,
             max_vip_services: self.args.max_vip_services,
             netns_cookie: self.args.netns_cookie,
+            proxy_uids: self.args.proxy_uids.clone(),
+            proxy_gids: self.args.proxy_gids.clone(),
         }
     }
 

@@ -30,7 +30,7 @@ pub use netns::{Netns, bind_in};
 pub use node::{FakePod, NodeEnv, remote_pod, vm_entry};
 pub(crate) use process::must;
 pub use process::{run_with_timeout, stdout};
-pub use servers::{BannerServer, Signal, UdpEcho};
+pub use servers::{BannerServer, EnvoyStub, Signal, UdpEcho};
 
 /// The fake cluster DNS addresses every test netns has.
 pub const CLUSTER_DNS_V4: &str = "10.96.0.10";

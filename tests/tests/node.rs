@@ -1446,3 +1446,195 @@ fn a_namespace_past_its_host_quota_is_refused_the_rest() {
         "{metrics}"
     );
 }
+
+/// `args` as the sidecar proxy's user (uid and gid 1337), inside pod `pod`.
+fn as_proxy(env: &NodeEnv, pod: usize, args: &[&str]) -> String {
+    let mut all = vec![
+        "setpriv",
+        "--reuid",
+        "1337",
+        "--regid",
+        "1337",
+        "--clear-groups",
+    ];
+    all.extend_from_slice(args);
+    let out = env.in_pod(pod, &all);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Istio's outbound capture in pod `pod`'s netns, as its init container writes it: TCP
+/// goes to the proxy's 15001, except the proxy's own (uid 1337) and loopback.
+fn istio_iptables(env: &NodeEnv, pod: usize) {
+    let netns = &env.pods[pod].netns;
+    // A pod's netns routes everywhere (its eth0); here a default route on lo stands for
+    // it, so that a connect to a VIP is routed, then redirected to the proxy.
+    let out = run_with_timeout(
+        netns
+            .command("ip")
+            .args(["route", "add", "default", "dev", "lo"]),
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rule in [
+        &["-t", "nat", "-N", "ISTIO_OUTPUT"][..],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_OUTPUT",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-d",
+            "127.0.0.1/32",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "ISTIO_OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    ] {
+        let out = run_with_timeout(
+            netns.command("iptables").args(rule),
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "iptables {rule:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A pod with an Istio sidecar, built as the injector builds one (its annotation, the
+/// init step's iptables, a proxy listening on 15001 that reads `SO_ORIGINAL_DST`),
+/// beside a plain pod. In the sidecar pod the app resolves the VIP Istio allocated
+/// (`status.addresses`) and its connection reaches the proxy with that VIP as the
+/// original destination; the proxy's own user gets the cluster DNS's real answer. The
+/// plain pod keeps today's behaviour: its connect is translated to the backend, and
+/// uid 1337 there is captured like anyone. Without sidecar mode, the sidecar pod's
+/// connect was translated before the proxy's capture (the proxy saw the backend) and
+/// its proxy got the VIP.
+#[test]
+fn a_sidecar_pod_keeps_its_proxy_in_the_loop() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("shop", Some("enabled"))]);
+    std::fs::write(env.dir.join("resolv.conf"), "nameserver 10.96.0.10\n").unwrap();
+    env.api.apply(
+        Resource::ServiceEntries,
+        json!({"metadata": {"name": "pay", "namespace": "shop"},
+               "spec": {"hosts": ["pay.example"], "resolution": "STATIC",
+                        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                        "endpoints": [{"address": "203.0.113.20"}]},
+               "status": {"addresses": [{"value": "240.240.50.50", "host": "pay.example"}]}}),
+    );
+    let sidecar = env.add_pod(
+        "with-sidecar",
+        "shop",
+        &[(
+            "sidecar.istio.io/status",
+            r#"{"containers":["istio-proxy"]}"#,
+        )],
+    );
+    let plain = env.add_pod("plain", "shop", &[]);
+    let mut servers = Vec::new();
+    for pod in [sidecar, plain] {
+        env.pods[pod].netns.add_addr("203.0.113.20/32");
+        servers.push(BannerServer::start(&env.pods[pod].netns, "203.0.113.20:80"));
+    }
+    istio_iptables(&env, sidecar);
+    let envoy = EnvoyStub::start(&env.pods[sidecar].netns, "0.0.0.0:15001");
+    let daemon = env.start_daemon(&[]);
+    env.wait_for_answer(sidecar, "pay.example", "240.240.50.50");
+
+    let app = read_from(&env, sidecar, "pay.example");
+    println!("sidecar pod, app → pay.example:80: {app}");
+    assert_eq!(app, "envoy saw 240.240.50.50:80", "the proxy sees the VIP");
+    assert_eq!(envoy.connections(), 1);
+    let proxy = as_proxy(
+        &env,
+        sidecar,
+        &[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "@10.96.0.10",
+            "pay.example",
+        ],
+    );
+    println!("sidecar pod, uid 1337 → pay.example: {proxy}");
+    assert_eq!(
+        proxy, FAKE_A,
+        "the proxy's own lookups reach the cluster DNS"
+    );
+
+    let app = read_from(&env, plain, "pay.example");
+    println!("plain pod, app → pay.example:80: {app}");
+    assert!(app.starts_with("hello from 203.0.113.20:80"), "{app}");
+    let uid_1337 = as_proxy(
+        &env,
+        plain,
+        &[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "@10.96.0.10",
+            "pay.example",
+        ],
+    );
+    assert_eq!(
+        uid_1337, "240.240.50.50",
+        "no sidecar: captured like anyone"
+    );
+
+    let maps: serde_json::Value = serde_json::from_str(&daemon.maps_json()).unwrap();
+    let sidecars = maps["policy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["sidecar"] == true)
+        .count();
+    assert_eq!(sidecars, 1, "{maps}");
+    for counter in ["proxy_exempt", "sidecar_passthrough"] {
+        assert!(
+            maps["counters"][counter].as_u64().unwrap_or(0) >= 1,
+            "{counter}: {maps}"
+        );
+    }
+}

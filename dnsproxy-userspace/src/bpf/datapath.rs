@@ -18,7 +18,9 @@ use aya::{
     maps::{Array, HashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use dnsproxy_common::{Config, DnsServer, MAX_DNS_SERVERS, PROGRAMS, VipInfo, VipKey, map_names};
+use dnsproxy_common::{
+    Config, DnsServer, MAX_DNS_SERVERS, MAX_PROXY_IDS, NO_ID, PROGRAMS, VipInfo, VipKey, map_names,
+};
 
 use super::{
     BpfError, Cause, map_err,
@@ -52,6 +54,18 @@ pub struct DataPathOptions {
     pub max_vip_services: u32,
     /// How netns cookies are learned (`SO_NETNS_COOKIE`, or the probe).
     pub netns_cookie: CookieSource,
+    /// The sidecar proxy's user and group ids, at most [`MAX_PROXY_IDS`] each.
+    pub proxy_uids: Vec<u32>,
+    pub proxy_gids: Vec<u32>,
+}
+
+/// `ids` in the map's fixed slots, the rest [`NO_ID`].
+fn proxy_ids(ids: &[u32]) -> [u32; MAX_PROXY_IDS] {
+    let mut slots = [NO_ID; MAX_PROXY_IDS];
+    for (slot, id) in slots.iter_mut().zip(ids) {
+        *slot = *id;
+    }
+    slots
 }
 
 /// The kernel's log records (`aya-log`), waiting to be forwarded.
@@ -126,6 +140,8 @@ impl DataPath {
             daemon_tgid: std::process::id(),
             _pad: 0,
             local_netns,
+            proxy_uids: proxy_ids(&opts.proxy_uids),
+            proxy_gids: proxy_ids(&opts.proxy_gids),
         })?;
         dp.set_dns_servers(&opts.dns_servers)?;
         // Adopted VIPs (perhaps from a daemon without the filter) stay translated.

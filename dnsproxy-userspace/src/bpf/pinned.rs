@@ -124,6 +124,9 @@ pub struct PolicyDump {
     pub listener_slot: u32,
     /// Its namespace's view of the VIP translations.
     pub view: u32,
+    /// Its pod has a sidecar proxy: the proxy's DNS is not captured, declared VIPs are
+    /// left to the proxy.
+    pub sidecar: bool,
 }
 
 /// One VIP and how many (port, protocol) services are declared on it.
@@ -133,6 +136,9 @@ pub struct VipDump {
     pub ports: u32,
     /// Some namespace's view has services of its own on it.
     pub scoped: bool,
+    /// An address an entry declares (or Istio allocated): a sidecar proxy knows it, so
+    /// pods with one are not translated to it.
+    pub declared: bool,
 }
 
 /// Marks the buckets of `addrs` in `dp_vip_filter` (set only: a bucket is never
@@ -189,6 +195,7 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
             capture_dns: p.capture_dns != 0,
             listener_slot: p.listener_slot,
             view: p.view,
+            sidecar: p.sidecar != 0,
         })
         .collect();
     policy.sort_by_key(|p| p.netns_cookie);
@@ -202,7 +209,8 @@ pub fn dump(pin_dir: &Path) -> Result<MapsDump, BpfError> {
         .map(|(k, v)| VipDump {
             vip: from_map_addr(&k.addr),
             ports: v.ports,
-            scoped: v.scoped != 0,
+            scoped: v.flags & dnsproxy_common::VIP_SCOPED != 0,
+            declared: v.flags & dnsproxy_common::VIP_DECLARED != 0,
         })
         .collect();
     vips.sort_by_key(|v| v.vip);
@@ -258,8 +266,8 @@ impl std::fmt::Display for MapsDump {
             for p in &self.policy {
                 writeln!(
                     f,
-                    "  netns cookie {:<20} capture_dns={} listener_slot={} view={}",
-                    p.netns_cookie, p.capture_dns, p.listener_slot, p.view
+                    "  netns cookie {:<20} capture_dns={} listener_slot={} view={} sidecar={}",
+                    p.netns_cookie, p.capture_dns, p.listener_slot, p.view, p.sidecar
                 )?;
             }
         }

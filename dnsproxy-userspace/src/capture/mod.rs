@@ -70,6 +70,23 @@ pub struct Handoff {
     pub handed: HashMap<String, PodSockets>,
 }
 
+/// Rewrites the policy entry of pod `key`'s netns (`cookie`) for a sidecar that came or
+/// went.
+fn set_sidecar(pin_dir: &std::path::Path, key: &str, cookie: u64, sidecar: bool) {
+    let updated = pinned::open_hash::<u64, NetnsPolicy>(pin_dir, map_names::POLICY)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut map: PolicyMap| {
+            let mut entry = map.get(&cookie, 0)?;
+            entry.sidecar = u32::from(sidecar);
+            map.insert(cookie, entry, 0)?;
+            Ok(())
+        });
+    match updated {
+        Ok(()) => tracing::info!(pod = %key, sidecar, "sidecar mode changed"),
+        Err(e) => tracing::warn!(pod = %key, "cannot update the policy entry: {e:#}"),
+    }
+}
+
 /// What the pod's containers are: a new sandbox restarts them all, so a change here is
 /// when the pod's network namespace is looked at again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -98,6 +115,8 @@ struct Desired {
     uid: String,
     ctx: ClientContext,
     containers: Containers,
+    /// It has a sidecar proxy.
+    sidecar: bool,
 }
 
 /// A captured pod's listener; dropping it stops the listener (its in-flight queries
@@ -112,6 +131,8 @@ struct PodListener {
     netns_id: NetnsId,
     /// Its namespace, whose view it holds while it lives.
     view: (Arc<Views>, String),
+    /// Its policy entry says the pod has a sidecar proxy.
+    sidecar: bool,
     /// The containers it was opened or last checked for.
     containers: Containers,
     /// The containers changed and the namespace was not found since: look again.
@@ -232,6 +253,11 @@ impl PodCapture {
                 tracing::info!(pod = %key, auto_allocate = ctx.auto_allocate, dns_debug = ctx.debug_log, "pod settings changed");
                 listener.ctx.store(Arc::new(ctx.clone()));
             }
+            if listener.sidecar != want.sidecar {
+                let cookie = listener.cookie;
+                listener.sidecar = want.sidecar;
+                set_sidecar(&self.config.pin_dir, key, cookie, want.sidecar);
+            }
             if listener.containers == want.containers && !listener.verify {
                 return;
             }
@@ -311,6 +337,7 @@ impl PodCapture {
                 requests: None,
             },
             containers: Containers::of(pod),
+            sidecar: policy::sidecar(pod),
         })
     }
 
@@ -403,7 +430,7 @@ impl PodCapture {
             capture_dns: 1,
             listener_slot: slot,
             view,
-            _pad: 0,
+            sidecar: u32::from(want.sidecar),
         };
         if let Err(e) = policy_map.insert(cookie, entry, 0) {
             views.release(namespace);
@@ -419,7 +446,7 @@ impl PodCapture {
         );
         self.serving
             .spawn(listeners.serve(self.shared.clone(), Arc::clone(&ctx), stop.clone()));
-        tracing::info!(pod = %key, netns_cookie = cookie, "DNS capture started: in-pod listener open, policy entry written");
+        tracing::info!(pod = %key, netns_cookie = cookie, sidecar = want.sidecar, "DNS capture started: in-pod listener open, policy entry written");
         Ok(PodListener {
             uid: want.uid,
             inventory: Arc::clone(&self.handoff.inventory),
@@ -427,6 +454,7 @@ impl PodCapture {
             slot,
             netns_id: netns.id,
             view: (Arc::clone(views), namespace.to_owned()),
+            sidecar: want.sidecar,
             containers: want.containers,
             verify: false,
             ctx,

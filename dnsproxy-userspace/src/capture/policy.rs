@@ -13,6 +13,12 @@ pub const NAMESPACE_LABEL: &str = "dnsproxy.io/capture";
 pub const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Istio's agent log level, e.g. `dns:debug` or `default:info,dns:debug`.
 pub const ISTIO_LOG_LEVEL: &str = "sidecar.istio.io/agentLogLevel";
+/// Set by Istio's injector on a pod it gave a sidecar.
+pub const ISTIO_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Pod annotation overriding sidecar detection: `"true"` / `"false"`.
+pub const SIDECAR_ANNOTATION: &str = "dnsproxy.io/sidecar";
+/// The injected proxy's container (a container, or a native sidecar init container).
+pub const ISTIO_PROXY_CONTAINER: &str = "istio-proxy";
 
 /// What applies to one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +31,25 @@ pub struct PodPolicy {
     pub auto_allocate: bool,
     /// Log every query of this pod.
     pub dns_debug: bool,
+}
+
+/// Whether `pod` has an Istio sidecar: [`SIDECAR_ANNOTATION`] says so, else the
+/// injector's [`ISTIO_SIDECAR_STATUS`] annotation or an [`ISTIO_PROXY_CONTAINER`]
+/// container does.
+pub fn sidecar(pod: &Pod) -> bool {
+    let meta = &pod.metadata;
+    if let Some(v) = meta.annotation(SIDECAR_ANNOTATION).and_then(parse_bool) {
+        return v;
+    }
+    let containers = pod.spec.iter().flat_map(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+    });
+    meta.annotation(ISTIO_SIDECAR_STATUS).is_some()
+        || containers
+            .into_iter()
+            .any(|c| c.name == ISTIO_PROXY_CONTAINER)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +134,36 @@ mod tests {
             n.metadata.labels = Some([(NAMESPACE_LABEL.into(), v.into())].into());
         }
         n
+    }
+
+    #[test]
+    fn a_sidecar_is_seen_by_the_injectors_annotation_or_container_and_can_be_overridden() {
+        let cases = [
+            ("spec: {containers: [{name: app}]}", false),
+            (
+                "metadata: {annotations: {sidecar.istio.io/status: '{}'}}\nspec: {containers: [{name: app}]}",
+                true,
+            ),
+            (
+                "spec: {containers: [{name: app}, {name: istio-proxy}]}",
+                true,
+            ),
+            (
+                "spec: {containers: [{name: app}], initContainers: [{name: istio-proxy, restartPolicy: Always}]}",
+                true,
+            ),
+            (
+                "metadata: {annotations: {dnsproxy.io/sidecar: 'false'}}\nspec: {containers: [{name: istio-proxy}]}",
+                false,
+            ),
+            (
+                "metadata: {annotations: {dnsproxy.io/sidecar: 'true'}}\nspec: {containers: [{name: app}]}",
+                true,
+            ),
+        ];
+        for (yaml, want) in cases {
+            assert_eq!(sidecar(&pod(yaml)), want, "{yaml}");
+        }
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub(super) fn local_pod(pod: &mut Pod) {
             policy::POD_ANNOTATION,
             policy::ISTIO_PROXY_CONFIG,
             policy::ISTIO_LOG_LEVEL,
+            policy::ISTIO_SIDECAR_STATUS,
+            policy::SIDECAR_ANNOTATION,
         ],
     );
     if let Some(spec) = pod.spec.take() {
@@ -143,6 +145,14 @@ pub(super) fn local_pod(pod: &mut Pod) {
                     ..Default::default()
                 })
                 .collect(),
+            init_containers: spec.init_containers.map(|list| {
+                list.into_iter()
+                    .map(|c| Container {
+                        name: c.name,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
             ..Default::default()
         });
     }

@@ -5,7 +5,10 @@ use std::{
     sync::Arc,
 };
 
-use dnsproxy_common::{Backend, MAX_BACKENDS, PORT_UNDECLARED, ServiceKey, ServiceValue, VipInfo};
+use dnsproxy_common::{
+    Backend, MAX_BACKENDS, PORT_UNDECLARED, ServiceKey, ServiceValue, VIP_DECLARED, VIP_SCOPED,
+    VipInfo,
+};
 
 use crate::{
     bpf::to_map_addr,
@@ -282,10 +285,13 @@ pub fn plan(
                 };
                 out.services.entry(key).or_insert(None);
             }
-            info.scoped = 1;
+            info.flags |= VIP_SCOPED;
             held = true;
         }
         if held {
+            if candidates.iter().any(|s| s.declared) {
+                info.flags |= VIP_DECLARED;
+            }
             out.vips.insert(vip, info);
             first_claim.push((group[0].1, vip));
         }
@@ -484,12 +490,12 @@ mod tests {
             !p.services.keys().any(|k| k.view == 3),
             "a namespace that sees only view 0's entry gets nothing of its own"
         );
-        assert_eq!(p.vips[&vip.parse().unwrap()].scoped, 1);
+        assert_eq!(p.vips[&vip.parse().unwrap()].flags, VIP_SCOPED);
         // Local mode: one view, the oldest entry.
         let local = plan(&services, &HashMap::new(), None);
         assert_eq!(backends(&local, vip, 80, TCP), ["192.0.2.1 80"]);
         assert_eq!(local.services.len(), 1);
-        assert_eq!(local.vips[&vip.parse().unwrap()].scoped, 0);
+        assert_eq!(local.vips[&vip.parse().unwrap()].flags, 0);
     }
 
     #[test]
@@ -576,13 +582,7 @@ mod tests {
         let mut p = Plan::default();
         for i in 1..=10u8 {
             let vip: IpAddr = format!("240.240.0.{i}").parse().unwrap();
-            p.vips.insert(
-                vip,
-                VipInfo {
-                    ports: 2,
-                    scoped: 0,
-                },
-            );
+            p.vips.insert(vip, VipInfo { ports: 2, flags: 0 });
             for port in [80, 443] {
                 let key = ServiceKeyOrd {
                     vip,
