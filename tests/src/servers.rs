@@ -26,25 +26,40 @@ pub struct BannerServer {
     thread: Option<thread::JoinHandle<()>>,
 }
 
+/// Accepts TCP connections at `addr` inside `netns` until `signal` stops, writing
+/// `reply(connection, address)` to each in one write (the client may read a single
+/// segment) and closing it.
+fn serve_tcp(
+    netns: &Netns,
+    addr: &str,
+    reply: fn(&std::net::TcpStream, SocketAddr) -> String,
+) -> (Signal, thread::JoinHandle<()>) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let (_udp, tcp) = bind_in(netns, addr);
+    tcp.set_nonblocking(true).unwrap();
+    let signal = Signal::default();
+    let s = signal.clone();
+    let thread = thread::spawn(move || {
+        while !s.stop.load(Ordering::SeqCst) {
+            match tcp.accept() {
+                Ok((mut stream, _)) => {
+                    s.count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(reply(&stream, addr).as_bytes());
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    (signal, thread)
+}
+
 impl BannerServer {
     pub fn start(netns: &Netns, addr: &str) -> Self {
-        let addr: SocketAddr = addr.parse().unwrap();
-        let (_udp, tcp) = bind_in(netns, addr);
-        tcp.set_nonblocking(true).unwrap();
-        let signal = Signal::default();
-        let s = signal.clone();
-        let thread = thread::spawn(move || {
-            while !s.stop.load(Ordering::SeqCst) {
-                match tcp.accept() {
-                    Ok((mut stream, peer)) => {
-                        s.count.fetch_add(1, Ordering::SeqCst);
-                        // One write: the client may read a single segment.
-                        let _ =
-                            stream.write_all(format!("hello from {addr} to {peer}\n").as_bytes());
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let (signal, thread) = serve_tcp(netns, addr, |stream, addr| {
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|e| e.to_string(), |p| p.to_string());
+            format!("hello from {addr} to {peer}\n")
         });
         BannerServer {
             signal,
@@ -77,25 +92,12 @@ pub struct EnvoyStub {
 
 impl EnvoyStub {
     pub fn start(netns: &Netns, addr: &str) -> Self {
-        let addr: SocketAddr = addr.parse().unwrap();
-        let (_udp, tcp) = bind_in(netns, addr);
-        tcp.set_nonblocking(true).unwrap();
-        let signal = Signal::default();
-        let s = signal.clone();
-        let thread = thread::spawn(move || {
-            while !s.stop.load(Ordering::SeqCst) {
-                match tcp.accept() {
-                    Ok((mut stream, _)) => {
-                        s.count.fetch_add(1, Ordering::SeqCst);
-                        let seen = original_dst(&stream).map_or_else(
-                            |e| format!("no original destination: {e}"),
-                            |d| d.to_string(),
-                        );
-                        let _ = stream.write_all(format!("envoy saw {seen}\n").as_bytes());
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let (signal, thread) = serve_tcp(netns, addr, |stream, _| {
+            let seen = original_dst(stream).map_or_else(
+                |e| format!("no original destination: {e}"),
+                |d| d.to_string(),
+            );
+            format!("envoy saw {seen}\n")
         });
         EnvoyStub {
             signal,
