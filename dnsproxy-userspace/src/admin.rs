@@ -339,16 +339,9 @@ impl std::fmt::Debug for NamesCollector {
 impl Collector for NamesCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use std::sync::atomic::Ordering::Relaxed;
-        let assigned = &self.assigned;
         encode_all(
             &mut encoder,
             [
-                (
-                    "dnsproxy_vip_moves",
-                    "Auto-allocated VIPs moved because a declared address claimed them.",
-                    MetricType::Counter,
-                    assigned.moves.load(Relaxed),
-                ),
                 (
                     "dnsproxy_vips_left_out",
                     "VIPs that do not translate because the translation maps are full.",
@@ -374,12 +367,6 @@ impl Collector for NamesCollector {
                     self.registry.shard_builds().1,
                 ),
                 (
-                    "dnsproxy_vip_store_conflicts",
-                    "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
-                    MetricType::Counter,
-                    assigned.store_conflicts.load(Relaxed),
-                ),
-                (
                     "dnsproxy_vip_resolutions_deferred",
                     "DNS-resolution hosts that waited for a slot under --dns-refresh-concurrency.",
                     MetricType::Counter,
@@ -396,6 +383,33 @@ impl Collector for NamesCollector {
                     "Failed resolutions of DNS-resolution hosts (each retried with exponential backoff from 5 s to 5 min).",
                     MetricType::Counter,
                     self.translated.refresh.failures.load(Relaxed),
+                ),
+            ],
+        )?;
+        self.encode_assignment(&mut encoder)?;
+        self.encode_refused(&mut encoder)
+    }
+}
+
+impl NamesCollector {
+    /// The VIP assignment's counters: moves, the allocator's bound, the store's rounds.
+    fn encode_assignment(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let assigned = &self.assigned;
+        encode_all(
+            encoder,
+            [
+                (
+                    "dnsproxy_vip_moves",
+                    "Auto-allocated VIPs moved because a declared address claimed them.",
+                    MetricType::Counter,
+                    assigned.moves.load(Relaxed),
+                ),
+                (
+                    "dnsproxy_vip_store_conflicts",
+                    "Node mode: writes of the VIP store that lost a race to another daemon (then read again and retried).",
+                    MetricType::Counter,
+                    assigned.store_conflicts.load(Relaxed),
                 ),
                 (
                     "dnsproxy_vip_hosts_unallocated",
@@ -416,12 +430,9 @@ impl Collector for NamesCollector {
                     assigned.store_failures.load(Relaxed),
                 ),
             ],
-        )?;
-        self.encode_refused(&mut encoder)
+        )
     }
-}
 
-impl NamesCollector {
     /// `dnsproxy_entries_refused_total{reason}`.
     fn encode_refused(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(

@@ -666,8 +666,6 @@ impl Daemon {
         Some(rx)
     }
 
-    /// Ready after the first full registry sync and the first VIP backend sync
-    /// (bounded: resolution has timeouts).
     /// [`Daemon::become_ready`], bounded by `--handoff-timeout-ms` when this daemon
     /// holds sockets a predecessor `handed` it: a successor that cannot sync (an API
     /// it cannot reach) would otherwise hold the pods' sockets unread once its
@@ -694,6 +692,8 @@ impl Daemon {
             })
     }
 
+    /// Ready after the first full registry sync and the first VIP backend sync
+    /// (bounded: resolution has timeouts).
     async fn become_ready(
         &mut self,
         cluster_synced: Option<tokio::sync::oneshot::Receiver<()>>,

@@ -70,17 +70,23 @@ pub struct Handoff {
     pub handed: HashMap<String, PodSockets>,
 }
 
+/// The pinned `dp_policy` map under `pin_dir`.
+fn policy_map(pin_dir: &std::path::Path) -> Result<PolicyMap, BpfError> {
+    pinned::open_hash(pin_dir, map_names::POLICY)
+}
+
 /// Rewrites the policy entry of pod `key`'s netns (`cookie`) for a sidecar that came or
 /// went.
 fn set_sidecar(pin_dir: &std::path::Path, key: &str, cookie: u64, sidecar: bool) {
-    let updated = pinned::open_hash::<u64, NetnsPolicy>(pin_dir, map_names::POLICY)
-        .map_err(anyhow::Error::from)
-        .and_then(|mut map: PolicyMap| {
-            let mut entry = map.get(&cookie, 0)?;
-            entry.sidecar = u32::from(sidecar);
-            map.insert(cookie, entry, 0)?;
-            Ok(())
-        });
+    let updated =
+        policy_map(pin_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut map: PolicyMap| {
+                let mut entry = map.get(&cookie, 0)?;
+                entry.sidecar = u32::from(sidecar);
+                map.insert(cookie, entry, 0)?;
+                Ok(())
+            });
     match updated {
         Ok(()) => tracing::info!(pod = %key, sidecar, "sidecar mode changed"),
         Err(e) => tracing::warn!(pod = %key, "cannot update the policy entry: {e:#}"),
@@ -221,7 +227,7 @@ impl PodCapture {
     }
 
     fn policy_map(&self) -> Result<PolicyMap, BpfError> {
-        pinned::open_hash(&self.config.pin_dir, map_names::POLICY)
+        policy_map(&self.config.pin_dir)
     }
 
     /// Brings the capture of pod `key` (`namespace/name`) in line with `pod` (`None`:
@@ -414,7 +420,9 @@ impl PodCapture {
         let listeners =
             Listeners::from_std(std_listeners).context("cannot register the in-pod listener")?;
         let mut policy_map = self.policy_map()?;
-        let slot = self.slot_for(cookie, &policy_map)?;
+        // A handed-over pod's entry names its slot and its namespace's view already.
+        let handed = policy_map.get(&cookie, 0).ok();
+        let slot = self.slot_for(handed.as_ref(), &policy_map)?;
         bpf::listeners::register(&self.config.pin_dir, slot, &listeners.fds())
             .context("cannot enter the in-pod listener in dp_listeners")?;
         let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
@@ -422,10 +430,8 @@ impl PodCapture {
         ctx.requests = self.shared.handler.metrics().pod_requests(namespace, pod);
         let ctx = Arc::new(ArcSwap::from_pointee(ctx));
         let stop = self.shutdown.child_token();
-        // A handed-over pod's entry names its namespace's view already.
-        let adopt = policy_map.get(&cookie, 0).ok().map(|p| p.view);
         let views = &self.config.views;
-        let view = views.acquire(namespace, adopt);
+        let view = views.acquire(namespace, handed.map(|p| p.view));
         let entry = NetnsPolicy {
             capture_dns: 1,
             listener_slot: slot,
@@ -462,12 +468,16 @@ impl PodCapture {
         })
     }
 
-    /// The listener slot for the netns with `cookie`: the one its policy entry names
-    /// already (a pod the predecessor handed over), else the lowest slot that neither
-    /// a listener of ours nor any policy entry holds.
-    fn slot_for(&self, cookie: u64, policy_map: &PolicyMap) -> anyhow::Result<u32> {
+    /// The listener slot for a netns: the one its policy entry (`handed`) names already
+    /// (a pod the predecessor handed over), else the lowest slot that neither a
+    /// listener of ours nor any policy entry holds.
+    fn slot_for(
+        &self,
+        handed: Option<&NetnsPolicy>,
+        policy_map: &PolicyMap,
+    ) -> anyhow::Result<u32> {
         let mut used: HashSet<u32> = self.by_key.values().map(|l| l.slot).collect();
-        if let Ok(entry) = policy_map.get(&cookie, 0)
+        if let Some(entry) = handed
             && bpf::listeners::NODE_SLOTS.contains(&entry.listener_slot)
             && !used.contains(&entry.listener_slot)
         {

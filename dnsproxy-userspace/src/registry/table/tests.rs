@@ -10,6 +10,22 @@ fn build_with(objects: &Objects, assignment: &mut Assignment) -> NameTable {
     NameTable::build(objects, &vips, &TableConfig::default())
 }
 
+/// The table of `objects` under `cfg`, its VIPs allocated in memory for the demand the
+/// configured quota leaves.
+fn build_cfg(objects: &Objects, cfg: &TableConfig) -> NameTable {
+    let vips = Assignment::local(VipAllocator::in_memory())
+        .allocate(&Demand::within(objects, cfg.max_hosts_per_namespace));
+    NameTable::build(objects, &vips, cfg)
+}
+
+/// (host, reason) of every refusal of `t`, in order.
+fn refused_hosts(t: &NameTable) -> Vec<(String, addresses::Reason)> {
+    t.refused()
+        .iter()
+        .map(|r| (r.host.to_string(), r.reason))
+        .collect()
+}
+
 const OBJECTS: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -684,8 +700,7 @@ fn declared_address_blocks_restrict_further() {
         },
         ..TableConfig::default()
     };
-    let vips = Assignment::local(VipAllocator::in_memory()).allocate(&Demand::of(&objects));
-    let t = NameTable::build(&objects, &vips, &cfg);
+    let t = build_cfg(&objects, &cfg);
     let reasons: Vec<(String, Reason)> = t
         .refused()
         .iter()
@@ -744,11 +759,7 @@ spec: {clusterIP: None, ports: [{port: 5432}]}
 fn names_under_the_cluster_domain_are_the_services_and_ptr_follows_export_to() {
     use super::addresses::Reason;
     let t = build(NAME_SQUATTERS);
-    let refused: Vec<(String, Reason)> = t
-        .refused()
-        .iter()
-        .map(|r| (r.host.to_string(), r.reason))
-        .collect();
+    let refused = refused_hosts(&t);
     assert_eq!(
         refused,
         [
@@ -801,12 +812,11 @@ fn default_export_to_hides_what_says_nothing_as_the_mesh_setting_does() {
         &mut objects,
     )
     .unwrap();
-    let vips = Assignment::local(VipAllocator::in_memory()).allocate(&Demand::of(&objects));
     let cfg = TableConfig {
         default_export_to: vec![".".into()],
         ..TableConfig::default()
     };
-    let t = NameTable::build(&objects, &vips, &cfg);
+    let t = build_cfg(&objects, &cfg);
     assert!(t.get_for("quiet.example", "team-a").is_some());
     assert!(
         t.get_for("quiet.example", "team-b").is_none(),
@@ -825,7 +835,7 @@ fn default_export_to_hides_what_says_nothing_as_the_mesh_setting_does() {
             .is_some()
     );
     // The default: everyone.
-    let t = NameTable::build(&objects, &vips, &TableConfig::default());
+    let t = build_cfg(&objects, &TableConfig::default());
     assert!(t.get_for("quiet.example", "team-b").is_some());
 }
 
@@ -852,20 +862,15 @@ fn a_namespace_past_its_quota_gets_no_more_hosts_or_vips_and_the_oldest_stay() {
         wanted,
         ["a1.example", "a2.example", "n1.example", "o1.example"]
     );
-    let vips = Assignment::local(VipAllocator::in_memory()).allocate(&demand);
     let cfg = TableConfig {
         max_hosts_per_namespace: 2,
         ..TableConfig::default()
     };
-    let t = NameTable::build(&objects, &vips, &cfg);
+    let t = build_cfg(&objects, &cfg);
     for host in ["o1.example", "n1.example", "a1.example", "a2.example"] {
         assert!(t.get(host).is_some(), "{host}");
     }
-    let refused: Vec<(String, Reason)> = t
-        .refused()
-        .iter()
-        .map(|r| (r.host.to_string(), r.reason))
-        .collect();
+    let refused = refused_hosts(&t);
     assert_eq!(
         refused,
         [

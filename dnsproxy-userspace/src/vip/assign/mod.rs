@@ -103,6 +103,29 @@ struct Agreement {
     last: Option<std::collections::BTreeMap<String, u32>>,
 }
 
+impl Agreement {
+    /// The store's `slots` as this daemon follows them after a round that agreed:
+    /// moves of hosts agreed before that no declared address explains are refused
+    /// (counted); the result is what the next round is checked against.
+    fn follow(
+        &mut self,
+        mut slots: std::collections::BTreeMap<String, u32>,
+        demand: &Demand,
+        counters: &Counters,
+    ) -> std::collections::BTreeMap<String, u32> {
+        if let Some(last) = &self.last {
+            let refused =
+                allocator::refuse_moves(&mut slots, last, &demand.wanted, &demand.reserved);
+            counters
+                .store_moves_refused
+                .fetch_add(refused as u64, Relaxed);
+        }
+        self.last = Some(slots.clone());
+        self.backoff = None;
+        slots
+    }
+}
+
 /// The assignment of VIPs to hosts.
 pub struct Assignment {
     allocator: VipAllocator,
@@ -198,7 +221,7 @@ impl Assignment {
                 )
                 .await;
             match round {
-                Ok((mut slots, lost)) => {
+                Ok((slots, lost)) => {
                     self.counters
                         .store_conflicts
                         .fetch_add(lost as u64, Relaxed);
@@ -208,20 +231,8 @@ impl Assignment {
                             "VIP store: other daemons wrote first, agreed after re-reading"
                         );
                     }
-                    if let Some(last) = &agreement.last {
-                        let refused = allocator::refuse_moves(
-                            &mut slots,
-                            last,
-                            &demand.wanted,
-                            &demand.reserved,
-                        );
-                        self.counters
-                            .store_moves_refused
-                            .fetch_add(refused as u64, Relaxed);
-                    }
-                    agreement.last = Some(slots.clone());
+                    let slots = agreement.follow(slots, demand, &self.counters);
                     self.allocator.adopt(slots);
-                    agreement.backoff = None;
                     // The version our own write made is seen through the watch: one
                     // more round, which then changes nothing and writes nothing.
                     agreement.agreed = Some((demand.clone(), version));
