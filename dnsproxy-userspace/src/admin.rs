@@ -269,7 +269,8 @@ fn render_ndsz(state: &AdminState, namespace: Option<&str>) -> String {
 // === collectors read at scrape time ===
 
 /// What the DNS server holds right now: `dns_cache_entries`, `dns_cache_bytes`,
-/// `dns_cache_evictions_total`, `dns_upstream_inflight`, `dns_tcp_connections`.
+/// `dns_cache_evictions_total`, `dns_upstream_inflight`, `dns_tcp_connections`,
+/// `dnsproxy_udp_receive_drops_total`.
 struct ServerCollector {
     shared: Shared,
 }
@@ -309,6 +310,12 @@ impl Collector for ServerCollector {
                     "DNS-over-TCP connections open right now.",
                     MetricType::Gauge,
                     self.shared.tcp.len() as u64,
+                ),
+                (
+                    "dnsproxy_udp_receive_drops",
+                    "Queries the kernel dropped because a UDP listener's receive queue was full (--udp-receive-buffer).",
+                    MetricType::Counter,
+                    self.shared.queue_drops.total(),
                 ),
                 (
                     "dns_cache_evictions",

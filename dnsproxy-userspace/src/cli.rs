@@ -245,6 +245,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0, env = "DNSPROXY_UDP_THREADS")]
     pub udp_threads: usize,
 
+    /// Receive queue of each UDP socket of the local listener, in bytes (0: the
+    /// kernel's default, ~200 KiB). Every client shares those queues: a larger one rides
+    /// out a burst, or a stall of the daemon, without dropping the other clients'
+    /// queries. Drops are counted (`dnsproxy_udp_receive_drops_total`). A pod's own
+    /// listener (node mode) keeps the kernel's default: only that pod queues there.
+    #[arg(long, default_value_t = 4 << 20, env = "DNSPROXY_UDP_RECEIVE_BUFFER")]
+    pub udp_receive_buffer: usize,
+
     /// TTL of locally answered records, in seconds.
     #[arg(long, default_value_t = 30, env = "DNSPROXY_TTL")]
     pub ttl: u32,

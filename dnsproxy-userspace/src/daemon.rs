@@ -557,7 +557,12 @@ impl Daemon {
             },
             Arc::clone(&metrics),
         );
-        let shared = Shared { handler, tcp, udp };
+        let shared = Shared {
+            handler,
+            tcp,
+            udp,
+            queue_drops: Arc::default(),
+        };
         let admin = Arc::new(AdminState::new(
             metrics_registry,
             shared.clone(),
@@ -882,6 +887,14 @@ async fn open_sockets(
         }),
         Mode::Node => None,
     };
+    if let Some(local) = &local
+        && args.udp_receive_buffer > 0
+    {
+        let granted = local
+            .set_udp_receive_buffer(args.udp_receive_buffer)
+            .context("sizing the local listener's UDP receive queues (--udp-receive-buffer)")?;
+        tracing::debug!(granted, "UDP receive queue of the local listener");
+    }
     let local_kept = local
         .as_ref()
         .map(StdListeners::dup)

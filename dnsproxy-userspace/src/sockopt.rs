@@ -1,4 +1,4 @@
-//! `getsockopt(SOL_SOCKET, …)` for the options socket2 does not offer
+//! `getsockopt`/`setsockopt(SOL_SOCKET, …)` for the options socket2 does not offer
 //! (`SO_NETNS_COOKIE`, `SO_PEERCRED`, `SO_DOMAIN`, ...).
 use std::os::fd::RawFd;
 
@@ -22,4 +22,22 @@ pub fn get<T: Copy>(fd: RawFd, name: libc::c_int) -> std::io::Result<T> {
     }
     // SAFETY: zero-initialised, then filled by the kernel; every T used is plain data.
     Ok(unsafe { value.assume_init() })
+}
+
+/// Sets socket option `name` (level `SOL_SOCKET`) of `fd` to `value` (a plain C value).
+pub fn set<T: Copy>(fd: RawFd, name: libc::c_int, value: T) -> std::io::Result<()> {
+    // SAFETY: `value` is a live T of the length given; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&raw const value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -141,10 +141,11 @@ fn a_black_holed_upstream_under_a_flood_stays_bounded_and_table_answers_flow() {
     let answered = latencies.len() as f64 / f64::from(PROBES) * 100.0;
     let metrics = env.admin("/metrics");
     let overload = metric_sum(&metrics, "result=\"overload\"");
+    let dropped = metric_sum(&metrics, "dnsproxy_udp_receive_drops_total");
     println!(
         "black hole + flood: {sent} queries at {rate:.0} qps; table client {answered:.1}% answered, \
          p50 {:?} p99 {:?}; descriptors {fds_idle} idle -> {fds_max} max; RSS {} MiB idle -> {} MiB max; \
-         overload SERVFAILs {overload}",
+         overload SERVFAILs {overload}; dropped at the full receive queue {dropped}",
         percentile(&latencies, 50),
         percentile(&latencies, 99),
         rss_idle >> 20,

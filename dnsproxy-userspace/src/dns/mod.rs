@@ -24,6 +24,7 @@ pub mod inflight;
 pub mod local;
 pub mod metrics;
 pub mod question;
+pub mod receive_queue;
 pub mod server;
 pub mod tcp;
 pub mod upstream;

@@ -34,7 +34,7 @@ use super::{
     client::ClientContext,
     fast,
     handler::{Handler, Keep},
-    tcp,
+    receive_queue, tcp,
     workers::UdpWorkers,
 };
 
@@ -180,6 +180,16 @@ impl StdListeners {
         self.udp.first()
     }
 
+    /// Gives each UDP socket a receive queue of `bytes` ([`receive_queue::set_buffer`]);
+    /// returns what the kernel granted.
+    pub fn set_udp_receive_buffer(&self, bytes: usize) -> std::io::Result<usize> {
+        let mut granted = 0;
+        for sock in &self.udp {
+            granted = receive_queue::set_buffer(sock, bytes)?;
+        }
+        Ok(granted)
+    }
+
     /// New descriptors for the same sockets, kept for a successor ([`crate::handoff`]).
     pub fn dup(&self) -> std::io::Result<Sockets> {
         let udp = self.udp.iter().map(|s| Ok(OwnedFd::from(s.try_clone()?)));
@@ -256,6 +266,8 @@ pub struct Shared {
     pub handler: Arc<Handler>,
     pub tcp: Arc<tcp::Connections>,
     pub udp: UdpWorkers,
+    /// Datagrams the kernel dropped at the UDP listeners' full receive queues.
+    pub queue_drops: Arc<receive_queue::Drops>,
 }
 
 /// What every loop of one listener shares.
@@ -281,6 +293,8 @@ impl Serving {
                 return;
             }
         };
+        // Dropped before the socket: declared after it.
+        let _drops = self.shared.queue_drops.watch(sock.get_ref());
         let mut fast = fast::Answers::default();
         loop {
             tokio::select! {
