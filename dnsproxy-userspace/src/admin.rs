@@ -270,7 +270,7 @@ fn render_ndsz(state: &AdminState, namespace: Option<&str>) -> String {
 
 /// What the DNS server holds right now: `dns_cache_entries`, `dns_cache_bytes`,
 /// `dns_cache_evictions_total`, `dns_upstream_inflight`, `dns_tcp_connections`,
-/// `dnsproxy_udp_receive_drops_total`.
+/// `dnsproxy_udp_receive_drops_total`, `dnsproxy_udp_query_tasks`.
 struct ServerCollector {
     shared: Shared,
 }
@@ -310,6 +310,12 @@ impl Collector for ServerCollector {
                     "DNS-over-TCP connections open right now.",
                     MetricType::Gauge,
                     self.shared.tcp.len() as u64,
+                ),
+                (
+                    "dnsproxy_udp_query_tasks",
+                    "UDP queries on tasks of their own right now (at most 9 x --max-inflight; past it, SERVFAIL overload).",
+                    MetricType::Gauge,
+                    self.shared.query_tasks.live() as u64,
                 ),
                 (
                     "dnsproxy_udp_receive_drops",

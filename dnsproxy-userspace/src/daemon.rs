@@ -562,6 +562,7 @@ impl Daemon {
             tcp,
             udp,
             queue_drops: Arc::default(),
+            query_tasks: server::TaskBudget::new(args.max_inflight),
         };
         let admin = Arc::new(AdminState::new(
             metrics_registry,

@@ -14,7 +14,10 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -268,6 +271,55 @@ pub struct Shared {
     pub udp: UdpWorkers,
     /// Datagrams the kernel dropped at the UDP listeners' full receive queues.
     pub queue_drops: Arc<receive_queue::Drops>,
+    /// UDP queries answered on tasks of their own, at most.
+    pub query_tasks: Arc<TaskBudget>,
+}
+
+/// A bound on the UDP queries waiting on tasks of their own (upstream questions,
+/// merged ones, table answers that wait for a VIP). Every such task admits its
+/// question only when it first runs, so a loop that reads faster than the tasks run
+/// (a flood while the daemon is short of CPU) would otherwise start one task per query
+/// read, without end. Past it a query gets SERVFAIL at once (`overload`).
+#[derive(Debug)]
+pub struct TaskBudget {
+    live: AtomicUsize,
+    max: usize,
+}
+
+impl TaskBudget {
+    /// Room for `max` tasks: what `--max-inflight` admits, leaders and the followers
+    /// merged into them.
+    pub fn new(max_inflight: usize) -> Arc<Self> {
+        Arc::new(TaskBudget {
+            live: AtomicUsize::new(0),
+            max: max_inflight.saturating_mul(1 + super::inflight::FOLLOWERS_PER_SLOT),
+        })
+    }
+
+    /// A place for one more task, if there is one.
+    fn take(self: &Arc<Self>) -> Option<TaskPermit> {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TaskPermit(Arc::clone(self)))
+    }
+
+    /// Tasks holding a place now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+/// One task's place in a [`TaskBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct TaskPermit(Arc<TaskBudget>);
+
+impl Drop for TaskPermit {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What every loop of one listener shares.
@@ -406,18 +458,32 @@ impl Serving {
                 return Reply::Now(bytes);
             }
         }
-        self.answer_udp(sock, query.to_vec(), client);
+        // A task admits its question only when it runs: while tasks wait for a thread
+        // (a loop that reads faster than they run), only the budget bounds them.
+        let Some(permit) = self.shared.query_tasks.take() else {
+            return handler
+                .overloaded(query, Protocol::Udp, client, &ctx)
+                .map_or(Reply::Later, Reply::Now);
+        };
+        self.answer_udp(sock, query.to_vec(), client, permit);
         Reply::Later
     }
 
     /// Answers one datagram on its own task.
-    fn answer_udp(&self, sock: &Arc<UdpListener>, query: Vec<u8>, client: SocketAddr) {
+    fn answer_udp(
+        &self,
+        sock: &Arc<UdpListener>,
+        query: Vec<u8>,
+        client: SocketAddr,
+        permit: TaskPermit,
+    ) {
         let (sock, handler, ctx) = (
             Arc::clone(sock),
             Arc::clone(&self.shared.handler),
             self.ctx.load_full(),
         );
         self.in_flight.spawn(async move {
+            let _permit = permit;
             if let Some(reply) = handler.handle(&query, Protocol::Udp, client, &ctx).await
                 && let Err(e) = sock.get_ref().send_to(&reply, client)
             {
@@ -458,5 +524,22 @@ impl Serving {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_task_budget_refuses_past_its_bound_and_frees_a_place_when_a_task_ends() {
+        // One in-flight slot: one leader and its followers.
+        let budget = TaskBudget::new(1);
+        let mut held: Vec<TaskPermit> = std::iter::from_fn(|| budget.take()).collect();
+        assert_eq!(held.len(), 1 + super::super::inflight::FOLLOWERS_PER_SLOT);
+        assert!(budget.take().is_none());
+        held.pop();
+        assert_eq!(budget.live(), super::super::inflight::FOLLOWERS_PER_SLOT);
+        assert!(budget.take().is_some());
     }
 }

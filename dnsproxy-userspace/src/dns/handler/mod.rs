@@ -262,6 +262,26 @@ impl Handler {
         })
     }
 
+    /// SERVFAIL at once, counted as `overload`: the server has no room for another
+    /// query on a task of its own. `None`: no reply (a malformed query, or a response).
+    pub fn overloaded(
+        &self,
+        query: &[u8],
+        protocol: Protocol,
+        client: SocketAddr,
+        ctx: &ClientContext,
+    ) -> Option<Vec<u8>> {
+        let request = match self.admit(query, protocol, client, ctx) {
+            Ok(request) => request,
+            Err(rejection) => return rejection,
+        };
+        let asked = Asked::new(&request, client, protocol, ctx);
+        let (reply, outcome) = Self::refused(&request, Refusal::Overloaded, &asked);
+        self.metrics
+            .request(asked.qtype, protocol, outcome, ctx.requests.as_deref());
+        fit_to_transport(&reply, &request, protocol)
+    }
+
     /// Counts a reply the fast path gave: a table answer, or a cached one (`cached`).
     pub fn count_kept(&self, qtype: u16, cached: bool, protocol: Protocol, ctx: &ClientContext) {
         let outcome = if cached {
