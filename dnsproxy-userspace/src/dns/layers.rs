@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // One query: admission, then the table, then the upstream path.
     &["handler"],
     // Transports, which call the handler and the fast path and are never called back.
-    &["batch", "workers", "tcp"],
+    &["batch", "workers", "tcp", "receive_queue"],
     &["server"],
 ];
 
@@ -38,6 +38,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("batch", include_str!("batch.rs")),
     ("workers", include_str!("workers.rs")),
     ("tcp", include_str!("tcp.rs")),
+    ("receive_queue", include_str!("receive_queue.rs")),
     ("server", include_str!("server.rs")),
 ];
 

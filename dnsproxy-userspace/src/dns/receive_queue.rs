@@ -67,7 +67,9 @@ impl Drops {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, RawFd>> {
-        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

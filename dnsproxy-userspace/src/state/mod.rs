@@ -11,14 +11,16 @@
 //! Events drive everything and touch only what they name: a Pod event re-decides that
 //! Pod's capture (`crate::capture`), a Namespace event the capture of its Pods here,
 //! and a change to a table input rebuilds the name table (with the VIPs
-//! `crate::vip::assign` agrees on), at most every [`TABLE_SETTLE`]. Nothing runs on a
+//! `crate::vip::assign` agrees on), paced by `pace` (100 ms after a quiet spell, up to
+//! a second apart under sustained churn). Nothing runs on a
 //! timer: the only timed work is a Pod whose process is not there yet, or a VIP store
 //! that is backing off.
+mod pace;
 mod selectors;
 mod trim;
 mod watch;
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc};
 
 use anyhow::Context as _;
 use k8s_openapi::api::{
@@ -49,10 +51,6 @@ use crate::{
 };
 use selectors::SelectedPods;
 use watch::{Signal, Spec};
-
-/// Shortest time between two builds of the name table: a burst of changes settles
-/// into one build.
-pub const TABLE_SETTLE: Duration = Duration::from_millis(100);
 
 /// Signals waiting to be acted on, at most (the watches wait beyond it).
 const SIGNALS: usize = 4096;
@@ -299,7 +297,8 @@ struct TableBuilder {
     selected: SelectedPods,
     /// What changed since the last build.
     dirty: Dirty,
-    last_build: Option<Instant>,
+    /// When the next build may come.
+    pace: pace::Pace,
     /// The VIP store backs off until then: build the entries again at that time.
     store_retry: Option<Instant>,
 }
@@ -307,11 +306,7 @@ struct TableBuilder {
 impl TableBuilder {
     /// When the table is due to be built, if it is.
     fn due_at(&self) -> Option<Instant> {
-        let settled = self.last_build.map(|at| at + TABLE_SETTLE);
-        let dirty = self
-            .dirty
-            .any()
-            .then(|| settled.unwrap_or_else(Instant::now));
+        let dirty = self.dirty.any().then(|| self.pace.due());
         [dirty, self.store_retry].into_iter().flatten().min()
     }
 
@@ -324,7 +319,7 @@ impl TableBuilder {
         if self.store_retry.is_some_and(|at| at <= now) {
             self.dirty.entries = true;
         }
-        self.last_build = Some(now);
+        self.pace.built(now);
         let dirty = std::mem::take(&mut self.dirty);
         let mut table = NameTable::clone(&self.registry.table());
         let namespaces: Vec<String> = if dirty.all_namespaces {
@@ -366,7 +361,7 @@ impl TableBuilder {
     /// The first table, whole: every namespace's Services and the entries.
     async fn build_all(&mut self, watches: &Watches) {
         self.dirty = Dirty::default();
-        self.last_build = Some(Instant::now());
+        self.pace.built(Instant::now());
         let (mut objects, vips) = self.entries(watches).await;
         objects.services = watches.services.state();
         objects.endpoint_slices = watches.slices.state();
@@ -455,7 +450,7 @@ pub async fn run(
         assignment,
         selected: SelectedPods::new(client, signals),
         dirty: Dirty::default(),
-        last_build: None,
+        pace: pace::Pace::default(),
         store_retry: None,
     };
     // The first table waits for the Pods its selectors select.

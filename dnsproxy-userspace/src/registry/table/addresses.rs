@@ -7,11 +7,14 @@
 //! `/debug/ndsz`, counted in `dnsproxy_entries_refused_total{reason}`. Of two entries
 //! declaring one address, the first in precedence holds it and the other is refused.
 use std::{
+    cell::OnceCell,
     collections::HashSet,
     net::{IpAddr, Ipv4Addr},
     str::FromStr,
     sync::Arc,
 };
+
+use k8s_openapi::api::core::v1::Pod;
 
 use serde::Serialize;
 
@@ -157,7 +160,44 @@ pub struct Reserved<'a> {
     /// Every Service's `ClusterIPs`.
     pub cluster_ips: HashSet<IpAddr>,
     /// Pod IPs the daemon knows (its node's pods, the pods selectors select).
-    pub pod_ips: HashSet<IpAddr>,
+    pub pod_ips: PodIps<'a>,
+}
+
+/// Pod IPs, parsed at the first check: most builds check no declared address, and a
+/// selected Pod's readiness flip must not cost a parse of every Pod's IP.
+#[derive(Debug, Default)]
+pub struct PodIps<'a> {
+    pods: &'a [Arc<Pod>],
+    parsed: OnceCell<HashSet<IpAddr>>,
+}
+
+impl<'a> PodIps<'a> {
+    pub fn of(pods: &'a [Arc<Pod>]) -> Self {
+        PodIps {
+            pods,
+            parsed: OnceCell::new(),
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.parsed
+            .get_or_init(|| {
+                self.pods
+                    .iter()
+                    .filter_map(|p| crate::registry::manifest::pod_ip(p)?.parse().ok())
+                    .collect()
+            })
+            .contains(&ip)
+    }
+}
+
+impl From<HashSet<IpAddr>> for PodIps<'_> {
+    fn from(ips: HashSet<IpAddr>) -> Self {
+        PodIps {
+            pods: &[],
+            parsed: OnceCell::from(ips),
+        }
+    }
 }
 
 impl Reserved<'_> {
@@ -196,7 +236,7 @@ impl Reserved<'_> {
         if self.cluster_ips.contains(&ip) {
             return Err(Reason::ClusterIp);
         }
-        if self.pod_ips.contains(&ip) {
+        if self.pod_ips.contains(ip) {
             return Err(Reason::PodIp);
         }
         if let Some(policy) = self.policy {
@@ -232,7 +272,7 @@ mod tests {
         let reserved = Reserved {
             policy: Some(&policy),
             cluster_ips: [ip("10.96.12.34")].into(),
-            pod_ips: [ip("10.1.2.3")].into(),
+            pod_ips: HashSet::from([ip("10.1.2.3")]).into(),
             ..Reserved::default()
         };
         let cases = [

@@ -426,7 +426,7 @@ impl NameTable {
 
     /// What the entries of `objects` may not declare: the policy's blocks, every
     /// Service's `ClusterIPs`, the pods `objects` holds.
-    fn reserved<'a>(&'a self, objects: &Objects) -> Reserved<'a> {
+    fn reserved<'a>(&'a self, objects: &'a Objects) -> Reserved<'a> {
         Reserved {
             policy: Some(&self.policy),
             cluster_domain: &self.cluster_domain,
@@ -435,11 +435,7 @@ impl NameTable {
                 .values()
                 .flat_map(|s| s.cluster_ips.iter().copied())
                 .collect(),
-            pod_ips: objects
-                .pods
-                .iter()
-                .filter_map(|p| super::manifest::pod_ip(p)?.parse().ok())
-                .collect(),
+            pod_ips: addresses::PodIps::of(&objects.pods),
         }
     }
 
