@@ -188,16 +188,27 @@ impl Handler {
         };
         let question = &request.queries[0];
         let asked = Asked::new(&request, client, protocol, ctx);
-        let (reply, outcome) = match self.local(question, ctx) {
+        let answered = match self.local(question, ctx) {
             Some((local, untranslated)) => {
                 self.answer_local(&request, local, &untranslated, &asked)
                     .await
             }
             None => self.answer_forwarded(&request, &asked).await,
         };
-        let pod = ctx.requests.as_deref();
-        self.metrics.request(asked.qtype, protocol, outcome, pod);
-        fit_to_transport(&reply, &request, protocol)
+        self.counted_reply(&request, &asked, answered)
+    }
+
+    /// Counts how a query ended and gives its reply, fitted to its transport.
+    fn counted_reply(
+        &self,
+        request: &Message,
+        asked: &Asked<'_>,
+        (reply, outcome): (Message, Outcome),
+    ) -> Option<Vec<u8>> {
+        let pod = asked.ctx.requests.as_deref();
+        self.metrics
+            .request(asked.qtype, asked.protocol, outcome, pod);
+        fit_to_transport(&reply, request, asked.protocol)
     }
 
     /// Answers at once, on the caller's thread, what needs no waiting: a query it
@@ -276,10 +287,8 @@ impl Handler {
             Err(rejection) => return rejection,
         };
         let asked = Asked::new(&request, client, protocol, ctx);
-        let (reply, outcome) = Self::refused(&request, Refusal::Overloaded, &asked);
-        self.metrics
-            .request(asked.qtype, protocol, outcome, ctx.requests.as_deref());
-        fit_to_transport(&reply, &request, protocol)
+        let refused = Self::refused(&request, Refusal::Overloaded, &asked);
+        self.counted_reply(&request, &asked, refused)
     }
 
     /// Counts a reply the fast path gave: a table answer, or a cached one (`cached`).
