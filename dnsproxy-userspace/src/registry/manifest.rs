@@ -1,5 +1,6 @@
 //! The objects the name table is built from. Kubernetes kinds are k8s-openapi's own
-//! types (`Service`, `EndpointSlice`, `Pod`, `Namespace`); Istio's (`ServiceEntry`,
+//! types (`Service`, `EndpointSlice`, `Pod`, `Namespace`), but for the Pods that
+//! selectors select (`WorkloadPod`, their few fields); Istio's (`ServiceEntry`,
 //! `WorkloadEntry`, which k8s-openapi does not have) are typed here, with the same
 //! `ObjectMeta`, as far as the table reads them. The same types are read from YAML
 //! files (local mode) and from the Kubernetes API (node mode, `crate::state`), so
@@ -388,22 +389,92 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
     slice.metadata.label(SERVICE_NAME_LABEL)
 }
 
-/// Running with condition Ready: a backend for a `workloadSelector`.
-pub fn pod_is_ready(pod: &Pod) -> bool {
-    let Some(status) = &pod.status else {
-        return false;
-    };
-    status.phase.as_deref() == Some("Running")
-        && status
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+// === Pods that workload selectors select ===
+
+/// A Pod as a `workloadSelector` backend: its name, namespace and labels, phase,
+/// readiness and IP, and nothing else. Its own type rather than k8s-openapi's `Pod`, so
+/// that a watch event's containers, volumes and statuses are skipped while parsing
+/// instead of built and then dropped: selected Pods are the one collection that
+/// changes all the time (a rollout behind a selector).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct WorkloadPod {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<WorkloadPodStatus>,
 }
 
-/// The pod's IP (its first, `status.podIP`).
-pub fn pod_ip(pod: &Pod) -> Option<&str> {
-    pod.status.as_ref()?.pod_ip.as_deref()
+/// The part of `status` a backend is judged on.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPodStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// One of `status.conditions`: its type and status.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+}
+
+impl WorkloadPod {
+    /// Running with condition Ready: a backend for a `workloadSelector`.
+    pub fn is_ready(&self) -> bool {
+        let Some(status) = &self.status else {
+            return false;
+        };
+        status.phase.as_deref() == Some("Running")
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    }
+
+    /// The pod's IP (its first, `status.podIP`).
+    pub fn ip(&self) -> Option<&str> {
+        self.status.as_ref()?.pod_ip.as_deref()
+    }
+}
+
+/// The API serves it as what it is: core `v1` `pods`.
+impl kube::Resource for WorkloadPod {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+
+    fn group((): &()) -> Cow<'_, str> {
+        "".into()
+    }
+
+    fn version((): &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn api_version((): &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn plural((): &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 // === documents ===
@@ -418,7 +489,7 @@ pub struct Objects {
     /// Backends of `workloadSelector` entries.
     pub workload_entries: Vec<Arc<WorkloadEntryObject>>,
     /// Pods a `workloadSelector` selects.
-    pub pods: Vec<Arc<Pod>>,
+    pub pods: Vec<Arc<WorkloadPod>>,
 }
 
 /// What says which kind a document is, and its name for errors.

@@ -5,7 +5,6 @@
 //! entry has it any more.
 use std::{collections::HashMap, sync::Arc};
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
     runtime::{reflector::Store, watcher},
@@ -19,13 +18,22 @@ use super::{
     trim,
     watch::{self, Signal},
 };
-use crate::registry::manifest::{Meta as _, WorkloadSelector};
+use crate::registry::manifest::{Meta as _, WorkloadPod, WorkloadSelector};
 
 /// One selector's watch: its store, and the task that feeds it.
 struct SelectorWatch {
     selector: WorkloadSelector,
-    store: Store<Pod>,
+    store: Store<WorkloadPod>,
     task: AbortHandle,
+}
+
+impl SelectorWatch {
+    /// The Pods of its store that its selector selects in namespace `ns`.
+    fn selected<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = Arc<WorkloadPod>> + 'a {
+        self.store.state().into_iter().filter(move |pod| {
+            pod.metadata.ns() == ns && self.selector.matches(pod.metadata.label_map())
+        })
+    }
 }
 
 /// The watches of every distinct selector.
@@ -71,7 +79,7 @@ impl SelectedPods {
                 continue;
             }
             tracing::info!(namespace = %key.0, selector = %key.1, "watching the Pods of a workloadSelector");
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
+            let api: Api<WorkloadPod> = Api::namespaced(self.client.clone(), &key.0);
             let spec = watch::Spec {
                 api,
                 config: watcher::Config::default().labels(&key.1),
@@ -103,15 +111,19 @@ impl SelectedPods {
 
     /// Every Pod a selector selects (in the selector's namespace, all its labels on
     /// the Pod), once each.
-    pub(super) fn pods(&self) -> Vec<Arc<Pod>> {
-        let mut by_key: HashMap<(String, String), Arc<Pod>> = HashMap::new();
-        for ((ns, _), w) in &self.watches {
-            for pod in w.store.state() {
-                if pod.metadata.ns() == ns && w.selector.matches(pod.metadata.label_map()) {
-                    let key = (ns.clone(), pod.metadata.name_str().to_owned());
-                    by_key.insert(key, pod);
-                }
-            }
+    pub(super) fn pods(&self) -> Vec<Arc<WorkloadPod>> {
+        let mut watches = self.watches.iter().map(|((ns, _), w)| w.selected(ns));
+        if self.watches.len() == 1 {
+            // One selector: its Pods are distinct already.
+            return watches.next().into_iter().flatten().collect();
+        }
+        let mut by_key: HashMap<(String, String), Arc<WorkloadPod>> = HashMap::new();
+        for pod in watches.flatten() {
+            let key = (
+                pod.metadata.ns().to_owned(),
+                pod.metadata.name_str().to_owned(),
+            );
+            by_key.insert(key, pod);
         }
         by_key.into_values().collect()
     }

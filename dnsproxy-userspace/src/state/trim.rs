@@ -4,7 +4,7 @@
 //! here (a heartbeat, a status the daemon does not read, a resourceVersion) wakes
 //! nothing up.
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Container, Namespace, Pod, PodCondition, Service},
+    core::v1::{ConfigMap, Container, Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 
@@ -14,6 +14,7 @@ use crate::{
         export::EXPORT_TO_ANNOTATION,
         manifest::{
             AUTOALLOCATE_LABEL, ObjectMeta, SERVICE_NAME_LABEL, ServiceEntry, WorkloadEntryObject,
+            WorkloadPod,
         },
     },
 };
@@ -178,27 +179,12 @@ pub(super) fn local_pod(pod: &mut Pod) {
     }
 }
 
-/// A Pod a `workloadSelector` selects: its labels, phase, IP and readiness.
-pub(super) fn selected_pod(pod: &mut Pod) {
+/// A Pod a `workloadSelector` selects: its labels, phase, IP and readiness (the rest
+/// of the Pod was never parsed: [`WorkloadPod`]).
+pub(super) fn selected_pod(pod: &mut WorkloadPod) {
     meta(&mut pod.metadata, &Labels::All, &[]);
-    pod.spec = None;
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            conditions: status.conditions.map(|conditions| {
-                conditions
-                    .into_iter()
-                    .filter(|c| c.type_ == "Ready")
-                    .map(|c| PodCondition {
-                        type_: c.type_,
-                        status: c.status,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            ..Default::default()
-        });
+    if let Some(status) = &mut pod.status {
+        status.conditions.retain(|c| c.type_ == "Ready");
     }
 }
 
@@ -266,7 +252,7 @@ status:
 
     #[test]
     fn a_selected_pod_keeps_labels_ip_and_readiness() {
-        let mut pod: Pod = from_yaml(
+        let mut pod: WorkloadPod = from_yaml(
             r#"
 metadata: {name: vm-1, namespace: vms, labels: {app: vm}, annotations: {a: b}}
 spec: {nodeName: other, containers: [{name: app}]}
@@ -279,11 +265,18 @@ status:
         )
         .unwrap();
         selected_pod(&mut pod);
-        assert!(pod.spec.is_none() && pod.metadata.annotations.is_none());
-        assert!(crate::registry::manifest::pod_is_ready(&pod));
-        assert_eq!(crate::registry::manifest::pod_ip(&pod), Some("10.2.0.7"));
-        let status = pod.status.unwrap();
-        assert_eq!(status.host_ip, None);
-        assert_eq!(status.conditions.unwrap().len(), 1);
+        assert!(pod.metadata.annotations.is_none());
+        assert!(pod.is_ready());
+        assert_eq!(pod.ip(), Some("10.2.0.7"));
+        // Only what it holds is kept (and fingerprinted for changes): no spec, no
+        // host IP, one condition.
+        let kept = serde_json::to_value(&pod).unwrap();
+        assert_eq!(kept.get("spec"), None);
+        assert_eq!(kept["status"].get("hostIP"), None);
+        assert_eq!(
+            kept["status"]["conditions"].as_array().map(Vec::len),
+            Some(1)
+        );
+        assert_eq!(kept["metadata"]["labels"]["app"], "vm");
     }
 }

@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::registry::manifest::WorkloadPod;
 
 use serde::Serialize;
 
@@ -167,12 +167,12 @@ pub struct Reserved<'a> {
 /// selected Pod's readiness flip must not cost a parse of every Pod's IP.
 #[derive(Debug, Default)]
 pub struct PodIps<'a> {
-    pods: &'a [Arc<Pod>],
+    pods: &'a [Arc<WorkloadPod>],
     parsed: OnceCell<HashSet<IpAddr>>,
 }
 
 impl<'a> PodIps<'a> {
-    pub fn of(pods: &'a [Arc<Pod>]) -> Self {
+    pub fn of(pods: &'a [Arc<WorkloadPod>]) -> Self {
         PodIps {
             pods,
             parsed: OnceCell::new(),
@@ -184,7 +184,7 @@ impl<'a> PodIps<'a> {
             .get_or_init(|| {
                 self.pods
                     .iter()
-                    .filter_map(|p| crate::registry::manifest::pod_ip(p)?.parse().ok())
+                    .filter_map(|p| p.ip()?.parse().ok())
                     .collect()
             })
             .contains(&ip)

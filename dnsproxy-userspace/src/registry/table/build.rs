@@ -12,8 +12,8 @@ use crate::{
     registry::{
         export::{Rank, Visibility},
         manifest::{
-            EndpointSlice, Meta as _, ObjectMeta, Objects, Pod, Resolution, Service, ServiceEntry,
-            ServiceEntryPort, ServiceKind, WorkloadEntry, WorkloadSelector, pod_ip, pod_is_ready,
+            EndpointSlice, Meta as _, ObjectMeta, Objects, Resolution, Service, ServiceEntry,
+            ServiceEntryPort, ServiceKind, WorkloadEntry, WorkloadPod, WorkloadSelector,
             service_kind, slice_service,
         },
         quota::OverQuota,
@@ -445,9 +445,9 @@ pub fn workload_selectors(
 /// The Pods some `selectors` entry selects, ready or not: the only Pods the name table
 /// reads, so a change to any other Pod does not rebuild it.
 pub fn selectable_pods(
-    pods: &[Arc<Pod>],
+    pods: &[Arc<WorkloadPod>],
     selectors: &[(String, WorkloadSelector)],
-) -> Vec<Arc<Pod>> {
+) -> Vec<Arc<WorkloadPod>> {
     pods.iter()
         .filter(|p| {
             selectors.iter().any(|(ns, selector)| {
@@ -475,11 +475,11 @@ fn endpoints_of(se: &ServiceEntry, objects: &Objects) -> Vec<WorkloadEntry> {
     let pods = objects
         .pods
         .iter()
-        .filter(|p| p.metadata.ns() == ns && pod_is_ready(p))
+        .filter(|p| p.metadata.ns() == ns && p.is_ready())
         .filter(|p| selector.matches(p.metadata.label_map()))
         .filter_map(|p| {
             Some(WorkloadEntry {
-                address: pod_ip(p)?.to_owned(),
+                address: p.ip()?.to_owned(),
                 ..Default::default()
             })
         });
