@@ -352,6 +352,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "cluster.local", env = "DNSPROXY_CLUSTER_DOMAIN")]
     pub cluster_domain: String,
 
+    /// Node mode: answer NXDOMAIN (authoritative, with an SOA the client caches) for a
+    /// name under `svc.<cluster domain>` whose namespace has no Service of that name,
+    /// instead of asking the cluster DNS. Turn it off (`=false`) where CoreDNS serves
+    /// more names there than the Services (a plugin of its own under `svc`): `off`.
+    #[arg(long, value_enum, default_value_t = Switch::On, env = "DNSPROXY_SVC_NXDOMAIN")]
+    pub svc_nxdomain: Switch,
+
     /// Namespace of the clients (local mode): decides Kubernetes short names and the
     /// search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`.
     #[arg(long, default_value = "default")]

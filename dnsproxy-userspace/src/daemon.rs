@@ -256,6 +256,7 @@ impl Settings {
             },
             default_export_to: self.args.default_export_to.clone(),
             max_hosts_per_namespace: self.args.max_hosts_per_namespace,
+            every_service: self.node() && self.args.svc_nxdomain == Switch::On,
         });
         let store = self.cluster.as_ref().and_then(|c| {
             let location = self.args.vip_store.as_str();

@@ -23,3 +23,24 @@ pub fn dig_server(out: &Output) -> String {
         .unwrap_or("")
         .to_owned()
 }
+
+/// dig's reply code (`NOERROR`, `NXDOMAIN`, ...), from its `->>HEADER<<-` line.
+pub fn dig_status(out: &Output) -> String {
+    stdout(out)
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The owner names of dig's AUTHORITY section.
+pub fn dig_authority(out: &Output) -> Vec<String> {
+    stdout(out)
+        .lines()
+        .skip_while(|l| !l.starts_with(";; AUTHORITY SECTION:"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(ToOwned::to_owned))
+        .collect()
+}

@@ -22,7 +22,7 @@ mod servers;
 
 pub use cgroup::{Cgroup, cgroup2_root};
 pub use daemon::{Daemon, DaemonOptions, http_get, json_counter, log_gap};
-pub use dig::{dig_answers, dig_server};
+pub use dig::{dig_answers, dig_authority, dig_server, dig_status};
 pub use env::{TestEnv, captured_command};
 pub use fake_dns::FakeDns;
 pub use fake_kube::{FakeKube, Resource};

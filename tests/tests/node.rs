@@ -159,6 +159,69 @@ fn global_default_on_and_a_pod_that_goes_away() {
     assert!(metrics.contains("pod=\"p1\""), "{metrics}");
 }
 
+/// dig from pod `pod` for `name` (A): its reply code, answers and authority owners.
+fn dig_full(env: &NodeEnv, pod: usize, name: &str) -> (String, Vec<String>, Vec<String>) {
+    let out = env.in_pod(
+        pod,
+        &["dig", "+time=2", "+tries=1", "@10.96.0.10", name, "A"],
+    );
+    (dig_status(&out), dig_answers(&out), dig_authority(&out))
+}
+
+#[test]
+fn names_under_svc_that_no_service_has_are_nxdomain_without_the_cluster_dns() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None)]);
+    publish_registry(&env);
+    let pod = env.add_pod("walker", "default", &[]);
+    let daemon = env.start_daemon(&["--capture-default", "on"]);
+    assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
+    let asked = env.fake.queries();
+    // A Kubernetes search list's first two steps for an external name, and a Service
+    // that is not there.
+    for name in [
+        "api.example.org.default.svc.cluster.local",
+        "api.example.org.svc.cluster.local",
+        "nope.default.svc.cluster.local",
+    ] {
+        let (status, answers, authority) = dig_full(&env, pod, name);
+        assert_eq!(status, "NXDOMAIN", "{name}");
+        assert!(answers.is_empty(), "{name}: {answers:?}");
+        assert_eq!(
+            authority,
+            ["cluster.local."],
+            "{name}: the SOA that makes it cached"
+        );
+    }
+    assert_eq!(env.fake.queries(), asked, "the cluster DNS was not asked");
+    // Below a Service that exists (a headless Service's pods, SRV): the cluster DNS's.
+    let (status, answers, _) = dig_full(&env, pod, "pod-0.reviews.default.svc.cluster.local");
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NOERROR", vec![FAKE_A.to_owned()])
+    );
+    assert_eq!(env.fake.queries(), asked + 1);
+    // A Service that comes exists from the next table on.
+    env.api.apply(
+        Resource::Services,
+        json!({"metadata": {"name": "late", "namespace": "default"},
+               "spec": {"clusterIP": "10.100.0.9", "ports": [{"port": 80}]}}),
+    );
+    env.wait_for_answer(pod, "late.default.svc.cluster.local", "10.100.0.9");
+    drop(daemon);
+
+    // `--svc-nxdomain off`: the cluster DNS answers names under svc as before.
+    let _daemon = env.start_daemon(&["--capture-default", "on", "--svc-nxdomain", "off"]);
+    env.wait_for_answer(pod, "reviews", REVIEWS_IP);
+    let (status, answers, _) = dig_full(&env, pod, "nope.default.svc.cluster.local");
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NOERROR", vec![FAKE_A.to_owned()])
+    );
+}
+
 #[test]
 fn per_pod_auto_allocation_opt_out_and_dns_debug_logs() {
     if !privileged() {

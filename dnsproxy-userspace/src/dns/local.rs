@@ -1,7 +1,8 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
 //! ANY (its addresses, RFC 8482), NODATA for every other type of a name the table owns,
-//! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`. Names the
-//! table does not know, and SRV of Kubernetes Services, are left to upstream.
+//! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`, NXDOMAIN
+//! for names under `svc.<cluster domain>` that no Service has (node mode). Other names
+//! the table does not know, and SRV of Kubernetes Services, are left to upstream.
 use std::collections::HashSet;
 
 use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
@@ -27,6 +28,8 @@ pub struct LocalAnswer {
     pub soa: Option<Record>,
     /// An alias target the table does not know: resolve it upstream and append.
     pub chase: Option<Name>,
+    /// The name does not exist (NXDOMAIN, with `soa`).
+    pub nxdomain: bool,
 }
 
 fn soa(owner: &Name, ttl: u32) -> Record {
@@ -58,7 +61,9 @@ pub fn answer(
     if qtype == RecordType::PTR {
         return ptr_answer(table, &name, qname, ttl, &client.namespace);
     }
-    let matched = table.resolve(&name, &client.namespace, &client.extra_search)?;
+    let Some(matched) = table.resolve(&name, &client.namespace, &client.extra_search) else {
+        return no_such_service(table, &name, ttl);
+    };
     let (Match::Direct(host) | Match::SearchSuffix { host, .. }) = matched;
     if host.auto_allocated && !client.auto_allocate {
         // This pod opted out of auto-allocation: the real name servers answer.
@@ -71,6 +76,22 @@ pub fn answer(
     }
     let chain = Chain::start(matched, qname, ttl)?;
     chain.follow(table, ipv6_backed, qtype, ttl, &client.namespace)
+}
+
+/// NXDOMAIN for a name under `svc.<cluster domain>` that no Service has, with the
+/// cluster domain's SOA so that the client caches it (RFC 2308) for `ttl`: the walk of
+/// a Kubernetes search list (`name.<ns>.svc.<cd>`, `name.svc.<cd>`) ends here instead
+/// of at the cluster DNS.
+fn no_such_service(table: &NameTable, name: &str, ttl: u32) -> Option<LocalAnswer> {
+    if !table.no_such_service(name) {
+        return None;
+    }
+    let zone = fqdn(table.cluster_domain())?;
+    Some(LocalAnswer {
+        soa: Some(soa(&zone, ttl)),
+        nxdomain: true,
+        ..Default::default()
+    })
 }
 
 /// PTR for a VIP or `ClusterIP` the table knows.

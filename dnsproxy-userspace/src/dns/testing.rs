@@ -91,9 +91,38 @@ pub(crate) fn handler_with_limits(
     limits: inflight::Limits,
     serve_stale: bool,
 ) -> Handler {
+    handler_over(
+        TableConfig::default(),
+        upstreams,
+        parallel,
+        limits,
+        serve_stale,
+    )
+}
+
+/// A handler as node mode has it: its table built from every Service of the cluster.
+pub(crate) fn node_handler(upstreams: Vec<SocketAddr>) -> Handler {
+    let config = TableConfig {
+        every_service: true,
+        ..TableConfig::default()
+    };
+    let limits = inflight::Limits {
+        total: 100,
+        per_client: 100,
+    };
+    handler_over(config, upstreams, false, limits, false)
+}
+
+fn handler_over(
+    config: TableConfig,
+    upstreams: Vec<SocketAddr>,
+    parallel: bool,
+    limits: inflight::Limits,
+    serve_stale: bool,
+) -> Handler {
     let mut objects = Objects::default();
     parse_into(REGISTRY, &mut objects).unwrap();
-    let registry = in_memory_registry(&objects, TableConfig::default());
+    let registry = in_memory_registry(&objects, config);
     let translated = Translated::default();
     // As if the backend sync had found IPv6 addresses for aliyun.com only, and written
     // every VIP to the data path.

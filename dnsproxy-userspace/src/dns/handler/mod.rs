@@ -532,6 +532,9 @@ impl Handler {
     ) -> Message {
         let mut reply = response_to(request);
         reply.metadata.authoritative = true;
+        if local.nxdomain {
+            reply.metadata.response_code = ResponseCode::NXDomain;
+        }
         reply.add_answers(local.answers);
         reply.add_answers(chased);
         if let Some(soa) = local.soa {

@@ -9,7 +9,7 @@ use hickory_proto::{
 };
 
 use super::*;
-use crate::dns::testing::{client, ctx, handler_with, handler_with_limits};
+use crate::dns::testing::{client, ctx, handler_with, handler_with_limits, node_handler};
 
 fn query(name: &str, qtype: RecordType, edns: bool) -> Message {
     let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
@@ -411,6 +411,97 @@ async fn external_name_to_an_unknown_target_is_chased_upstream() {
             "upstream-only.test. A 198.51.100.7"
         ]
     );
+}
+
+#[tokio::test]
+async fn names_under_svc_that_no_service_has_are_nxdomain_in_node_mode_only() {
+    let (upstream, asked) = answering_upstream().await;
+    let node = node_handler(vec![upstream]);
+    for name in [
+        // The walk of a Kubernetes search list.
+        "api.example.org.default.svc.cluster.local.",
+        "api.example.org.svc.cluster.local.",
+        // No such Service, and so nothing below it either.
+        "nope.default.svc.cluster.local.",
+        "_http._tcp.nope.default.svc.cluster.local.",
+        "web.no-such-namespace.svc.cluster.local.",
+    ] {
+        for qtype in [RecordType::A, RecordType::AAAA, RecordType::SRV] {
+            let reply = ask(&node, &query(name, qtype, false), Protocol::Udp).await;
+            assert_eq!(
+                reply.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{name} {qtype}"
+            );
+            assert!(reply.metadata.authoritative, "{name}");
+            assert!(reply.answers.is_empty(), "{name}");
+            let soa: Vec<String> = reply
+                .authorities
+                .iter()
+                .map(|r| r.name.to_string())
+                .collect();
+            assert_eq!(
+                soa,
+                ["cluster.local."],
+                "{name}: the zone's SOA, for the client to cache"
+            );
+        }
+    }
+    assert_eq!(count(&asked), 0, "none of them went upstream");
+    // What exists, or may: a Service's own names below it, the names with nothing of
+    // their own, and every name elsewhere, go where they went.
+    for name in [
+        "_http._tcp.reviews.default.svc.cluster.local.",
+        "pod-0.reviews.default.svc.cluster.local.",
+        "default.svc.cluster.local.",
+        "svc.cluster.local.",
+        "api.example.org.cluster.local.",
+        "example.org.",
+    ] {
+        let reply = ask(&node, &query(name, RecordType::A, false), Protocol::Udp).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
+    }
+    assert_eq!(count(&asked), 6);
+    // A Service's own name is the table's, and a search-suffixed table name is still
+    // its CNAME.
+    let reply = ask(
+        &node,
+        &query("reviews.default.svc.cluster.local.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
+    assert_eq!(
+        records(&reply),
+        ["reviews.default.svc.cluster.local. A 10.0.0.5"]
+    );
+    let reply = ask(
+        &node,
+        &query(
+            "aliyun.com.default.svc.cluster.local.",
+            RecordType::CNAME,
+            false,
+        ),
+        Protocol::Udp,
+    )
+    .await;
+    assert_eq!(
+        records(&reply),
+        ["aliyun.com.default.svc.cluster.local. CNAME aliyun.com."]
+    );
+    // Local mode's table does not hold every Service: the same name goes upstream.
+    let local = handler_with(vec![upstream], false);
+    let reply = ask(
+        &local,
+        &query("nope.default.svc.cluster.local.", RecordType::A, false),
+        Protocol::Udp,
+    )
+    .await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(count(&asked), 7);
 }
 
 #[tokio::test]

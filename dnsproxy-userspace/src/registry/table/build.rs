@@ -266,6 +266,7 @@ impl Builder {
         }
         for svc in services.iter().filter(|s| s.metadata.ns() == ns) {
             let name = normalize(svc.metadata.name_str());
+            self.shard.service_names.insert(name.as_str().into());
             let fqdn: Arc<str> = format!("{name}.{ns}.svc.{cd}").into();
             let export_to = Visibility::from_annotation(&svc.metadata, &self.default_export);
             let owner = self.owner(Kind::Service, &svc.metadata, export_to);

@@ -13,7 +13,7 @@ pub mod addresses;
 mod build;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
@@ -311,6 +311,8 @@ pub struct Shard {
     refused: Vec<Refusal>,
     /// The entries': declared addresses they hold, sorted.
     declared: Vec<IpAddr>,
+    /// A namespace's: the names of its Services, whatever their kind and endpoints.
+    service_names: HashSet<Box<str>>,
 }
 
 impl Shard {
@@ -348,6 +350,9 @@ pub struct NameTable {
     default_export: Arc<[String]>,
     /// `--max-hosts-per-namespace` (0: no bound).
     max_hosts_per_namespace: usize,
+    /// Built from every Service of the cluster: names under `svc.<cluster domain>`
+    /// are all known. Never so for an empty table (before the first sync).
+    every_service: bool,
 }
 
 /// A namespace's Services and `EndpointSlices`.
@@ -364,6 +369,10 @@ pub struct TableConfig {
     /// Most `ServiceEntry` hosts of one namespace (`--max-hosts-per-namespace`; 0: no
     /// bound), the oldest entries first.
     pub max_hosts_per_namespace: usize,
+    /// The objects a table is built from hold every Service of the cluster (node mode,
+    /// `--svc-nxdomain`): a name under `svc.<cluster domain>` that names no Service
+    /// does not exist ([`NameTable::no_such_service`]).
+    pub every_service: bool,
 }
 
 impl Default for TableConfig {
@@ -373,6 +382,7 @@ impl Default for TableConfig {
             addresses: AddressPolicy::default(),
             default_export_to: Vec::new(),
             max_hosts_per_namespace: 0,
+            every_service: false,
         }
     }
 }
@@ -393,6 +403,7 @@ impl NameTable {
     /// VIPs from `vips` (`crate::vip::assign` decides who gets which).
     pub fn build(objects: &Objects, vips: &Allocation, cfg: &TableConfig) -> Self {
         let mut table = NameTable::empty(cfg);
+        table.every_service = cfg.every_service;
         let mut by_namespace: BTreeMap<&str, NamespaceObjects> = BTreeMap::new();
         for svc in &objects.services {
             by_namespace
@@ -585,6 +596,29 @@ impl NameTable {
             rest = suffix;
         }
         None
+    }
+
+    /// Whether `name` (normalized) is under `svc.<cluster domain>` and no Service has
+    /// it: `<service>.<namespace>.svc.<cluster domain>` and every name below it (SRV's
+    /// `_port._proto.`, a headless Service's pods) exist only where the Service does.
+    /// Never for `svc.<cluster domain>` and `<namespace>.svc.<cluster domain>`
+    /// themselves (names with nothing of their own but names below them), and never
+    /// unless the table was built from every Service of the cluster.
+    pub fn no_such_service(&self, name: &str) -> bool {
+        if !self.every_service {
+            return false;
+        }
+        let Some(under) = under_services(name, &self.cluster_domain) else {
+            return false;
+        };
+        let mut labels = under.rsplit('.');
+        let (Some(ns), Some(service)) = (labels.next(), labels.next()) else {
+            return false;
+        };
+        !self
+            .services
+            .get(ns)
+            .is_some_and(|s| s.service_names.contains(service))
     }
 
     /// The entry a client of the `default` namespace sees (for tests and tools).

@@ -884,3 +884,61 @@ fn a_namespace_past_its_quota_gets_no_more_hosts_or_vips_and_the_oldest_stay() {
         "0: no bound"
     );
 }
+
+#[test]
+fn no_such_service_only_below_a_service_that_is_not_there_and_only_from_every_service() {
+    let mut objects = Objects::default();
+    parse_into(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.7.7}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peers, namespace: shop}
+spec: {clusterIP: None}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: Hidden, namespace: shop, annotations: {networking.istio.io/exportTo: shop}}
+spec: {clusterIP: 10.96.7.8}
+",
+        &mut objects,
+    )
+    .unwrap();
+    let every = TableConfig {
+        every_service: true,
+        ..TableConfig::default()
+    };
+    let t = build_cfg(&objects, &every);
+    for name in [
+        "nope.shop.svc.cluster.local",
+        "_dns._udp.nope.shop.svc.cluster.local",
+        "web.empty.svc.cluster.local",
+        "api.example.org.shop.svc.cluster.local",
+    ] {
+        assert!(t.no_such_service(name), "{name}");
+    }
+    for name in [
+        "web.shop.svc.cluster.local",
+        "_http._tcp.web.shop.svc.cluster.local",
+        // A headless Service without ready endpoints exists all the same.
+        "peers.shop.svc.cluster.local",
+        "peers-0.peers.shop.svc.cluster.local",
+        // Whoever may see it, it exists: those who may not are forwarded as before.
+        "hidden.shop.svc.cluster.local",
+        "shop.svc.cluster.local",
+        "svc.cluster.local",
+        "nope.shop.cluster.local",
+        "example.org",
+    ] {
+        assert!(!t.no_such_service(name), "{name}");
+    }
+    assert!(
+        !build_cfg(&objects, &TableConfig::default())
+            .no_such_service("nope.shop.svc.cluster.local")
+    );
+    assert!(!NameTable::empty(&every).no_such_service("nope.shop.svc.cluster.local"));
+}
