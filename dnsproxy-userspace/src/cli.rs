@@ -353,11 +353,20 @@ pub struct RunArgs {
     pub cluster_domain: String,
 
     /// Node mode: answer NXDOMAIN (authoritative, with an SOA the client caches) for a
-    /// name under `svc.<cluster domain>` whose namespace has no Service of that name,
-    /// instead of asking the cluster DNS. Turn it off (`=false`) where CoreDNS serves
-    /// more names there than the Services (a plugin of its own under `svc`): `off`.
-    #[arg(long, value_enum, default_value_t = Switch::On, env = "DNSPROXY_SVC_NXDOMAIN")]
-    pub svc_nxdomain: Switch,
+    /// name of the cluster domain that no Service has (under `svc.`: no Service of that
+    /// name in that namespace; elsewhere: any name but under `pod.`), instead of asking
+    /// the cluster DNS. `off` where CoreDNS serves more names there than the
+    /// kubernetes plugin does.
+    #[arg(long, value_enum, default_value_t = Switch::On, env = "DNSPROXY_CLUSTER_NXDOMAIN")]
+    pub cluster_nxdomain: Switch,
+
+    /// Node mode: walk each captured pod's search list (its resolv.conf) for it when
+    /// the first search step of a name does not exist, and answer that first query
+    /// with a CNAME to the first name that does (CoreDNS's autopath): one round trip
+    /// instead of one per search domain. A pod opts out with the annotation
+    /// `dnsproxy.io/autopath: "false"`.
+    #[arg(long, value_enum, default_value_t = Switch::On, env = "DNSPROXY_AUTOPATH")]
+    pub autopath: Switch,
 
     /// Namespace of the clients (local mode): decides Kubernetes short names and the
     /// search domains `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`.

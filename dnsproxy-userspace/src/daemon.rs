@@ -256,7 +256,7 @@ impl Settings {
             },
             default_export_to: self.args.default_export_to.clone(),
             max_hosts_per_namespace: self.args.max_hosts_per_namespace,
-            every_service: self.node() && self.args.svc_nxdomain == Switch::On,
+            every_service: self.node() && self.args.cluster_nxdomain == Switch::On,
         });
         let store = self.cluster.as_ref().and_then(|c| {
             let location = self.args.vip_store.as_str();
@@ -288,6 +288,7 @@ impl Settings {
                 capture_default: self.args.capture_default == Switch::On,
                 listen_port: self.args.listen_port,
                 extra_search: self.extra_search.clone(),
+                autopath: self.args.autopath == Switch::On,
                 pin_dir: self.args.pin_dir.clone(),
                 locator: capture::netns::Locator {
                     cgroup_root: self.cgroup.clone(),

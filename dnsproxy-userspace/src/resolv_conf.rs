@@ -1,4 +1,4 @@
-//! The nameservers of a resolv.conf file.
+//! The nameservers and the search list of a resolv.conf file.
 use std::{net::IpAddr, path::Path};
 
 /// Errors reading resolv.conf.
@@ -26,6 +26,29 @@ pub fn parse_nameservers(text: &str) -> Vec<IpAddr> {
             addr.split('%').next()?.parse().ok()
         })
         .collect()
+}
+
+/// Most search domains kept (glibc's own bound since 2.26).
+pub const MAX_SEARCH: usize = 32;
+
+/// The search list: the last `search` or `domain` line's domains, as the resolver
+/// reads them (lowercase, no trailing dot, no empty or over-long names), at most
+/// [`MAX_SEARCH`].
+pub fn parse_search(text: &str) -> Vec<String> {
+    let mut search = Vec::new();
+    for line in text.lines() {
+        let line = line.split(['#', ';']).next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        if !matches!(words.next(), Some("search" | "domain")) {
+            continue;
+        }
+        search = words
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+            .filter(|d| !d.is_empty() && d.len() <= 253)
+            .take(MAX_SEARCH)
+            .collect();
+    }
+    search
 }
 
 /// Reads `path` and returns its nameservers, or an error if there are none.
@@ -57,6 +80,24 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(got, ["10.96.0.10", "fe80::1", "fd00::10"]);
+    }
+
+    #[test]
+    fn the_last_search_line_wins_lowercased_and_bounded() {
+        let text = "search a.example\nnameserver 10.96.0.10\n\
+                    search Default.svc.cluster.local. svc.cluster.local cluster.local ; x\n\
+                    options ndots:5\n";
+        assert_eq!(
+            parse_search(text),
+            [
+                "default.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ]
+        );
+        assert!(parse_search("nameserver 10.0.0.1\n").is_empty());
+        let many = format!("search {}\n", vec!["x.example"; 40].join(" "));
+        assert_eq!(parse_search(&many).len(), MAX_SEARCH);
     }
 
     #[test]

@@ -22,10 +22,16 @@ struct Entry {
     aaaa_fails: bool,
     /// UDP answers are sent this late.
     delay: Duration,
+    /// The name does not exist (NXDOMAIN).
+    nxdomain: bool,
 }
 
-/// Name (lower case, no trailing dot) → what is answered.
+/// Name (lower case, no trailing dot; `*.domain` for every name below it) → what is
+/// answered.
 type Records = Arc<Mutex<HashMap<String, Entry>>>;
+
+/// The questions received, `name type`.
+type Asked = Arc<Mutex<Vec<String>>>;
 
 fn key(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -34,6 +40,7 @@ fn key(name: &str) -> String {
 pub struct FakeDns {
     signal: Signal,
     records: Records,
+    asked: Asked,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
@@ -41,18 +48,20 @@ impl FakeDns {
     pub fn start(netns: &Netns) -> Self {
         let signal = Signal::default();
         let records = Records::default();
+        let asked = Asked::default();
         let mut threads = Vec::new();
         for addr in ["10.96.0.10:53", "[fd00::10]:53"] {
             let addr: SocketAddr = addr.parse().unwrap();
             let (udp, tcp) = bind_in(netns, addr);
-            let (s, r) = (signal.clone(), Arc::clone(&records));
-            threads.push(thread::spawn(move || serve_udp(&udp, &s, &r)));
-            let (s, r) = (signal.clone(), Arc::clone(&records));
-            threads.push(thread::spawn(move || serve_tcp(&tcp, &s, &r)));
+            let (s, r, a) = (signal.clone(), Arc::clone(&records), Arc::clone(&asked));
+            threads.push(thread::spawn(move || serve_udp(&udp, &s, &(r, a))));
+            let (s, r, a) = (signal.clone(), Arc::clone(&records), Arc::clone(&asked));
+            threads.push(thread::spawn(move || serve_tcp(&tcp, &s, &(r, a))));
         }
         FakeDns {
             signal,
             records,
+            asked,
             threads,
         }
     }
@@ -65,8 +74,30 @@ impl FakeDns {
             ttl,
             aaaa_fails: false,
             delay: Duration::ZERO,
+            nxdomain: false,
         };
         self.records.lock().unwrap().insert(key(name), entry);
+    }
+
+    /// From now on, every name below `domain` that was not [`FakeDns::set`] does not
+    /// exist (NXDOMAIN), as the cluster DNS says of its own zone.
+    pub fn nxdomain_below(&self, domain: &str) {
+        let entry = Entry {
+            addrs: Vec::new(),
+            ttl: 60,
+            aaaa_fails: false,
+            delay: Duration::ZERO,
+            nxdomain: true,
+        };
+        self.records
+            .lock()
+            .unwrap()
+            .insert(format!("*.{}", key(domain)), entry);
+    }
+
+    /// The questions it got, as `name type` (`api.example.org A`), in order.
+    pub fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
     }
 
     /// From now on, AAAA questions for `name` (set before) get SERVFAIL, or not.
@@ -98,7 +129,7 @@ impl Drop for FakeDns {
     }
 }
 
-fn serve_udp(sock: &UdpSocket, signal: &Signal, records: &Records) {
+fn serve_udp(sock: &UdpSocket, signal: &Signal, records: &(Records, Asked)) {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut buf = [0u8; 4096];
@@ -120,7 +151,7 @@ fn serve_udp(sock: &UdpSocket, signal: &Signal, records: &Records) {
     }
 }
 
-fn serve_tcp(listener: &TcpListener, signal: &Signal, records: &Records) {
+fn serve_tcp(listener: &TcpListener, signal: &Signal, records: &(Records, Asked)) {
     listener.set_nonblocking(true).unwrap();
     while !signal.stop.load(Ordering::SeqCst) {
         let Ok((mut stream, _)) = listener.accept() else {
@@ -150,7 +181,8 @@ fn serve_tcp(listener: &TcpListener, signal: &Signal, records: &Records) {
 
 /// Builds the reply to a one-question query: header, the question as sent, and the
 /// A/AAAA records of the name (none for other types); with the delay to send it after.
-fn answer(q: &[u8], records: &Records) -> Option<(Vec<u8>, Duration)> {
+/// The question is noted in `asked`.
+fn answer(q: &[u8], (records, asked): &(Records, Asked)) -> Option<(Vec<u8>, Duration)> {
     if q.len() < 12 || q[2] & 0x80 != 0 {
         return None;
     }
@@ -167,17 +199,37 @@ fn answer(q: &[u8], records: &Records) -> Option<(Vec<u8>, Duration)> {
     }
     let name = labels.join(".");
     let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-    let entry = records.lock().unwrap().get(&name).cloned();
+    let qtype_name = match qtype {
+        1 => "A".to_owned(),
+        28 => "AAAA".to_owned(),
+        other => other.to_string(),
+    };
+    asked.lock().unwrap().push(format!("{name} {qtype_name}"));
+    let entry = {
+        let records = records.lock().unwrap();
+        records.get(&name).cloned().or_else(|| {
+            let mut rest = name.as_str();
+            while let Some((_, parent)) = rest.split_once('.') {
+                if let Some(e) = records.get(&format!("*.{parent}")) {
+                    return Some(e.clone());
+                }
+                rest = parent;
+            }
+            None
+        })
+    };
     let Entry {
         addrs,
         ttl,
         aaaa_fails,
         delay,
+        nxdomain,
     } = entry.unwrap_or_else(|| Entry {
         addrs: vec![FAKE_A.parse().unwrap(), FAKE_AAAA.parse().unwrap()],
         ttl: 60,
         aaaa_fails: false,
         delay: Duration::ZERO,
+        nxdomain: false,
     });
     if aaaa_fails && qtype == 28 {
         let mut r = q[..question_end].to_vec();
@@ -197,7 +249,7 @@ fn answer(q: &[u8], records: &Records) -> Option<(Vec<u8>, Duration)> {
     let mut r = Vec::with_capacity(question_end + 32 * rdatas.len());
     r.extend_from_slice(&q[..2]);
     r.push(0x80 | (q[2] & 0x01)); // QR, RD copied, not authoritative
-    r.push(0x80); // RA
+    r.push(if nxdomain { 0x83 } else { 0x80 }); // RA, NXDOMAIN or NOERROR
     r.extend_from_slice(&[0, 1]);
     r.extend_from_slice(&(rdatas.len() as u16).to_be_bytes());
     r.extend_from_slice(&[0, 0, 0, 0]);

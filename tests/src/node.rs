@@ -194,11 +194,41 @@ impl NodeEnv {
     /// Creates a pod's netns, cgroup and process, as the runtime does before the
     /// kubelet reports the pod Running, without publishing it; returns its index.
     pub fn start_pod(&mut self, name: &str, namespace: &str) -> usize {
+        self.start_pod_with(name, namespace, None)
+    }
+
+    /// [`NodeEnv::add_pod`] for a pod whose containers see `resolv_conf` as their
+    /// /etc/resolv.conf (its process runs in a mount namespace of its own).
+    pub fn add_pod_with_resolv_conf(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        annotations: &[(&str, &str)],
+        resolv_conf: &std::path::Path,
+    ) -> usize {
+        let pod = self.start_pod_with(name, namespace, Some(resolv_conf));
+        self.annotate(pod, annotations);
+        pod
+    }
+
+    fn start_pod_with(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        resolv_conf: Option<&std::path::Path>,
+    ) -> usize {
         let netns = Netns::new();
         let fake = FakeDns::start(&netns);
         let uid = uid();
         let cgroup = self.root.child(&format!("pod{uid}"));
-        let sleeper = start_sleeper(&netns, &cgroup);
+        let sleeper = match resolv_conf {
+            None => start_sleeper(&netns, &cgroup),
+            Some(path) => crate::captured_command(&netns, &cgroup, path, &["sleep", "600"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the pod's process"),
+        };
         let pod = FakePod {
             name: name.into(),
             namespace: namespace.into(),
@@ -310,6 +340,20 @@ impl NodeEnv {
             .arg("--")
             .args(args);
         run_with_timeout(&mut cmd, Duration::from_secs(20))
+    }
+
+    /// `args` run inside pod `pod` with `resolv_conf` as its /etc/resolv.conf.
+    pub fn in_pod_with_resolv_conf(
+        &self,
+        pod: usize,
+        resolv_conf: &std::path::Path,
+        args: &[&str],
+    ) -> Output {
+        let p = &self.pods[pod];
+        run_with_timeout(
+            &mut crate::captured_command(&p.netns, &p.cgroup, resolv_conf, args),
+            Duration::from_secs(20),
+        )
     }
 
     /// The daemon's `/metrics` (on the node's loopback).

@@ -169,7 +169,7 @@ fn dig_full(env: &NodeEnv, pod: usize, name: &str) -> (String, Vec<String>, Vec<
 }
 
 #[test]
-fn names_under_svc_that_no_service_has_are_nxdomain_without_the_cluster_dns() {
+fn cluster_names_that_no_service_has_are_nxdomain_without_the_cluster_dns() {
     if !privileged() {
         return;
     }
@@ -179,11 +179,12 @@ fn names_under_svc_that_no_service_has_are_nxdomain_without_the_cluster_dns() {
     let daemon = env.start_daemon(&["--capture-default", "on"]);
     assert_eq!(env.dig(pod, "reviews"), REVIEWS_IP);
     let asked = env.fake.queries();
-    // A Kubernetes search list's first two steps for an external name, and a Service
-    // that is not there.
+    // A Kubernetes search list's three steps for an external name, and a Service that
+    // is not there.
     for name in [
         "api.example.org.default.svc.cluster.local",
         "api.example.org.svc.cluster.local",
+        "api.example.org.cluster.local",
         "nope.default.svc.cluster.local",
     ] {
         let (status, answers, authority) = dig_full(&env, pod, name);
@@ -212,14 +213,119 @@ fn names_under_svc_that_no_service_has_are_nxdomain_without_the_cluster_dns() {
     env.wait_for_answer(pod, "late.default.svc.cluster.local", "10.100.0.9");
     drop(daemon);
 
-    // `--svc-nxdomain off`: the cluster DNS answers names under svc as before.
-    let _daemon = env.start_daemon(&["--capture-default", "on", "--svc-nxdomain", "off"]);
+    // `--cluster-nxdomain off`: the cluster DNS answers them as before.
+    let _daemon = env.start_daemon(&["--capture-default", "on", "--cluster-nxdomain", "off"]);
     env.wait_for_answer(pod, "reviews", REVIEWS_IP);
     let (status, answers, _) = dig_full(&env, pod, "nope.default.svc.cluster.local");
     assert_eq!(
         (status.as_str(), answers),
         ("NOERROR", vec![FAKE_A.to_owned()])
     );
+}
+
+/// The sum of pod `pod`'s `dns_requests_total` series: the queries its resolver sent.
+fn pod_queries(env: &NodeEnv, pod: &str) -> u64 {
+    let needle = format!("pod=\"{pod}\"");
+    env.metrics()
+        .lines()
+        .filter(|l| l.starts_with("dns_requests_total{") && l.contains(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A pod's resolv.conf as the kubelet writes it for `dnsPolicy: ClusterFirst` on a node
+/// whose own search domain is `corp.example`.
+const POD_RESOLV_CONF: &str = "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\nnameserver 10.96.0.10\noptions ndots:5\n";
+
+#[test]
+fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
+    if !privileged() {
+        return;
+    }
+    let mut env = NodeEnv::new(&[("default", None)]);
+    publish_registry(&env);
+    // The cluster DNS: its zone has nothing but the Services, corp.example only the
+    // intranet's wiki, and api.example.org an IPv4 address.
+    env.fake.nxdomain_below("cluster.local");
+    env.fake.nxdomain_below("corp.example");
+    env.fake
+        .set("wiki.intranet.corp.example", &["198.51.100.20"], 60);
+    env.fake.set("api.example.org", &["198.51.100.7"], 60);
+    let resolv = env.dir.join("pod-resolv.conf");
+    std::fs::write(&resolv, POD_RESOLV_CONF).unwrap();
+    let walker = env.add_pod_with_resolv_conf("walker", "default", &[], &resolv);
+    let walks_itself = env.add_pod_with_resolv_conf(
+        "walks-itself",
+        "default",
+        &[("dnsproxy.io/autopath", "false")],
+        &resolv,
+    );
+    let daemon = env.start_daemon(&["--capture-default", "on"]);
+    env.wait_for_answer(walker, "reviews", REVIEWS_IP);
+    env.wait_for_answer(walks_itself, "reviews", REVIEWS_IP);
+    let log = daemon.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("DNS capture started")
+            && l.contains("pod=default/walker")
+            && l.contains("corp.example")),
+        "the pod's search list is read from its resolv.conf: {log}"
+    );
+
+    // glibc (getent ahosts: A and AAAA for each search step) from each pod: the
+    // addresses it found, the queries it sent, what the cluster DNS was asked.
+    let lookup = |pod: usize, name: &str| {
+        let pod_name = &env.pods[pod].name;
+        let (queries, asked) = (pod_queries(&env, pod_name), env.fake.asked().len());
+        let out = env.in_pod_with_resolv_conf(pod, &resolv, &["getent", "ahosts", name]);
+        let found: std::collections::BTreeSet<String> = stdout(&out)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(ToOwned::to_owned))
+            .collect();
+        let upstream = env.fake.asked()[asked..].to_vec();
+        (found, pod_queries(&env, pod_name) - queries, upstream)
+    };
+    let has = |found: &std::collections::BTreeSet<String>, ip: &str| found.contains(ip);
+    let (off, off_queries, off_upstream) = lookup(walks_itself, "api.example.org");
+    eprintln!(
+        "glibc api.example.org, autopath off, cold cache: {off_queries} client queries, upstream {off_upstream:?}"
+    );
+    assert!(has(&off, "198.51.100.7"), "{off:?}");
+    // A and AAAA for each of the 4 search domains, then for the name.
+    assert_eq!(off_queries, 10, "the pod walks its whole list itself");
+    let (on, on_queries, on_upstream) = lookup(walker, "www.example.net");
+    eprintln!(
+        "glibc www.example.net, autopath on, cold cache: {on_queries} client queries, upstream {on_upstream:?}"
+    );
+    assert!(has(&on, FAKE_A), "{on:?}");
+    assert_eq!(
+        on_queries, 2,
+        "one round trip: A and AAAA of the first search step"
+    );
+    let real = on_upstream
+        .iter()
+        .filter(|q| q.starts_with("www.example.net "))
+        .count();
+    assert_eq!(real, 2, "A and AAAA of the real name: {on_upstream:?}");
+    assert!(
+        on_upstream.iter().all(|q| !q.contains("cluster.local")),
+        "the cluster's steps never leave the node: {on_upstream:?}"
+    );
+    let (on, on_queries, _) = lookup(walker, "api.example.org");
+    assert!(has(&on, "198.51.100.7"), "{on:?}");
+    assert_eq!(on_queries, 2);
+    // A name that exists under the node's search domain resolves there first, with
+    // autopath as without.
+    let (on, on_queries, _) = lookup(walker, "wiki.intranet");
+    let (off, _, _) = lookup(walks_itself, "wiki.intranet");
+    assert!(has(&on, "198.51.100.20") && on == off, "{on:?} {off:?}");
+    assert_eq!(on_queries, 2);
+    // Names the table has are answered as before.
+    let (reviews, _, _) = lookup(walker, "reviews");
+    assert!(has(&reviews, REVIEWS_IP), "{reviews:?}");
+    // Saved: 4 steps (3 search domains and the name) for A and for AAAA of each of the
+    // two external names, 3 (up to corp.example) for wiki.intranet's.
+    let saved = metric_value(&env.metrics(), "dns_autopath_round_trips_saved_total");
+    assert_eq!(saved, 2 * 8 + 6);
 }
 
 #[test]
@@ -296,9 +402,16 @@ fn watch_relists_after_410_gone_and_follows_changes() {
         "the watchers relisted (lists {lists_before} → {lists})"
     );
 
-    // Deletions arrive through the watch too.
+    // Deletions arrive through the watch too: the Service's name is gone.
     env.api.delete(Resource::Services, "default", "reviews");
-    env.wait_for_answer(pod, "reviews.default.svc.cluster.local", FAKE_A);
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
+    while dig_full(&env, pod, "reviews.default.svc.cluster.local").0 != "NXDOMAIN" {
+        assert!(
+            Instant::now() < deadline,
+            "reviews still answered after its deletion"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -1197,9 +1310,9 @@ fn a_tenant_cannot_declare_a_service_clusterip_or_the_metadata_address() {
 
 /// Names under the cluster domain are the Services': namespace `evil` made, before
 /// shop's Service existed, an entry naming it and a wildcard over every Service name.
-/// Neither ever answers a shop pod: first the name goes to the cluster DNS, then the
-/// Service answers. A name below `svc.cluster.local` nobody defined is not the
-/// wildcard's either. A PTR sweep from shop does not find evil's private entry, while
+/// Neither ever answers a shop pod: first the name does not exist, then the Service
+/// answers. A name below `svc.cluster.local` nobody defined is not the wildcard's
+/// either. A PTR sweep from shop does not find evil's private entry, while
 /// evil's own pods do.
 #[test]
 fn a_squatter_under_the_cluster_domain_loses_to_the_service_and_ptr_follows_export_to() {
@@ -1223,8 +1336,13 @@ fn a_squatter_under_the_cluster_domain_loses_to_the_service_and_ptr_follows_expo
     let evil = env.add_pod("mallory", "evil", &[]);
     let daemon = env.start_daemon(&[]);
     env.wait_for_answer(evil, "secret.evil.example", "192.0.2.68");
-    let before = env.dig(shop, "web.shop.svc.cluster.local");
-    assert_eq!(before, FAKE_A, "the cluster DNS answers, not the squatter");
+    // No such Service yet: NXDOMAIN (the daemon holds every Service), not the squatter.
+    let (status, answers, _) = dig_full(&env, shop, "web.shop.svc.cluster.local");
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NXDOMAIN", vec![]),
+        "not the squatter"
+    );
     env.api.apply(
         Resource::Services,
         json!({"metadata": {"name": "web", "namespace": "shop", "creationTimestamp": "2024-01-01T00:00:00Z"},
@@ -1232,7 +1350,12 @@ fn a_squatter_under_the_cluster_domain_loses_to_the_service_and_ptr_follows_expo
     );
     env.wait_for_answer(shop, "web.shop.svc.cluster.local", "10.96.50.50");
     env.wait_for_answer(evil, "web.shop.svc.cluster.local", "10.96.50.50");
-    assert_eq!(env.dig(shop, "nope.shop.svc.cluster.local"), FAKE_A);
+    let (status, answers, _) = dig_full(&env, shop, "nope.shop.svc.cluster.local");
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NXDOMAIN", vec![]),
+        "not the wildcard"
+    );
     let ptr = |pod: usize| env.dig_short(pod, &["-x", "192.0.2.68"]);
     assert_eq!(ptr(evil), "secret.evil.example.");
     assert_ne!(

@@ -7,6 +7,7 @@
 //! own; nothing runs while no pod changes.
 pub mod netns;
 pub mod policy;
+pub mod resolv;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -52,6 +53,8 @@ pub struct CaptureConfig {
     pub listen_port: u16,
     /// Search domains beyond the Kubernetes ones.
     pub extra_search: Vec<String>,
+    /// Walk each pod's search list for it (`--autopath`), unless the pod opts out.
+    pub autopath: bool,
     /// bpffs directory of the pinned maps.
     pub pin_dir: PathBuf,
     /// Where pods' processes are found.
@@ -123,6 +126,22 @@ struct Desired {
     containers: Containers,
     /// It has a sidecar proxy.
     sidecar: bool,
+    /// The daemon walks its search list for it.
+    autopath: bool,
+}
+
+impl Desired {
+    /// Its client context, with the pod's search list when the daemon walks it.
+    fn ctx_with(&self, search: &Arc<[String]>) -> ClientContext {
+        ClientContext {
+            autopath: if self.autopath {
+                Arc::clone(search)
+            } else {
+                Arc::new([])
+            },
+            ..self.ctx.clone()
+        }
+    }
 }
 
 /// A captured pod's listener; dropping it stops the listener (its in-flight queries
@@ -143,6 +162,8 @@ struct PodListener {
     containers: Containers,
     /// The containers changed and the namespace was not found since: look again.
     verify: bool,
+    /// The pod's search list, read when the listener opened.
+    search: Arc<[String]>,
     ctx: SharedContext,
     stop: CancellationToken,
 }
@@ -253,10 +274,10 @@ impl PodCapture {
         };
         if let Some(listener) = self.by_key.get_mut(key) {
             // The pod keeps its metric series across settings changes.
-            let mut ctx = want.ctx;
+            let mut ctx = want.ctx_with(&listener.search);
             ctx.requests.clone_from(&listener.ctx.load().requests);
             if **listener.ctx.load() != ctx {
-                tracing::info!(pod = %key, auto_allocate = ctx.auto_allocate, dns_debug = ctx.debug_log, "pod settings changed");
+                tracing::info!(pod = %key, auto_allocate = ctx.auto_allocate, dns_debug = ctx.debug_log, autopath = !ctx.autopath.is_empty(), "pod settings changed");
                 listener.ctx.store(Arc::new(ctx.clone()));
             }
             if listener.sidecar != want.sidecar {
@@ -341,9 +362,11 @@ impl PodCapture {
                 client: Arc::from(key),
                 pod: Some(key.to_owned()),
                 requests: None,
+                autopath: Arc::new([]),
             },
             containers: Containers::of(pod),
             sidecar: policy::sidecar(pod),
+            autopath: self.config.autopath && policy::autopath(pod),
         })
     }
 
@@ -426,7 +449,7 @@ impl PodCapture {
         bpf::listeners::register(&self.config.pin_dir, slot, &listeners.fds())
             .context("cannot enter the in-pod listener in dp_listeners")?;
         let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
-        let mut ctx = want.ctx;
+        let mut ctx = want.ctx_with(&netns.search);
         ctx.requests = self.shared.handler.metrics().pod_requests(namespace, pod);
         let ctx = Arc::new(ArcSwap::from_pointee(ctx));
         let stop = self.shutdown.child_token();
@@ -452,7 +475,7 @@ impl PodCapture {
         );
         self.serving
             .spawn(listeners.serve(self.shared.clone(), Arc::clone(&ctx), stop.clone()));
-        tracing::info!(pod = %key, netns_cookie = cookie, sidecar = want.sidecar, "DNS capture started: in-pod listener open, policy entry written");
+        tracing::info!(pod = %key, netns_cookie = cookie, sidecar = want.sidecar, autopath = ?ctx.load().autopath, "DNS capture started: in-pod listener open, policy entry written");
         Ok(PodListener {
             uid: want.uid,
             inventory: Arc::clone(&self.handoff.inventory),
@@ -463,6 +486,7 @@ impl PodCapture {
             sidecar: want.sidecar,
             containers: want.containers,
             verify: false,
+            search: Arc::clone(&netns.search),
             ctx,
             stop,
         })

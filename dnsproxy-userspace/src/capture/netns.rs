@@ -18,6 +18,7 @@ use std::{
     sync::Arc,
 };
 
+use super::resolv;
 use crate::{
     bpf::netns_cookie::NetnsCookies,
     dns::server::{BindError, StdListeners, UdpSockets, bind_std},
@@ -98,6 +99,9 @@ pub type NetnsId = (u64, u64);
 pub struct PodNetns {
     process: Pidfd,
     pub id: NetnsId,
+    /// The pod's search list, from the resolv.conf of the first of its processes
+    /// that has one (`super::resolv`); empty when none has.
+    pub search: Arc<[String]>,
 }
 
 impl PodNetns {
@@ -106,6 +110,7 @@ impl PodNetns {
         Ok(PodNetns {
             process: self.process.try_clone()?,
             id: self.id,
+            search: Arc::clone(&self.search),
         })
     }
 }
@@ -131,28 +136,52 @@ impl Locator {
         // A process caught between its container's cgroup and its namespaces (a
         // runtime starting it) may still be in the host's: never a pod's namespace.
         let host = netns_id(Path::new("/proc/thread-self/ns/net")).ok();
-        for pid in processes_below(&cgroup) {
-            let Ok(process) = Pidfd::open(pid) else {
+        let pids = processes_below(&cgroup);
+        for &pid in &pids {
+            let Some((process, id)) =
+                self.read_in_pod(pid, &forms, |proc| netns_id(&proc.join("ns/net")))
+            else {
                 continue;
             };
-            // Read through /proc while the pidfd holds the process: if it is still
-            // alive afterwards, the pid was that process all along.
-            let proc = self.proc_root.join(pid.to_string());
-            let in_pod = std::fs::read_to_string(proc.join("cgroup")).is_ok_and(|c| {
-                c.lines()
-                    .any(|l| forms.iter().any(|f| l.contains(f.as_str())))
-            });
-            let id = netns_id(&proc.join("ns/net"));
-            if !process.is_alive() || !in_pod {
-                continue;
-            }
             let id = id.map_err(|source| NetnsError::Read { pid, source })?;
             if Some(id) == host {
                 continue;
             }
-            return Ok(PodNetns { process, id });
+            // The resolv.conf is the containers' (the sandbox's pause process has none).
+            let search = pids
+                .iter()
+                .find_map(|&pid| {
+                    self.read_in_pod(pid, &forms, |proc| resolv::search_under(&proc.join("root")))?
+                        .1
+                })
+                .unwrap_or_else(|| Arc::new([]));
+            return Ok(PodNetns {
+                process,
+                id,
+                search,
+            });
         }
         Err(NetnsError::NoProcess { cgroup })
+    }
+
+    /// `read` of the /proc directory of `pid`, when `pid` is a process of the pod
+    /// (`forms` of its UID in its cgroup) from before the read until after it: read
+    /// through /proc while a pidfd holds the process, so that if it is still alive
+    /// afterwards the pid was that process all along.
+    fn read_in_pod<T>(
+        &self,
+        pid: u32,
+        forms: &[String],
+        read: impl FnOnce(&Path) -> T,
+    ) -> Option<(Pidfd, T)> {
+        let process = Pidfd::open(pid).ok()?;
+        let proc = self.proc_root.join(pid.to_string());
+        let in_pod = std::fs::read_to_string(proc.join("cgroup")).is_ok_and(|c| {
+            c.lines()
+                .any(|l| forms.iter().any(|f| l.contains(f.as_str())))
+        });
+        let value = read(&proc);
+        (process.is_alive() && in_pod).then_some((process, value))
     }
 }
 

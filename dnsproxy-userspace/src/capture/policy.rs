@@ -17,6 +17,9 @@ pub const ISTIO_LOG_LEVEL: &str = "sidecar.istio.io/agentLogLevel";
 pub const ISTIO_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 /// Pod annotation overriding sidecar detection: `"true"` / `"false"`.
 pub const SIDECAR_ANNOTATION: &str = "dnsproxy.io/sidecar";
+/// Pod annotation: `"false"` opts the pod out of autopath (its resolver walks its
+/// search list itself).
+pub const AUTOPATH_ANNOTATION: &str = "dnsproxy.io/autopath";
 /// The injected proxy's container (a container, or a native sidecar init container).
 pub const ISTIO_PROXY_CONTAINER: &str = "istio-proxy";
 
@@ -50,6 +53,15 @@ pub fn sidecar(pod: &Pod) -> bool {
         || containers
             .into_iter()
             .any(|c| c.name == ISTIO_PROXY_CONTAINER)
+}
+
+/// Whether the daemon walks `pod`'s search list for it: unless
+/// [`AUTOPATH_ANNOTATION`] says no.
+pub fn autopath(pod: &Pod) -> bool {
+    pod.metadata
+        .annotation(AUTOPATH_ANNOTATION)
+        .and_then(parse_bool)
+        .unwrap_or(true)
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -23,6 +23,9 @@ pub struct ClientContext {
     pub client: Arc<str>,
     /// The pod's `dns_requests_total` series (node mode).
     pub requests: Option<Arc<PodRequests>>,
+    /// The pod's own search list, from its resolv.conf, when the daemon walks it for
+    /// the pod (autopath, node mode); empty: the pod walks it itself.
+    pub autopath: Arc<[String]>,
 }
 
 impl ClientContext {
@@ -36,6 +39,7 @@ impl ClientContext {
             pod: None,
             client: Arc::from("local"),
             requests: None,
+            autopath: Arc::new([]),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Answers from the name table: A/AAAA (NODATA with an SOA for the missing family),
 //! ANY (its addresses, RFC 8482), NODATA for every other type of a name the table owns,
 //! CNAME for search-suffixed names and aliases, PTR for VIPs and `ClusterIPs`, NXDOMAIN
-//! for names under `svc.<cluster domain>` that no Service has (node mode). Other names
+//! for names of the cluster domain that no Service has (node mode). Other names
 //! the table does not know, and SRV of Kubernetes Services, are left to upstream.
 use std::collections::HashSet;
 
@@ -62,7 +62,7 @@ pub fn answer(
         return ptr_answer(table, &name, qname, ttl, &client.namespace);
     }
     let Some(matched) = table.resolve(&name, &client.namespace, &client.extra_search) else {
-        return no_such_service(table, &name, ttl);
+        return no_such_cluster_name(table, &name, ttl);
     };
     let (Match::Direct(host) | Match::SearchSuffix { host, .. }) = matched;
     if host.auto_allocated && !client.auto_allocate {
@@ -78,12 +78,12 @@ pub fn answer(
     chain.follow(table, ipv6_backed, qtype, ttl, &client.namespace)
 }
 
-/// NXDOMAIN for a name under `svc.<cluster domain>` that no Service has, with the
-/// cluster domain's SOA so that the client caches it (RFC 2308) for `ttl`: the walk of
-/// a Kubernetes search list (`name.<ns>.svc.<cd>`, `name.svc.<cd>`) ends here instead
-/// of at the cluster DNS.
-fn no_such_service(table: &NameTable, name: &str, ttl: u32) -> Option<LocalAnswer> {
-    if !table.no_such_service(name) {
+/// NXDOMAIN for a name of the cluster domain that no Service has, with the cluster
+/// domain's SOA so that the client caches it (RFC 2308) for `ttl`: the walk of a
+/// Kubernetes search list (`name.<ns>.svc.<cd>`, `name.svc.<cd>`, `name.<cd>`) is
+/// answered here instead of by the cluster DNS.
+fn no_such_cluster_name(table: &NameTable, name: &str, ttl: u32) -> Option<LocalAnswer> {
+    if !table.no_such_cluster_name(name) {
         return None;
     }
     let zone = fqdn(table.cluster_domain())?;

@@ -217,6 +217,8 @@ pub struct Metrics {
     merged: Counter,
     failure_cache_hits: Counter,
     fast_resets: Counter,
+    autopath_answers: Counter,
+    autopath_saved: Counter,
     /// By [`TcpReason::REFUSED`] / [`TcpReason::CLOSED`] position.
     tcp_refused: Vec<Counter>,
     tcp_closed: Vec<Counter>,
@@ -248,6 +250,8 @@ impl Metrics {
             merged: Counter::default(),
             failure_cache_hits: Counter::default(),
             fast_resets: Counter::default(),
+            autopath_answers: Counter::default(),
+            autopath_saved: Counter::default(),
             tcp_refused: by_reason(
                 registry,
                 "dns_tcp_connections_refused",
@@ -286,6 +290,16 @@ impl Metrics {
                 "dns_fast_path_resets",
                 "Times a UDP loop's kept answers reached their bound and started over.",
                 &metrics.fast_resets,
+            ),
+            (
+                "dns_autopath_answers",
+                "Queries answered by walking the pod's search list for it (autopath).",
+                &metrics.autopath_answers,
+            ),
+            (
+                "dns_autopath_round_trips_saved",
+                "Queries the pods' resolvers did not send because autopath answered their walk.",
+                &metrics.autopath_saved,
             ),
         ];
         for (name, help, counter) in counters {
@@ -333,6 +347,18 @@ impl Metrics {
     /// Counts a UDP loop's kept answers starting over at their bound.
     pub fn fast_reset(&self) {
         self.fast_resets.inc();
+    }
+
+    /// (autopath answers, round trips they saved), for tests.
+    #[cfg(test)]
+    pub(crate) fn autopath_counts(&self) -> (u64, u64) {
+        (self.autopath_answers.get(), self.autopath_saved.get())
+    }
+
+    /// Counts an autopath answer that spared the client `saved` queries.
+    pub fn autopath(&self, saved: usize) {
+        self.autopath_answers.inc();
+        self.autopath_saved.inc_by(saved as u64);
     }
 
     /// Counts a SERVFAIL from the failure memory.

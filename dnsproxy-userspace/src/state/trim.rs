@@ -132,6 +132,7 @@ pub(super) fn local_pod(pod: &mut Pod) {
             policy::ISTIO_LOG_LEVEL,
             policy::ISTIO_SIDECAR_STATUS,
             policy::SIDECAR_ANNOTATION,
+            policy::AUTOPATH_ANNOTATION,
         ],
     );
     if let Some(spec) = pod.spec.take() {

@@ -8,7 +8,7 @@ use std::{
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{RData, RecordType},
+    rr::{Name, RData, Record, RecordType, rdata},
 };
 
 use super::{
@@ -22,7 +22,11 @@ use super::{
     question::{Bits, Relay},
     upstream::{Refusal, Source, Upstream, UpstreamPath},
 };
-use crate::{registry::Registry, vip::translate::Translated};
+use crate::{
+    name::{fqdn, normalize_name},
+    registry::Registry,
+    vip::translate::Translated,
+};
 
 /// Logs one query under target `dns`: at debug level, or at info level for a client
 /// whose pod asked for `dns:debug`, so its queries show without a global debug level.
@@ -195,7 +199,87 @@ impl Handler {
             }
             None => self.answer_forwarded(&request, &asked).await,
         };
+        let answered = if answered.0.metadata.response_code == ResponseCode::NXDomain
+            && let Some(walked) = self.autopath(&request, &asked).await
+        {
+            walked
+        } else {
+            answered
+        };
         self.counted_reply(&request, &asked, answered)
+    }
+
+    /// The `base` of a query `base.<the pod's first search domain>` (A or AAAA, class
+    /// IN) when the daemon walks the pod's search list for it.
+    fn autopath_base(question: &Query, ctx: &ClientContext) -> Option<String> {
+        let first = ctx.autopath.first()?;
+        if !matches!(question.query_type(), RecordType::A | RecordType::AAAA)
+            || question.query_class() != hickory_proto::rr::DNSClass::IN
+        {
+            return None;
+        }
+        let name = normalize_name(question.name());
+        let base = name.strip_suffix(first.as_str())?.strip_suffix('.')?;
+        (!base.is_empty()).then(|| base.to_owned())
+    }
+
+    /// Autopath: the query is `base.<the pod's first search domain>` and does not
+    /// exist, so the pod's resolver is walking its search list. The daemon walks the
+    /// rest of it (the table's names from the table, the others through the cache and
+    /// the upstreams), then `base` itself, and answers with a CNAME to the first name
+    /// that exists followed by its records, as CoreDNS's autopath does: the pod's walk
+    /// ends after one round trip. `None`: no walk applies, no name along it exists, or
+    /// a step failed (the pod's own walk then goes on as without autopath).
+    async fn autopath(&self, request: &Message, asked: &Asked<'_>) -> Option<(Message, Outcome)> {
+        let question = &request.queries[0];
+        let base = Self::autopath_base(question, asked.ctx)?;
+        let rest = asked.ctx.autopath[1..]
+            .iter()
+            .map(|d| format!("{base}.{d}"));
+        for (saved, name) in rest.chain(std::iter::once(base.clone())).enumerate() {
+            let target = fqdn(&name)?;
+            let mut step = request.clone();
+            step.queries[0] = Query::query(target.clone(), question.query_type());
+            let (reply, outcome) = match self.local(&step.queries[0], asked.ctx) {
+                Some((local, untranslated)) => {
+                    self.answer_local(&step, local, &untranslated, asked).await
+                }
+                None => self.answer_forwarded(&step, asked).await,
+            };
+            match reply.metadata.response_code {
+                ResponseCode::NXDomain => {}
+                ResponseCode::NoError => {
+                    self.metrics.autopath(saved + 1);
+                    answer_log!(asked, question.name(), found = true, autopath = %target, "answered by walking the search list");
+                    return Some((self.walked_reply(request, target, reply), outcome));
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// The reply to the first query of a walk whose step `target` answered `found`: a
+    /// CNAME from the question to `target`, then `found`'s records (its SOA too, when
+    /// it has no record of the type).
+    fn walked_reply(&self, request: &Message, target: Name, found: Message) -> Message {
+        let mut reply = response_to(request);
+        reply.metadata.authoritative = found.metadata.authoritative;
+        let ttl = found
+            .answers
+            .iter()
+            .map(|r| r.ttl)
+            .min()
+            .unwrap_or(self.ttl)
+            .min(self.ttl);
+        reply.add_answer(Record::from_rdata(
+            request.queries[0].name().clone(),
+            ttl,
+            RData::CNAME(rdata::CNAME(target)),
+        ));
+        reply.add_answers(found.answers);
+        reply.add_authorities(found.authorities);
+        reply
     }
 
     /// Counts how a query ended and gives its reply, fitted to its transport.
@@ -233,13 +317,18 @@ impl Handler {
         };
         let question = &request.queries[0];
         let asked = Asked::new(&request, client, protocol, ctx);
+        // A question the daemon may walk the pod's search list for, if its name does
+        // not exist, is answered on a task ([`Handler::handle`]).
+        let walks = Self::autopath_base(question, ctx).is_some();
         let (reply, outcome, keep) = if let Some((local, untranslated)) = self.local(question, ctx)
         {
-            if !untranslated.is_empty() || local.chase.is_some() {
+            if !untranslated.is_empty() || local.chase.is_some() || (walks && local.nxdomain) {
                 return None;
             }
             let reply = Self::local_message(&request, local, Vec::new(), &asked);
             (reply, Outcome::Local, Keep::Table)
+        } else if walks {
+            return None;
         } else {
             match self
                 .upstream
@@ -527,7 +616,7 @@ impl Handler {
     fn local_message(
         request: &Message,
         local: local::LocalAnswer,
-        chased: Vec<hickory_proto::rr::Record>,
+        chased: Vec<Record>,
         asked: &Asked<'_>,
     ) -> Message {
         let mut reply = response_to(request);

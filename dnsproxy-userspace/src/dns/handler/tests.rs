@@ -414,13 +414,14 @@ async fn external_name_to_an_unknown_target_is_chased_upstream() {
 }
 
 #[tokio::test]
-async fn names_under_svc_that_no_service_has_are_nxdomain_in_node_mode_only() {
+async fn cluster_names_that_no_service_has_are_nxdomain_in_node_mode_only() {
     let (upstream, asked) = answering_upstream().await;
     let node = node_handler(vec![upstream]);
     for name in [
         // The walk of a Kubernetes search list.
         "api.example.org.default.svc.cluster.local.",
         "api.example.org.svc.cluster.local.",
+        "api.example.org.cluster.local.",
         // No such Service, and so nothing below it either.
         "nope.default.svc.cluster.local.",
         "_http._tcp.nope.default.svc.cluster.local.",
@@ -455,7 +456,7 @@ async fn names_under_svc_that_no_service_has_are_nxdomain_in_node_mode_only() {
         "pod-0.reviews.default.svc.cluster.local.",
         "default.svc.cluster.local.",
         "svc.cluster.local.",
-        "api.example.org.cluster.local.",
+        "10-0-0-1.default.pod.cluster.local.",
         "example.org.",
     ] {
         let reply = ask(&node, &query(name, RecordType::A, false), Protocol::Udp).await;
@@ -502,6 +503,146 @@ async fn names_under_svc_that_no_service_has_are_nxdomain_in_node_mode_only() {
     .await;
     assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
     assert_eq!(count(&asked), 7);
+}
+
+/// An upstream for the search walks: names under `cluster.local` and `corp.example` do
+/// not exist but for `wiki.intranet.corp.example` (198.51.100.20), every other name is
+/// 198.51.100.7; it keeps the names it was asked.
+async fn walk_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&asked);
+    let addr = upstream_with(move |bytes| {
+        let q = Message::from_vec(bytes).unwrap();
+        let name = q.queries[0].name().to_ascii();
+        seen.lock()
+            .unwrap()
+            .push(format!("{name} {}", q.queries[0].query_type()));
+        let reply = if name == "wiki.intranet.corp.example." {
+            a_reply(&q, "198.51.100.20")
+        } else if name.ends_with(".corp.example.") || name.ends_with(".cluster.local.") {
+            let mut r = response_to(&q);
+            r.metadata.response_code = ResponseCode::NXDomain;
+            r
+        } else {
+            a_reply(&q, "198.51.100.7")
+        };
+        Some(reply.to_vec().unwrap())
+    })
+    .await;
+    (addr, asked)
+}
+
+#[tokio::test]
+async fn autopath_walks_the_pods_search_list_once_and_answers_with_a_cname() {
+    let (upstream, asked) = walk_upstream().await;
+    let h = node_handler(vec![upstream]);
+    let search = [
+        "default.svc.cluster.local",
+        "svc.cluster.local",
+        "cluster.local",
+        "corp.example",
+    ];
+    let walker = ClientContext {
+        autopath: search.iter().map(ToString::to_string).collect(),
+        ..ctx()
+    };
+    let ask_as = async |ctx: &ClientContext, name: &str, qtype| {
+        let q = query(name, qtype, false);
+        let bytes = h
+            .handle(&q.to_vec().unwrap(), Protocol::Udp, client(), ctx)
+            .await
+            .unwrap();
+        Message::from_vec(&bytes).unwrap()
+    };
+    // An external name: the cluster's steps from the table, corp.example and the name
+    // itself upstream; one answer.
+    let reply = ask_as(
+        &walker,
+        "api.example.org.default.svc.cluster.local.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        reply.answers[0].record_type(),
+        RecordType::CNAME,
+        "the CNAME comes first"
+    );
+    assert_eq!(
+        records(&reply),
+        [
+            "api.example.org. A 198.51.100.7",
+            "api.example.org.default.svc.cluster.local. CNAME api.example.org."
+        ]
+    );
+    assert_eq!(
+        *asked.lock().unwrap(),
+        ["api.example.org.corp.example. A", "api.example.org. A"]
+    );
+    assert_eq!(
+        h.metrics().autopath_counts(),
+        (1, 4),
+        "svc, cluster, corp, the name"
+    );
+    // A name under the non-cluster search domain resolves there first.
+    let reply = ask_as(
+        &walker,
+        "wiki.intranet.default.svc.cluster.local.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(
+        records(&reply),
+        [
+            "wiki.intranet.corp.example. A 198.51.100.20",
+            "wiki.intranet.default.svc.cluster.local. CNAME wiki.intranet.corp.example."
+        ]
+    );
+    // A table name is the table's CNAME (no walk), as is a Service.
+    let reply = ask_as(
+        &walker,
+        "aliyun.com.default.svc.cluster.local.",
+        RecordType::CNAME,
+    )
+    .await;
+    assert_eq!(
+        records(&reply),
+        ["aliyun.com.default.svc.cluster.local. CNAME aliyun.com."]
+    );
+    let reply = ask_as(&walker, "reviews.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(
+        records(&reply),
+        ["reviews.default.svc.cluster.local. A 10.0.0.5"]
+    );
+    // Not the first search domain, or a pod that walks itself: NXDOMAIN, no walk.
+    let before = asked.lock().unwrap().len();
+    for (ctx, name) in [
+        (&walker, "other.example.org.svc.cluster.local."),
+        (&ctx(), "other.example.org.default.svc.cluster.local."),
+    ] {
+        let reply = ask_as(ctx, name, RecordType::A).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
+    }
+    assert_eq!(asked.lock().unwrap().len(), before, "nothing went upstream");
+    assert_eq!(h.metrics().autopath_counts(), (2, 7));
+    // The fast path leaves a question it may walk to the task that walks it.
+    let q = query(
+        "api.example.org.default.svc.cluster.local.",
+        RecordType::AAAA,
+        false,
+    );
+    assert!(
+        h.answer_now(&q.to_vec().unwrap(), Protocol::Udp, client(), &walker)
+            .is_none()
+    );
+    assert!(
+        h.answer_now(&q.to_vec().unwrap(), Protocol::Udp, client(), &ctx())
+            .is_some()
+    );
 }
 
 #[tokio::test]

@@ -370,8 +370,8 @@ pub struct TableConfig {
     /// bound), the oldest entries first.
     pub max_hosts_per_namespace: usize,
     /// The objects a table is built from hold every Service of the cluster (node mode,
-    /// `--svc-nxdomain`): a name under `svc.<cluster domain>` that names no Service
-    /// does not exist ([`NameTable::no_such_service`]).
+    /// `--cluster-nxdomain`): a name of the cluster domain that names no Service does
+    /// not exist ([`NameTable::no_such_cluster_name`]).
     pub every_service: bool,
 }
 
@@ -598,27 +598,39 @@ impl NameTable {
         None
     }
 
-    /// Whether `name` (normalized) is under `svc.<cluster domain>` and no Service has
-    /// it: `<service>.<namespace>.svc.<cluster domain>` and every name below it (SRV's
-    /// `_port._proto.`, a headless Service's pods) exist only where the Service does.
-    /// Never for `svc.<cluster domain>` and `<namespace>.svc.<cluster domain>`
-    /// themselves (names with nothing of their own but names below them), and never
-    /// unless the table was built from every Service of the cluster.
-    pub fn no_such_service(&self, name: &str) -> bool {
+    /// Whether `name` (normalized) is a name of the cluster domain that the cluster
+    /// DNS does not have: under `svc.<cluster domain>`, one that no Service has
+    /// (`<service>.<namespace>.svc.<cluster domain>` and every name below it, SRV's
+    /// `_port._proto.` and a headless Service's pods, exist only where the Service
+    /// does); elsewhere below the cluster domain, any name but those under
+    /// `pod.<cluster domain>` (the kubernetes plugin serves nothing else there). Never
+    /// for the names with nothing of their own but names below them (the cluster
+    /// domain, `svc.`, `<namespace>.svc.`), and never unless the table was built from
+    /// every Service of the cluster.
+    pub fn no_such_cluster_name(&self, name: &str) -> bool {
         if !self.every_service {
             return false;
         }
-        let Some(under) = under_services(name, &self.cluster_domain) else {
+        let Some(below) = name
+            .strip_suffix(self.cluster_domain.as_str())
+            .and_then(|rest| rest.strip_suffix('.'))
+        else {
             return false;
         };
-        let mut labels = under.rsplit('.');
-        let (Some(ns), Some(service)) = (labels.next(), labels.next()) else {
-            return false;
-        };
-        !self
-            .services
-            .get(ns)
-            .is_some_and(|s| s.service_names.contains(service))
+        let mut labels = below.rsplit('.');
+        match labels.next() {
+            Some("pod") => false,
+            Some("svc") => {
+                let (Some(ns), Some(service)) = (labels.next(), labels.next()) else {
+                    return false;
+                };
+                !self
+                    .services
+                    .get(ns)
+                    .is_some_and(|s| s.service_names.contains(service))
+            }
+            _ => true,
+        }
     }
 
     /// The entry a client of the `default` namespace sees (for tests and tools).

@@ -886,7 +886,7 @@ fn a_namespace_past_its_quota_gets_no_more_hosts_or_vips_and_the_oldest_stay() {
 }
 
 #[test]
-fn no_such_service_only_below_a_service_that_is_not_there_and_only_from_every_service() {
+fn no_such_cluster_name_only_where_no_service_can_be_and_only_from_every_service() {
     let mut objects = Objects::default();
     parse_into(
         r"
@@ -918,8 +918,11 @@ spec: {clusterIP: 10.96.7.8}
         "_dns._udp.nope.shop.svc.cluster.local",
         "web.empty.svc.cluster.local",
         "api.example.org.shop.svc.cluster.local",
+        // The third step of a Kubernetes search list.
+        "api.example.org.cluster.local",
+        "nope.shop.cluster.local",
     ] {
-        assert!(t.no_such_service(name), "{name}");
+        assert!(t.no_such_cluster_name(name), "{name}");
     }
     for name in [
         "web.shop.svc.cluster.local",
@@ -931,14 +934,16 @@ spec: {clusterIP: 10.96.7.8}
         "hidden.shop.svc.cluster.local",
         "shop.svc.cluster.local",
         "svc.cluster.local",
-        "nope.shop.cluster.local",
+        "cluster.local",
+        // The cluster DNS's own pod names.
+        "10-0-0-1.shop.pod.cluster.local",
         "example.org",
     ] {
-        assert!(!t.no_such_service(name), "{name}");
+        assert!(!t.no_such_cluster_name(name), "{name}");
     }
     assert!(
         !build_cfg(&objects, &TableConfig::default())
-            .no_such_service("nope.shop.svc.cluster.local")
+            .no_such_cluster_name("nope.shop.svc.cluster.local")
     );
-    assert!(!NameTable::empty(&every).no_such_service("nope.shop.svc.cluster.local"));
+    assert!(!NameTable::empty(&every).no_such_cluster_name("nope.shop.svc.cluster.local"));
 }
