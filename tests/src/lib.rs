@@ -8,6 +8,7 @@ use std::{
 };
 
 mod cgroup;
+pub mod clients;
 mod daemon;
 mod dig;
 mod env;

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dnsproxy_e2e::*;
+use dnsproxy_e2e::{clients::Client, *};
 use serde_json::json;
 
 const REVIEWS_IP: &str = "10.100.0.5";
@@ -271,12 +271,14 @@ fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
         "the pod's search list is read from its resolv.conf: {log}"
     );
 
-    // glibc (getent ahosts: A and AAAA for each search step) from each pod: the
-    // addresses it found, the queries it sent, what the cluster DNS was asked.
-    let lookup = |pod: usize, name: &str| {
+    // Each resolver (A and AAAA for each search step) from each pod: the addresses it
+    // found, the queries it sent, what the cluster DNS was asked.
+    let lookup = |client: Client, pod: usize, name: &str| {
         let pod_name = &env.pods[pod].name;
         let (queries, asked) = (pod_queries(&env, pod_name), env.fake.asked().len());
-        let out = env.in_pod_with_resolv_conf(pod, &resolv, &["getent", "ahosts", name]);
+        let command = client.command(name);
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let out = env.in_pod_with_resolv_conf(pod, &resolv, &args);
         let found: std::collections::BTreeSet<String> = stdout(&out)
             .lines()
             .filter_map(|l| l.split_whitespace().next().map(ToOwned::to_owned))
@@ -284,48 +286,67 @@ fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
         let upstream = env.fake.asked()[asked..].to_vec();
         (found, pod_queries(&env, pod_name) - queries, upstream)
     };
-    let has = |found: &std::collections::BTreeSet<String>, ip: &str| found.contains(ip);
-    let (off, off_queries, off_upstream) = lookup(walks_itself, "api.example.org");
-    eprintln!(
-        "glibc api.example.org, autopath off, cold cache: {off_queries} client queries, upstream {off_upstream:?}"
-    );
-    assert!(has(&off, "198.51.100.7"), "{off:?}");
-    // A and AAAA for each of the 4 search domains, then for the name.
-    assert_eq!(off_queries, 10, "the pod walks its whole list itself");
-    let (on, on_queries, on_upstream) = lookup(walker, "www.example.net");
-    eprintln!(
-        "glibc www.example.net, autopath on, cold cache: {on_queries} client queries, upstream {on_upstream:?}"
-    );
-    assert!(has(&on, FAKE_A), "{on:?}");
-    assert_eq!(
-        on_queries, 2,
-        "one round trip: A and AAAA of the first search step"
-    );
-    let real = on_upstream
-        .iter()
-        .filter(|q| q.starts_with("www.example.net "))
-        .count();
-    assert_eq!(real, 2, "A and AAAA of the real name: {on_upstream:?}");
-    assert!(
-        on_upstream.iter().all(|q| !q.contains("cluster.local")),
-        "the cluster's steps never leave the node: {on_upstream:?}"
-    );
-    let (on, on_queries, _) = lookup(walker, "api.example.org");
-    assert!(has(&on, "198.51.100.7"), "{on:?}");
-    assert_eq!(on_queries, 2);
-    // A name that exists under the node's search domain resolves there first, with
-    // autopath as without.
-    let (on, on_queries, _) = lookup(walker, "wiki.intranet");
-    let (off, _, _) = lookup(walks_itself, "wiki.intranet");
-    assert!(has(&on, "198.51.100.20") && on == off, "{on:?} {off:?}");
-    assert_eq!(on_queries, 2);
-    // Names the table has are answered as before.
-    let (reviews, _, _) = lookup(walker, "reviews");
-    assert!(has(&reviews, REVIEWS_IP), "{reviews:?}");
-    // Saved: 4 steps (3 search domains and the name) for A and for AAAA of each of the
-    // two external names, 3 (up to corp.example) for wiki.intranet's.
-    let saved = metric_value(&env.metrics(), "dns_autopath_round_trips_saved_total");
-    assert_eq!(saved, 2 * 8 + 6);
+    let mut saved_by_now = 0;
+    for client in Client::ALL {
+        let who = client.name();
+        // Cold caches: a name of its own for each client and pod.
+        let name = format!("api-{who}.example.org");
+        let (off, off_queries, off_upstream) = lookup(client, walks_itself, &name);
+        eprintln!(
+            "{who} {name}, autopath off, cold cache: {off_queries} client queries, upstream {off_upstream:?}"
+        );
+        assert!(off.contains(FAKE_A), "{who}: {off:?}");
+        let name = format!("www-{who}.example.net");
+        let (on, on_queries, on_upstream) = lookup(client, walker, &name);
+        eprintln!(
+            "{who} {name}, autopath on, cold cache: {on_queries} client queries, upstream {on_upstream:?}"
+        );
+        assert!(on.contains(FAKE_A), "{who}: {on:?}");
+        // Without autopath: A and AAAA for each of the 4 search domains, then the name.
+        assert_eq!(
+            off_queries, 10,
+            "{who}: the pod walks its whole list itself"
+        );
+        assert_eq!(
+            on_queries, 2,
+            "{who}: one round trip, A and AAAA of the first step"
+        );
+        let real = on_upstream
+            .iter()
+            .filter(|q| q.starts_with(&format!("{name} ")))
+            .count();
+        assert_eq!(
+            real, 2,
+            "{who}: A and AAAA of the real name: {on_upstream:?}"
+        );
+        assert!(
+            on_upstream
+                .iter()
+                .chain(&off_upstream)
+                .all(|q| !q.contains("cluster.local")),
+            "{who}: the cluster's steps never leave the node: {on_upstream:?} {off_upstream:?}"
+        );
+        // A name that exists under the node's search domain resolves there first,
+        // with autopath as without; an IPv4-only name too.
+        let (on, on_queries, _) = lookup(client, walker, "wiki.intranet");
+        let (off, _, _) = lookup(client, walks_itself, "wiki.intranet");
+        assert!(
+            on.contains("198.51.100.20") && on == off,
+            "{who}: {on:?} {off:?}"
+        );
+        assert_eq!(on_queries, 2, "{who}");
+        let (on, on_queries, _) = lookup(client, walker, "api.example.org");
+        assert_eq!(on.iter().collect::<Vec<_>>(), ["198.51.100.7"], "{who}");
+        assert_eq!(on_queries, 2, "{who}");
+        // Names the table has are answered as before.
+        let (reviews, _, _) = lookup(client, walker, "reviews");
+        assert!(reviews.contains(REVIEWS_IP), "{who}: {reviews:?}");
+        // Saved: 4 steps (3 search domains and the name) for A and AAAA of each of
+        // the two external names, 3 (up to corp.example) for wiki.intranet's.
+        saved_by_now += 2 * 8 + 6;
+        let saved = metric_value(&env.metrics(), "dns_autopath_round_trips_saved_total");
+        assert_eq!(saved, saved_by_now, "{who}");
+    }
 }
 
 #[test]

@@ -30,8 +30,12 @@ mod kernels;
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
 /// Commands the end-to-end tests run, and the Debian package that provides each.
-const TEST_TOOLS: [(&str, &str); 8] = [
+const TEST_TOOLS: [(&str, &str); 11] = [
     ("dig", "dnsutils"),
+    // The musl and c-ares resolvers of the autopath test (built from tests/clients).
+    ("musl-gcc", "musl-tools"),
+    ("cc", "gcc"),
+    ("/usr/include/ares.h", "libc-ares-dev"),
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
