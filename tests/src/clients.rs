@@ -32,23 +32,24 @@ impl Client {
     pub fn command(self, name: &str) -> Vec<String> {
         match self {
             Client::Glibc => vec!["getent".into(), "ahosts".into(), name.into()],
-            Client::Musl => vec![
-                built("getaddrinfo.c", "musl").display().to_string(),
-                name.into(),
-            ],
-            Client::CAres => vec![
-                built("ares_getaddrinfo.c", "c-ares").display().to_string(),
-                name.into(),
-            ],
+            Client::Musl => {
+                let built = built("getaddrinfo.c", "musl", &["musl-gcc", "-static"], &[]);
+                vec![built.display().to_string(), name.into()]
+            }
+            Client::CAres => {
+                let built = built("ares_getaddrinfo.c", "c-ares", &["cc"], &["-lcares"]);
+                vec![built.display().to_string(), name.into()]
+            }
         }
     }
 }
 
-/// `tests/clients/<source>` built for `kind` under `target/`, again only when the source
+/// `tests/clients/<source>` built with `compiler` (and linked with `libraries`) for
+/// `kind` under `target/`, again only when the source
 /// is newer: built under
 /// a name of its own and renamed into place, so tests running side by side never see
 /// half a binary.
-fn built(source: &str, kind: &str) -> PathBuf {
+fn built(source: &str, kind: &str, compiler: &[&str], libraries: &[&str]) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-clients");
     std::fs::create_dir_all(&dir).expect("a directory for the built clients");
     let out = dir.join(format!("client-{kind}"));
@@ -60,18 +61,12 @@ fn built(source: &str, kind: &str) -> PathBuf {
         return out;
     }
     let partial = dir.join(format!("client-{kind}.{}", std::process::id()));
-    let mut cmd = match kind {
-        "musl" => {
-            let mut c = Command::new("musl-gcc");
-            c.args(["-static", "-O1", "-o"]).arg(&partial).arg(&src);
-            c
-        }
-        _ => {
-            let mut c = Command::new("cc");
-            c.args(["-O1", "-o"]).arg(&partial).arg(&src).arg("-lcares");
-            c
-        }
-    };
+    let mut cmd = Command::new(compiler[0]);
+    cmd.args(&compiler[1..])
+        .args(["-O1", "-o"])
+        .arg(&partial)
+        .arg(&src)
+        .args(libraries);
     let status = cmd.status().unwrap_or_else(|e| {
         panic!("build {source} for {kind} (cargo xtask setup --test-tools): {e}")
     });
