@@ -14,6 +14,7 @@ use std::{
 
 use dnsproxy_e2e::{Daemon, NodeEnv, Resource, TestEnv, privileged};
 
+mod autopath;
 mod cluster;
 mod dnsperf;
 mod ebpf;
@@ -45,7 +46,7 @@ fn bench(args: &[String]) {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
-    // `--only servers|scale|cluster`: one part of the bench (the others are skipped).
+    // `--only servers|scale|cluster|autopath`: one part of the bench (the others are skipped).
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -84,6 +85,12 @@ fn bench(args: &[String]) {
             clusters.push(cluster::row(remote, selected, windows));
         }
     }
+    let autopath = if part("autopath") {
+        eprintln!("bench: autopath, glibc lookups of external names from two pods ...");
+        autopath::rows(secs, rounds)
+    } else {
+        Vec::new()
+    };
     let report = report::Report {
         quick,
         rounds,
@@ -91,6 +98,7 @@ fn bench(args: &[String]) {
         costs,
         scales,
         clusters,
+        autopath,
     };
     print!("{}", report.text());
     std::fs::create_dir_all(&out).expect("create the bench output directory");

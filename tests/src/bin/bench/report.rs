@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use crate::{
+    autopath::AutopathRow,
     cluster::ClusterRow,
     dnsperf::Measured,
     ebpf::PathCost,
@@ -19,6 +20,7 @@ pub(crate) struct Report {
     pub(crate) costs: Vec<PathCost>,
     pub(crate) scales: Vec<Scale>,
     pub(crate) clusters: Vec<ClusterRow>,
+    pub(crate) autopath: Vec<AutopathRow>,
 }
 
 /// A ratio, its goal, and whether it met it.
@@ -157,6 +159,22 @@ impl Report {
             }
         }
         goals.extend(self.cluster_goals());
+        if let [on, off] = self.autopath[..] {
+            goals.extend([
+                goal(
+                    "autopath: glibc queries per external lookup",
+                    on.queries_per_lookup,
+                    "<= 2",
+                    |v| v <= 2.0,
+                ),
+                goal(
+                    "autopath: glibc external lookups/s, on vs off",
+                    on.lookups_per_sec / off.lookups_per_sec,
+                    "> 1",
+                    |v| v > 1.0,
+                ),
+            ]);
+        }
         goals
     }
 
@@ -303,6 +321,25 @@ impl Report {
                  pod of this node from its Running event to \"DNS capture started\")"
             );
         }
+        if !self.autopath.is_empty() {
+            let _ = writeln!(
+                t,
+                "\nglibc getaddrinfo of external names from a pod (ndots:5, 4 search domains, warm cache)\n\
+                 {:<10} {:>10} {:>9} {:>9} {:>16}",
+                "autopath", "lookups/s", "p50 ms", "p99 ms", "queries/lookup"
+            );
+        }
+        for a in &self.autopath {
+            let _ = writeln!(
+                t,
+                "{:<10} {:>10.0} {:>9.3} {:>9.3} {:>16.2}",
+                if a.autopath { "on" } else { "off" },
+                a.lookups_per_sec,
+                a.p50_ms,
+                a.p99_ms,
+                a.queries_per_lookup
+            );
+        }
         let _ = writeln!(t, "\n{:<60} {:>10} {:>9}  met", "ratio", "value", "goal");
         for g in self.goals() {
             let _ = writeln!(
@@ -352,6 +389,13 @@ impl Report {
                 "rss_mib": s.rss_mib,
                 "heap_mib": s.heap_mib,
                 "qps": s.qps,
+            })).collect::<Vec<_>>(),
+            "autopath": self.autopath.iter().map(|a| json!({
+                "autopath": a.autopath,
+                "lookups_per_sec": a.lookups_per_sec,
+                "p50_ms": a.p50_ms,
+                "p99_ms": a.p99_ms,
+                "queries_per_lookup": a.queries_per_lookup,
             })).collect::<Vec<_>>(),
             "goals": self.goals().iter().map(|g| json!({
                 "ratio": g.what, "value": g.value, "goal": g.target, "met": g.met,
