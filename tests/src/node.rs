@@ -103,6 +103,10 @@ pub fn vm_entry(app: &str) -> Value {
                     "resolution": "STATIC", "workloadSelector": {"labels": {"app": app}}}})
 }
 
+/// A pod's resolv.conf as the kubelet writes it for `dnsPolicy: ClusterFirst` in
+/// namespace `default` on a node whose own search domain is `corp.example`.
+pub const KUBELET_RESOLV_CONF: &str = "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\nnameserver 10.96.0.10\noptions ndots:5\n";
+
 /// Everything of one node-mode test.
 pub struct NodeEnv {
     pub pods: Vec<FakePod>,
@@ -340,6 +344,35 @@ impl NodeEnv {
             .arg("--")
             .args(args);
         run_with_timeout(&mut cmd, Duration::from_secs(20))
+    }
+
+    /// The autopath scene: the cluster DNS has nothing under `cluster.local` and
+    /// `corp.example` but what a test sets, and two pods of `default` see
+    /// [`KUBELET_RESOLV_CONF`], the second opted out of autopath. Returns the
+    /// resolv.conf's path and the two pods.
+    pub fn autopath_pods(&mut self) -> (PathBuf, usize, usize) {
+        self.fake.nxdomain_below("cluster.local");
+        self.fake.nxdomain_below("corp.example");
+        let resolv = self.dir.join("pod-resolv.conf");
+        std::fs::write(&resolv, KUBELET_RESOLV_CONF).unwrap();
+        let walker = self.add_pod_with_resolv_conf("walker", "default", &[], &resolv);
+        let walks_itself = self.add_pod_with_resolv_conf(
+            "walks-itself",
+            "default",
+            &[("dnsproxy.io/autopath", "false")],
+            &resolv,
+        );
+        (resolv, walker, walks_itself)
+    }
+
+    /// The queries pod `pod` sent so far: the sum of its `dns_requests_total` series.
+    pub fn pod_queries(&self, pod: usize) -> u64 {
+        let needle = format!("pod=\"{}\"", self.pods[pod].name);
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with("dns_requests_total{") && l.contains(&needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// `args` run inside pod `pod` with `resolv_conf` as its /etc/resolv.conf.

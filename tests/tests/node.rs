@@ -223,20 +223,6 @@ fn cluster_names_that_no_service_has_are_nxdomain_without_the_cluster_dns() {
     );
 }
 
-/// The sum of pod `pod`'s `dns_requests_total` series: the queries its resolver sent.
-fn pod_queries(env: &NodeEnv, pod: &str) -> u64 {
-    let needle = format!("pod=\"{pod}\"");
-    env.metrics()
-        .lines()
-        .filter(|l| l.starts_with("dns_requests_total{") && l.contains(&needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-/// A pod's resolv.conf as the kubelet writes it for `dnsPolicy: ClusterFirst` on a node
-/// whose own search domain is `corp.example`.
-const POD_RESOLV_CONF: &str = "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\nnameserver 10.96.0.10\noptions ndots:5\n";
-
 #[test]
 fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
     if !privileged() {
@@ -246,20 +232,10 @@ fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
     publish_registry(&env);
     // The cluster DNS: its zone has nothing but the Services, corp.example only the
     // intranet's wiki, and api.example.org an IPv4 address.
-    env.fake.nxdomain_below("cluster.local");
-    env.fake.nxdomain_below("corp.example");
+    let (resolv, walker, walks_itself) = env.autopath_pods();
     env.fake
         .set("wiki.intranet.corp.example", &["198.51.100.20"], 60);
     env.fake.set("api.example.org", &["198.51.100.7"], 60);
-    let resolv = env.dir.join("pod-resolv.conf");
-    std::fs::write(&resolv, POD_RESOLV_CONF).unwrap();
-    let walker = env.add_pod_with_resolv_conf("walker", "default", &[], &resolv);
-    let walks_itself = env.add_pod_with_resolv_conf(
-        "walks-itself",
-        "default",
-        &[("dnsproxy.io/autopath", "false")],
-        &resolv,
-    );
     let daemon = env.start_daemon(&["--capture-default", "on"]);
     env.wait_for_answer(walker, "reviews", REVIEWS_IP);
     env.wait_for_answer(walks_itself, "reviews", REVIEWS_IP);
@@ -274,8 +250,7 @@ fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
     // Each resolver (A and AAAA for each search step) from each pod: the addresses it
     // found, the queries it sent, what the cluster DNS was asked.
     let lookup = |client: Client, pod: usize, name: &str| {
-        let pod_name = &env.pods[pod].name;
-        let (queries, asked) = (pod_queries(&env, pod_name), env.fake.asked().len());
+        let (queries, asked) = (env.pod_queries(pod), env.fake.asked().len());
         let command = client.command(name);
         let args: Vec<&str> = command.iter().map(String::as_str).collect();
         let out = env.in_pod_with_resolv_conf(pod, &resolv, &args);
@@ -284,7 +259,7 @@ fn autopath_answers_a_pods_search_walk_in_one_round_trip() {
             .filter_map(|l| l.split_whitespace().next().map(ToOwned::to_owned))
             .collect();
         let upstream = env.fake.asked()[asked..].to_vec();
-        (found, pod_queries(&env, pod_name) - queries, upstream)
+        (found, env.pod_queries(pod) - queries, upstream)
     };
     let mut saved_by_now = 0;
     for client in Client::ALL {

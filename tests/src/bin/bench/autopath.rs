@@ -20,8 +20,6 @@ pub(crate) struct AutopathRow {
 /// The external names looked up.
 const NAMES: usize = 50;
 
-const RESOLV_CONF: &str = "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\nnameserver 10.96.0.10\noptions ndots:5\n";
-
 /// Looks every name up, again until `secs` seconds have passed; prints `count p50 p99`
 /// (seconds).
 const LOOKUPS: &str = r#"
@@ -38,30 +36,10 @@ took.sort()
 print(len(took), took[len(took) // 2], took[len(took) * 99 // 100])
 "#;
 
-/// The queries pod `pod` sent so far (its `dns_requests_total` series).
-fn pod_queries(env: &NodeEnv, pod: &str) -> f64 {
-    let needle = format!("pod=\"{pod}\"");
-    env.metrics()
-        .lines()
-        .filter(|l| l.starts_with("dns_requests_total{") && l.contains(&needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// With and without autopath, `rounds` turns each of `secs` seconds.
 pub(crate) fn rows(secs: u64, rounds: usize) -> Vec<AutopathRow> {
     let mut env = NodeEnv::new(&[("default", None)]);
-    env.fake.nxdomain_below("cluster.local");
-    env.fake.nxdomain_below("corp.example");
-    let resolv = env.dir.join("pod-resolv.conf");
-    std::fs::write(&resolv, RESOLV_CONF).unwrap();
-    let on = env.add_pod_with_resolv_conf("walker", "default", &[], &resolv);
-    let off = env.add_pod_with_resolv_conf(
-        "walks-itself",
-        "default",
-        &[("dnsproxy.io/autopath", "false")],
-        &resolv,
-    );
+    let (resolv, on, off) = env.autopath_pods();
     let mut opts = env.daemon_options(
         std::path::PathBuf::from("/sys/fs/bpf").join(dnsproxy_e2e::unique_name("p")),
     );
@@ -72,8 +50,7 @@ pub(crate) fn rows(secs: u64, rounds: usize) -> Vec<AutopathRow> {
         env.wait_for_answer(pod, "api-0.example.org", dnsproxy_e2e::FAKE_A);
     }
     let run = |pod: usize, secs: f64| -> (usize, f64, f64, f64) {
-        let name = env.pods[pod].name.clone();
-        let before = pod_queries(&env, &name);
+        let before = env.pod_queries(pod);
         let out = env.in_pod_with_resolv_conf(
             pod,
             &resolv,
@@ -91,8 +68,8 @@ pub(crate) fn rows(secs: u64, rounds: usize) -> Vec<AutopathRow> {
             .filter_map(|v| v.parse().ok())
             .collect();
         assert_eq!(f.len(), 3, "the lookups did not finish: {text} {out:?}");
-        let queries = pod_queries(&env, &name) - before;
-        (f[0] as usize, f[1], f[2], queries)
+        let queries = env.pod_queries(pod) - before;
+        (f[0] as usize, f[1], f[2], queries as f64)
     };
     // Every name once, so that the daemon's cache holds them for both pods.
     run(on, 0.0);
