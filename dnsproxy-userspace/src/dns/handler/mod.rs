@@ -56,6 +56,9 @@ pub struct Handler {
     ttl: u32,
     /// How long an answer may wait for its VIP to be translated.
     vip_wait: std::time::Duration,
+    /// Longest an autopath walk may take, all its steps together: one question's
+    /// upstream timeout.
+    walk_budget: std::time::Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -153,6 +156,7 @@ impl Handler {
             upstream,
             ttl: settings.ttl,
             vip_wait: settings.vip_wait,
+            walk_budget: settings.upstream_timeout,
             metrics,
         }
     }
@@ -200,7 +204,8 @@ impl Handler {
             None => self.answer_forwarded(&request, &asked).await,
         };
         let answered = if answered.0.metadata.response_code == ResponseCode::NXDomain
-            && let Some(walked) = self.autopath(&request, &asked).await
+            && let Ok(Some(walked)) =
+                tokio::time::timeout(self.walk_budget, self.autopath(&request, &asked)).await
         {
             walked
         } else {
@@ -229,7 +234,9 @@ impl Handler {
     /// the upstreams), then `base` itself, and answers with a CNAME to the first name
     /// that exists followed by its records, as CoreDNS's autopath does: the pod's walk
     /// ends after one round trip. `None`: no walk applies, no name along it exists, or
-    /// a step failed (the pod's own walk then goes on as without autopath).
+    /// a step failed (the pod's own walk then goes on as without autopath). The caller
+    /// bounds the whole walk by one question's upstream timeout, with the same
+    /// fallback.
     async fn autopath(&self, request: &Message, asked: &Asked<'_>) -> Option<(Message, Outcome)> {
         let question = &request.queries[0];
         let base = Self::autopath_base(question, asked.ctx)?;

@@ -646,6 +646,54 @@ async fn autopath_walks_the_pods_search_list_once_and_answers_with_a_cname() {
 }
 
 #[tokio::test]
+async fn a_walk_that_takes_longer_than_one_questions_timeout_falls_back_to_nxdomain() {
+    // Every name is NXDOMAIN, each 200 ms late: two steps upstream outlast the
+    // handler's 300 ms upstream timeout.
+    let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let upstream = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let sock = Arc::clone(&sock);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut r = response_to(&q);
+                r.metadata.response_code = ResponseCode::NXDomain;
+                let _ = sock.send_to(&r.to_vec().unwrap(), from).await;
+            });
+        }
+    });
+    let h = node_handler(vec![upstream]);
+    let walker = ClientContext {
+        autopath: ["default.svc.cluster.local", "a.example", "b.example"]
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        ..ctx()
+    };
+    let q = query("x.default.svc.cluster.local.", RecordType::A, false);
+    let started = Instant::now();
+    let bytes = h
+        .handle(&q.to_vec().unwrap(), Protocol::Udp, client(), &walker)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let reply = Message::from_vec(&bytes).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    assert!(
+        reply.answers.is_empty(),
+        "the question's own answer, no CNAME"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(550),
+        "{took:?}: bounded by one question's timeout (the walk alone takes 600 ms)"
+    );
+    assert_eq!(h.metrics().autopath_counts(), (0, 0));
+}
+
+#[tokio::test]
 async fn pods_that_opt_out_of_auto_allocation_are_forwarded() {
     let (upstream, count) = answering_upstream().await;
     let h = handler_with(vec![upstream], false);
