@@ -112,20 +112,18 @@ impl SelectedPods {
     /// Every Pod a selector selects (in the selector's namespace, all its labels on
     /// the Pod), once each.
     pub(super) fn pods(&self) -> Vec<Arc<WorkloadPod>> {
-        let mut watches = self.watches.iter().map(|((ns, _), w)| w.selected(ns));
-        if self.watches.len() == 1 {
-            // One selector: its Pods are distinct already.
-            return watches.next().into_iter().flatten().collect();
+        fn key(pod: &WorkloadPod) -> (&str, &str) {
+            (pod.metadata.ns(), pod.metadata.name_str())
         }
-        let mut by_key: HashMap<(String, String), Arc<WorkloadPod>> = HashMap::new();
-        for pod in watches.flatten() {
-            let key = (
-                pod.metadata.ns().to_owned(),
-                pod.metadata.name_str().to_owned(),
-            );
-            by_key.insert(key, pod);
-        }
-        by_key.into_values().collect()
+        let mut pods: Vec<Arc<WorkloadPod>> = self
+            .watches
+            .iter()
+            .flat_map(|((ns, _), w)| w.selected(ns))
+            .collect();
+        // A Pod two selectors select is in both stores: keep one.
+        pods.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+        pods.dedup_by(|a, b| key(a) == key(b));
+        pods
     }
 
     /// Pods watched now, for logs.

@@ -611,26 +611,22 @@ impl NameTable {
         if !self.every_service {
             return false;
         }
-        let Some(below) = name
-            .strip_suffix(self.cluster_domain.as_str())
-            .and_then(|rest| rest.strip_suffix('.'))
-        else {
-            return false;
-        };
-        let mut labels = below.rsplit('.');
-        match labels.next() {
-            Some("pod") => false,
-            Some("svc") => {
-                let (Some(ns), Some(service)) = (labels.next(), labels.next()) else {
-                    return false;
-                };
-                !self
-                    .services
-                    .get(ns)
-                    .is_some_and(|s| s.service_names.contains(service))
-            }
-            _ => true,
+        let cd = self.cluster_domain.as_str();
+        if let Some(under) = under_services(name, cd) {
+            // `<service>.<namespace>`, then anything below the Service.
+            let mut labels = under.rsplit('.');
+            let (Some(ns), Some(service)) = (labels.next(), labels.next()) else {
+                return false;
+            };
+            return !self
+                .services
+                .get(ns)
+                .is_some_and(|s| s.service_names.contains(service));
         }
+        name.strip_suffix(cd)
+            .and_then(|rest| rest.strip_suffix('.'))
+            .and_then(|below| below.rsplit('.').next())
+            .is_some_and(|top| top != "pod")
     }
 
     /// The entry a client of the `default` namespace sees (for tests and tools).
