@@ -45,10 +45,9 @@ impl Client {
 }
 
 /// `tests/clients/<source>` built with `compiler` (and linked with `libraries`) for
-/// `kind` under `target/`, again only when the source
-/// is newer: built under
-/// a name of its own and renamed into place, so tests running side by side never see
-/// half a binary.
+/// `kind` under `target/`, again only when the source is newer: built under a name of
+/// its own and renamed into place, so tests running side by side never see half a
+/// binary.
 fn built(source: &str, kind: &str, compiler: &[&str], libraries: &[&str]) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-clients");
     std::fs::create_dir_all(&dir).expect("a directory for the built clients");

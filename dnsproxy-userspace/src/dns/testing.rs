@@ -77,12 +77,14 @@ pub(crate) fn ctx() -> ClientContext {
     ClientContext::local("default", vec![])
 }
 
+/// The in-flight bounds of the helpers' handlers, unless a test gives its own.
+const LIMITS: inflight::Limits = inflight::Limits {
+    total: 100,
+    per_client: 100,
+};
+
 pub(crate) fn handler_with(upstreams: Vec<SocketAddr>, parallel: bool) -> Handler {
-    let limits = inflight::Limits {
-        total: 100,
-        per_client: 100,
-    };
-    handler_with_limits(upstreams, parallel, limits, false)
+    handler_with_limits(upstreams, parallel, LIMITS, false)
 }
 
 pub(crate) fn handler_with_limits(
@@ -106,11 +108,7 @@ pub(crate) fn node_handler(upstreams: Vec<SocketAddr>) -> Handler {
         every_service: true,
         ..TableConfig::default()
     };
-    let limits = inflight::Limits {
-        total: 100,
-        per_client: 100,
-    };
-    handler_over(config, upstreams, false, limits, false)
+    handler_over(config, upstreams, false, LIMITS, false)
 }
 
 fn handler_over(
